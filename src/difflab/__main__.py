@@ -1,0 +1,5 @@
+import sys
+
+from difflab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""Checkpoints that survive crashes: written to a temporary folder, then renamed into place.
+
+Layout of `checkpoints/step-<N>/`:
+    model.safetensors   the trained weights (loading runs no code)
+    ema.safetensors     the EMA weights
+    state.pt            optimizer, EMA counter, RNG and data-stream states, step (tensors and
+                        plain values only, so it loads with weights_only=True)
+    config.json         the resolved run config
+    manifest.json       SHA-256 of every other file, written last: a checkpoint without a
+                        valid manifest, or whose files do not match it, is not used
+A rename is atomic on POSIX file systems, so `step-<N>` either exists whole or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from difflab.config import ConfigError
+
+FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json")
+
+
+class CheckpointError(ConfigError):
+    """No usable checkpoint: missing, corrupt or from another configuration."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, ema_model: nn.Module, state: dict, config: dict, keep: int) -> Path:
+    """Write checkpoints/step-<step> atomically and prune all but the newest `keep`."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step}"
+    tmp = ckpt_dir / f".tmp-step-{step}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_weights(model), tmp / "model.safetensors")
+    save_file(_weights(ema_model), tmp / "ema.safetensors")
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    manifest = {name: _sha256(tmp / name) for name in FILES}
+    (tmp / "manifest.json").write_text(json.dumps({"step": step, "sha256": manifest}, indent=2))
+    for name in (*FILES, "manifest.json"):  # flush file contents before the rename publishes them
+        with (tmp / name).open("rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """step-N folders, oldest first (temporary folders are ignored)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if the checkpoint is whole and matches its manifest, else what is wrong."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        return "manifest.json is missing or unreadable"
+    for name in FILES:
+        if not (path / name).exists():
+            return f"{name} is missing"
+        if _sha256(path / name) != manifest.get(name):
+            return f"{name} does not match its recorded SHA-256 (truncated or corrupt)"
+    return None
+
+
+def latest_good_checkpoint(ckpt_dir: Path) -> Path:
+    """The newest checkpoint that verifies; warns about each broken one it skips."""
+    candidates = list_checkpoints(ckpt_dir)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint found in {ckpt_dir}; train first with `difflab train`")
+    for path in reversed(candidates):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {problem}; falling back to an earlier one", stacklevel=2)
+    raise CheckpointError(f"every checkpoint in {ckpt_dir} is corrupt; the run cannot be resumed")
+
+
+def load_weights(path: Path, module: nn.Module, which: str = "model") -> None:
+    try:
+        module.load_state_dict(load_file(path / f"{which}.safetensors"))
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"the weights in {path} do not fit the model built from the config ({e}); "
+            "was the config changed since this checkpoint was written?"
+        ) from None
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
+def load_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())

@@ -1,0 +1,171 @@
+"""difflab train | sample | eval | plot.
+
+Every user error ends in one line `difflab: error: <problem and fix>` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from difflab.config import ConfigError, RunConfig, SampleConfig, apply_overrides, preset
+from difflab.samplers import NonFiniteError
+
+
+def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", help="ddpm or ddim (default: the run's config)")
+    p.add_argument("--steps", type=int, help="sampling steps (network evaluations)")
+    p.add_argument("--spacing", help="timestep spacing: trailing, leading, linspace")
+    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--variance", help="DDPM posterior variance: small or large")
+    p.add_argument("--n", type=int, help="number of samples")
+    p.add_argument("--seed", type=int, help="noise seed")
+    p.add_argument("--batch-size", type=int, help="samples per batch (results do not depend on it)")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--checkpoint", type=int, help="checkpoint step to load (default: newest good one)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="difflab", description="Train, sample, evaluate and plot diffusion models.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (then sample, evaluate and draw its figures)")
+    p.add_argument("--preset", default="toy2d", help="starting config: toy2d")
+    p.add_argument("--config", help="a config JSON file (as written to runs/NAME/config.json)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
+    p.add_argument("--name", help="run name (default: preset and time); the run lives in RUNS/NAME")
+    p.add_argument("--runs", default="runs", help="folder that holds run directories")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its newest good checkpoint")
+    p.add_argument("--no-finish", action="store_true", help="skip the final sampling, evaluation and figures")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("sample", help="draw samples from a trained run into an .npz file")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="output .npz (holds 'samples')")
+    _add_sampler_flags(p)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("eval", help="measure samples (a run or a samples .npz) against the true distribution")
+    p.add_argument("source", help="run directory or samples .npz")
+    p.add_argument("--dataset", help="the true distribution, for an .npz source (default: the run's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", help="also write the result as JSON to this file")
+    _add_sampler_flags(p)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("plot", help="(re)draw every figure of a run from its directory")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--resample", action="store_true", help="draw the sample artefacts again first")
+    p.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
+    """The run's sample config with the command-line flags laid over it."""
+    changes = {k: getattr(args, k) for k in ("sampler", "steps", "spacing", "eta", "variance", "n", "seed")
+               if getattr(args, k, None) is not None}
+    if getattr(args, "batch_size", None) is not None:
+        changes["batch_size"] = args.batch_size
+    if getattr(args, "raw", False):
+        changes["use_ema"] = False
+    return dataclasses.replace(base, **changes)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from difflab.report import finish_run
+    from difflab.train import train
+
+    if args.resume:
+        from difflab.runs import check_run_dir
+
+        run_dir = check_run_dir(args.resume)
+        cfg = apply_overrides(RunConfig.load(run_dir / "config.json"), args.set)
+    else:
+        cfg = RunConfig.load(args.config) if args.config else preset(args.preset)
+        cfg = apply_overrides(cfg, args.set)
+        run_dir = Path(args.runs) / (args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"difflab: run directory {run_dir}")
+    start = time.perf_counter()
+    try:
+        ckpt = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ndifflab: interrupted; continue with `difflab train --resume {run_dir}`", file=sys.stderr)
+        return 130
+    print(f"difflab: trained in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
+    if not args.no_finish:
+        finish_run(run_dir, progress=not args.quiet)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from difflab.runs import draw_samples, load_run, save_samples
+
+    run = load_run(args.run, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
+    scfg = sample_config(run.cfg.sample, args)
+    start = time.perf_counter()
+    samples = draw_samples(run, scfg, progress=not args.quiet)
+    path = save_samples(args.out, samples, sampler=scfg.sampler, steps=scfg.steps, seed=scfg.seed,
+                        ema=scfg.use_ema, checkpoint=str(run.checkpoint))
+    print(f"difflab: {len(samples)} samples ({scfg.sampler}, {scfg.steps} steps) in "
+          f"{time.perf_counter() - start:.1f} s -> {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from difflab.report import evaluate_toy, format_table
+    from difflab.runs import check_run_dir, draw_samples, load_run, load_samples
+
+    source = Path(args.source)
+    if source.suffix == ".npz":
+        samples = load_samples(source)
+        dataset = args.dataset
+        if dataset is None:
+            raise ConfigError("evaluating an .npz needs --dataset NAME (e.g. --dataset checkerboard)")
+        info = {"source": str(source)}
+    else:
+        check_run_dir(source)
+        run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
+        scfg = sample_config(run.cfg.sample, args)
+        samples = draw_samples(run, scfg, progress=not args.quiet).numpy()
+        dataset = args.dataset or run.cfg.data.name
+        info = {"source": str(source), "checkpoint": str(run.checkpoint), "sampler": scfg.sampler,
+                "steps": scfg.steps, "ema": scfg.use_ema, "seed": scfg.seed}
+    result = {**info, **evaluate_toy(samples, dataset)}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from difflab.report import plot_run
+
+    for path in plot_run(Path(args.run), resample=args.resample, progress=not args.quiet):
+        print(path)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    warnings.formatwarning = lambda msg, *a, **k: f"difflab: warning: {msg}\n"
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"difflab: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"difflab: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Training objectives: draw t, noise the data, and score the denoiser per example.
+
+A loss takes the denoiser and a clean batch and returns a per-example loss (B,) together with the
+t it drew, so the trainer can log loss by noise level.
+
+Weighting is stated in x0 space and converted to the space the loss is measured in, so that the
+same name means the same thing whatever the target. For a fixed x_t, an error d in x0_hat is an
+error sqrt(SNR) d in eps_hat and sqrt(SNR + 1) d in v_hat (SNR = alpha^2 / sigma^2), so a squared
+loss in those spaces already carries x0-space weight SNR or SNR + 1.
+
+| weighting | x0-space weight          | source                                  |
+|-----------|--------------------------|-----------------------------------------|
+| none      | (plain loss in the target space)                                   ||
+| snr       | SNR                      | = eps-MSE, DDPM's L_simple (Ho et al. 2020, eq. 14) |
+| min_snr   | min(SNR, gamma)          | Hang et al. 2023, eq. 8 ("Min-SNR-gamma")  |
+| snr_plus_one | SNR + 1               | = v-MSE (Salimans & Ho 2022)            |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from difflab.prediction import Denoiser, check_kind, target_of
+from difflab.schedules import DiscreteSchedule, Schedule
+
+LOSS_TYPES = ("mse", "l1", "huber")
+WEIGHTINGS = ("none", "snr", "min_snr", "snr_plus_one")
+T_SAMPLINGS = ("uniform", "stratified")
+
+
+@dataclass
+class LossSpec:
+    """How to score a denoiser.
+
+    Args:
+        target: the space the loss is measured in: "eps", "x0" or "v"; None = the network's kind.
+        loss: "mse", "l1" or "huber".
+        weighting: see the module table.
+        min_snr_gamma: gamma of min-SNR weighting (5 in Hang et al.).
+        huber_delta: the Huber loss is quadratic below delta, linear above.
+        t_sampling: "uniform" draws t i.i.d.; "stratified" spreads the batch over [0, 1]
+            (one draw per 1/B slice, in random order): the same distribution with less variance.
+    """
+
+    target: str | None = None
+    loss: str = "mse"
+    weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    huber_delta: float = 0.1
+    t_sampling: str = "uniform"
+
+    def __post_init__(self):
+        if self.target is not None:
+            check_kind(self.target)
+        for value, allowed, what in (
+            (self.loss, LOSS_TYPES, "loss"),
+            (self.weighting, WEIGHTINGS, "weighting"),
+            (self.t_sampling, T_SAMPLINGS, "t_sampling"),
+        ):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+        if self.min_snr_gamma <= 0 or self.huber_delta <= 0:
+            raise ValueError("min_snr_gamma and huber_delta must be > 0")
+
+
+def sample_t(schedule: Schedule, batch: int, method: str = "uniform", generator=None, device=None) -> Tensor:
+    """Draw training times (B,): on the T-step grid i / T for a discrete schedule, else in [t_min, t_max].
+
+    Returns float32 times on `device`.
+    """
+    if method == "stratified":
+        u = (torch.arange(batch) + torch.rand(batch, generator=generator)) / batch
+        u = u[torch.randperm(batch, generator=generator)]
+    else:
+        u = torch.rand(batch, generator=generator)
+    if isinstance(schedule, DiscreteSchedule):
+        # i ~ U{1..T}: floor(u T) + 1, so each step is equally likely, as in DDPM Algorithm 1.
+        t = ((u * schedule.num_steps).floor().clamp(max=schedule.num_steps - 1) + 1) / schedule.num_steps
+    else:
+        t = schedule.t_min + u * (schedule.t_max - schedule.t_min)
+    return t.to(device=device, dtype=torch.float32)
+
+
+def space_weight(spec: LossSpec, target: str, snr: Tensor) -> Tensor:
+    """The weight to put on a squared loss in `target` space for the x0-space weighting `spec`."""
+    if spec.weighting == "none":
+        return torch.ones_like(snr)
+    x0_weight = {
+        "snr": snr,
+        "min_snr": snr.clamp(max=spec.min_snr_gamma),
+        "snr_plus_one": snr + 1,
+    }[spec.weighting]
+    carried = {"x0": torch.ones_like(snr), "eps": snr, "v": snr + 1}[target]
+    return x0_weight / carried
+
+
+def elementwise_loss(spec: LossSpec, pred: Tensor, target: Tensor) -> Tensor:
+    if spec.loss == "mse":
+        return (pred - target) ** 2
+    if spec.loss == "l1":
+        return (pred - target).abs()
+    return F.huber_loss(pred, target, reduction="none", delta=spec.huber_delta)
+
+
+def diffusion_loss(
+    denoiser: Denoiser, x0: Tensor, y: Tensor | None, spec: LossSpec, generator=None
+) -> tuple[Tensor, Tensor]:
+    """Per-example diffusion loss.
+
+    Args:
+        denoiser: wraps the network being trained.
+        x0: clean batch (B, ...).
+        y: labels (B,) or None.
+        spec: target space, loss, weighting, t-sampling.
+        generator: a CPU torch.Generator for t and eps (reproducible training).
+    Returns:
+        loss (B,) and the times t (B,) it used.
+    """
+    schedule = denoiser.schedule
+    t = sample_t(schedule, x0.shape[0], spec.t_sampling, generator, x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    alpha, sigma = denoiser.alpha_sigma(t, x0)
+    x_t = alpha * x0 + sigma * eps
+    raw = denoiser.net(x_t, t, y)
+    target_space = spec.target or denoiser.kind
+    if target_space == denoiser.kind:
+        pred = raw  # measure the network's own output directly: no division by alpha or sigma
+    else:
+        x0_hat, eps_hat = denoiser.split(raw, x_t, alpha, sigma)
+        pred = target_of(target_space, x0_hat, eps_hat, alpha, sigma)
+    target = target_of(target_space, x0, eps, alpha, sigma)
+    per_elem = elementwise_loss(spec, pred.float(), target.float())
+    per_example = per_elem.reshape(x0.shape[0], -1).mean(dim=1)
+    snr = schedule.log_snr(t).exp().float()
+    return per_example * space_weight(spec, target_space, snr), t
+

@@ -1,0 +1,110 @@
+"""A run's report: the sample artefacts, the 2-D metrics and every figure, all under the run dir.
+
+`finish_run` is what `difflab train` does after training; `plot_run` is `difflab plot`. Figures
+are drawn from files only (config.json, metrics.jsonl, samples/*.npz), so they can be rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab import build, viz
+from difflab.config import ConfigError, RunConfig
+from difflab.data.toy2d import TOY2D, sample_toy2d
+from difflab.logging import MetricsLog, read_metrics
+from difflab.metrics.toy2d import in_square_fraction, sliced_wasserstein2
+from difflab.runs import check_run_dir, draw_samples, load_run, save_samples
+from difflab.samplers import Recorder
+
+TRAJECTORY_POINTS = 2000  # points recorded at every step for the GIF and trajectory plot
+FORWARD_TS = (0.05, 0.1, 0.25, 0.5, 1.0)
+REFERENCE_SEED = 12345  # fresh true samples for metrics come from this seed, never from training
+
+
+def evaluate_toy(samples: np.ndarray, dataset: str) -> dict:
+    """Sliced W2 to fresh true samples of the same size, its floor (true vs true), and for the
+    checkerboard the fraction of samples inside a correct square."""
+    if dataset not in TOY2D:
+        raise ConfigError(f"unknown 2-D dataset {dataset!r}; choose one of {', '.join(TOY2D)}")
+    if samples.ndim != 2 or samples.shape[1] != 2:
+        raise ConfigError(f"2-D metrics need samples of shape (N, 2), got {samples.shape}")
+    if not np.isfinite(samples).all():
+        raise ConfigError("the samples contain NaN or infinity; the model or sampler diverged")
+    x = torch.from_numpy(np.asarray(samples, dtype=np.float32))
+    g = torch.Generator().manual_seed(REFERENCE_SEED)
+    ref, ref2 = sample_toy2d(dataset, len(x), g), sample_toy2d(dataset, len(x), g)
+    result = {"dataset": dataset, "n": len(x), "sliced_w2": sliced_wasserstein2(x, ref),
+              "sliced_w2_floor": sliced_wasserstein2(ref2, ref)}
+    if dataset == "checkerboard":
+        result["in_square"] = in_square_fraction(x)
+        result["in_square_true"] = in_square_fraction(ref)
+    return result
+
+
+def format_table(result: dict) -> str:
+    width = max(len(k) for k in result)
+    lines = []
+    for k, v in result.items():
+        lines.append(f"{k:<{width}}  {v:.5f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return "\n".join(lines)
+
+
+def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
+    """Draw samples/samples.npz and samples/trajectory.npz with the run's sample config."""
+    run = load_run(run_dir, use_ema=RunConfig.load(run_dir / "config.json").sample.use_ema)
+    scfg = run.cfg.sample
+    samples = draw_samples(run, scfg, progress=progress)
+    step = int(run.checkpoint.name[5:])
+    save_samples(run_dir / "samples" / "samples.npz", samples, sampler=scfg.sampler, steps=scfg.steps,
+                 seed=scfg.seed, ema=scfg.use_ema, step=step)
+    recorder = Recorder(every=max(1, scfg.steps // 100))
+    traj_cfg = type(scfg)(**{**scfg.__dict__, "n": min(TRAJECTORY_POINTS, scfg.n)})
+    draw_samples(run, traj_cfg, progress=False, recorder=recorder)
+    np.savez(run_dir / "samples" / "trajectory.npz", ts=np.array(recorder.ts),
+             xs=recorder.trajectory().numpy(), x0_hats=torch.stack(recorder.x0_hats).numpy())
+    result = {"step": step, "eval": {**evaluate_toy(samples.numpy(), run.cfg.data.name),
+                                     "sampler": scfg.sampler, "steps": scfg.steps, "ema": scfg.use_ema}}
+    MetricsLog(run_dir / "metrics.jsonl").write(result)
+    return result["eval"]
+
+
+def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> list[Path]:
+    """Every figure of a run, from its files; sample artefacts are drawn first if missing."""
+    run_dir = check_run_dir(run_dir)
+    cfg = RunConfig.load(run_dir / "config.json")
+    if resample or not (run_dir / "samples" / "samples.npz").exists() or not (run_dir / "samples" / "trajectory.npz").exists():
+        make_artefacts(run_dir, progress)
+    plots = run_dir / "plots"
+    real = sample_toy2d(cfg.data.name, 20000, torch.Generator().manual_seed(REFERENCE_SEED)).numpy()
+    with np.load(run_dir / "samples" / "samples.npz") as f:
+        generated, sampler, steps = f["samples"], str(f["sampler"]), int(f["steps"])
+    with np.load(run_dir / "samples" / "trajectory.npz") as f:
+        ts, xs = f["ts"], f["xs"]
+    schedule = build.build_schedule(cfg.diffusion)
+    paths = [
+        viz.real_vs_generated(real[: len(generated)], generated, plots / "scatter.png",
+                              ("real", f"generated ({sampler}, {steps} steps)")),
+        viz.forward_process(real[:5000], viz.forward_samples(schedule, real[:5000], FORWARD_TS), plots / "forward.png"),
+        viz.reverse_gif(ts, xs, plots / "reverse.gif"),
+        viz.trajectories(xs, plots / "trajectories.png"),
+    ]
+    if any(r.get("loss") is not None for r in read_metrics(run_dir / "metrics.jsonl")):
+        paths += [viz.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png"),
+                  viz.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png")]
+    return paths
+
+
+def finish_run(run_dir: Path, progress: bool = True) -> dict:
+    """After training: sample, evaluate, draw every figure, and say where they are."""
+    result = make_artefacts(run_dir, progress)
+    paths = plot_run(run_dir, progress=progress)
+    print(format_table(result))
+    print(f"difflab: figures in {run_dir / 'plots'}:")
+    for p in paths:
+        print(f"  {p}")
+    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

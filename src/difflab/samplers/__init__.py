@@ -1,0 +1,82 @@
+"""Samplers: plain functions with one signature,
+
+    sample_<name>(denoiser, x_T, ts, *, y=None, generator=None, callback=None, **options) -> x0
+
+`ts` is the decreasing grid of times (see `grids.timesteps`), `generator` a `SampleNoise` (or an
+int seed) so that every sample is reproducible whatever batch it is drawn in, and `callback`
+receives a `StepState` after every step. `generate` draws many samples in batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from difflab.samplers.common import Callback, NonFiniteError, Recorder, StepState
+from difflab.samplers.ddim import sample_ddim
+from difflab.samplers.ddpm import sample_ddpm
+from difflab.samplers.grids import discrete_timesteps, timesteps
+from difflab.samplers.noise import SampleNoise
+
+__all__ = [
+    "Callback",
+    "NonFiniteError",
+    "Recorder",
+    "SampleNoise",
+    "StepState",
+    "discrete_timesteps",
+    "generate",
+    "sample_ddim",
+    "sample_ddpm",
+    "timesteps",
+]
+
+
+def generate(
+    sampler: Callable,
+    denoiser,
+    n: int,
+    shape: tuple[int, ...],
+    ts: Tensor,
+    *,
+    seed: int = 0,
+    batch_size: int = 1024,
+    labels: Tensor | None = None,
+    device: torch.device | str = "cpu",
+    callback: Callback | None = None,
+    progress: bool = False,
+    **options,
+) -> Tensor:
+    """Draw n samples of `shape` (per sample) in batches; sample k is the same for any batch_size.
+
+    Args:
+        sampler: a sample_<name> function (options are passed on to it).
+        denoiser: what the sampler drives.
+        n: number of samples.
+        shape: shape of one sample, e.g. (2,) or (C, H, W).
+        ts: the time grid.
+        seed: noise seed; x_T of sample k is `SampleNoise(seed).randn` stream 0, row k.
+        labels: (n,) class labels or None.
+        callback: receives each step of the first batch only (for trajectories).
+    Returns:
+        (n, *shape) float32 samples on the CPU.
+    """
+    if n < 1:
+        raise ValueError(f"number of samples must be >= 1, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    out = []
+    bar = tqdm(total=n, desc="sampling", unit="sample", disable=not progress)
+    for start in range(0, n, batch_size):
+        size = min(batch_size, n - start)
+        noise = SampleNoise(seed, start)
+        x_T = noise.randn((size, *shape), 0, device)
+        y = labels[start : start + size].to(device) if labels is not None else None
+        cb = callback if start == 0 else None
+        out.append(sampler(denoiser, x_T, ts, y=y, generator=noise, callback=cb, **options).float().cpu())
+        bar.update(size)
+    bar.close()
+    return torch.cat(out)

@@ -1,0 +1,78 @@
+"""Timestep grids: the decreasing times `ts` a sampler visits, ending at t = 0 (clean data).
+
+A grid of n steps has n + 1 entries: ts[0] is where x_T lives, ts[-1] = 0.
+
+Discrete spacings follow the table in Lin et al. 2024 ("Common diffusion noise schedules and
+sample steps are flawed", Table 2), written for steps i = 1..T (diffusers counts 0..T-1):
+- linspace: round(linspace(1, T, n)), which includes the last step T;
+- leading:  1 + k * (T // n) for k = 0..n-1 (DDIM's original choice; never reaches T);
+- trailing: round(T - k * T / n) for k = 0..n-1 (always starts at T).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from difflab.schedules import DiscreteSchedule, Schedule
+
+SPACINGS = ("linspace", "leading", "trailing")
+CONTINUOUS_SPACINGS = ("uniform", "quadratic", "logsnr")
+
+
+def _check_steps(num_steps: int, limit: int | None = None) -> None:
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"the number of sampling steps must be an integer >= 1, got {num_steps!r}")
+    if limit is not None and num_steps > limit:
+        raise ValueError(
+            f"{num_steps} sampling steps asked of a model trained on {limit} discrete steps; "
+            f"use at most {limit}"
+        )
+
+
+def discrete_timesteps(num_train_steps: int, num_steps: int, spacing: str = "trailing") -> Tensor:
+    """Decreasing step indices i in 1..T (num_steps of them, distinct)."""
+    _check_steps(num_steps, num_train_steps)
+    T = num_train_steps
+    if spacing == "linspace":
+        idx = np.round(np.linspace(1, T, num_steps))
+    elif spacing == "leading":
+        idx = 1 + np.arange(num_steps) * (T // num_steps)
+    elif spacing == "trailing":
+        idx = np.round(T - np.arange(num_steps) * T / num_steps)
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    idx = np.unique(idx.astype(np.int64))[::-1].copy()
+    return torch.from_numpy(idx)
+
+
+def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing") -> Tensor:
+    """The (num_steps + 1,) float64 grid of times for `schedule`, from its start down to 0.
+
+    Discrete schedules take a discrete spacing (linspace / leading / trailing); continuous ones
+    take uniform (in t), quadratic (denser near t = 0) or logsnr (uniform in log-SNR).
+    """
+    if isinstance(schedule, DiscreteSchedule):
+        if spacing in CONTINUOUS_SPACINGS:
+            spacing = "trailing"
+        idx = discrete_timesteps(schedule.num_steps, num_steps, spacing)
+        t = idx.to(torch.float64) / schedule.num_steps
+    else:
+        _check_steps(num_steps)
+        t_max, t_min = schedule.t_max, schedule.t_min
+        u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
+        if spacing in ("uniform", "trailing", "linspace", "leading"):
+            t = t_min + (t_max - t_min) * u
+        elif spacing == "quadratic":
+            t = t_min + (t_max - t_min) * u**2
+        elif spacing == "logsnr":
+            t_low = max(t_min, 1e-4)  # log-SNR is infinite at t = 0
+            lam_hi, lam_lo = schedule.log_snr(t_low), schedule.log_snr(t_max)
+            t = schedule.t_from_log_snr(lam_lo + (lam_hi - lam_lo) * (1 - u))
+        else:
+            raise ValueError(
+                f"unknown timestep spacing {spacing!r} for a continuous schedule; "
+                f"choose one of {', '.join(CONTINUOUS_SPACINGS)}"
+            )
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])

@@ -1,0 +1,262 @@
+"""train(cfg): one staged loop, read top to bottom.
+
+1. Build everything from the config before touching the disk (a bad config leaves nothing behind).
+2. Open the run directory: a fresh one, or resume from its newest good checkpoint.
+3. Loop: micro-batches -> loss -> clip -> AdamW step -> EMA; log every `log_every` steps,
+   checkpoint every `checkpoint_every` steps and at the end.
+Everything random draws from generators whose states are checkpointed, so a run stopped at step
+N/2 and resumed ends with the same weights, bit for bit on the CPU, as one trained straight through.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from difflab import build
+from difflab.checkpoint import (
+    CheckpointError,
+    latest_good_checkpoint,
+    load_config,
+    load_state,
+    load_weights,
+    save_checkpoint,
+)
+from difflab.config import ConfigError, RunConfig
+from difflab.ema import EMA
+from difflab.logging import MetricsLog
+from difflab.objectives import diffusion_loss
+
+NUM_BUCKETS = 10  # loss is also logged per tenth of t in [0, 1]
+# Keys that may differ between a run's saved config and the one it is resumed with.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.device", "train.threads")
+
+
+@dataclass
+class Parts:
+    """Everything `train` builds from a config."""
+
+    net: torch.nn.Module
+    denoiser: object
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    data: object
+    loss_generator: torch.Generator
+    spec: object
+    device: torch.device
+
+
+def check_train_config(cfg: RunConfig) -> None:
+    t = cfg.train
+    problems = []
+    if t.steps < 1:
+        problems.append(f"train.steps must be >= 1, got {t.steps}")
+    if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
+        problems.append(f"train.batch_size ({t.batch_size}) must be >= 1 and divisible by train.grad_accum ({t.grad_accum})")
+    if not t.lr > 0:
+        problems.append(f"train.lr must be > 0, got {t.lr}")
+    if t.lr_schedule not in ("constant", "cosine"):
+        problems.append(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
+    if not 0 <= t.ema_decay <= 1:
+        problems.append(f"train.ema_decay must be in [0, 1], got {t.ema_decay}")
+    if t.warmup_steps < 0 or t.grad_clip < 0 or t.log_every < 1 or t.checkpoint_every < 1 or t.keep_checkpoints < 1:
+        problems.append("train.warmup_steps and train.grad_clip must be >= 0; log_every, checkpoint_every, keep_checkpoints >= 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def build_parts(cfg: RunConfig) -> Parts:
+    """Stage 1: every object of the run, seeded from train.seed."""
+    check_train_config(cfg)
+    device = build.resolve_device(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)  # weight init, dropout
+    data = build.build_data(cfg, seed=cfg.train.seed)
+    net = build.build_net(cfg.model, data.shape).to(device)
+    schedule = build.build_schedule(cfg.diffusion)
+    denoiser = build.build_denoiser(cfg, net, schedule)
+    spec = build.build_loss_spec(cfg.diffusion)
+    ema = EMA(net, cfg.train.ema_decay, cfg.train.ema_warmup)
+    optimizer = torch.optim.AdamW(
+        net.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
+    )
+    loss_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # t and eps of the loss
+    return Parts(net, denoiser, ema, optimizer, data, loss_generator, spec, device)
+
+
+def lr_at(cfg: RunConfig, step: int) -> float:
+    """Linear warm-up over warmup_steps, then constant or cosine decay to 0 at train.steps."""
+    t = cfg.train
+    lr = t.lr * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.lr
+    if t.lr_schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * min(step / t.steps, 1.0)))
+    return lr
+
+
+def _state(parts: Parts, step: int, smoothed: float | None) -> dict:
+    return {
+        "step": step,
+        "optimizer": parts.optimizer.state_dict(),
+        "ema": parts.ema.state_dict(),
+        "data": parts.data.state_dict(),
+        "loss_generator": parts.loss_generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "smoothed_loss": smoothed,
+    }
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b and not (isinstance(a, list) and tuple(a) == b):
+            keys.append(prefix + k)
+    return keys
+
+
+def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, float | None]:
+    """Stage 2 (resume): load the newest good checkpoint into `parts`; returns (step, smoothed loss)."""
+    ckpt = latest_good_checkpoint(run_dir / "checkpoints")
+    changed = [k for k in config_differences(load_config(ckpt), cfg.to_dict()) if k not in RESUMABLE_CHANGES and not k.startswith("sample.")]
+    if changed:
+        raise CheckpointError(
+            f"cannot resume {run_dir}: the config differs from the checkpoint's in {', '.join(changed)}; "
+            f"only {', '.join(RESUMABLE_CHANGES)} and sample.* may change on resume"
+        )
+    load_weights(ckpt, parts.net, "model")
+    load_weights(ckpt, parts.ema.model, "ema")
+    state = load_state(ckpt)
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.ema.load_state_dict(state["ema"])
+    parts.data.load_state_dict(state["data"])
+    parts.loss_generator.set_state(state["loss_generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"]), state["smoothed_loss"]
+
+
+def open_run(cfg: RunConfig, run_dir: Path, parts: Parts, resume: bool) -> tuple[int, float | None]:
+    """Stage 2: a fresh run directory (must not hold a run already), or the resumed state."""
+    if resume:
+        return resume_parts(parts, cfg, run_dir)
+    if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
+        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --name")
+    for sub in ("checkpoints", "samples", "plots"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    return 0, None
+
+
+class IntervalStats:
+    """Loss sums by t-bucket, gradient norms and timing over one logging interval, kept on the
+    device so the step never waits for the host."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(NUM_BUCKETS, device=self.device, dtype=torch.float64)
+        self.counts = torch.zeros(NUM_BUCKETS, device=self.device, dtype=torch.float64)
+        self.grad_norm = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.steps, self.examples, self.start = 0, 0, time.perf_counter()
+
+    def add_losses(self, loss: torch.Tensor, t: torch.Tensor) -> None:
+        bucket = (t * NUM_BUCKETS).long().clamp(0, NUM_BUCKETS - 1)
+        self.sums.index_add_(0, bucket, loss.detach().double())
+        self.counts.index_add_(0, bucket, torch.ones_like(loss, dtype=torch.float64))
+        self.examples += loss.shape[0]
+
+    def row(self, step: int) -> dict:
+        sums, counts = self.sums.cpu(), self.counts.cpu()
+        elapsed = time.perf_counter() - self.start
+        by_bucket = [float(s / c) if c > 0 else None for s, c in zip(sums, counts, strict=True)]
+        return {
+            "step": step,
+            "loss": float(sums.sum() / counts.sum()),
+            "loss_by_t": by_bucket,
+            "grad_norm": float(self.grad_norm) / max(self.steps, 1),
+            "examples_per_s": self.examples / elapsed,
+            "s_per_step": elapsed / max(self.steps, 1),
+        }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) -> None:
+    """One optimizer step over train.grad_accum micro-batches."""
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    for _ in range(cfg.train.grad_accum):
+        x0, y = parts.data.next_batch(micro)
+        x0 = x0.to(parts.device)
+        y = y.to(parts.device) if y is not None else None
+        loss, t = diffusion_loss(parts.denoiser, x0, y, parts.spec, parts.loss_generator)
+        (loss.mean() / cfg.train.grad_accum).backward()
+        stats.add_losses(loss, t)
+    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+    stats.grad_norm += torch.nn.utils.clip_grad_norm_(parts.net.parameters(), clip).double()
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.ema.update(parts.net)
+    stats.steps += 1
+
+
+def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> Path:
+    """Train the model `cfg` describes, writing everything under run_dir.
+
+    Args:
+        cfg: the resolved config.
+        run_dir: the run directory (created; must not hold another run unless resume=True).
+        resume: continue from the newest good checkpoint in run_dir.
+        progress: show a progress bar.
+        stop_after: stop (with a checkpoint) after this global step, as if interrupted; for tests.
+    Returns:
+        the path of the last checkpoint written.
+    """
+    run_dir = Path(run_dir)
+    parts = build_parts(cfg)  # 1. build
+    start, smoothed = open_run(cfg, run_dir, parts, resume)  # 2. open or resume
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
+    stats = IntervalStats(parts.device)
+    end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
+    bar = tqdm(total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not progress)
+    last = None
+    parts.net.train()
+    for step in range(start, end):  # 3. loop
+        train_step(cfg, parts, stats, step)
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == end:
+            row = stats.row(done)
+            smoothed = row["loss"] if smoothed is None else 0.9 * smoothed + 0.1 * row["loss"]
+            row.update(loss_smoothed=smoothed, lr=lr_at(cfg, step), ema_decay=parts.ema.current_decay(),
+                       param_norm=float(torch.cat([p.detach().flatten() for p in parts.net.parameters()]).norm()),
+                       peak_memory_mb=peak_memory_mb(parts.device))
+            log.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            stats.reset()
+        if done % cfg.train.checkpoint_every == 0 or done == end:
+            last = save_checkpoint(run_dir / "checkpoints", done, parts.net, parts.ema.model,
+                                   _state(parts, done, smoothed), cfg.to_dict(), cfg.train.keep_checkpoints)
+        bar.update(1)
+    bar.close()
+    return last if last is not None else latest_good_checkpoint(run_dir / "checkpoints")

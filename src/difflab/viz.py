@@ -1,0 +1,158 @@
+"""Figures and GIFs, drawn from the files of a run directory only (config, metrics, sample .npz).
+
+Each function reads what it needs, writes one file, and returns its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from difflab.logging import read_metrics  # noqa: E402
+
+LIMITS = (-1.5, 1.5)  # data panels
+NOISE_LIMITS = (-3.0, 3.0)  # panels that show noisy points
+
+
+def _square_axes(ax, title: str | None = None, limits: tuple[float, float] = LIMITS) -> None:
+    ax.set_xlim(*limits)
+    ax.set_ylim(*limits)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _scatter(ax, points: np.ndarray, color: str = "C0", size: float = 0.5) -> None:
+    ax.scatter(points[:, 0], points[:, 1], s=size, c=color, alpha=0.5, linewidths=0, rasterized=True)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def real_vs_generated(real: np.ndarray, generated: np.ndarray, path: Path, titles: tuple[str, str]) -> Path:
+    """Two scatter panels: real points and generated points."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    for ax, pts, title, color in zip(axes, (real, generated), titles, ("C1", "C0"), strict=True):
+        _scatter(ax, pts, color)
+        _square_axes(ax, title)
+    return _save(fig, path)
+
+
+def forward_process(real: np.ndarray, noisy: list[tuple[float, np.ndarray]], path: Path) -> Path:
+    """The data diffused to several t: panels of q(x_t | x0) samples."""
+    panels = [(0.0, real), *noisy]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
+    for ax, (t, pts) in zip(axes, panels, strict=True):
+        _scatter(ax, pts, "C1")
+        _square_axes(ax, f"t = {t:.2f}", NOISE_LIMITS)
+    fig.suptitle("forward process q(x_t | x_0)", fontsize=10)
+    return _save(fig, path)
+
+
+def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
+    """Exponential smoothing with bias correction (as TensorBoard's smoothing slider)."""
+    out, acc = np.empty(len(values)), 0.0
+    for i, v in enumerate(values):
+        acc = weight * acc + (1 - weight) * v
+        out[i] = acc / (1 - weight ** (i + 1))
+    return out
+
+
+def loss_curve(metrics_path: Path, path: Path) -> Path:
+    """Training loss per logging interval, raw and smoothed, on a log scale."""
+    rows = [r for r in read_metrics(metrics_path) if r.get("loss") is not None]
+    if not rows:
+        raise ValueError(f"{metrics_path} has no loss rows yet")
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, loss, color="C0", alpha=0.35, label="loss")
+    ax.plot(steps, smooth(loss), color="C0", label="smoothed")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def loss_by_t(metrics_path: Path, path: Path, curves: int = 4) -> Path:
+    """Loss per t-bucket at a few points of training."""
+    rows = [r for r in read_metrics(metrics_path) if r.get("loss_by_t")]
+    if not rows:
+        raise ValueError(f"{metrics_path} has no loss_by_t rows yet")
+    picks = sorted({int(i) for i in np.linspace(0, len(rows) - 1, min(curves, len(rows)))})
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for k, i in enumerate(picks):
+        values = np.array([np.nan if v is None else v for v in rows[i]["loss_by_t"]], dtype=float)
+        centres = (np.arange(len(values)) + 0.5) / len(values)
+        ax.plot(centres, values, marker="o", color=plt.cm.viridis(k / max(len(picks) - 1, 1)),
+                label=f"step {rows[i]['step']}")
+    ax.set_yscale("log")
+    ax.set_xlabel("t (bucket centre)")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _frame(points: np.ndarray, title: str) -> Image.Image:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    _scatter(ax, points, "C0", size=1.0)
+    _square_axes(ax, title, NOISE_LIMITS)
+    fig.canvas.draw()
+    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+    plt.close(fig)
+    return image
+
+
+def reverse_gif(ts: np.ndarray, xs: np.ndarray, path: Path, max_frames: int = 60) -> Path:
+    """Points moving from noise to data; xs is (S + 1, K, 2), ts the S step start times."""
+    num = len(xs)
+    picks = sorted({int(i) for i in np.linspace(0, num - 1, min(max_frames, num))})
+    frames = []
+    for i in picks:
+        t = ts[i] if i < len(ts) else 0.0
+        frames.append(_frame(xs[i], f"step {i}/{num - 1}   t = {t:.3f}"))
+    frames += [frames[-1]] * 10  # rest on the result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
+    return path
+
+
+def trajectories(xs: np.ndarray, path: Path, count: int = 24) -> Path:
+    """Paths of a few points from x_T (dot) to their final sample (cross), over all final points."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    _scatter(ax, xs[-1], "0.75", size=1.0)
+    for k in range(min(count, xs.shape[1])):
+        colour = plt.cm.tab20(k % 20)
+        ax.plot(xs[:, k, 0], xs[:, k, 1], color=colour, lw=0.8)
+        ax.plot(*xs[0, k], "o", color=colour, ms=3)
+        ax.plot(*xs[-1, k], "x", color=colour, ms=5)
+    _square_axes(ax, "sampler trajectories (o = noise, x = sample)", NOISE_LIMITS)
+    return _save(fig, path)
+
+
+def forward_samples(schedule, real: np.ndarray, ts: tuple[float, ...], seed: int = 0) -> list[tuple[float, np.ndarray]]:
+    """q(x_t | x0) draws of `real` at each t, for `forward_process`."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.from_numpy(real).float()
+    out = []
+    for t in ts:
+        eps = torch.randn(x0.shape, generator=g)
+        out.append((t, schedule.q_sample(x0, torch.full((len(x0),), t), eps).numpy()))
+    return out
