@@ -37,15 +37,21 @@ def test_min_snr_weights():
     spec = LossSpec(weighting="min_snr", min_snr_gamma=5.0)
     torch.testing.assert_close(space_weight(spec, "eps", snr), torch.tensor([1.0, 1.0, 0.1]))
     torch.testing.assert_close(space_weight(spec, "x0", snr), torch.tensor([0.5, 5.0, 5.0]))
-    torch.testing.assert_close(space_weight(spec, "v", snr), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51]))
+    torch.testing.assert_close(
+        space_weight(spec, "v", snr), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 51])
+    )
 
 
 def test_loss_types():
     den = Denoiser(lambda x, t, y: torch.zeros_like(x), schedules.linear(), "x0")
     x0 = torch.full((8, 1), 0.5)
     g = torch.Generator().manual_seed(0)
-    assert torch.allclose(diffusion_loss(den, x0, None, LossSpec(loss="mse"), g)[0], torch.tensor(0.25))
-    assert torch.allclose(diffusion_loss(den, x0, None, LossSpec(loss="l1"), g)[0], torch.tensor(0.5))
+    assert torch.allclose(
+        diffusion_loss(den, x0, None, LossSpec(loss="mse"), g)[0], torch.tensor(0.25)
+    )
+    assert torch.allclose(
+        diffusion_loss(den, x0, None, LossSpec(loss="l1"), g)[0], torch.tensor(0.5)
+    )
     huber = diffusion_loss(den, x0, None, LossSpec(loss="huber", huber_delta=0.1), g)[0]
     assert torch.allclose(huber, torch.tensor(0.1 * (0.5 - 0.05)))
 

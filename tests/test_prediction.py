@@ -8,7 +8,10 @@ from difflab.prediction import Denoiser, split_raw, target_of
 @pytest.mark.parametrize("kind", ["eps", "x0", "v"])
 def test_conversions_round_trip(kind):
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(64, 3, generator=g, dtype=torch.float64), torch.randn(64, 3, generator=g, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(64, 3, generator=g, dtype=torch.float64),
+        torch.randn(64, 3, generator=g, dtype=torch.float64),
+    )
     t = torch.rand(64, generator=g, dtype=torch.float64) * 0.98 + 0.01
     s = schedules.CosineSchedule()
     alpha, sigma = s.alpha(t)[:, None], s.sigma(t)[:, None]

@@ -1,10 +1,10 @@
 """Samplers against closed-form Gaussian answers (see gaussian.py)."""
 
+import itertools
 import math
 
 import pytest
 import torch
-from gaussian import GaussianDenoiser, pf_endpoint
 
 from difflab import schedules
 from difflab.samplers import (
@@ -16,6 +16,7 @@ from difflab.samplers import (
     sample_ddpm,
     timesteps,
 )
+from gaussian import GaussianDenoiser, pf_endpoint
 
 MU = torch.tensor([0.5, -0.3])
 S = torch.tensor([0.4, 0.7])
@@ -41,8 +42,13 @@ def _errors(schedule, sampler, steps_list, spacing="linspace"):
 @pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid"])
 def test_ddim_converges_at_first_order(name):
     # DDIM with eta = 0 is a first-order ODE solver: doubling the steps halves the error.
-    errors = _errors(SCHEDULES[name], sample_ddim, [25, 50, 100, 200], "linspace" if name == "linear" else "uniform")
-    orders = [math.log2(a / b) for a, b in zip(errors, errors[1:], strict=False)]
+    errors = _errors(
+        SCHEDULES[name],
+        sample_ddim,
+        [25, 50, 100, 200],
+        "linspace" if name == "linear" else "uniform",
+    )
+    orders = [math.log2(a / b) for a, b in itertools.pairwise(errors)]
     assert errors[-1] < 0.02
     assert all(0.8 < p < 1.2 for p in orders), (errors, orders)
 
@@ -52,18 +58,31 @@ def test_ddpm_reproduces_mean_and_std(variance):
     schedule = SCHEDULES["linear"]
     den = GaussianDenoiser(schedule, MU, S)
     n = 20000
-    out = generate(sample_ddpm, den, n, (2,), timesteps(schedule, 1000), seed=5, batch_size=n, variance=variance)
+    out = generate(
+        sample_ddpm,
+        den,
+        n,
+        (2,),
+        timesteps(schedule, 1000),
+        seed=5,
+        batch_size=n,
+        variance=variance,
+    )
     se_mean = S / math.sqrt(n)
     assert ((out.mean(0) - MU).abs() < 4 * se_mean).all(), out.mean(0)
     # std of a sample std is about s / sqrt(2n); "large" adds a little extra variance by design
-    assert ((out.std(0) - S).abs() < 4 * S / math.sqrt(2 * n) + (0.01 if variance == "large" else 0)).all()
+    assert (
+        (out.std(0) - S).abs() < 4 * S / math.sqrt(2 * n) + (0.01 if variance == "large" else 0)
+    ).all()
 
 
 def test_ddim_eta_one_reproduces_distribution():
     schedule = SCHEDULES["cosine"]
     den = GaussianDenoiser(schedule, MU, S)
     n = 20000
-    out = generate(sample_ddim, den, n, (2,), timesteps(schedule, 200), seed=2, batch_size=n, eta=1.0)
+    out = generate(
+        sample_ddim, den, n, (2,), timesteps(schedule, 200), seed=2, batch_size=n, eta=1.0
+    )
     assert ((out.mean(0) - MU).abs() < 4 * S / math.sqrt(n)).all()
     assert ((out.std(0) - S).abs() < 0.02).all()
 

@@ -53,7 +53,9 @@ def test_cosine_closed_form():
     import math
 
     f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    assert float(schedules.CosineSchedule().alpha_bar(0.5)) == pytest.approx(f(0.5) / f(0.0), rel=1e-12)
+    assert float(schedules.CosineSchedule().alpha_bar(0.5)) == pytest.approx(
+        f(0.5) / f(0.0), rel=1e-12
+    )
 
 
 def test_q_sample_moments():
@@ -65,7 +67,9 @@ def test_q_sample_moments():
     assert float(x_t.std()) == pytest.approx(float(s.sigma(0.3)), abs=0.005)
 
 
-@pytest.mark.parametrize("kwargs", [dict(beta_start=-1e-4), dict(beta_end=1.5), dict(beta_start=0.03), dict(num_steps=0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(beta_start=-1e-4), dict(beta_end=1.5), dict(beta_start=0.03), dict(num_steps=0)]
+)
 def test_bad_linear_parameters_are_refused(kwargs):
-    with pytest.raises(ValueError, match="beta|num_steps"):
+    with pytest.raises(ValueError, match=r"beta|num_steps"):
         schedules.linear(**kwargs)

@@ -33,7 +33,9 @@ def test_sliced_w2_of_a_shift_is_closed_form():
     # SW2(x, x + c)^2 = E_theta (theta . c)^2 = |c|^2 / D for theta uniform on the sphere
     x = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
     c = torch.tensor([0.3, 0.4])
-    assert sliced_wasserstein2(x, x + c, num_projections=4000) == pytest.approx(0.5 / math.sqrt(2), rel=0.03)
+    assert sliced_wasserstein2(x, x + c, num_projections=4000) == pytest.approx(
+        0.5 / math.sqrt(2), rel=0.03
+    )
     assert sliced_wasserstein2(x, x) == 0.0
 
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from difflab import schedules
 from difflab.config import ConfigError, DiffusionConfig, ModelConfig, RunConfig, SampleConfig
-from difflab.data.toy2d import TOY2D
 from difflab.data.stream import ToyStream
+from difflab.data.toy2d import TOY2D
 from difflab.nets.mlp import MLP
 from difflab.objectives import LossSpec
 from difflab.prediction import Denoiser
@@ -49,9 +49,13 @@ def _checked(fn):
 @_checked
 def build_schedule(cfg: DiffusionConfig) -> schedules.Schedule:
     if cfg.schedule not in SCHEDULES:
-        raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        raise ConfigError(
+            f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}"
+        )
     if cfg.num_steps < 0:
-        raise ConfigError(f"diffusion.num_steps must be >= 0 (0 = continuous time), got {cfg.num_steps}")
+        raise ConfigError(
+            f"diffusion.num_steps must be >= 0 (0 = continuous time), got {cfg.num_steps}"
+        )
     schedule = SCHEDULES[cfg.schedule](cfg)
     if cfg.num_steps > 0 and not isinstance(schedule, schedules.DiscreteSchedule):
         schedule = schedule.discretize(cfg.num_steps)
@@ -102,8 +106,11 @@ def build_data(cfg: RunConfig, seed: int) -> ToyStream:
     return ToyStream(cfg.data.name, seed)
 
 
+@_checked
 def build_denoiser(cfg: RunConfig, net: nn.Module, schedule: schedules.Schedule) -> Denoiser:
-    return Denoiser(net, schedule, cfg.diffusion.prediction)
+    if cfg.diffusion.clip_x0 < 0:
+        raise ConfigError(f"diffusion.clip_x0 must be >= 0 (0 = off), got {cfg.diffusion.clip_x0}")
+    return Denoiser(net, schedule, cfg.diffusion.prediction, cfg.diffusion.clip_x0 or None)
 
 
 @_checked
@@ -121,7 +128,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA GPU is visible; use train.device=cpu or auto")
+        raise ConfigError(
+            f"train.device={name} but no CUDA GPU is visible; use train.device=cpu or auto"
+        )
     try:
         return torch.device(name)
     except RuntimeError:

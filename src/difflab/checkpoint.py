@@ -45,7 +45,15 @@ def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: nn.Module, ema_model: nn.Module, state: dict, config: dict, keep: int) -> Path:
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    model: nn.Module,
+    ema_model: nn.Module,
+    state: dict,
+    config: dict,
+    keep: int,
+) -> Path:
     """Write checkpoints/step-<step> atomically and prune all but the newest `keep`."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step}"
@@ -99,12 +107,16 @@ def latest_good_checkpoint(ckpt_dir: Path) -> Path:
     """The newest checkpoint that verifies; warns about each broken one it skips."""
     candidates = list_checkpoints(ckpt_dir)
     if not candidates:
-        raise CheckpointError(f"no checkpoint found in {ckpt_dir}; train first with `difflab train`")
+        raise CheckpointError(
+            f"no checkpoint found in {ckpt_dir}; train first with `difflab train`"
+        )
     for path in reversed(candidates):
         problem = verify_checkpoint(path)
         if problem is None:
             return path
-        warnings.warn(f"skipping checkpoint {path}: {problem}; falling back to an earlier one", stacklevel=2)
+        warnings.warn(
+            f"skipping checkpoint {path}: {problem}; falling back to an earlier one", stacklevel=2
+        )
     raise CheckpointError(f"every checkpoint in {ckpt_dir} is corrupt; the run cannot be resumed")
 
 

@@ -26,23 +26,41 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, help="number of samples")
     p.add_argument("--seed", type=int, help="noise seed")
     p.add_argument("--batch-size", type=int, help="samples per batch (results do not depend on it)")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--checkpoint", type=int, help="checkpoint step to load (default: newest good one)")
+    p.add_argument(
+        "--raw", action="store_true", help="use the raw weights instead of the EMA weights"
+    )
+    p.add_argument(
+        "--checkpoint", type=int, help="checkpoint step to load (default: newest good one)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="difflab", description="Train, sample, evaluate and plot diffusion models.")
+    ap = argparse.ArgumentParser(
+        prog="difflab", description="Train, sample, evaluate and plot diffusion models."
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (then sample, evaluate and draw its figures)")
     p.add_argument("--preset", default="toy2d", help="starting config: toy2d")
     p.add_argument("--config", help="a config JSON file (as written to runs/NAME/config.json)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. train.lr=1e-3",
+    )
     p.add_argument("--name", help="run name (default: preset and time); the run lives in RUNS/NAME")
     p.add_argument("--runs", default="runs", help="folder that holds run directories")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in this directory from its newest good checkpoint")
-    p.add_argument("--no-finish", action="store_true", help="skip the final sampling, evaluation and figures")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue the run in this directory from its newest good checkpoint",
+    )
+    p.add_argument(
+        "--no-finish", action="store_true", help="skip the final sampling, evaluation and figures"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("sample", help="draw samples from a trained run into an .npz file")
@@ -51,9 +69,13 @@ def parser() -> argparse.ArgumentParser:
     _add_sampler_flags(p)
     p.add_argument("--quiet", action="store_true")
 
-    p = sub.add_parser("eval", help="measure samples (a run or a samples .npz) against the true distribution")
+    p = sub.add_parser(
+        "eval", help="measure samples (a run or a samples .npz) against the true distribution"
+    )
     p.add_argument("source", help="run directory or samples .npz")
-    p.add_argument("--dataset", help="the true distribution, for an .npz source (default: the run's)")
+    p.add_argument(
+        "--dataset", help="the true distribution, for an .npz source (default: the run's)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", help="also write the result as JSON to this file")
     _add_sampler_flags(p)
@@ -68,8 +90,11 @@ def parser() -> argparse.ArgumentParser:
 
 def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
     """The run's sample config with the command-line flags laid over it."""
-    changes = {k: getattr(args, k) for k in ("sampler", "steps", "spacing", "eta", "variance", "n", "seed")
-               if getattr(args, k, None) is not None}
+    changes = {
+        k: getattr(args, k)
+        for k in ("sampler", "steps", "spacing", "eta", "variance", "n", "seed")
+        if getattr(args, k, None) is not None
+    }
     if getattr(args, "batch_size", None) is not None:
         changes["batch_size"] = args.batch_size
     if getattr(args, "raw", False):
@@ -95,7 +120,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         ckpt = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     except KeyboardInterrupt:
-        print(f"\ndifflab: interrupted; continue with `difflab train --resume {run_dir}`", file=sys.stderr)
+        print(
+            f"\ndifflab: interrupted; continue with `difflab train --resume {run_dir}`",
+            file=sys.stderr,
+        )
         return 130
     print(f"difflab: trained in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
     if not args.no_finish:
@@ -110,10 +138,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     scfg = sample_config(run.cfg.sample, args)
     start = time.perf_counter()
     samples = draw_samples(run, scfg, progress=not args.quiet)
-    path = save_samples(args.out, samples, sampler=scfg.sampler, steps=scfg.steps, seed=scfg.seed,
-                        ema=scfg.use_ema, checkpoint=str(run.checkpoint))
-    print(f"difflab: {len(samples)} samples ({scfg.sampler}, {scfg.steps} steps) in "
-          f"{time.perf_counter() - start:.1f} s -> {path}")
+    path = save_samples(
+        args.out,
+        samples,
+        sampler=scfg.sampler,
+        steps=scfg.steps,
+        seed=scfg.seed,
+        ema=scfg.use_ema,
+        checkpoint=str(run.checkpoint),
+    )
+    print(
+        f"difflab: {len(samples)} samples ({scfg.sampler}, {scfg.steps} steps) in "
+        f"{time.perf_counter() - start:.1f} s -> {path}"
+    )
     return 0
 
 
@@ -126,7 +163,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples = load_samples(source)
         dataset = args.dataset
         if dataset is None:
-            raise ConfigError("evaluating an .npz needs --dataset NAME (e.g. --dataset checkerboard)")
+            raise ConfigError(
+                "evaluating an .npz needs --dataset NAME (e.g. --dataset checkerboard)"
+            )
         info = {"source": str(source)}
     else:
         check_run_dir(source)
@@ -134,8 +173,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scfg = sample_config(run.cfg.sample, args)
         samples = draw_samples(run, scfg, progress=not args.quiet).numpy()
         dataset = args.dataset or run.cfg.data.name
-        info = {"source": str(source), "checkpoint": str(run.checkpoint), "sampler": scfg.sampler,
-                "steps": scfg.steps, "ema": scfg.use_ema, "seed": scfg.seed}
+        info = {
+            "source": str(source),
+            "checkpoint": str(run.checkpoint),
+            "sampler": scfg.sampler,
+            "steps": scfg.steps,
+            "ema": scfg.use_ema,
+            "seed": scfg.seed,
+        }
     result = {**info, **evaluate_toy(samples, dataset)}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 class ConfigError(ValueError):
-    """A user-facing problem with the configuration or the command line; the message says the fix."""
+    """A user-facing problem with the config or command line; the message says the fix."""
 
 
 @dataclass
@@ -40,13 +40,16 @@ class DiffusionConfig:
     num_steps: int = 1000  # T of the discrete table; 0 trains in continuous time
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02
-    prediction: str = "eps"  # what the network outputs: eps | x0 | v
+    prediction: str = "v"  # what the network outputs: eps | x0 | v
     target: str = ""  # space the loss is measured in; "" = same as prediction
     loss: str = "mse"  # mse | l1 | huber
     weighting: str = "none"  # none | snr | min_snr | snr_plus_one (x0-space weights)
     min_snr_gamma: float = 5.0
     huber_delta: float = 0.1
     t_sampling: str = "stratified"  # uniform | stratified
+    clip_x0: float = (
+        0.0  # clamp x0_hat to [-c, c] while sampling; 0 = off (images in [-1, 1] use 1)
+    )
 
 
 @dataclass
@@ -74,7 +77,8 @@ class TrainConfig:
 class SampleConfig:
     sampler: str = "ddpm"  # ddpm | ddim
     steps: int = 1000
-    spacing: str = "trailing"  # linspace | leading | trailing (discrete); uniform | quadratic | logsnr
+    # discrete: linspace | leading | trailing | quadratic; continuous: uniform | quadratic | logsnr
+    spacing: str = "quadratic"
     eta: float = 0.0  # DDIM only
     variance: str = "small"  # DDPM only: small (beta-tilde) | large (beta)
     n: int = 20000  # samples drawn for the run's figures and evaluation
@@ -119,7 +123,9 @@ def _hints(cls) -> dict:
 
 def _from_dict(cls, d: dict, prefix: str):
     if not isinstance(d, dict):
-        raise ConfigError(f"config section {prefix or '(top)'} must be a mapping, got {type(d).__name__}")
+        raise ConfigError(
+            f"config section {prefix or '(top)'} must be a mapping, got {type(d).__name__}"
+        )
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
@@ -162,7 +168,9 @@ def _coerce(value, kind, key: str):
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return (
+                int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            )
         if kind is float:
             return float(value)
         if kind is str:
@@ -177,23 +185,29 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     d = cfg.to_dict()
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set takes section.key=value, got {item!r} (example: --set train.lr=1e-3)")
+            raise ConfigError(
+                f"--set takes section.key=value, got {item!r} (example: --set train.lr=1e-3)"
+            )
         path, value = item.split("=", 1)
         keys = path.strip().split(".")
         node = d
         for k in keys[:-1]:
             if not isinstance(node.get(k), dict):
-                raise ConfigError(f"--set {path}: {k!r} is not a config section; sections: {', '.join(d)}")
+                raise ConfigError(
+                    f"--set {path}: {k!r} is not a config section; sections: {', '.join(d)}"
+                )
             node = node[k]
         if keys[-1] not in node or isinstance(node[keys[-1]], dict):
-            known = ", ".join(f"{'.'.join(keys[:-1])}.{k}" for k in node if not isinstance(node[k], dict))
+            known = ", ".join(
+                f"{'.'.join(keys[:-1])}.{k}" for k in node if not isinstance(node[k], dict)
+            )
             raise ConfigError(f"--set {path}: no such config key; known keys here: {known}")
         node[keys[-1]] = value
     return RunConfig.from_dict(d)
 
 
 def toy2d() -> RunConfig:
-    """The 2-D checkerboard: a residual MLP with Fourier features, about 4 minutes on 2 CPU cores."""
+    """The 2-D checkerboard: a residual MLP with Fourier features, ~4 minutes on 2 CPU cores."""
     return RunConfig(preset="toy2d")
 
 

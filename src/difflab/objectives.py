@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflab.prediction import Denoiser, check_kind, target_of
+from difflab.prediction import Denoiser, check_kind, split_raw, target_of
 from difflab.schedules import DiscreteSchedule, Schedule
 
 LOSS_TYPES = ("mse", "l1", "huber")
@@ -67,8 +67,10 @@ class LossSpec:
             raise ValueError("min_snr_gamma and huber_delta must be > 0")
 
 
-def sample_t(schedule: Schedule, batch: int, method: str = "uniform", generator=None, device=None) -> Tensor:
-    """Draw training times (B,): on the T-step grid i / T for a discrete schedule, else in [t_min, t_max].
+def sample_t(
+    schedule: Schedule, batch: int, method: str = "uniform", generator=None, device=None
+) -> Tensor:
+    """Draw training times (B,): on the grid i / T for a discrete schedule, else in [t_min, t_max].
 
     Returns float32 times on `device`.
     """
@@ -79,7 +81,9 @@ def sample_t(schedule: Schedule, batch: int, method: str = "uniform", generator=
         u = torch.rand(batch, generator=generator)
     if isinstance(schedule, DiscreteSchedule):
         # i ~ U{1..T}: floor(u T) + 1, so each step is equally likely, as in DDPM Algorithm 1.
-        t = ((u * schedule.num_steps).floor().clamp(max=schedule.num_steps - 1) + 1) / schedule.num_steps
+        t = (
+            (u * schedule.num_steps).floor().clamp(max=schedule.num_steps - 1) + 1
+        ) / schedule.num_steps
     else:
         t = schedule.t_min + u * (schedule.t_max - schedule.t_min)
     return t.to(device=device, dtype=torch.float32)
@@ -130,11 +134,12 @@ def diffusion_loss(
     if target_space == denoiser.kind:
         pred = raw  # measure the network's own output directly: no division by alpha or sigma
     else:
-        x0_hat, eps_hat = denoiser.split(raw, x_t, alpha, sigma)
+        x0_hat, eps_hat = split_raw(
+            raw, x_t, alpha, sigma, denoiser.kind
+        )  # never clipped in training
         pred = target_of(target_space, x0_hat, eps_hat, alpha, sigma)
     target = target_of(target_space, x0, eps, alpha, sigma)
     per_elem = elementwise_loss(spec, pred.float(), target.float())
     per_example = per_elem.reshape(x0.shape[0], -1).mean(dim=1)
     snr = schedule.log_snr(t).exp().float()
     return per_example * space_weight(spec, target_space, snr), t
-

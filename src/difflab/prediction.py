@@ -3,11 +3,12 @@
 The network contract is `net(x_t, t, y=None) -> raw` with raw shaped like x_t. Only this module
 knows whether raw is eps, x0 or v. With x_t = alpha x0 + sigma eps (VP, alpha^2 + sigma^2 = 1):
 
-| kind | raw means                       | x0_hat                   | eps_hat                  |
-|------|---------------------------------|--------------------------|--------------------------|
-| eps  | eps (Ho et al. 2020)            | (x_t - sigma eps) / alpha| raw                      |
-| x0   | x0                              | raw                      | (x_t - alpha x0) / sigma |
-| v    | alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4) | alpha x_t - sigma v | sigma x_t + alpha v |
+| kind | raw means                      | x0_hat                    | eps_hat                  |
+|------|--------------------------------|---------------------------|--------------------------|
+| eps  | eps (Ho et al. 2020)           | (x_t - sigma eps) / alpha | raw                      |
+| x0   | x0                             | raw                       | (x_t - alpha x0) / sigma |
+| v    | alpha eps - sigma x0 (note 1)  | alpha x_t - sigma v       | sigma x_t + alpha v      |
+Note 1: Salimans & Ho 2022, Sec. 4.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ PREDICTION_KINDS = ("eps", "x0", "v")
 
 def check_kind(kind: str) -> str:
     if kind not in PREDICTION_KINDS:
-        raise ValueError(f"unknown prediction kind {kind!r}; choose one of {', '.join(PREDICTION_KINDS)}")
+        raise ValueError(
+            f"unknown prediction kind {kind!r}; choose one of {', '.join(PREDICTION_KINDS)}"
+        )
     return kind
 
 
@@ -40,7 +43,9 @@ def v_from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tens
     return alpha * eps - sigma * x0
 
 
-def split_raw(raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+def split_raw(
+    raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, kind: str
+) -> tuple[Tensor, Tensor]:
     """Turn raw network output into (x0_hat, eps_hat). alpha, sigma broadcast against x_t."""
     if kind == "eps":
         return x0_from_eps(x_t, raw, alpha, sigma), raw
@@ -77,7 +82,9 @@ class Denoiser:
             [-1, 1] use 1.0. None leaves x0_hat alone.
     """
 
-    def __init__(self, net: Callable, schedule: Schedule, kind: str = "eps", clip_x0: float | None = None):
+    def __init__(
+        self, net: Callable, schedule: Schedule, kind: str = "eps", clip_x0: float | None = None
+    ):
         self.net = net
         self.schedule = schedule
         self.kind = check_kind(kind)
@@ -86,7 +93,9 @@ class Denoiser:
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         return _broadcast(self.schedule.alpha(t), like), _broadcast(self.schedule.sigma(t), like)
 
-    def split(self, raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    def split(
+        self, raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """(x0_hat, eps_hat) from raw output, with `clip_x0` applied."""
         x0_hat, eps_hat = split_raw(raw.to(x_t.dtype), x_t, alpha, sigma, self.kind)
         if self.clip_x0 is not None:

@@ -37,8 +37,12 @@ def evaluate_toy(samples: np.ndarray, dataset: str) -> dict:
     x = torch.from_numpy(np.asarray(samples, dtype=np.float32))
     g = torch.Generator().manual_seed(REFERENCE_SEED)
     ref, ref2 = sample_toy2d(dataset, len(x), g), sample_toy2d(dataset, len(x), g)
-    result = {"dataset": dataset, "n": len(x), "sliced_w2": sliced_wasserstein2(x, ref),
-              "sliced_w2_floor": sliced_wasserstein2(ref2, ref)}
+    result = {
+        "dataset": dataset,
+        "n": len(x),
+        "sliced_w2": sliced_wasserstein2(x, ref),
+        "sliced_w2_floor": sliced_wasserstein2(ref2, ref),
+    }
     if dataset == "checkerboard":
         result["in_square"] = in_square_fraction(x)
         result["in_square_true"] = in_square_fraction(ref)
@@ -59,15 +63,33 @@ def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
     scfg = run.cfg.sample
     samples = draw_samples(run, scfg, progress=progress)
     step = int(run.checkpoint.name[5:])
-    save_samples(run_dir / "samples" / "samples.npz", samples, sampler=scfg.sampler, steps=scfg.steps,
-                 seed=scfg.seed, ema=scfg.use_ema, step=step)
+    save_samples(
+        run_dir / "samples" / "samples.npz",
+        samples,
+        sampler=scfg.sampler,
+        steps=scfg.steps,
+        seed=scfg.seed,
+        ema=scfg.use_ema,
+        step=step,
+    )
     recorder = Recorder(every=max(1, scfg.steps // 100))
     traj_cfg = type(scfg)(**{**scfg.__dict__, "n": min(TRAJECTORY_POINTS, scfg.n)})
     draw_samples(run, traj_cfg, progress=False, recorder=recorder)
-    np.savez(run_dir / "samples" / "trajectory.npz", ts=np.array(recorder.ts),
-             xs=recorder.trajectory().numpy(), x0_hats=torch.stack(recorder.x0_hats).numpy())
-    result = {"step": step, "eval": {**evaluate_toy(samples.numpy(), run.cfg.data.name),
-                                     "sampler": scfg.sampler, "steps": scfg.steps, "ema": scfg.use_ema}}
+    np.savez(
+        run_dir / "samples" / "trajectory.npz",
+        ts=np.array(recorder.ts),
+        xs=recorder.trajectory().numpy(),
+        x0_hats=torch.stack(recorder.x0_hats).numpy(),
+    )
+    result = {
+        "step": step,
+        "eval": {
+            **evaluate_toy(samples.numpy(), run.cfg.data.name),
+            "sampler": scfg.sampler,
+            "steps": scfg.steps,
+            "ema": scfg.use_ema,
+        },
+    }
     MetricsLog(run_dir / "metrics.jsonl").write(result)
     return result["eval"]
 
@@ -76,7 +98,11 @@ def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> li
     """Every figure of a run, from its files; sample artefacts are drawn first if missing."""
     run_dir = check_run_dir(run_dir)
     cfg = RunConfig.load(run_dir / "config.json")
-    if resample or not (run_dir / "samples" / "samples.npz").exists() or not (run_dir / "samples" / "trajectory.npz").exists():
+    if (
+        resample
+        or not (run_dir / "samples" / "samples.npz").exists()
+        or not (run_dir / "samples" / "trajectory.npz").exists()
+    ):
         make_artefacts(run_dir, progress)
     plots = run_dir / "plots"
     real = sample_toy2d(cfg.data.name, 20000, torch.Generator().manual_seed(REFERENCE_SEED)).numpy()
@@ -86,15 +112,25 @@ def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> li
         ts, xs = f["ts"], f["xs"]
     schedule = build.build_schedule(cfg.diffusion)
     paths = [
-        viz.real_vs_generated(real[: len(generated)], generated, plots / "scatter.png",
-                              ("real", f"generated ({sampler}, {steps} steps)")),
-        viz.forward_process(real[:5000], viz.forward_samples(schedule, real[:5000], FORWARD_TS), plots / "forward.png"),
+        viz.real_vs_generated(
+            real[: len(generated)],
+            generated,
+            plots / "scatter.png",
+            ("real", f"generated ({sampler}, {steps} steps)"),
+        ),
+        viz.forward_process(
+            real[:5000],
+            viz.forward_samples(schedule, real[:5000], FORWARD_TS),
+            plots / "forward.png",
+        ),
         viz.reverse_gif(ts, xs, plots / "reverse.gif"),
         viz.trajectories(xs, plots / "trajectories.png"),
     ]
     if any(r.get("loss") is not None for r in read_metrics(run_dir / "metrics.jsonl")):
-        paths += [viz.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png"),
-                  viz.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png")]
+        paths += [
+            viz.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png"),
+            viz.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png"),
+        ]
     return paths
 
 

@@ -9,7 +9,13 @@ import numpy as np
 import torch
 
 from difflab import build
-from difflab.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_weights, verify_checkpoint
+from difflab.checkpoint import (
+    CheckpointError,
+    latest_good_checkpoint,
+    list_checkpoints,
+    load_weights,
+    verify_checkpoint,
+)
 from difflab.config import ConfigError, RunConfig, SampleConfig
 from difflab.prediction import Denoiser
 from difflab.samplers import Recorder, generate
@@ -28,14 +34,21 @@ class LoadedRun:
 def check_run_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist; train one with `difflab train --name NAME`")
+        raise ConfigError(
+            f"run directory {run_dir} does not exist; train one with `difflab train --name NAME`"
+        )
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"{run_dir} is not a difflab run directory (no config.json)")
     return run_dir
 
 
-def load_run(run_dir: str | Path, *, checkpoint: int | None = None, use_ema: bool = True,
-             device: str = "auto") -> LoadedRun:
+def load_run(
+    run_dir: str | Path,
+    *,
+    checkpoint: int | None = None,
+    use_ema: bool = True,
+    device: str = "auto",
+) -> LoadedRun:
     """Load a run's network (EMA weights by default) from its newest good checkpoint."""
     run_dir = check_run_dir(run_dir)
     if checkpoint is None:
@@ -43,8 +56,12 @@ def load_run(run_dir: str | Path, *, checkpoint: int | None = None, use_ema: boo
     else:
         ckpt = run_dir / "checkpoints" / f"step-{checkpoint}"
         if ckpt not in list_checkpoints(run_dir / "checkpoints"):
-            steps = ", ".join(p.name[5:] for p in list_checkpoints(run_dir / "checkpoints")) or "none"
-            raise CheckpointError(f"{run_dir} has no checkpoint at step {checkpoint}; available: {steps}")
+            steps = (
+                ", ".join(p.name[5:] for p in list_checkpoints(run_dir / "checkpoints")) or "none"
+            )
+            raise CheckpointError(
+                f"{run_dir} has no checkpoint at step {checkpoint}; available: {steps}"
+            )
         problem = verify_checkpoint(ckpt)
         if problem:
             raise CheckpointError(f"checkpoint {ckpt} is unusable: {problem}")
@@ -58,19 +75,36 @@ def load_run(run_dir: str | Path, *, checkpoint: int | None = None, use_ema: boo
     return LoadedRun(run_dir, ckpt, cfg, denoiser, data_shape, dev)
 
 
-def draw_samples(run: LoadedRun, sample_cfg: SampleConfig, *, progress: bool = True,
-                 recorder: Recorder | None = None) -> torch.Tensor:
+def draw_samples(
+    run: LoadedRun,
+    sample_cfg: SampleConfig,
+    *,
+    progress: bool = True,
+    recorder: Recorder | None = None,
+) -> torch.Tensor:
     """(n, *shape) samples of a loaded run with the sampler `sample_cfg` names."""
     fn, options, ts = build.build_sampler(sample_cfg, run.denoiser.schedule)
     if sample_cfg.n < 1:
         raise ConfigError(f"--n must be >= 1, got {sample_cfg.n}")
-    return generate(fn, run.denoiser, sample_cfg.n, run.shape, ts, seed=sample_cfg.seed,
-                    batch_size=sample_cfg.batch_size, device=run.device, callback=recorder,
-                    progress=progress, **options)
+    return generate(
+        fn,
+        run.denoiser,
+        sample_cfg.n,
+        run.shape,
+        ts,
+        seed=sample_cfg.seed,
+        batch_size=sample_cfg.batch_size,
+        device=run.device,
+        callback=recorder,
+        progress=progress,
+        **options,
+    )
 
 
-def save_samples(path: str | Path, samples: torch.Tensor, labels: torch.Tensor | None = None, **meta) -> Path:
-    """Write samples.npz atomically: `samples` float32, `labels` when given, plus metadata arrays."""
+def save_samples(
+    path: str | Path, samples: torch.Tensor, labels: torch.Tensor | None = None, **meta
+) -> Path:
+    """Write samples.npz atomically: `samples` float32, `labels` if given, metadata arrays."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ConfigError(f"--out must end in .npz, got {path}")
@@ -88,7 +122,9 @@ def save_samples(path: str | Path, samples: torch.Tensor, labels: torch.Tensor |
 def load_samples(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"samples file {path} does not exist; make one with `difflab sample RUN --out {path}`")
+        raise ConfigError(
+            f"samples file {path} does not exist; make one with `difflab sample RUN --out {path}`"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             if "samples" not in f:

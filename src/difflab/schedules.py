@@ -113,7 +113,9 @@ class DiscreteSchedule(Schedule):
         self.betas = betas
         self.num_steps = len(betas)
         # log alpha_bar at t = i / T for i = 0..T; i = 0 is clean data (alpha_bar = 1).
-        self.log_abar = torch.cat([torch.zeros(1, dtype=_DTYPE), torch.cumsum(torch.log1p(-betas), 0)])
+        self.log_abar = torch.cat(
+            [torch.zeros(1, dtype=_DTYPE), torch.cumsum(torch.log1p(-betas), 0)]
+        )
         self.t_min = 1.0 / self.num_steps
 
     def _table(self, device: torch.device) -> Tensor:
@@ -147,7 +149,9 @@ class DiscreteSchedule(Schedule):
         return {"name": self.name, "num_steps": self.num_steps}
 
 
-def linear(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DiscreteSchedule:
+def linear(
+    num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> DiscreteSchedule:
     """DDPM's linear betas (Ho et al. 2020, Sec. 4): beta_1 = 1e-4 ... beta_T = 0.02, T = 1000."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -160,7 +164,9 @@ def linear(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.
 
 
 class CosineSchedule(Schedule):
-    """alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) * pi / 2) (Nichol & Dhariwal 2021, eq. 17).
+    """alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) * pi / 2).
+
+    Nichol & Dhariwal 2021, eq. 17.
 
     alpha_bar(1) = 0 exactly, so t is capped at `t_max` where alpha_bar is still >= `min_alpha_bar`.
     """
@@ -194,14 +200,19 @@ class CosineSchedule(Schedule):
 class SigmoidSchedule(Schedule):
     """alpha_bar(t) from a shifted sigmoid (Jabri et al. 2022; Chen 2023, Algorithm 1).
 
-    alpha_bar(t) = (v_end - v(t)) / (v_end - v_start), v(t) = sigmoid((start + t (end - start)) / tau).
+    alpha_bar(t) = (v_end - v(t)) / (v_end - v_start),
+    v(t) = sigmoid((start + t (end - start)) / tau).
     """
 
     name = "sigmoid"
 
-    def __init__(self, start: float = -3.0, end: float = 3.0, tau: float = 1.0, min_alpha_bar: float = 1e-8):
+    def __init__(
+        self, start: float = -3.0, end: float = 3.0, tau: float = 1.0, min_alpha_bar: float = 1e-8
+    ):
         if not start < end or tau <= 0:
-            raise ValueError(f"sigmoid schedule needs start < end and tau > 0, got {start}, {end}, {tau}")
+            raise ValueError(
+                f"sigmoid schedule needs start < end and tau > 0, got {start}, {end}, {tau}"
+            )
         self.start, self.end, self.tau = start, end, tau
         self.min_alpha_bar = min_alpha_bar
         self._v_start = torch.sigmoid(torch.tensor(start / tau, dtype=_DTYPE))

@@ -35,8 +35,14 @@ from difflab.objectives import diffusion_loss
 
 NUM_BUCKETS = 10  # loss is also logged per tenth of t in [0, 1]
 # Keys that may differ between a run's saved config and the one it is resumed with.
-RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.device", "train.threads")
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.device",
+    "train.threads",
+)
 
 
 @dataclass
@@ -59,15 +65,27 @@ def check_train_config(cfg: RunConfig) -> None:
     if t.steps < 1:
         problems.append(f"train.steps must be >= 1, got {t.steps}")
     if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
-        problems.append(f"train.batch_size ({t.batch_size}) must be >= 1 and divisible by train.grad_accum ({t.grad_accum})")
+        problems.append(
+            f"train.batch_size ({t.batch_size}) must be >= 1 and divisible by "
+            f"train.grad_accum ({t.grad_accum})"
+        )
     if not t.lr > 0:
         problems.append(f"train.lr must be > 0, got {t.lr}")
     if t.lr_schedule not in ("constant", "cosine"):
         problems.append(f"train.lr_schedule must be constant or cosine, got {t.lr_schedule!r}")
     if not 0 <= t.ema_decay <= 1:
         problems.append(f"train.ema_decay must be in [0, 1], got {t.ema_decay}")
-    if t.warmup_steps < 0 or t.grad_clip < 0 or t.log_every < 1 or t.checkpoint_every < 1 or t.keep_checkpoints < 1:
-        problems.append("train.warmup_steps and train.grad_clip must be >= 0; log_every, checkpoint_every, keep_checkpoints >= 1")
+    if (
+        t.warmup_steps < 0
+        or t.grad_clip < 0
+        or t.log_every < 1
+        or t.checkpoint_every < 1
+        or t.keep_checkpoints < 1
+    ):
+        problems.append(
+            "train.warmup_steps and train.grad_clip must be >= 0; "
+            "log_every, checkpoint_every and keep_checkpoints >= 1"
+        )
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -86,7 +104,10 @@ def build_parts(cfg: RunConfig) -> Parts:
     spec = build.build_loss_spec(cfg.diffusion)
     ema = EMA(net, cfg.train.ema_decay, cfg.train.ema_warmup)
     optimizer = torch.optim.AdamW(
-        net.parameters(), lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
+        net.parameters(),
+        lr=cfg.train.lr,
+        betas=cfg.train.betas,
+        weight_decay=cfg.train.weight_decay,
     )
     loss_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # t and eps of the loss
     return Parts(net, denoiser, ema, optimizer, data, loss_generator, spec, device)
@@ -127,12 +148,17 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 
 
 def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, float | None]:
-    """Stage 2 (resume): load the newest good checkpoint into `parts`; returns (step, smoothed loss)."""
+    """Stage 2 (resume): load the newest good checkpoint; returns (step, smoothed loss)."""
     ckpt = latest_good_checkpoint(run_dir / "checkpoints")
-    changed = [k for k in config_differences(load_config(ckpt), cfg.to_dict()) if k not in RESUMABLE_CHANGES and not k.startswith("sample.")]
+    changed = [
+        k
+        for k in config_differences(load_config(ckpt), cfg.to_dict())
+        if k not in RESUMABLE_CHANGES and not k.startswith("sample.")
+    ]
     if changed:
         raise CheckpointError(
-            f"cannot resume {run_dir}: the config differs from the checkpoint's in {', '.join(changed)}; "
+            f"cannot resume {run_dir}: the config differs from the checkpoint's in "
+            f"{', '.join(changed)}; "
             f"only {', '.join(RESUMABLE_CHANGES)} and sample.* may change on resume"
         )
     load_weights(ckpt, parts.net, "model")
@@ -153,7 +179,10 @@ def open_run(cfg: RunConfig, run_dir: Path, parts: Parts, resume: bool) -> tuple
     if resume:
         return resume_parts(parts, cfg, run_dir)
     if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
-        raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another --name")
+        raise ConfigError(
+            f"{run_dir} already holds a run; resume it with --resume {run_dir} "
+            "or choose another --name"
+        )
     for sub in ("checkpoints", "samples", "plots"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
@@ -220,8 +249,14 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
     stats.steps += 1
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> Path:
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Path:
     """Train the model `cfg` describes, writing everything under run_dir.
 
     Args:
@@ -239,7 +274,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
     stats = IntervalStats(parts.device)
     end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
-    bar = tqdm(total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not progress)
+    bar = tqdm(
+        total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not progress
+    )
     last = None
     parts.net.train()
     for step in range(start, end):  # 3. loop
@@ -248,15 +285,28 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         if done % cfg.train.log_every == 0 or done == end:
             row = stats.row(done)
             smoothed = row["loss"] if smoothed is None else 0.9 * smoothed + 0.1 * row["loss"]
-            row.update(loss_smoothed=smoothed, lr=lr_at(cfg, step), ema_decay=parts.ema.current_decay(),
-                       param_norm=float(torch.cat([p.detach().flatten() for p in parts.net.parameters()]).norm()),
-                       peak_memory_mb=peak_memory_mb(parts.device))
+            row.update(
+                loss_smoothed=smoothed,
+                lr=lr_at(cfg, step),
+                ema_decay=parts.ema.current_decay(),
+                param_norm=float(
+                    torch.cat([p.detach().flatten() for p in parts.net.parameters()]).norm()
+                ),
+                peak_memory_mb=peak_memory_mb(parts.device),
+            )
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             stats.reset()
         if done % cfg.train.checkpoint_every == 0 or done == end:
-            last = save_checkpoint(run_dir / "checkpoints", done, parts.net, parts.ema.model,
-                                   _state(parts, done, smoothed), cfg.to_dict(), cfg.train.keep_checkpoints)
+            last = save_checkpoint(
+                run_dir / "checkpoints",
+                done,
+                parts.net,
+                parts.ema.model,
+                _state(parts, done, smoothed),
+                cfg.to_dict(),
+                cfg.train.keep_checkpoints,
+            )
         bar.update(1)
     bar.close()
     return last if last is not None else latest_good_checkpoint(run_dir / "checkpoints")

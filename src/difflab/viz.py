@@ -11,12 +11,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
 
-from difflab.logging import read_metrics  # noqa: E402
+from difflab.logging import read_metrics
 
 LIMITS = (-1.5, 1.5)  # data panels
 NOISE_LIMITS = (-3.0, 3.0)  # panels that show noisy points
@@ -33,7 +33,9 @@ def _square_axes(ax, title: str | None = None, limits: tuple[float, float] = LIM
 
 
 def _scatter(ax, points: np.ndarray, color: str = "C0", size: float = 0.5) -> None:
-    ax.scatter(points[:, 0], points[:, 1], s=size, c=color, alpha=0.5, linewidths=0, rasterized=True)
+    ax.scatter(
+        points[:, 0], points[:, 1], s=size, c=color, alpha=0.5, linewidths=0, rasterized=True
+    )
 
 
 def _save(fig, path: Path) -> Path:
@@ -43,7 +45,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def real_vs_generated(real: np.ndarray, generated: np.ndarray, path: Path, titles: tuple[str, str]) -> Path:
+def real_vs_generated(
+    real: np.ndarray, generated: np.ndarray, path: Path, titles: tuple[str, str]
+) -> Path:
     """Two scatter panels: real points and generated points."""
     fig, axes = plt.subplots(1, 2, figsize=(8, 4))
     for ax, pts, title, color in zip(axes, (real, generated), titles, ("C1", "C0"), strict=True):
@@ -100,8 +104,13 @@ def loss_by_t(metrics_path: Path, path: Path, curves: int = 4) -> Path:
     for k, i in enumerate(picks):
         values = np.array([np.nan if v is None else v for v in rows[i]["loss_by_t"]], dtype=float)
         centres = (np.arange(len(values)) + 0.5) / len(values)
-        ax.plot(centres, values, marker="o", color=plt.cm.viridis(k / max(len(picks) - 1, 1)),
-                label=f"step {rows[i]['step']}")
+        ax.plot(
+            centres,
+            values,
+            marker="o",
+            color=plt.cm.viridis(k / max(len(picks) - 1, 1)),
+            label=f"step {rows[i]['step']}",
+        )
     ax.set_yscale("log")
     ax.set_xlabel("t (bucket centre)")
     ax.set_ylabel("loss")
@@ -147,7 +156,9 @@ def trajectories(xs: np.ndarray, path: Path, count: int = 24) -> Path:
     return _save(fig, path)
 
 
-def forward_samples(schedule, real: np.ndarray, ts: tuple[float, ...], seed: int = 0) -> list[tuple[float, np.ndarray]]:
+def forward_samples(
+    schedule, real: np.ndarray, ts: tuple[float, ...], seed: int = 0
+) -> list[tuple[float, np.ndarray]]:
     """q(x_t | x0) draws of `real` at each t, for `forward_process`."""
     g = torch.Generator().manual_seed(seed)
     x0 = torch.from_numpy(real).float()

@@ -13,7 +13,9 @@ def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
 
     Drawn directly: pick one of the 8 kept unit squares uniformly, then a uniform point inside.
     """
-    cells = torch.tensor([(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0], dtype=torch.float32)
+    cells = torch.tensor(
+        [(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0], dtype=torch.float32
+    )
     pick = torch.randint(len(cells), (n,), generator=generator)
     x = cells[pick] + torch.rand(n, 2, generator=generator)
     return (x - 2.0) / 2.0
@@ -53,7 +55,7 @@ def gaussians8(n: int, generator: torch.Generator | None = None, std: float = 0.
 
 
 def rings(n: int, generator: torch.Generator | None = None, noise: float = 0.02) -> Tensor:
-    """Three concentric rings of radii 0.3, 0.6, 0.9, points spread in proportion to circumference."""
+    """Three concentric rings of radii 0.3, 0.6, 0.9; points in proportion to circumference."""
     radii = torch.tensor([0.3, 0.6, 0.9])
     ring = torch.multinomial(radii, n, replacement=True, generator=generator)
     angle = 2 * math.pi * torch.rand(n, generator=generator)

@@ -16,7 +16,9 @@ def sliced_wasserstein2(x: Tensor, y: Tensor, num_projections: int = 256, seed: 
     min(N, M) evenly spaced quantiles.
     """
     if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"need two (N, D) clouds of the same D, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"need two (N, D) clouds of the same D, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(x.shape[1], num_projections, generator=g, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)

@@ -8,13 +8,17 @@ import torch
 from torch import Tensor, nn
 
 
-def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> Tensor:
+def sinusoidal_embedding(
+    t: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0
+) -> Tensor:
     """Transformer-style embedding of t (B,) in [0, 1] -> (B, dim) (Vaswani et al. 2017, Sec. 3.5).
 
     t is multiplied by `scale` first so that t in [0, 1] spans the range DDPM's integer steps did.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+    )
     args = (t.float() * scale)[:, None] * freqs[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     if dim % 2:
@@ -44,7 +48,9 @@ class FourierFeatures(nn.Module):
 
     def __init__(self, num_frequencies: int):
         super().__init__()
-        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32))
+        self.register_buffer(
+            "freqs", math.pi * 2.0 ** torch.arange(num_frequencies, dtype=torch.float32)
+        )
 
     def out_dim(self, in_dim: int) -> int:
         return in_dim * (1 + 2 * len(self.freqs))

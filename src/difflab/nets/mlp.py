@@ -1,4 +1,4 @@
-"""A residual MLP denoiser for low-dimensional data: net(x_t (B, D), t (B,), y (B,) | None) -> (B, D)."""
+"""A residual MLP for low-dimensional data: net(x_t (B, D), t (B,), y (B,) | None) -> (B, D)."""
 
 from __future__ import annotations
 
@@ -63,7 +63,9 @@ class MLP(nn.Module):
         self.time_emb = TimeEmbedding(emb_dim)
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
         self.inp = nn.Linear(in_dim, width)
-        self.blocks = nn.ModuleList(ResidualMLPBlock(width, emb_dim, expansion, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            ResidualMLPBlock(width, emb_dim, expansion, dropout) for _ in range(depth)
+        )
         self.out_norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
 
@@ -74,7 +76,9 @@ class MLP(nn.Module):
         emb = self.time_emb(t[:1] if shared_t else t)  # (B or 1, emb_dim)
         if self.label_emb is not None:
             if y is None:  # unconditional: the null label
-                y = torch.full((x_t.shape[0],), self.num_classes, device=x_t.device, dtype=torch.long)
+                y = torch.full(
+                    (x_t.shape[0],), self.num_classes, device=x_t.device, dtype=torch.long
+                )
             emb = emb + self.label_emb(y)
         emb = torch.nn.functional.silu(emb)
         h = self.inp(self.features(x_t) if self.features is not None else x_t)  # (B, width)

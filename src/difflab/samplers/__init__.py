@@ -69,14 +69,23 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     out = []
-    bar = tqdm(total=n, desc="sampling", unit="sample", disable=not progress)
-    for start in range(0, n, batch_size):
+    starts = range(0, n, batch_size)
+    bar = tqdm(
+        total=len(starts) * (len(ts) - 1), desc="sampling", unit="step", disable=not progress
+    )
+    for start in starts:
         size = min(batch_size, n - start)
         noise = SampleNoise(seed, start)
         x_T = noise.randn((size, *shape), 0, device)
         y = labels[start : start + size].to(device) if labels is not None else None
-        cb = callback if start == 0 else None
-        out.append(sampler(denoiser, x_T, ts, y=y, generator=noise, callback=cb, **options).float().cpu())
-        bar.update(size)
+        user_cb = callback if start == 0 else None
+
+        def step_done(state: StepState, user_cb=user_cb) -> None:
+            bar.update(1)
+            if user_cb is not None:
+                user_cb(state)
+
+        x0 = sampler(denoiser, x_T, ts, y=y, generator=noise, callback=step_done, **options)
+        out.append(x0.float().cpu())
     bar.close()
     return torch.cat(out)

@@ -6,7 +6,9 @@ Discrete spacings follow the table in Lin et al. 2024 ("Common diffusion noise s
 sample steps are flawed", Table 2), written for steps i = 1..T (diffusers counts 0..T-1):
 - linspace: round(linspace(1, T, n)), which includes the last step T;
 - leading:  1 + k * (T // n) for k = 0..n-1 (DDIM's original choice; never reaches T);
-- trailing: round(T - k * T / n) for k = 0..n-1 (always starts at T).
+- trailing: round(T - k * T / n) for k = 0..n-1 (always starts at T);
+- quadratic: round(T (k / n)^2) for k = 1..n, nudged apart so that all n are distinct (DDIM's
+  "quadratic" selection, Song et al. 2021, App. D.2): short steps near t = 0, where detail forms.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from torch import Tensor
 
 from difflab.schedules import DiscreteSchedule, Schedule
 
-SPACINGS = ("linspace", "leading", "trailing")
+SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 CONTINUOUS_SPACINGS = ("uniform", "quadratic", "logsnr")
+# For a discrete schedule, "uniform" and "logsnr" fall back to trailing; quadratic has its own.
 
 
 def _check_steps(num_steps: int, limit: int | None = None) -> None:
@@ -41,8 +44,15 @@ def discrete_timesteps(num_train_steps: int, num_steps: int, spacing: str = "tra
         idx = 1 + np.arange(num_steps) * (T // num_steps)
     elif spacing == "trailing":
         idx = np.round(T - np.arange(num_steps) * T / num_steps)
+    elif spacing == "quadratic":
+        idx = np.round(T * (np.arange(1, num_steps + 1) / num_steps) ** 2)
+        idx = np.maximum(idx, np.arange(1, num_steps + 1))  # at least one step apart
+        for k in range(num_steps - 2, -1, -1):  # keep them increasing below T
+            idx[k] = min(idx[k], idx[k + 1] - 1)
     else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+        raise ValueError(
+            f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}"
+        )
     idx = np.unique(idx.astype(np.int64))[::-1].copy()
     return torch.from_numpy(idx)
 
@@ -54,7 +64,7 @@ def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing") -> 
     take uniform (in t), quadratic (denser near t = 0) or logsnr (uniform in log-SNR).
     """
     if isinstance(schedule, DiscreteSchedule):
-        if spacing in CONTINUOUS_SPACINGS:
+        if spacing in ("uniform", "logsnr"):
             spacing = "trailing"
         idx = discrete_timesteps(schedule.num_steps, num_steps, spacing)
         t = idx.to(torch.float64) / schedule.num_steps

@@ -43,7 +43,9 @@ class SampleNoise:
         self.seed = int(seed) & _MASK32
         self.start = int(start)
 
-    def randn(self, shape: tuple[int, ...], stream: int, device=None, dtype=torch.float32) -> Tensor:
+    def randn(
+        self, shape: tuple[int, ...], stream: int, device=None, dtype=torch.float32
+    ) -> Tensor:
         """Standard normal numbers of `shape` (B, ...) for `stream`, sample i of the batch being
         global sample start + i."""
         batch, per_sample = shape[0], math.prod(shape[1:])

@@ -1,0 +1,58 @@
+"""The import direction of docs/architecture.md, checked by reading every module's imports."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "difflab"
+
+# module (or package) -> the difflab modules it may import
+ALLOWED = {
+    "schedules": set(),
+    "prediction": {"schedules"},
+    "objectives": {"schedules", "prediction"},
+    "samplers": {"schedules", "prediction", "samplers"},
+    "nets": {"nets"},
+    "data": {"data"},
+    "ema": set(),
+    "metrics": {"metrics", "data"},
+    "logging": set(),
+    "config": set(),
+    "checkpoint": {"config"},
+    "build": {"schedules", "prediction", "objectives", "samplers", "nets", "data", "config"},
+    "train": {"build", "checkpoint", "config", "ema", "logging", "objectives"},
+    "runs": {"build", "checkpoint", "config", "prediction", "samplers"},
+    "viz": {"logging"},
+    "report": {"build", "viz", "config", "data", "logging", "metrics", "runs", "samplers"},
+    "cli": {"config", "samplers", "train", "report", "runs"},
+    "__init__": {"ema", "objectives", "prediction"},
+    "__main__": {"cli"},
+}
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("difflab"):
+            parts = node.module.split(".")
+            found.add(parts[1] if len(parts) > 1 else node.names[0].name)
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("difflab.")}
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_flow_one_way(path):
+    module = _module_of(path)
+    assert module in ALLOWED, f"{module} is new: add it to docs/architecture.md and this table"
+    extra = _imports(path) - ALLOWED[module] - {module}
+    assert not extra, f"{path.name} imports {extra}, against the layering"
+    assert "torch.nn" not in path.read_text() or module not in {"samplers"}, (
+        "samplers never import networks"
+    )

@@ -1,0 +1,116 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difflab.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints
+from difflab.config import ConfigError, apply_overrides, preset
+from difflab.data.toy2d import sample_toy2d
+from difflab.logging import read_metrics
+from difflab.metrics.toy2d import sliced_wasserstein2
+from difflab.runs import draw_samples, load_run
+from difflab.train import train
+
+SMALL = [
+    "model.width=64",
+    "model.depth=2",
+    "train.batch_size=256",
+    "train.log_every=10",
+    "train.warmup_steps=20",
+    "sample.sampler=ddpm",
+    "sample.steps=100",
+    "sample.n=2000",
+]
+
+
+def _cfg(*extra):
+    return apply_overrides(preset("toy2d"), [*SMALL, *extra])
+
+
+def test_training_lowers_the_loss_and_moves_samples_to_the_data(tmp_path):
+    cfg = _cfg("train.steps=300", "train.checkpoint_every=300", "train.ema_decay=0.99")
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]  # v-loss keeps a large irreducible part
+    for key in (
+        "loss_by_t",
+        "grad_norm",
+        "param_norm",
+        "lr",
+        "ema_decay",
+        "examples_per_s",
+        "peak_memory_mb",
+    ):
+        assert key in rows[-1]
+    run = load_run(tmp_path / "run")
+    samples = draw_samples(run, cfg.sample, progress=False)
+    truth = sample_toy2d("checkerboard", 2000, torch.Generator().manual_seed(99))
+    noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(98))
+    assert sliced_wasserstein2(samples, truth) < 0.25 * sliced_wasserstein2(noise, truth)
+
+
+def _weights(ckpt):
+    return load_file(ckpt / "model.safetensors"), load_file(ckpt / "ema.safetensors")
+
+
+@pytest.mark.parametrize("extra", [[], ["train.grad_accum=2", "model.dropout=0.1"]])
+def test_resume_is_bitwise_exact(tmp_path, extra):
+    cfg = _cfg("train.steps=40", "train.checkpoint_every=10", *extra)
+    straight = train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False, stop_after=20)  # "crash" after step 20
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
+    for a, b in zip(_weights(straight), _weights(resumed), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == [r["step"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cfg = _cfg("train.steps=20", "train.checkpoint_every=10", "train.keep_checkpoints=3")
+    train(cfg, tmp_path / "r", progress=False)
+    ckpts = list_checkpoints(tmp_path / "r" / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-10", "step-20"]
+    weights = ckpts[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.warns(UserWarning, match="step-20.*model.safetensors"):
+        assert latest_good_checkpoint(tmp_path / "r" / "checkpoints") == ckpts[0]
+    # a half-written temporary folder from a crash is ignored
+    (tmp_path / "r" / "checkpoints" / ".tmp-step-30-1").mkdir()
+    with pytest.warns(UserWarning):
+        train(cfg, tmp_path / "r", resume=True, progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "r" / "checkpoints")] == [
+        "step-10",
+        "step-20",
+    ]
+
+
+def test_all_corrupt_or_mismatched_config_is_refused(tmp_path):
+    cfg = _cfg("train.steps=10", "train.checkpoint_every=10")
+    train(cfg, tmp_path / "r", progress=False)
+    with pytest.raises(CheckpointError, match=r"model\.width"):
+        train(apply_overrides(cfg, ["model.width=32"]), tmp_path / "r", resume=True, progress=False)
+    train(
+        apply_overrides(cfg, ["train.steps=12"]), tmp_path / "r", resume=True, progress=False
+    )  # may grow
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "step-10", ignore_errors=True)
+    for p in list_checkpoints(tmp_path / "r" / "checkpoints"):
+        (p / "manifest.json").write_text(json.dumps({"sha256": {}}))
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="corrupt"):
+        latest_good_checkpoint(tmp_path / "r" / "checkpoints")
+
+
+def test_bad_train_config_writes_nothing(tmp_path):
+    for bad in (
+        ["train.steps=-1"],
+        ["train.batch_size=10", "train.grad_accum=3"],
+        ["data.name=spiral"],
+        ["diffusion.beta_end=2"],
+        ["diffusion.prediction=score"],
+    ):
+        with pytest.raises(ConfigError):
+            train(_cfg(*bad), tmp_path / "bad", progress=False)
+        assert not (tmp_path / "bad").exists(), bad
