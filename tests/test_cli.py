@@ -11,9 +11,9 @@ from difflab.cli import main
 
 FAST = [
     "--set",
-    "model.width=32",
+    "model.mlp.width=32",
     "--set",
-    "model.depth=1",
+    "model.mlp.depth=1",
     "--set",
     "train.steps=30",
     "--set",
@@ -125,11 +125,19 @@ def test_plot_rebuilds_figures_from_the_directory(run_dir, capsys):
 def test_resume_mismatch_and_extension(run_dir, capsys):
     assert (
         main(
-            ["train", "--resume", str(run_dir), "--set", "model.width=64", "--quiet", "--no-finish"]
+            [
+                "train",
+                "--resume",
+                str(run_dir),
+                "--set",
+                "model.mlp.width=64",
+                "--quiet",
+                "--no-finish",
+            ]
         )
         == 2
     )
-    assert "model.width" in capsys.readouterr().err
+    assert "model.mlp.width" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,9 @@ def test_guidance_extrapolates_linearly_in_one_call():
 
     x, t, y = torch.randn(4, 2), torch.rand(4), torch.tensor([0, 1, 2, 2])
     out = GuidedNet(counting, 3.0, NUM_CLASSES)(x, t, y)
-    expected = _net(x, t, y) + 2.0 * (SHIFT[y] - SHIFT[NUM_CLASSES])  # f + g(null) + 3 (g(y) - g(null))
+    expected = _net(x, t, y) + 2.0 * (
+        SHIFT[y] - SHIFT[NUM_CLASSES]
+    )  # f + g(null) + 3 (g(y) - g(null))
     torch.testing.assert_close(out, expected)
     assert calls == [8]  # one doubled batch
 

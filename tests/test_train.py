@@ -14,8 +14,8 @@ from difflab.runs import draw_samples, load_run
 from difflab.train import train
 
 SMALL = [
-    "model.width=64",
-    "model.depth=2",
+    "model.mlp.width=64",
+    "model.mlp.depth=2",
     "train.batch_size=256",
     "train.log_every=10",
     "train.warmup_steps=20",
@@ -55,7 +55,7 @@ def _weights(ckpt):
     return load_file(ckpt / "model.safetensors"), load_file(ckpt / "ema.safetensors")
 
 
-@pytest.mark.parametrize("extra", [[], ["train.grad_accum=2", "model.dropout=0.1"]])
+@pytest.mark.parametrize("extra", [[], ["train.grad_accum=2", "model.mlp.dropout=0.1"]])
 def test_resume_is_bitwise_exact(tmp_path, extra):
     cfg = _cfg("train.steps=40", "train.checkpoint_every=10", *extra)
     straight = train(cfg, tmp_path / "a", progress=False)
@@ -91,8 +91,13 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
 def test_all_corrupt_or_mismatched_config_is_refused(tmp_path):
     cfg = _cfg("train.steps=10", "train.checkpoint_every=10")
     train(cfg, tmp_path / "r", progress=False)
-    with pytest.raises(CheckpointError, match=r"model\.width"):
-        train(apply_overrides(cfg, ["model.width=32"]), tmp_path / "r", resume=True, progress=False)
+    with pytest.raises(CheckpointError, match=r"model\.mlp\.width"):
+        train(
+            apply_overrides(cfg, ["model.mlp.width=32"]),
+            tmp_path / "r",
+            resume=True,
+            progress=False,
+        )
     train(
         apply_overrides(cfg, ["train.steps=12"]), tmp_path / "r", resume=True, progress=False
     )  # may grow

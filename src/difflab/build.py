@@ -8,10 +8,20 @@ import torch
 from torch import nn
 
 from difflab import schedules
-from difflab.config import ConfigError, DiffusionConfig, ModelConfig, RunConfig, SampleConfig
-from difflab.data.stream import ToyStream
+from difflab.config import (
+    ConfigError,
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    RunConfig,
+    SampleConfig,
+)
+from difflab.data.folders import DatasetMissingError
+from difflab.data.images import DEFAULT_FLIP, load_image_dataset
+from difflab.data.stream import ImageStream, ToyStream
 from difflab.data.toy2d import TOY2D
 from difflab.nets.mlp import MLP
+from difflab.nets.unet import UNet
 from difflab.objectives import LossSpec
 from difflab.prediction import Denoiser
 from difflab.samplers import sample_ddim, sample_ddpm, timesteps
@@ -28,7 +38,8 @@ SAMPLERS = {
     "ddim": (sample_ddim, ("eta",)),
 }
 
-NETS = {"mlp": MLP}
+NETS = {"mlp": MLP, "unet": UNet}
+IMAGE_DATASETS = tuple(DEFAULT_FLIP)
 
 
 def _checked(fn):
@@ -80,30 +91,106 @@ def build_loss_spec(cfg: DiffusionConfig) -> LossSpec:
 
 
 @_checked
-def build_net(cfg: ModelConfig, data_shape: tuple[int, ...]) -> nn.Module:
+def build_net(cfg: ModelConfig, data_shape: tuple[int, ...], num_classes: int = 0) -> nn.Module:
+    """The network for data of `data_shape` (one example); num_classes > 0 adds labels."""
     if cfg.name not in NETS:
         raise ConfigError(f"unknown model {cfg.name!r}; choose one of {', '.join(NETS)}")
-    for key in ("width", "depth", "emb_dim", "expansion"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg, key)}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
-    return MLP(
-        dim=data_shape[0],
-        width=cfg.width,
-        depth=cfg.depth,
-        emb_dim=cfg.emb_dim,
-        fourier_frequencies=cfg.fourier_frequencies,
-        expansion=cfg.expansion,
-        dropout=cfg.dropout,
+    if cfg.name == "mlp":
+        if len(data_shape) != 1:
+            raise ConfigError(
+                f"model.name=mlp is for vectors, the data has shape {data_shape}; "
+                "use model.name=unet for images"
+            )
+        m = cfg.mlp
+        for key in ("width", "depth", "emb_dim", "expansion"):
+            if getattr(m, key) < 1:
+                raise ConfigError(f"model.mlp.{key} must be >= 1, got {getattr(m, key)}")
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"model.mlp.dropout must be in [0, 1), got {m.dropout}")
+        return MLP(
+            dim=data_shape[0],
+            width=m.width,
+            depth=m.depth,
+            emb_dim=m.emb_dim,
+            fourier_frequencies=m.fourier_frequencies,
+            expansion=m.expansion,
+            dropout=m.dropout,
+            num_classes=num_classes,
+        )
+    if len(data_shape) != 3:
+        raise ConfigError(
+            f"model.name=unet is for images (C, H, W), the data has shape {data_shape}"
+        )
+    u = cfg.unet
+    return UNet(
+        in_channels=data_shape[0],
+        base_channels=u.base_channels,
+        channel_mults=u.channel_mults,
+        num_res_blocks=u.num_res_blocks,
+        attention_levels=u.attention_levels,
+        num_heads=u.num_heads,
+        bottleneck_blocks=u.bottleneck_blocks,
+        mid_attention=u.mid_attention,
+        dropout=u.dropout,
+        num_classes=num_classes,
+        weight_standardization=u.weight_standardization,
+        downsample=u.downsample,
+        upsample=u.upsample,
+        norm_groups=u.norm_groups,
     )
 
 
 @_checked
-def build_data(cfg: RunConfig, seed: int) -> ToyStream:
-    if cfg.data.name not in TOY2D:
-        raise ConfigError(f"unknown dataset {cfg.data.name!r}; choose one of {', '.join(TOY2D)}")
-    return ToyStream(cfg.data.name, seed)
+def check_image_size(cfg: RunConfig, shape: tuple[int, ...]) -> None:
+    """U-Nets halve the image len(channel_mults) - 1 times: refuse sizes that do not divide."""
+    if cfg.model.name != "unet":
+        return
+    downs = len(cfg.model.unet.channel_mults) - 1
+    factor = 2**downs
+    if shape[1] % factor or shape[2] % factor:
+        raise ConfigError(
+            f"image size {shape[1]}x{shape[2]} is not divisible by 2^{downs} = {factor}, as a "
+            f"U-Net with {downs} downsamplings needs; set data.image_size to a multiple of "
+            f"{factor} or use fewer model.unet.channel_mults"
+        )
+
+
+def _flip(cfg: DataConfig, default: bool) -> bool:
+    if cfg.flip not in ("auto", "on", "off"):
+        raise ConfigError(f"data.flip must be auto, on or off, got {cfg.flip!r}")
+    return default if cfg.flip == "auto" else cfg.flip == "on"
+
+
+@_checked
+def build_data(cfg: RunConfig, seed: int, split: str = "train") -> ToyStream | ImageStream:
+    """The training batch stream the config names (2-D toy set or image data set)."""
+    d = cfg.data
+    if d.name in TOY2D:
+        stream = ToyStream(d.name, seed)
+    elif d.name in IMAGE_DATASETS:
+        try:
+            dataset, info = load_image_dataset(
+                d.name, d.root, split, d.download, d.image_size or None, channels=d.channels
+            )
+        except DatasetMissingError as e:
+            raise ConfigError(str(e)) from None
+        if d.name == "imagefolder":
+            dataset.verify()  # a user's folder: find unreadable files now, not mid-training
+        stream = ImageStream(dataset, seed, _flip(d, info.flip))
+        stream.class_names = info.class_names
+        check_image_size(cfg, stream.shape)
+    else:
+        raise ConfigError(
+            f"unknown dataset {d.name!r}; choose one of {', '.join((*TOY2D, *IMAGE_DATASETS))}"
+        )
+    if d.class_conditional and stream.num_classes < 1:
+        raise ConfigError(f"data.class_conditional=true but {d.name} has no class labels")
+    return stream
+
+
+def num_classes(cfg: RunConfig, data) -> int:
+    """Classes the network is conditioned on: the data's when data.class_conditional, else 0."""
+    return data.num_classes if cfg.data.class_conditional else 0
 
 
 @_checked

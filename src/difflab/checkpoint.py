@@ -6,6 +6,8 @@ Layout of `checkpoints/step-<N>/`:
     state.pt            optimizer, EMA counter, RNG and data-stream states, step (tensors and
                         plain values only, so it loads with weights_only=True)
     config.json         the resolved run config
+    data.json           what the network was trained on: example shape, classes (sampling
+                        needs no dataset)
     manifest.json       SHA-256 of every other file, written last: a checkpoint without a
                         valid manifest, or whose files do not match it, is not used
 A rename is atomic on POSIX file systems, so `step-<N>` either exists whole or not at all.
@@ -26,7 +28,7 @@ from torch import nn
 
 from difflab.config import ConfigError
 
-FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json")
+FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json", "data.json")
 
 
 class CheckpointError(ConfigError):
@@ -52,6 +54,7 @@ def save_checkpoint(
     ema_model: nn.Module,
     state: dict,
     config: dict,
+    data_info: dict,
     keep: int,
 ) -> Path:
     """Write checkpoints/step-<step> atomically and prune all but the newest `keep`."""
@@ -65,6 +68,7 @@ def save_checkpoint(
     save_file(_weights(ema_model), tmp / "ema.safetensors")
     torch.save(state, tmp / "state.pt")
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (tmp / "data.json").write_text(json.dumps(data_info, indent=2) + "\n")
     manifest = {name: _sha256(tmp / name) for name in FILES}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "sha256": manifest}, indent=2))
     for name in (*FILES, "manifest.json"):  # flush file contents before the rename publishes them
@@ -136,3 +140,8 @@ def load_state(path: Path) -> dict:
 
 def load_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+def load_data_info(path: Path) -> dict:
+    """{"shape": [...], "num_classes": n, "class_names": [...]} of a checkpoint."""
+    return json.loads((path / "data.json").read_text())

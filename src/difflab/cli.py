@@ -33,6 +33,11 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
         "--checkpoint", type=int, help="checkpoint step to load (default: newest good one)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (conditional runs)"
+    )
+    p.add_argument("--class", dest="class_label", type=int, help="sample this class only")
+    p.add_argument("--per-class", action="store_true", help="n / num_classes samples of each class")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,7 +97,7 @@ def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
     """The run's sample config with the command-line flags laid over it."""
     changes = {
         k: getattr(args, k)
-        for k in ("sampler", "steps", "spacing", "eta", "variance", "n", "seed")
+        for k in ("sampler", "steps", "spacing", "eta", "variance", "n", "seed", "guidance")
         if getattr(args, k, None) is not None
     }
     if getattr(args, "batch_size", None) is not None:
@@ -132,25 +137,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from difflab.runs import draw_samples, load_run, save_samples
+    from difflab.runs import draw_samples, load_run, sample_labels, save_samples
 
     run = load_run(args.run, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
     scfg = sample_config(run.cfg.sample, args)
+    labels = sample_labels(run, scfg.n, args.class_label, args.per_class, scfg.seed)
     start = time.perf_counter()
-    samples = draw_samples(run, scfg, progress=not args.quiet)
-    path = save_samples(
-        args.out,
-        samples,
+    samples = draw_samples(run, scfg, labels=labels, progress=not args.quiet)
+    meta = dict(
         sampler=scfg.sampler,
         steps=scfg.steps,
         seed=scfg.seed,
         ema=scfg.use_ema,
         checkpoint=str(run.checkpoint),
     )
+    if labels is not None:
+        meta["guidance"] = scfg.guidance
+    path = save_samples(args.out, samples, labels, **meta)
     print(
         f"difflab: {len(samples)} samples ({scfg.sampler}, {scfg.steps} steps) in "
         f"{time.perf_counter() - start:.1f} s -> {path}"
     )
+    if samples.dim() == 4:
+        from difflab.viz_images import class_grid, save_grid
+
+        png = path.with_suffix(".png")
+        if labels is not None:
+            class_grid(samples.numpy(), labels.numpy(), png, run.class_names)
+        else:
+            save_grid(samples[:100].numpy(), png)
+        print(f"difflab: grid -> {png}")
     return 0
 
 

@@ -20,18 +20,48 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "checkerboard"  # a 2-D toy set: checkerboard, moons, swiss_roll, gaussians8, rings
+    # 2-D: checkerboard, moons, swiss_roll, gaussians8, rings;
+    # images: mnist, fashion, cifar10, celeba64, imagefolder
+    name: str = "checkerboard"
+    root: str = "data"  # image datasets in torchvision's layout, or the image folder itself
+    download: bool = False  # fetch a missing standard dataset (needs a network)
+    image_size: int = 0  # 0 = the dataset's standard size (32; 64 for celeba64 and folders)
+    flip: str = "auto"  # random horizontal flips: auto (the dataset's default) | on | off
+    channels: int = 3  # imagefolder only: 1 or 3
+    class_conditional: bool = False  # feed labels to the network (with train.label_dropout)
 
 
 @dataclass
-class ModelConfig:
-    name: str = "mlp"
+class MLPConfig:
     width: int = 128  # hidden width
     depth: int = 4  # residual blocks
     emb_dim: int = 128  # time-embedding width
     fourier_frequencies: int = 6  # octaves of input Fourier features (0 = raw coordinates)
     expansion: int = 2  # hidden expansion inside a block
     dropout: float = 0.0
+
+
+@dataclass
+class UNetConfig:
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (1,)  # level indices with self-attention
+    num_heads: int = 1
+    bottleneck_blocks: int = 2
+    mid_attention: bool = True
+    dropout: float = 0.1
+    weight_standardization: bool = False
+    downsample: str = "conv"  # conv | avgpool | space_to_depth
+    upsample: str = "nearest"  # nearest | bilinear
+    norm_groups: int = 32
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"  # mlp (2-D data) | unet (images)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
 
 
 @dataclass
@@ -71,6 +101,9 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 2000
     keep_checkpoints: int = 2  # the last K are kept
+    label_dropout: float = 0.1  # class-conditional: share of labels replaced by the null label
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
+    compile: bool = False  # torch.compile the network for training
 
 
 @dataclass
@@ -85,6 +118,7 @@ class SampleConfig:
     batch_size: int = 20000
     seed: int = 1
     use_ema: bool = True
+    guidance: float = 1.0  # classifier-free guidance scale (0 = unconditional, 1 = conditional)
 
 
 @dataclass
@@ -150,7 +184,11 @@ def _coerce(value, kind, key: str):
     if origin is tuple:
         args = typing.get_args(kind)
         if isinstance(value, str):
-            value = [v for v in value.strip("()[] ").split(",") if v]
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if isinstance(value, int | float):
+            value = [value]
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
+            args = (args[0],) * len(value) if isinstance(value, list | tuple) else ()
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(f"{key} needs {len(args)} comma-separated values, got {value!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
@@ -211,7 +249,110 @@ def toy2d() -> RunConfig:
     return RunConfig(preset="toy2d")
 
 
-PRESETS = {"toy2d": toy2d}
+def _image_sampling(n: int, guidance: float = 1.0) -> SampleConfig:
+    return SampleConfig(
+        sampler="ddim", steps=50, spacing="quadratic", n=n, batch_size=100, guidance=guidance
+    )
+
+
+def mnist() -> RunConfig:
+    """Class-conditional MNIST at 32x32 (zero-padded), a small U-Net sized for a CPU budget."""
+    return RunConfig(
+        preset="mnist",
+        data=DataConfig(name="mnist", class_conditional=True),
+        model=ModelConfig(
+            name="unet",
+            unet=UNetConfig(
+                base_channels=32,
+                channel_mults=(1, 2, 2),
+                num_res_blocks=1,
+                attention_levels=(2,),
+                num_heads=4,
+                dropout=0.0,
+                norm_groups=8,
+            ),
+        ),
+        diffusion=DiffusionConfig(prediction="v", clip_x0=1.0),
+        train=TrainConfig(
+            steps=6000,
+            batch_size=128,
+            lr=2e-3,
+            warmup_steps=200,
+            ema_decay=0.999,
+            log_every=50,
+            checkpoint_every=500,
+            label_dropout=0.1,
+        ),
+        sample=_image_sampling(100, guidance=2.0),
+    )
+
+
+def fashion() -> RunConfig:
+    """Class-conditional Fashion-MNIST at 32x32: the mnist recipe on a harder set."""
+    cfg = mnist()
+    return dataclasses.replace(
+        cfg, preset="fashion", data=dataclasses.replace(cfg.data, name="fashion")
+    )
+
+
+def cifar10() -> RunConfig:
+    """Unconditional CIFAR-10 as in DDPM (Ho et al. 2020, App. B): the 35.7M U-Net, eps
+    prediction, linear schedule, lr 2e-4 with 5000 warm-up steps, batch 128, EMA 0.9999,
+    dropout 0.1, random flips, 800k steps."""
+    return RunConfig(
+        preset="cifar10",
+        data=DataConfig(name="cifar10"),
+        model=ModelConfig(
+            name="unet",
+            unet=UNetConfig(
+                base_channels=128, channel_mults=(1, 2, 2, 2), attention_levels=(1,), dropout=0.1
+            ),
+        ),
+        diffusion=DiffusionConfig(prediction="eps", t_sampling="uniform", clip_x0=1.0),
+        train=TrainConfig(
+            steps=800_000,
+            batch_size=128,
+            lr=2e-4,
+            lr_schedule="constant",
+            warmup_steps=5000,
+            ema_decay=0.9999,
+            log_every=100,
+            checkpoint_every=10_000,
+        ),
+        sample=_image_sampling(64),
+    )
+
+
+def celeba64() -> RunConfig:
+    """Unconditional CelebA 64x64: the DDPM U-Net with one more level (attention at 16x16)."""
+    cfg = cifar10()
+    unet = dataclasses.replace(cfg.model.unet, channel_mults=(1, 2, 2, 4), attention_levels=(2,))
+    return dataclasses.replace(
+        cfg,
+        preset="celeba64",
+        data=DataConfig(name="celeba64"),
+        model=dataclasses.replace(cfg.model, unet=unet),
+        train=dataclasses.replace(cfg.train, steps=500_000),
+    )
+
+
+def imagefolder() -> RunConfig:
+    """Any folder of images (sub-folders = classes): the celeba64 recipe at 64x64 from
+    data.root; set data.class_conditional=true to use the sub-folder classes."""
+    cfg = celeba64()
+    return dataclasses.replace(
+        cfg, preset="imagefolder", data=DataConfig(name="imagefolder", root="images", image_size=64)
+    )
+
+
+PRESETS = {
+    "toy2d": toy2d,
+    "mnist": mnist,
+    "fashion": fashion,
+    "cifar10": cifar10,
+    "celeba64": celeba64,
+    "imagefolder": imagefolder,
+}
 
 
 def preset(name: str) -> RunConfig:

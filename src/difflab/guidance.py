@@ -33,7 +33,9 @@ class GuidedNet:
 
     def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         if y is None:
-            raise ValueError("classifier-free guidance needs class labels y; pass --class or --per-class")
+            raise ValueError(
+                "classifier-free guidance needs class labels y; pass --class or --per-class"
+            )
         w = self.guidance_scale
         null = torch.full_like(y, self.null_label)
         if w == 0:

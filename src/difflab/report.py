@@ -17,6 +17,7 @@ from difflab.config import ConfigError, RunConfig
 from difflab.data.toy2d import TOY2D, sample_toy2d
 from difflab.logging import MetricsLog, read_metrics
 from difflab.metrics.toy2d import in_square_fraction, sliced_wasserstein2
+from difflab.report_images import make_image_artefacts, plot_image_run
 from difflab.runs import check_run_dir, draw_samples, load_run, save_samples
 from difflab.samplers import Recorder
 
@@ -58,7 +59,12 @@ def format_table(result: dict) -> str:
 
 
 def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
-    """Draw samples/samples.npz and samples/trajectory.npz with the run's sample config."""
+    """Draw the run's sample artefacts and log its evaluation row; returns the evaluation."""
+    cfg = RunConfig.load(run_dir / "config.json")
+    if cfg.data.name not in TOY2D:
+        result = make_image_artefacts(run_dir, progress)
+        MetricsLog(run_dir / "metrics.jsonl").write({"eval": result})
+        return result
     run = load_run(run_dir, use_ema=RunConfig.load(run_dir / "config.json").sample.use_ema)
     scfg = run.cfg.sample
     samples = draw_samples(run, scfg, progress=progress)
@@ -104,6 +110,20 @@ def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> li
         or not (run_dir / "samples" / "trajectory.npz").exists()
     ):
         make_artefacts(run_dir, progress)
+    paths = (
+        plot_image_run(run_dir, cfg) if cfg.data.name not in TOY2D else plot_toy_run(run_dir, cfg)
+    )
+    plots = run_dir / "plots"
+    if any(r.get("loss") is not None for r in read_metrics(run_dir / "metrics.jsonl")):
+        paths += [
+            viz.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png"),
+            viz.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png"),
+        ]
+    return paths
+
+
+def plot_toy_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
+    """The figures of a 2-D run, from samples/*.npz."""
     plots = run_dir / "plots"
     real = sample_toy2d(cfg.data.name, 20000, torch.Generator().manual_seed(REFERENCE_SEED)).numpy()
     with np.load(run_dir / "samples" / "samples.npz") as f:
@@ -111,27 +131,16 @@ def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> li
     with np.load(run_dir / "samples" / "trajectory.npz") as f:
         ts, xs = f["ts"], f["xs"]
     schedule = build.build_schedule(cfg.diffusion)
-    paths = [
+    title = f"generated ({sampler}, {steps} steps)"
+    forward = viz.forward_samples(schedule, real[:5000], FORWARD_TS)
+    return [
         viz.real_vs_generated(
-            real[: len(generated)],
-            generated,
-            plots / "scatter.png",
-            ("real", f"generated ({sampler}, {steps} steps)"),
+            real[: len(generated)], generated, plots / "scatter.png", ("real", title)
         ),
-        viz.forward_process(
-            real[:5000],
-            viz.forward_samples(schedule, real[:5000], FORWARD_TS),
-            plots / "forward.png",
-        ),
+        viz.forward_process(real[:5000], forward, plots / "forward.png"),
         viz.reverse_gif(ts, xs, plots / "reverse.gif"),
         viz.trajectories(xs, plots / "trajectories.png"),
     ]
-    if any(r.get("loss") is not None for r in read_metrics(run_dir / "metrics.jsonl")):
-        paths += [
-            viz.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png"),
-            viz.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png"),
-        ]
-    return paths
 
 
 def finish_run(run_dir: Path, progress: bool = True) -> dict:

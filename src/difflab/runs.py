@@ -13,10 +13,12 @@ from difflab.checkpoint import (
     CheckpointError,
     latest_good_checkpoint,
     list_checkpoints,
+    load_data_info,
     load_weights,
     verify_checkpoint,
 )
 from difflab.config import ConfigError, RunConfig, SampleConfig
+from difflab.guidance import guided
 from difflab.prediction import Denoiser
 from difflab.samplers import Recorder, generate
 
@@ -27,8 +29,10 @@ class LoadedRun:
     checkpoint: Path
     cfg: RunConfig
     denoiser: Denoiser
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # one example, e.g. (2,) or (C, H, W)
     device: torch.device
+    num_classes: int  # 0 = unconditional
+    class_names: tuple[str, ...]
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -67,33 +71,86 @@ def load_run(
             raise CheckpointError(f"checkpoint {ckpt} is unusable: {problem}")
     cfg = RunConfig.load(ckpt / "config.json")
     dev = build.resolve_device(device)
-    data_shape = build.build_data(cfg, seed=0).shape
-    net = build.build_net(cfg.model, data_shape)
+    info = load_data_info(ckpt)
+    shape, classes = tuple(info["shape"]), int(info["num_classes"])
+    net = build.build_net(cfg.model, shape, classes)
     load_weights(ckpt, net, "ema" if use_ema else "model")
     net = net.to(dev).eval().requires_grad_(False)
     denoiser = build.build_denoiser(cfg, net, build.build_schedule(cfg.diffusion))
-    return LoadedRun(run_dir, ckpt, cfg, denoiser, data_shape, dev)
+    names = tuple(info.get("class_names") or (str(k) for k in range(classes)))
+    return LoadedRun(run_dir, ckpt, cfg, denoiser, shape, dev, classes, names)
+
+
+def sample_labels(
+    run: LoadedRun, n: int, class_label: int | None = None, per_class: bool = False, seed: int = 0
+) -> torch.Tensor | None:
+    """Labels (n,) for a sample request, or None for an unconditional model.
+
+    class_label fixes one class; per_class gives n / num_classes of each class in order;
+    otherwise a conditional model gets uniformly drawn classes (seeded).
+    """
+    if run.num_classes == 0:
+        if class_label is not None or per_class:
+            raise ConfigError(
+                f"{run.run_dir} is an unconditional model; --class and --per-class "
+                "need one trained with data.class_conditional=true"
+            )
+        return None
+    if class_label is not None:
+        if not 0 <= class_label < run.num_classes:
+            raise ConfigError(
+                f"--class {class_label} is out of range; this model has classes "
+                f"0..{run.num_classes - 1}"
+            )
+        return torch.full((n,), class_label, dtype=torch.long)
+    if per_class:
+        if n % run.num_classes:
+            raise ConfigError(
+                f"--per-class needs --n to be a multiple of the {run.num_classes} "
+                f"classes, got {n}; try --n {n - n % run.num_classes or run.num_classes}"
+            )
+        return torch.arange(run.num_classes).repeat_interleave(n // run.num_classes)
+    return torch.randint(run.num_classes, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def draw_samples(
     run: LoadedRun,
     sample_cfg: SampleConfig,
     *,
+    labels: torch.Tensor | None = None,
     progress: bool = True,
     recorder: Recorder | None = None,
 ) -> torch.Tensor:
-    """(n, *shape) samples of a loaded run with the sampler `sample_cfg` names."""
+    """(n, *shape) samples of a loaded run with the sampler `sample_cfg` names.
+
+    A class-conditional run samples with classifier-free guidance at sample_cfg.guidance and the
+    given labels (n,) (drawn uniformly when None).
+    """
     fn, options, ts = build.build_sampler(sample_cfg, run.denoiser.schedule)
     if sample_cfg.n < 1:
         raise ConfigError(f"--n must be >= 1, got {sample_cfg.n}")
+    denoiser = run.denoiser
+    if run.num_classes > 0:
+        if labels is None:
+            labels = sample_labels(run, sample_cfg.n, seed=sample_cfg.seed)
+        try:
+            denoiser = guided(run.denoiser, sample_cfg.guidance, run.num_classes)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif sample_cfg.guidance != 1.0:
+        raise ConfigError(
+            f"guidance {sample_cfg.guidance} asked of {run.run_dir}, an unconditional "
+            "model; guidance needs one trained with data.class_conditional=true"
+        )
     return generate(
         fn,
-        run.denoiser,
+        denoiser,
         sample_cfg.n,
         run.shape,
         ts,
         seed=sample_cfg.seed,
         batch_size=sample_cfg.batch_size,
+        labels=labels,
         device=run.device,
         callback=recorder,
         progress=progress,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from difflab.ema import EMA
 from difflab.logging import MetricsLog
 from difflab.objectives import diffusion_loss
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NUM_BUCKETS = 10  # loss is also logged per tenth of t in [0, 1]
 # Keys that may differ between a run's saved config and the one it is resumed with.
 RESUMABLE_CHANGES = (
@@ -57,6 +59,17 @@ class Parts:
     loss_generator: torch.Generator
     spec: object
     device: torch.device
+    num_classes: int  # classes the network is conditioned on (0 = none)
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    autocast_dtype: torch.dtype | None  # None = full precision
+    forward_net: torch.nn.Module  # the network, compiled when train.compile
+
+    def data_info(self) -> dict:
+        return {
+            "shape": list(self.data.shape),
+            "num_classes": self.num_classes,
+            "class_names": list(getattr(self.data, "class_names", ()))[: self.num_classes],
+        }
 
 
 def check_train_config(cfg: RunConfig) -> None:
@@ -98,7 +111,8 @@ def build_parts(cfg: RunConfig) -> Parts:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)  # weight init, dropout
     data = build.build_data(cfg, seed=cfg.train.seed)
-    net = build.build_net(cfg.model, data.shape).to(device)
+    classes = build.num_classes(cfg, data)
+    net = build.build_net(cfg.model, data.shape, classes).to(device)
     schedule = build.build_schedule(cfg.diffusion)
     denoiser = build.build_denoiser(cfg, net, schedule)
     spec = build.build_loss_spec(cfg.diffusion)
@@ -109,8 +123,39 @@ def build_parts(cfg: RunConfig) -> Parts:
         betas=cfg.train.betas,
         weight_decay=cfg.train.weight_decay,
     )
-    loss_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # t and eps of the loss
-    return Parts(net, denoiser, ema, optimizer, data, loss_generator, spec, device)
+    loss_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # t, eps, label dropout
+    dtype = resolve_precision(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    forward_net = torch.compile(net) if cfg.train.compile else net
+    denoiser.net = forward_net
+    return Parts(
+        net,
+        denoiser,
+        ema,
+        optimizer,
+        data,
+        loss_generator,
+        spec,
+        device,
+        classes,
+        scaler,
+        dtype,
+        forward_net,
+    )
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for train.precision, falling back (with a warning) where unsupported."""
+    dtype = PRECISIONS[name]
+    if dtype is torch.float16 and device.type != "cuda":
+        warnings.warn(
+            "train.precision=fp16 needs a CUDA GPU; training in fp32 instead", stacklevel=2
+        )
+        return None
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn("this GPU has no bf16; training in fp16 with a gradient scaler", stacklevel=2)
+        return torch.float16
+    return dtype
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -131,6 +176,7 @@ def _state(parts: Parts, step: int, smoothed: float | None) -> dict:
         "loss_generator": parts.loss_generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "scaler": parts.scaler.state_dict(),
         "smoothed_loss": smoothed,
     }
 
@@ -169,6 +215,8 @@ def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, floa
     parts.data.load_state_dict(state["data"])
     parts.loss_generator.set_state(state["loss_generator"])
     torch.set_rng_state(state["torch_rng"])
+    if state.get("scaler"):
+        parts.scaler.load_state_dict(state["scaler"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return int(state["step"]), state["smoothed_loss"]
@@ -229,6 +277,18 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def train_labels(cfg: RunConfig, parts: Parts, y: torch.Tensor | None) -> torch.Tensor | None:
+    """Labels for the network: None when unconditional; else a train.label_dropout share replaced
+    by the null label (index num_classes), so the same network learns the unconditional model
+    that classifier-free guidance needs (Ho & Salimans 2022, Algorithm 1)."""
+    if parts.num_classes == 0 or y is None:
+        return None
+    if cfg.train.label_dropout > 0:
+        drop = torch.rand(y.shape, generator=parts.loss_generator) < cfg.train.label_dropout
+        y = torch.where(drop, parts.num_classes, y)
+    return y.to(parts.device)
+
+
 def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) -> None:
     """One optimizer step over train.grad_accum micro-batches."""
     for group in parts.optimizer.param_groups:
@@ -237,13 +297,20 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
     for _ in range(cfg.train.grad_accum):
         x0, y = parts.data.next_batch(micro)
         x0 = x0.to(parts.device)
-        y = y.to(parts.device) if y is not None else None
-        loss, t = diffusion_loss(parts.denoiser, x0, y, parts.spec, parts.loss_generator)
-        (loss.mean() / cfg.train.grad_accum).backward()
+        y = train_labels(cfg, parts, y)
+        with torch.autocast(
+            parts.device.type,
+            parts.autocast_dtype or torch.float32,
+            enabled=parts.autocast_dtype is not None,
+        ):
+            loss, t = diffusion_loss(parts.denoiser, x0, y, parts.spec, parts.loss_generator)
+        parts.scaler.scale(loss.mean() / cfg.train.grad_accum).backward()
         stats.add_losses(loss, t)
+    parts.scaler.unscale_(parts.optimizer)
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
     stats.grad_norm += torch.nn.utils.clip_grad_norm_(parts.net.parameters(), clip).double()
-    parts.optimizer.step()
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
     parts.ema.update(parts.net)
     stats.steps += 1
@@ -305,6 +372,7 @@ def train(
                 parts.ema.model,
                 _state(parts, done, smoothed),
                 cfg.to_dict(),
+                parts.data_info(),
                 cfg.train.keep_checkpoints,
             )
         bar.update(1)

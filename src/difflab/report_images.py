@@ -1,0 +1,169 @@
+"""The report of an image run: sample artefacts under samples/ and every figure under plots/.
+
+Artefacts (all .npz, images (N, C, H, W) in [-1, 1]):
+    samples.npz        the run's sampler and guidance; per class when class-conditional
+    compare.npz        16 images from one noise and one set of labels, three ways: `ema` (the
+                       run's sampler), `raw` (non-EMA weights), `other` (DDPM <-> DDIM)
+    trajectory.npz     x_t and x0_hat at every step for one image per class
+    real.npz           a few training images (for the forward-process figure)
+Figures are drawn from these files only, so `difflab plot` rebuilds them without the dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab import build, viz_gifs, viz_images
+from difflab.config import RunConfig, SampleConfig
+from difflab.runs import LoadedRun, draw_samples, load_run, sample_labels, save_samples
+from difflab.samplers import Recorder
+
+COMPARE_N = 16  # images in the raw-vs-EMA and DDPM-vs-DDIM comparisons
+FORWARD_TS = (0.1, 0.25, 0.5, 0.75, 1.0)
+OTHER_SAMPLER = {"ddpm": "ddim", "ddim": "ddpm"}  # the comparison figure's second sampler
+
+
+def _labels(run: LoadedRun, n: int, seed: int) -> torch.Tensor | None:
+    if run.num_classes == 0:
+        return None
+    n = max(n - n % run.num_classes, run.num_classes)
+    return sample_labels(run, n, per_class=True, seed=seed)
+
+
+def make_image_artefacts(run_dir: Path, progress: bool = True) -> dict:
+    """Draw every sample artefact of an image run; returns a small summary for eval.json."""
+    run = load_run(run_dir)
+    scfg = run.cfg.sample
+    labels = _labels(run, scfg.n, scfg.seed)
+    scfg = dataclasses.replace(scfg, n=len(labels) if labels is not None else scfg.n)
+    samples = draw_samples(run, scfg, labels=labels, progress=progress)
+    step = int(run.checkpoint.name[5:])
+    save_samples(
+        run_dir / "samples" / "samples.npz",
+        samples,
+        labels,
+        sampler=scfg.sampler,
+        steps=scfg.steps,
+        seed=scfg.seed,
+        guidance=scfg.guidance,
+        ema=True,
+        step=step,
+    )
+    few = dataclasses.replace(scfg, n=min(COMPARE_N, scfg.n))
+    few_labels = labels[:: max(1, len(labels) // few.n)][: few.n] if labels is not None else None
+    other = OTHER_SAMPLER.get(scfg.sampler, "ddpm")
+    # DDPM gets 20x the steps (DDPM-1000 against DDIM-50), DDIM the run's own step count
+    limit = getattr(run.denoiser.schedule, "num_steps", 1000)
+    other_steps = min(limit, 20 * scfg.steps) if other == "ddpm" else scfg.steps
+    other_cfg = dataclasses.replace(few, sampler=other, steps=other_steps)
+    raw_run = load_run(run_dir, use_ema=False)
+    compare = {
+        "ema": draw_samples(run, few, labels=few_labels, progress=False).numpy(),
+        "raw": draw_samples(raw_run, few, labels=few_labels, progress=False).numpy(),
+        "other": draw_samples(run, other_cfg, labels=few_labels, progress=False).numpy(),
+    }
+    np.savez(
+        run_dir / "samples" / "compare.npz",
+        **compare,
+        sampler=few.sampler,
+        steps=few.steps,
+        other_sampler=other,
+        other_steps=other_steps,
+    )
+    _trajectory(run, run_dir, scfg)
+    _real_images(run, run_dir)
+    _, std = viz_images.pixel_diversity(samples.numpy())
+    return {
+        "n": len(samples),
+        "sampler": scfg.sampler,
+        "steps": scfg.steps,
+        "guidance": scfg.guidance if labels is not None else None,
+        "ema": True,
+        "pixel_std_across_samples": std,
+    }
+
+
+def _trajectory(run: LoadedRun, run_dir: Path, scfg: SampleConfig) -> None:
+    k = run.num_classes or 8
+    labels = torch.arange(k) if run.num_classes else None
+    recorder = Recorder(every=max(1, scfg.steps // 50))
+    draw_samples(
+        run, dataclasses.replace(scfg, n=k), labels=labels, progress=False, recorder=recorder
+    )
+    np.savez(
+        run_dir / "samples" / "trajectory.npz",
+        ts=np.array(recorder.ts),
+        xs=recorder.trajectory().numpy(),
+        x0_hats=torch.stack(recorder.x0_hats).numpy(),
+        labels=labels.numpy() if labels is not None else np.zeros(0, dtype=np.int64),
+        class_names=np.array(run.class_names),
+    )
+
+
+def _real_images(run: LoadedRun, run_dir: Path, count: int = 6) -> None:
+    """A few training images, kept so the forward-process figure needs no dataset later."""
+    stream = build.build_data(run.cfg, seed=run.cfg.train.seed)
+    images, _ = stream.next_batch(count)
+    np.savez(run_dir / "samples" / "real.npz", images=images.numpy())
+
+
+def _load(path: Path) -> dict:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def plot_image_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
+    """Every figure of an image run, from the artefacts under samples/."""
+    s, plots = run_dir / "samples", run_dir / "plots"
+    main, compare = _load(s / "samples.npz"), _load(s / "compare.npz")
+    traj, real = _load(s / "trajectory.npz"), _load(s / "real.npz")["images"]
+    names = [str(n) for n in traj["class_names"]] or None
+    labels = main.get("labels")
+    if labels is not None:
+        paths = [viz_images.class_grid(main["samples"], labels, plots / "samples.png", names)]
+    else:
+        paths = [viz_images.save_grid(main["samples"][:100], plots / "samples.png")]
+    first = f"{compare['sampler']} {int(compare['steps'])} steps"
+    second = f"{compare['other_sampler']} {int(compare['other_steps'])} steps"
+    paths += [
+        viz_images.forward_process_images(real, _forward(cfg, real), plots / "forward.png"),
+        viz_gifs.denoising_gif(
+            traj["ts"],
+            traj["xs"],
+            traj["x0_hats"],
+            plots / "denoising.gif",
+            traj["labels"] if len(traj["labels"]) else None,
+            names,
+        ),
+        viz_images.trajectory_strip(traj["xs"], plots / "trajectory_strip.png"),
+        viz_images.comparison_figure(
+            {"EMA weights": compare["ema"], "raw weights": compare["raw"]}, plots / "raw_vs_ema.png"
+        ),
+        viz_images.comparison_figure(
+            {first: compare["ema"], second: compare["other"]}, plots / "sampler_comparison.png"
+        ),
+        viz_images.diversity_figure(main["samples"], plots / "diversity.png", labels),
+    ]
+    history = sorted((int(p.stem.split("-")[-1]), p) for p in s.glob("grid-step-*.png"))
+    if history:
+        paths.append(viz_images.grid_history(history, plots / "grid_history.png"))
+    return paths
+
+
+def _forward(cfg: RunConfig, real: np.ndarray) -> list[tuple[float, np.ndarray]]:
+    """q(x_t | x0) of the stored real images at FORWARD_TS (fixed noise)."""
+    schedule = build.build_schedule(cfg.diffusion)
+    x0, g = torch.from_numpy(real), torch.Generator().manual_seed(0)
+    return [
+        (
+            t,
+            schedule.q_sample(
+                x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=g)
+            ).numpy(),
+        )
+        for t in FORWARD_TS
+    ]

@@ -1,0 +1,106 @@
+"""GIFs of image sampling: x_t and the model's x0_hat side by side at each step.
+
+Arrays only, as in `viz_images.py`: images are (.., C, H, W) floats in [-1, 1], C = 1 or 3.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from difflab.viz_images import PAD, check_images, image_grid
+
+FRAME_MS = 80  # per sampler step shown
+HOLD_MS = 1000  # the final frame rests ~1 s before the loop restarts
+LEFT, TOP, BOTTOM = 48, 18, 16  # caption margins in screen pixels
+
+
+def _frame(
+    x_t: np.ndarray,
+    x0_hat: np.ndarray,
+    caption: str,
+    names: list[str] | None,
+    scale: int,
+    min_width: int,
+) -> Image.Image:
+    """One RGB frame: x_t on the top row, x0_hat below, K columns, upscaled by `scale`."""
+    k, _, h, w = x_t.shape
+    grid = image_grid(np.concatenate([x_t, x0_hat]), k).convert("RGB")
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    font = ImageFont.load_default()
+    width = max(LEFT + grid.width, min_width)
+    frame = Image.new("RGB", (width, TOP + grid.height + (BOTTOM if names else 0)), "white")
+    frame.paste(grid, (LEFT, TOP))
+    draw = ImageDraw.Draw(frame)
+    draw.text((4, 3), caption, fill="black", font=font)
+    for row, label in enumerate(("x_t", "x0_hat")):
+        y = TOP + (PAD + row * (h + PAD) + h / 2) * scale
+        draw.text((4, y - 6), label, fill="black", font=font)  # no anchors: bitmap fonts lack them
+    for col, name in enumerate(names or []):
+        draw.text((LEFT + (PAD + col * (w + PAD)) * scale, TOP + grid.height), name, "black", font)
+    return frame
+
+
+def _check_trajectory(ts, xs, x0_hats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ts = np.asarray(ts, dtype=np.float64).reshape(-1)
+    xs, x0_hats = np.asarray(xs, np.float32), np.asarray(x0_hats, np.float32)
+    steps = len(ts)
+    if xs.ndim != 5 or len(xs) != steps + 1:
+        raise ValueError(
+            f"xs must be (S + 1, K, C, H, W) with S = len(ts) = {steps}; got {xs.shape}"
+        )
+    if x0_hats.shape != (steps, *xs.shape[1:]):
+        want = (steps, *xs.shape[1:])
+        raise ValueError(f"x0_hats must be (S, K, C, H, W) = {want}; got {x0_hats.shape}")
+    check_images(xs.reshape(-1, *xs.shape[2:]), "xs")  # shape of each state, NaN
+    check_images(x0_hats.reshape(-1, *xs.shape[2:]), "x0_hats")
+    return ts, xs, x0_hats
+
+
+def denoising_gif(
+    ts,
+    xs,
+    x0_hats,
+    path: Path,
+    labels=None,
+    class_names=None,
+    max_frames: int = 50,
+    scale: int = 4,
+) -> Path:
+    """Animated sampling: each frame shows x_t (top) and x0_hat (below) for K images.
+
+    Frames are at most `max_frames` evenly spaced states, always the first (x_T) and the last
+    (the samples, shown in both rows). The caption reads "step i/S  t=0.123"; the last frame
+    is held ~1 s. Images are upscaled `scale` times, nearest-neighbour.
+
+    Args:
+        ts: (S,) start time of each step, in [0, 1]; the final state is t = 0.
+        xs: (S + 1, K, C, H, W) states, xs[0] = x_T.
+        x0_hats: (S, K, C, H, W) the denoiser's estimate of x0 at each step.
+        labels: optional (K,) classes, written under each column (by name if class_names).
+    """
+    ts, xs, x0_hats = _check_trajectory(ts, xs, x0_hats)
+    if max_frames < 2:
+        raise ValueError(
+            f"max_frames must be >= 2 to show the first and last state; got {max_frames}"
+        )
+    steps = len(ts)
+    picks = sorted(set(np.linspace(0, steps, min(max_frames, steps + 1)).round().astype(int)))
+    names = None
+    if labels is not None:
+        names = [str(class_names[y] if class_names is not None else y) for y in np.ravel(labels)]
+    captions = [f"step {i}/{steps}  t={ts[i] if i < steps else 0.0:.3f}" for i in picks]
+    # every frame must have one size, so the widest caption sets the width
+    font = ImageFont.load_default()
+    min_width = max(int(font.getlength(caption)) for caption in captions) + 8
+    frames = []
+    for i, caption in zip(picks, captions, strict=True):
+        x0_hat = x0_hats[i] if i < steps else xs[-1]  # at the end the estimate is the sample
+        frames.append(_frame(xs[i], x0_hat, caption, names, scale, min_width))
+    durations = [FRAME_MS] * (len(frames) - 1) + [HOLD_MS]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return path

@@ -1,0 +1,162 @@
+"""Image runs end to end on a tiny synthetic image folder (two classes), through the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from difflab.cli import main
+from difflab.config import apply_overrides, preset
+from difflab.train import train
+
+TINY = [
+    "data.name=imagefolder",
+    "data.image_size=16",
+    "data.channels=1",
+    "model.unet.base_channels=16",
+    "model.unet.channel_mults=1,2",
+    "model.unet.num_res_blocks=1",
+    "model.unet.attention_levels=1",
+    "model.unet.norm_groups=8",
+    "model.unet.dropout=0.0",
+    "train.batch_size=8",
+    "train.steps=6",
+    "train.warmup_steps=2",
+    "train.log_every=2",
+    "train.checkpoint_every=3",
+    "sample.steps=4",
+    "sample.n=4",
+    "sample.batch_size=4",
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Class 'h': horizontal stripes; class 'v': vertical stripes; 6 images each, 20x20."""
+    root = tmp_path_factory.mktemp("images")
+    for name, axis in (("h", 0), ("v", 1)):
+        (root / name).mkdir()
+        for k in range(6):
+            stripes = ((np.arange(20) // (2 + k % 3)) % 2 * 255).astype(np.uint8)
+            img = np.repeat(stripes[:, None] if axis == 0 else stripes[None, :], 20, axis=1 - axis)
+            Image.fromarray(img).save(root / name / f"{k}.png")
+    return root
+
+
+def _args(folder, *extra):
+    sets = [f"data.root={folder}", *TINY, *extra]
+    return [x for s in sets for x in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def cond_run(folder, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    argv = ["train", "--preset", "imagefolder", "--runs", str(runs), "--name", "c", "--quiet"]
+    assert main([*argv, *_args(folder, "data.class_conditional=true")]) == 0
+    return runs / "c"
+
+
+def test_conditional_image_run_has_every_figure(cond_run):
+    names = (
+        "samples.png",
+        "forward.png",
+        "denoising.gif",
+        "trajectory_strip.png",
+        "raw_vs_ema.png",
+        "sampler_comparison.png",
+        "diversity.png",
+        "loss.png",
+        "loss_by_t.png",
+    )
+    for name in names:
+        assert (cond_run / "plots" / name).stat().st_size > 500, name
+    info = json.loads((cond_run / "checkpoints" / "step-6" / "data.json").read_text())
+    assert info == {"shape": [1, 16, 16], "num_classes": 2, "class_names": ["h", "v"]}
+    assert (cond_run / "plots" / "samples.png").unlink() is None
+    assert main(["plot", str(cond_run), "--quiet"]) == 0  # from the files, no dataset needed
+    assert (cond_run / "plots" / "samples.png").exists()
+
+
+def test_sample_per_class_with_guidance(cond_run, tmp_path):
+    out = tmp_path / "s.npz"
+    argv = ["sample", str(cond_run), "--n", "4", "--per-class", "--guidance", "3", "--steps", "3"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    with np.load(out) as f:
+        assert f["samples"].shape == (4, 1, 16, 16) and f["labels"].tolist() == [0, 0, 1, 1]
+        assert f["samples"].dtype == np.float32 and np.abs(f["samples"]).max() <= 1.0
+        assert float(f["guidance"]) == 3.0
+    assert out.with_suffix(".png").stat().st_size > 100
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--class", "5"], "out of range"),
+        (["--per-class", "--n", "3"], "multiple of the 2 classes"),
+        (["--guidance", "-1"], ">= 0"),
+    ],
+)
+def test_bad_conditional_requests(cond_run, tmp_path, capsys, extra, message):
+    argv = ["sample", str(cond_run), "--out", str(tmp_path / "x.npz"), "--steps", "2", "--quiet"]
+    assert main([*argv, *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_unconditional_run_refuses_class_requests(folder, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    argv = ["train", "--preset", "imagefolder", "--runs", str(runs), "--name", "u", "--quiet"]
+    assert main([*argv, "--no-finish", *_args(folder)]) == 0
+    for extra in (["--class", "0"], ["--guidance", "2"]):
+        out = tmp_path / "x.npz"
+        assert main(["sample", str(runs / "u"), "--out", str(out), "--quiet", *extra]) == 2
+        assert "unconditional" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["data.image_size=18", "model.unet.channel_mults=1,2,2"], "not divisible by 2^2 = 4"),
+        (["model.unet.attention_levels=3"], "attention"),
+        (["data.flip=maybe"], "data.flip"),
+        (["data.class_conditional=true", "data.root=/nonexistent/images"], "/nonexistent/images"),
+    ],
+)
+def test_bad_image_configs_exit_2_and_write_nothing(folder, tmp_path, capsys, extra, message):
+    runs = tmp_path / "runs"
+    argv = ["train", "--preset", "imagefolder", "--runs", str(runs), "--name", "bad", "--quiet"]
+    assert main([*argv, *_args(folder, *extra)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (runs / "bad").exists()
+
+
+def test_empty_and_corrupt_folders(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad" / "a").mkdir(parents=True)
+    (tmp_path / "bad" / "a" / "broken.png").write_bytes(b"not a png")
+    for root, message in ((tmp_path / "empty", "no images"), (tmp_path / "bad", "broken.png")):
+        argv = ["train", "--preset", "imagefolder", "--runs", str(tmp_path / "runs"), "--quiet"]
+        assert main([*argv, *_args(root)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_image_resume_is_bitwise_exact(folder, tmp_path):
+    cfg = apply_overrides(
+        preset("imagefolder"),
+        [
+            f"data.root={folder}",
+            *TINY,
+            "data.class_conditional=true",
+            "data.flip=on",
+            "train.grad_accum=2",
+        ],
+    )
+    a = train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False, stop_after=3)
+    b = train(cfg, tmp_path / "b", resume=True, progress=False)
+    for name in ("model.safetensors", "ema.safetensors"):
+        wa, wb = load_file(a / name), load_file(b / name)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
