@@ -55,7 +55,8 @@ def _args(folder, *extra):
 def cond_run(folder, tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     argv = ["train", "--preset", "imagefolder", "--runs", str(runs), "--name", "c", "--quiet"]
-    assert main([*argv, *_args(folder, "data.class_conditional=true")]) == 0
+    extra = ("data.class_conditional=true", "train.sample_every=3")
+    assert main([*argv, *_args(folder, *extra)]) == 0
     return runs / "c"
 
 
@@ -70,9 +71,12 @@ def test_conditional_image_run_has_every_figure(cond_run):
         "diversity.png",
         "loss.png",
         "loss_by_t.png",
+        "grid_history.png",
     )
     for name in names:
         assert (cond_run / "plots" / name).stat().st_size > 500, name
+    grids = sorted(p.name for p in (cond_run / "samples").glob("grid-step-*.png"))
+    assert grids == ["grid-step-3.png", "grid-step-6.png"]
     info = json.loads((cond_run / "checkpoints" / "step-6" / "data.json").read_text())
     assert info == {"shape": [1, 16, 16], "num_classes": 2, "class_names": ["h", "v"]}
     assert (cond_run / "plots" / "samples.png").unlink() is None
@@ -160,3 +164,8 @@ def test_image_resume_is_bitwise_exact(folder, tmp_path):
     for name in ("model.safetensors", "ema.safetensors"):
         wa, wb = load_file(a / name), load_file(b / name)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_eval_says_image_runs_are_not_measured_by_the_cli(cond_run, capsys):
+    assert main(["eval", str(cond_run), "--quiet"]) == 2
+    assert "bench/mnist.py" in capsys.readouterr().err

@@ -30,8 +30,15 @@ def _cfg(*extra):
 
 
 def test_training_lowers_the_loss_and_moves_samples_to_the_data(tmp_path):
-    cfg = _cfg("train.steps=300", "train.checkpoint_every=300", "train.ema_decay=0.99")
+    cfg = _cfg(
+        "train.steps=300",
+        "train.checkpoint_every=300",
+        "train.ema_decay=0.99",
+        "train.sample_every=150",
+    )
     train(cfg, tmp_path / "run", progress=False)
+    for step in (150, 300):  # scatters from fixed noise during training
+        assert (tmp_path / "run" / "samples" / f"grid-step-{step}.png").stat().st_size > 1000
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]  # v-loss keeps a large irreducible part
     for key in (
@@ -119,3 +126,17 @@ def test_bad_train_config_writes_nothing(tmp_path):
         with pytest.raises(ConfigError):
             train(_cfg(*bad), tmp_path / "bad", progress=False)
         assert not (tmp_path / "bad").exists(), bad
+
+
+def test_time_limit_stops_with_a_checkpoint_and_resume_continues(tmp_path):
+    cfg = _cfg("train.steps=30", "train.checkpoint_every=100", "train.time_limit_minutes=1e-6")
+    with pytest.warns(UserWarning, match="time_limit_minutes reached after step 1"):
+        ckpt = train(cfg, tmp_path / "r", progress=False)
+    assert ckpt.name == "step-1"
+    done = train(
+        apply_overrides(cfg, ["train.time_limit_minutes=0"]),
+        tmp_path / "r",
+        resume=True,
+        progress=False,
+    )
+    assert done.name == "step-30"

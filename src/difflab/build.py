@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -107,37 +108,14 @@ def build_net(cfg: ModelConfig, data_shape: tuple[int, ...], num_classes: int = 
                 raise ConfigError(f"model.mlp.{key} must be >= 1, got {getattr(m, key)}")
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.mlp.dropout must be in [0, 1), got {m.dropout}")
-        return MLP(
-            dim=data_shape[0],
-            width=m.width,
-            depth=m.depth,
-            emb_dim=m.emb_dim,
-            fourier_frequencies=m.fourier_frequencies,
-            expansion=m.expansion,
-            dropout=m.dropout,
-            num_classes=num_classes,
-        )
+        # MLPConfig's fields are MLP's keyword arguments, one to one
+        return MLP(dim=data_shape[0], num_classes=num_classes, **dataclasses.asdict(m))
     if len(data_shape) != 3:
         raise ConfigError(
             f"model.name=unet is for images (C, H, W), the data has shape {data_shape}"
         )
-    u = cfg.unet
-    return UNet(
-        in_channels=data_shape[0],
-        base_channels=u.base_channels,
-        channel_mults=u.channel_mults,
-        num_res_blocks=u.num_res_blocks,
-        attention_levels=u.attention_levels,
-        num_heads=u.num_heads,
-        bottleneck_blocks=u.bottleneck_blocks,
-        mid_attention=u.mid_attention,
-        dropout=u.dropout,
-        num_classes=num_classes,
-        weight_standardization=u.weight_standardization,
-        downsample=u.downsample,
-        upsample=u.upsample,
-        norm_groups=u.norm_groups,
-    )
+    # UNetConfig's fields are UNet's keyword arguments, one to one
+    return UNet(in_channels=data_shape[0], num_classes=num_classes, **dataclasses.asdict(cfg.unet))
 
 
 @_checked

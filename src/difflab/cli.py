@@ -171,12 +171,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from difflab.build import IMAGE_DATASETS
     from difflab.report import evaluate_toy, format_table
     from difflab.runs import check_run_dir, draw_samples, load_run, load_samples
 
     source = Path(args.source)
     if source.suffix == ".npz":
         samples = load_samples(source)
+        if samples.ndim != 2:
+            raise ConfigError(
+                f"{source} holds images {samples.shape}; difflab eval measures 2-D samples only"
+            )
         dataset = args.dataset
         if dataset is None:
             raise ConfigError(
@@ -185,6 +190,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         info = {"source": str(source)}
     else:
         check_run_dir(source)
+        if RunConfig.load(source / "config.json").data.name in IMAGE_DATASETS:
+            raise ConfigError(
+                "difflab eval measures 2-D runs (sliced W2, in-square); image metrics are not in "
+                "the CLI yet: bench/mnist.py gives judge accuracy and Frechet distance for MNIST"
+            )
         run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
         scfg = sample_config(run.cfg.sample, args)
         samples = draw_samples(run, scfg, progress=not args.quiet).numpy()

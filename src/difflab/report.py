@@ -18,7 +18,7 @@ from difflab.data.toy2d import TOY2D, sample_toy2d
 from difflab.logging import MetricsLog, read_metrics
 from difflab.metrics.toy2d import in_square_fraction, sliced_wasserstein2
 from difflab.report_images import make_image_artefacts, plot_image_run
-from difflab.runs import check_run_dir, draw_samples, load_run, save_samples
+from difflab.runs import check_run_dir, draw_samples, load_run, save_run_samples
 from difflab.samplers import Recorder
 
 TRAJECTORY_POINTS = 2000  # points recorded at every step for the GIF and trajectory plot
@@ -69,15 +69,7 @@ def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
     scfg = run.cfg.sample
     samples = draw_samples(run, scfg, progress=progress)
     step = int(run.checkpoint.name[5:])
-    save_samples(
-        run_dir / "samples" / "samples.npz",
-        samples,
-        sampler=scfg.sampler,
-        steps=scfg.steps,
-        seed=scfg.seed,
-        ema=scfg.use_ema,
-        step=step,
-    )
+    save_run_samples(run, samples, None, scfg)
     recorder = Recorder(every=max(1, scfg.steps // 100))
     traj_cfg = type(scfg)(**{**scfg.__dict__, "n": min(TRAJECTORY_POINTS, scfg.n)})
     draw_samples(run, traj_cfg, progress=False, recorder=recorder)

@@ -19,7 +19,7 @@ import torch
 
 from difflab import build, viz_gifs, viz_images
 from difflab.config import RunConfig, SampleConfig
-from difflab.runs import LoadedRun, draw_samples, load_run, sample_labels, save_samples
+from difflab.runs import LoadedRun, draw_samples, load_run, sample_labels, save_run_samples
 from difflab.samplers import Recorder
 
 COMPARE_N = 16  # images in the raw-vs-EMA and DDPM-vs-DDIM comparisons
@@ -41,18 +41,7 @@ def make_image_artefacts(run_dir: Path, progress: bool = True) -> dict:
     labels = _labels(run, scfg.n, scfg.seed)
     scfg = dataclasses.replace(scfg, n=len(labels) if labels is not None else scfg.n)
     samples = draw_samples(run, scfg, labels=labels, progress=progress)
-    step = int(run.checkpoint.name[5:])
-    save_samples(
-        run_dir / "samples" / "samples.npz",
-        samples,
-        labels,
-        sampler=scfg.sampler,
-        steps=scfg.steps,
-        seed=scfg.seed,
-        guidance=scfg.guidance,
-        ema=True,
-        step=step,
-    )
+    save_run_samples(run, samples, labels, dataclasses.replace(scfg, use_ema=True))
     few = dataclasses.replace(scfg, n=min(COMPARE_N, scfg.n))
     few_labels = labels[:: max(1, len(labels) // few.n)][: few.n] if labels is not None else None
     other = OTHER_SAMPLER.get(scfg.sampler, "ddpm")

@@ -176,6 +176,23 @@ def save_samples(
     return path
 
 
+def save_run_samples(
+    run: LoadedRun, samples: torch.Tensor, labels: torch.Tensor | None, sample_cfg: SampleConfig
+) -> Path:
+    """A run's own samples/samples.npz, with how they were drawn."""
+    return save_samples(
+        run.run_dir / "samples" / "samples.npz",
+        samples,
+        labels,
+        sampler=sample_cfg.sampler,
+        steps=sample_cfg.steps,
+        seed=sample_cfg.seed,
+        guidance=sample_cfg.guidance if labels is not None else 1.0,
+        ema=sample_cfg.use_ema,
+        step=int(run.checkpoint.name[5:]),
+    )
+
+
 def load_samples(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():

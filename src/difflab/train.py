@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from difflab import build
+from difflab import build, viz, viz_images
 from difflab.checkpoint import (
     CheckpointError,
     latest_good_checkpoint,
@@ -31,8 +31,11 @@ from difflab.checkpoint import (
 )
 from difflab.config import ConfigError, RunConfig
 from difflab.ema import EMA
+from difflab.guidance import guided
 from difflab.logging import MetricsLog
 from difflab.objectives import diffusion_loss
+from difflab.prediction import Denoiser
+from difflab.samplers import generate
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NUM_BUCKETS = 10  # loss is also logged per tenth of t in [0, 1]
@@ -44,6 +47,8 @@ RESUMABLE_CHANGES = (
     "train.keep_checkpoints",
     "train.device",
     "train.threads",
+    "train.time_limit_minutes",
+    "train.compile",
 )
 
 
@@ -316,6 +321,63 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
     stats.steps += 1
 
 
+SNAPSHOT_N = 64  # samples in a training-time grid
+
+
+@torch.no_grad()
+def snapshot(cfg: RunConfig, parts: Parts, run_dir: Path, step: int) -> Path:
+    """samples/grid-step-N.png from the EMA weights and fixed noise (the same every time, so
+    grids across training show progress, not noise); per class for conditional models."""
+    den = Denoiser(
+        parts.ema.model, parts.denoiser.schedule, parts.denoiser.kind, parts.denoiser.clip_x0
+    )
+    labels = None
+    if parts.num_classes:
+        labels = torch.arange(SNAPSHOT_N) % parts.num_classes
+        den = guided(den, cfg.sample.guidance, parts.num_classes)
+    fn, options, ts = build.build_sampler(cfg.sample, den.schedule)
+    x = generate(
+        fn,
+        den,
+        SNAPSHOT_N if len(parts.data.shape) == 3 else 2000,
+        parts.data.shape,
+        ts,
+        seed=cfg.sample.seed,
+        batch_size=SNAPSHOT_N,
+        labels=labels,
+        device=parts.device,
+        **options,
+    ).numpy()
+    path = run_dir / "samples" / f"grid-step-{step}.png"
+    if x.ndim == 4:
+        return viz_images.save_grid(x, path, nrow=parts.num_classes or None)
+    return viz.scatter(x, path, f"step {step}")
+
+
+def log_interval(
+    cfg: RunConfig,
+    parts: Parts,
+    stats: IntervalStats,
+    log: MetricsLog,
+    step: int,
+    smoothed: float | None,
+) -> float:
+    """Write one metrics row for the interval ending at `step`; returns the smoothed loss."""
+    row = stats.row(step + 1)
+    smoothed = row["loss"] if smoothed is None else 0.9 * smoothed + 0.1 * row["loss"]
+    params = torch.cat([p.detach().flatten() for p in parts.net.parameters()])
+    row.update(
+        loss_smoothed=smoothed,
+        lr=lr_at(cfg, step),
+        ema_decay=parts.ema.current_decay(),
+        param_norm=float(params.norm()),
+        peak_memory_mb=peak_memory_mb(parts.device),
+    )
+    log.write(row)
+    stats.reset()
+    return smoothed
+
+
 def train(
     cfg: RunConfig,
     run_dir: str | Path,
@@ -346,24 +408,22 @@ def train(
     )
     last = None
     parts.net.train()
+    began, limit_s = time.perf_counter(), cfg.train.time_limit_minutes * 60
     for step in range(start, end):  # 3. loop
         train_step(cfg, parts, stats, step)
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == end:
-            row = stats.row(done)
-            smoothed = row["loss"] if smoothed is None else 0.9 * smoothed + 0.1 * row["loss"]
-            row.update(
-                loss_smoothed=smoothed,
-                lr=lr_at(cfg, step),
-                ema_decay=parts.ema.current_decay(),
-                param_norm=float(
-                    torch.cat([p.detach().flatten() for p in parts.net.parameters()]).norm()
-                ),
-                peak_memory_mb=peak_memory_mb(parts.device),
+        if limit_s and time.perf_counter() - began > limit_s and done < end:
+            warnings.warn(
+                f"train.time_limit_minutes reached after step {done}; stopping there "
+                "(continue with --resume)",
+                stacklevel=2,
             )
-            log.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-            stats.reset()
+            end = done
+        if done % cfg.train.log_every == 0 or done == end:
+            smoothed = log_interval(cfg, parts, stats, log, step, smoothed)
+            bar.set_postfix(loss=f"{smoothed:.4f}")
+        if cfg.train.sample_every and (done % cfg.train.sample_every == 0 or done == end):
+            snapshot(cfg, parts, run_dir, done)
         if done % cfg.train.checkpoint_every == 0 or done == end:
             last = save_checkpoint(
                 run_dir / "checkpoints",
@@ -376,5 +436,7 @@ def train(
                 cfg.train.keep_checkpoints,
             )
         bar.update(1)
+        if done == end:
+            break
     bar.close()
     return last if last is not None else latest_good_checkpoint(run_dir / "checkpoints")

@@ -56,6 +56,14 @@ def real_vs_generated(
     return _save(fig, path)
 
 
+def scatter(points: np.ndarray, path: Path, title: str) -> Path:
+    """One scatter panel of 2-D points (N, 2)."""
+    fig, ax = plt.subplots(figsize=(4, 4))
+    _scatter(ax, points, "C0")
+    _square_axes(ax, title)
+    return _save(fig, path)
+
+
 def forward_process(real: np.ndarray, noisy: list[tuple[float, np.ndarray]], path: Path) -> Path:
     """The data diffused to several t: panels of q(x_t | x0) samples."""
     panels = [(0.0, real), *noisy]

@@ -1,0 +1,108 @@
+"""Benchmark: the class-conditional `mnist` preset trained within 30 CPU minutes, judged offline.
+
+1. Train (or reuse) the judge: difflab's MNIST classifier, on the training split.
+2. Train the `mnist` preset (train.time_limit_minutes caps the wall time).
+3. Draw 100 samples per class with the run's sampler at each guidance scale asked for.
+4. Report the judge's accuracy on the requested classes, and the Frechet distance in the judge's
+   feature space to the test split, next to the reference FD of 10,000 training images to the
+   test split measured in the same run.
+
+Target (issue 3): accuracy >= 0.98 and FD close to the train-vs-test FD.
+
+    python bench/mnist.py --root ../shared/data [--guidance 2 3] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from difflab.config import apply_overrides, preset
+from difflab.data.images import load_image_dataset
+from difflab.metrics.classifier import judge_features, judge_predict, load_judge, train_judge
+from difflab.metrics.frechet import feature_statistics, frechet_distance
+from difflab.runs import draw_samples, load_run, sample_labels
+from difflab.train import train
+
+
+def judge_for(root: str, path: Path):
+    if not path.exists():
+        t0 = time.perf_counter()
+        _, acc = train_judge("mnist", root, epochs=3, seed=0, out_path=path, progress=print)
+        print(f"judge: test accuracy {acc:.4f} in {time.perf_counter() - t0:.0f} s -> {path}")
+    return load_judge(path)
+
+
+def images_of(root: str, split: str, n: int | None = None) -> torch.Tensor:
+    dataset, _ = load_image_dataset("mnist", root, split)
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
+    return torch.stack([dataset[int(i)][0] for i in idx])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default="../shared/data", help="folder holding MNIST/raw/")
+    ap.add_argument("--guidance", type=float, nargs="+", default=[2.0])
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--run-dir", help="reuse or keep the run here (default: a temporary folder)")
+    ap.add_argument("--out", default="bench/results/mnist.json")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    judge = judge_for(args.root, out.parent / "judge-mnist.safetensors")
+    test_stats = feature_statistics(judge_features(judge, images_of(args.root, "test")))
+    ref_fd = frechet_distance(
+        *feature_statistics(judge_features(judge, images_of(args.root, "train", 10000))),
+        *test_stats,
+    )
+
+    cfg = apply_overrides(preset("mnist"), [f"data.root={args.root}", *args.set])
+    run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp()) / "run"
+    t0 = time.perf_counter()
+    if not (run_dir / "checkpoints").exists():
+        train(cfg, run_dir, progress=True)
+    train_s = time.perf_counter() - t0
+    run = load_run(run_dir)
+    labels = sample_labels(run, 1000, per_class=True)
+    rows = []
+    for g in args.guidance:
+        scfg = dataclasses.replace(run.cfg.sample, n=1000, batch_size=250, guidance=g)
+        t1 = time.perf_counter()
+        samples = draw_samples(run, scfg, labels=labels, progress=True)
+        acc = float((judge_predict(judge, samples) == labels).float().mean())
+        fd = frechet_distance(*feature_statistics(judge_features(judge, samples)), *test_stats)
+        rows.append(
+            {
+                "guidance": g,
+                "sampler": scfg.sampler,
+                "steps": scfg.steps,
+                "n": 1000,
+                "accuracy": acc,
+                "fd_to_test": fd,
+                "sample_s": time.perf_counter() - t1,
+            }
+        )
+        print(f"guidance {g}: accuracy {acc:.4f}, FD to test {fd:.2f} (train vs test {ref_fd:.2f})")
+    step = int(run.checkpoint.name[5:])
+    report = {
+        "benchmark": "mnist",
+        "train_s": train_s,
+        "train_steps": step,
+        "fd_train_vs_test": ref_fd,
+        "overrides": args.set,
+        "results": rows,
+        "run_dir": str(run_dir),
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"trained {step} steps in {train_s:.0f} s; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
