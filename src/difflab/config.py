@@ -153,16 +153,12 @@ class RunConfig:
         return cls.from_dict(d)
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def _from_dict(cls, d: dict, prefix: str):
     if not isinstance(d, dict):
         raise ConfigError(
             f"config section {prefix or '(top)'} must be a mapping, got {type(d).__name__}"
         )
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:

@@ -38,13 +38,38 @@ from difflab.data.folders import (
     try_download,
 )
 
-__all__ = ["DataFileError", "DatasetMissingError", "ImageInfo", "TensorImages"]
-__all__ += ["load_celeba64", "load_cifar10", "load_image_dataset", "load_mnist", "read_idx"]
+__all__ = [
+    "DataFileError",
+    "DatasetMissingError",
+    "ImageInfo",
+    "TensorImages",
+    "load_celeba64",
+    "load_cifar10",
+    "load_image_dataset",
+    "load_mnist",
+    "read_idx",
+]
 
-DEFAULT_FLIP = {"mnist": False, "fashion": False, "cifar10": True, "celeba64": True}
-DEFAULT_FLIP["imagefolder"] = False  # unknown content (text, digits?): flip only when asked
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat")
-FASHION_CLASSES += ("Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+# imagefolder: unknown content (text, digits?), so flip only when asked
+DEFAULT_FLIP = {
+    "mnist": False,
+    "fashion": False,
+    "cifar10": True,
+    "celeba64": True,
+    "imagefolder": False,
+}
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
