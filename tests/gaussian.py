@@ -11,7 +11,20 @@ from __future__ import annotations
 
 import torch
 
+from difflab import schedules
 from difflab.schedules import Schedule
+
+# The Gaussian data of the golden tests, and every kind of schedule to run them on.
+MU = torch.tensor([0.5, -0.3])
+S = torch.tensor([0.4, 0.7])
+ALL_SCHEDULES = {
+    "linear": schedules.linear(),
+    "cosine": schedules.CosineSchedule(),
+    "sigmoid": schedules.SigmoidSchedule(),
+    "vp": schedules.VPSDESchedule(),
+    "ve": schedules.VESchedule(),
+    "edm": schedules.EDMSchedule(),
+}
 
 
 class GaussianDenoiser:
@@ -35,3 +48,15 @@ def pf_endpoint(schedule: Schedule, mu, s, x_T, t_T: float):
     alpha, sigma = float(schedule.alpha(t_T)), float(schedule.sigma(t_T))
     z = (x_T.double() - alpha * mu.double()) / torch.sqrt(alpha**2 * s.double() ** 2 + sigma**2)
     return mu.double() + s.double() * z
+
+
+def pf_solution(schedule: Schedule, mu, s, x_t, t_from: float, t_to: float):
+    """Exact probability-flow ODE solution at time t_to from x_t at time t_from (any schedule)."""
+
+    def moments(t):
+        alpha, sigma = float(schedule.alpha(t)), float(schedule.sigma(t))
+        return alpha * mu.double(), torch.sqrt(alpha**2 * s.double() ** 2 + sigma**2)
+
+    mean_from, std_from = moments(t_from)
+    mean_to, std_to = moments(t_to)
+    return mean_to + std_to * (x_t.double() - mean_from) / std_from

@@ -13,6 +13,7 @@ ALLOWED = {
     "prediction": {"schedules"},
     "objectives": {"schedules", "prediction"},
     "guidance": {"prediction"},
+    "adapters": {"prediction", "schedules"},
     "samplers": {"schedules", "prediction", "samplers"},
     "nets": {"nets"},
     "data": {"data"},

@@ -164,7 +164,7 @@ def test_bad_input_is_one_clear_line_and_exit_2(argv, message, tmp_path, monkeyp
 
 def test_bad_sampler_options(run_dir, tmp_path, capsys):
     for extra, message in (
-        (["--sampler", "euler"], "unknown sampler"),
+        (["--sampler", "lms"], "unknown sampler"),
         (["--steps", "0"], "steps"),
         (["--steps", "5000"], "at most 1000"),
         (["--n", "0"], "--n"),

@@ -58,3 +58,52 @@ def test_clip_x0_keeps_the_pair_consistent():
 def test_unknown_kind():
     with pytest.raises(ValueError, match="eps, x0, v"):
         Denoiser(lambda *a: None, schedules.linear(), "score")
+
+
+@pytest.mark.parametrize("schedule", [schedules.CosineSchedule(), schedules.EDMSchedule()])
+def test_edm_preconditioning_round_trips_and_matches_karras(schedule):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = (torch.randn(64, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    t = schedule.t_min + (schedule.t_max - schedule.t_min) * (0.01 + 0.98 * u)
+    alpha, sigma = schedule.alpha(t)[:, None], schedule.sigma(t)[:, None]
+    x_t = alpha * x0 + sigma * eps
+    raw = target_of("edm", x0, eps, alpha, sigma, 0.5)
+    x0_hat, eps_hat = split_raw(raw, x_t, alpha, sigma, "edm", 0.5)
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_hat, eps)
+    # Karras et al. 2022, Table 1, at s = sigma / alpha: D = c_skip x~ + c_out F.
+    s = sigma / alpha
+    c_skip, c_out = 0.25 / (s**2 + 0.25), s * 0.5 / (s**2 + 0.25).sqrt()
+    torch.testing.assert_close(c_skip * x_t / alpha + c_out * raw, x0)
+
+
+def test_edm_network_sees_scaled_input_and_log_sigma():
+    seen = {}
+
+    def net(x, t, y):
+        seen["x"], seen["t"] = x, t
+        return torch.zeros_like(x)
+
+    s = schedules.EDMSchedule()
+    x_t = torch.full((2, 1), 10.0)
+    Denoiser(net, s, "edm", sigma_data=0.5)(x_t, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(seen["x"], x_t / (4 + 0.25) ** 0.5)  # c_in = 1/sqrt(s^2 + sd^2)
+    torch.testing.assert_close(
+        seen["t"], torch.full((2,), 0.25 * float(torch.log(torch.tensor(2.0))))
+    )
+
+
+def test_exploding_schedules_scale_the_input_and_refuse_v():
+    seen = {}
+
+    def net(x, t, y):
+        seen["x"] = x
+        return torch.zeros_like(x)
+
+    s = schedules.VESchedule()
+    t = torch.tensor([1.0])
+    Denoiser(net, s, "eps")(torch.full((1, 1), 3.0), t)
+    assert float(seen["x"]) == pytest.approx(3.0 / (1 + 50.0**2) ** 0.5)
+    with pytest.raises(ValueError, match="variance-preserving"):
+        Denoiser(net, s, "v")

@@ -8,7 +8,9 @@ ALL = {
     "cosine": schedules.CosineSchedule(),
     "sigmoid": schedules.SigmoidSchedule(),
     "cosine-discrete": schedules.CosineSchedule().discretize(1000),
+    "vp": schedules.VPSDESchedule(),
 }
+EXPLODING = {"ve": schedules.VESchedule(), "edm": schedules.EDMSchedule()}
 T_GRID = torch.linspace(0.001, 0.99, 500, dtype=torch.float64)
 
 
@@ -73,3 +75,37 @@ def test_q_sample_moments():
 def test_bad_linear_parameters_are_refused(kwargs):
     with pytest.raises(ValueError, match=r"beta|num_steps"):
         schedules.linear(**kwargs)
+
+
+def test_vp_sde_is_the_limit_of_the_ddpm_table():
+    # beta_i ~ beta(i / T) / T with beta(t) = 0.1 + 19.9 t is DDPM's linear table (Song et al.
+    # 2021, App. B), so the continuous VP SDE and the 1000-step table agree to O(beta^2).
+    t = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
+    abar_sde = schedules.VPSDESchedule().alpha_bar(t)
+    abar_table = schedules.linear().alpha_bar(t)
+    assert float((abar_sde - abar_table).abs().max()) < 2e-3
+    assert float((abar_sde - schedules.CosineSchedule().alpha_bar(t)).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("name", EXPLODING)
+def test_exploding_schedules(name):
+    s = EXPLODING[name]
+    t = torch.linspace(s.t_min, s.t_max, 200, dtype=torch.float64)
+    assert (s.alpha(t) == 1).all()
+    assert float(s.sigma(0.0)) == 0.0  # the last sampler step lands on clean data
+    assert float(s.sigma(s.t_min)) == pytest.approx(s.sigma_min, rel=1e-3)
+    assert float(s.sigma(s.t_max)) == pytest.approx(s.sigma_max)
+    torch.testing.assert_close(s.log_snr(t), -2 * torch.log(s.sigma(t)))
+    torch.testing.assert_close(s.t_from_log_snr(s.log_snr(t)), t, atol=1e-9, rtol=1e-9)
+    assert s.prior_std(s.t_max) == pytest.approx((1 + s.sigma_max**2) ** 0.5)
+
+
+def test_ve_is_geometric_and_edm_time_is_sigma():
+    ve = schedules.VESchedule(0.01, 50.0)
+    assert float(ve.sigma(0.5)) == pytest.approx((0.01 * 50.0) ** 0.5)  # geometric mean
+    assert float(schedules.EDMSchedule().sigma(3.7)) == pytest.approx(3.7)
+
+
+def test_continuous_only_schedules_refuse_a_table():
+    with pytest.raises(ValueError, match="num_steps=0"):
+        schedules.EDMSchedule().discretize(1000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 from torch import nn
@@ -25,18 +26,43 @@ from difflab.nets.mlp import MLP
 from difflab.nets.unet import UNet
 from difflab.objectives import LossSpec
 from difflab.prediction import Denoiser
-from difflab.samplers import sample_ddim, sample_ddpm, timesteps
+from difflab.samplers import (
+    sample_ddim,
+    sample_ddpm,
+    sample_dpm_2s,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m,
+    sample_euler,
+    sample_heun,
+    sample_pc,
+    sample_unipc,
+    timesteps,
+)
 
 SCHEDULES = {
     "linear": lambda cfg: schedules.linear(cfg.num_steps or 1000, cfg.beta_start, cfg.beta_end),
     "cosine": lambda cfg: schedules.CosineSchedule(),
     "sigmoid": lambda cfg: schedules.SigmoidSchedule(),
+    "vp": lambda cfg: schedules.VPSDESchedule(),
+    "ve": lambda cfg: schedules.VESchedule(cfg.sigma_min or 0.01, cfg.sigma_max or 50.0),
+    "edm": lambda cfg: schedules.EDMSchedule(cfg.sigma_min or 0.002, cfg.sigma_max or 80.0),
 }
+
+EXPLODING_SCHEDULES = ("ve", "edm")
 
 # name -> (sampler function, the SampleConfig fields it takes as options)
 SAMPLERS = {
     "ddpm": (sample_ddpm, ("variance",)),
     "ddim": (sample_ddim, ("eta",)),
+    "dpmpp_2m": (sample_dpmpp_2m, ()),
+    "dpmpp_3m": (sample_dpmpp_3m, ()),
+    "dpmpp_2m_sde": (sample_dpmpp_2m_sde, ()),
+    "dpm_2s": (sample_dpm_2s, ()),
+    "unipc": (sample_unipc, ("order",)),
+    "euler": (sample_euler, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
+    "heun": (sample_heun, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
+    "pc": (sample_pc, ("snr", "n_corrector")),
 }
 
 NETS = {"mlp": MLP, "unet": UNet}
@@ -74,13 +100,18 @@ def build_schedule(cfg: DiffusionConfig) -> schedules.Schedule:
     elif cfg.num_steps == 0 and isinstance(schedule, schedules.DiscreteSchedule):
         raise ConfigError(
             "the linear schedule is a discrete DDPM table; set diffusion.num_steps > 0 "
-            "or use diffusion.schedule=cosine or sigmoid for continuous time"
+            "or use diffusion.schedule=cosine, sigmoid, vp, ve or edm for continuous time"
         )
     return schedule
 
 
 @_checked
 def build_loss_spec(cfg: DiffusionConfig) -> LossSpec:
+    if cfg.target == "v" and cfg.schedule in EXPLODING_SCHEDULES:
+        raise ConfigError(
+            f"a v-space loss needs a variance-preserving schedule, not {cfg.schedule}; "
+            "use diffusion.target=eps, x0 or edm"
+        )
     return LossSpec(
         target=cfg.target or None,
         loss=cfg.loss,
@@ -88,6 +119,9 @@ def build_loss_spec(cfg: DiffusionConfig) -> LossSpec:
         min_snr_gamma=cfg.min_snr_gamma,
         huber_delta=cfg.huber_delta,
         t_sampling=cfg.t_sampling,
+        lognormal_mean=cfg.lognormal_mean,
+        lognormal_std=cfg.lognormal_std,
+        sigma_data=cfg.sigma_data,
     )
 
 
@@ -175,7 +209,8 @@ def num_classes(cfg: RunConfig, data) -> int:
 def build_denoiser(cfg: RunConfig, net: nn.Module, schedule: schedules.Schedule) -> Denoiser:
     if cfg.diffusion.clip_x0 < 0:
         raise ConfigError(f"diffusion.clip_x0 must be >= 0 (0 = off), got {cfg.diffusion.clip_x0}")
-    return Denoiser(net, schedule, cfg.diffusion.prediction, cfg.diffusion.clip_x0 or None)
+    d = cfg.diffusion
+    return Denoiser(net, schedule, d.prediction, d.clip_x0 or None, d.sigma_data)
 
 
 @_checked
@@ -185,6 +220,8 @@ def build_sampler(cfg: SampleConfig, schedule: schedules.Schedule):
         raise ConfigError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     fn, option_names = SAMPLERS[cfg.sampler]
     options = {name: getattr(cfg, name) for name in option_names}
+    if options.get("s_tmax") == 0:  # JSON has no infinity: 0 means "no upper limit"
+        options["s_tmax"] = math.inf
     return fn, options, timesteps(schedule, cfg.steps, cfg.spacing)
 
 

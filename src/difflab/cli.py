@@ -13,15 +13,38 @@ import time
 import warnings
 from pathlib import Path
 
-from difflab.config import ConfigError, RunConfig, SampleConfig, apply_overrides, preset
+from difflab.build import SAMPLERS
+from difflab.config import (
+    PRESETS,
+    ConfigError,
+    RunConfig,
+    SampleConfig,
+    apply_overrides,
+    preset,
+)
 from difflab.samplers import NonFiniteError
+
+SAMPLE_FLAGS = (
+    "sampler", "steps", "spacing", "eta", "s_churn", "order", "variance", "n", "seed", "guidance"
+)  # fmt: skip
+
+
+def _checkpoint_arg(value: str) -> int | str:
+    if value == "best" or value.isdigit():
+        return value if value == "best" else int(value)
+    raise argparse.ArgumentTypeError(f"expected a step number or 'best', got {value!r}")
 
 
 def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", help="ddpm or ddim (default: the run's config)")
-    p.add_argument("--steps", type=int, help="sampling steps (network evaluations)")
-    p.add_argument("--spacing", help="timestep spacing: trailing, leading, linspace")
+    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: the run's config)")
+    p.add_argument("--steps", type=int, help="sampling steps (Heun and DPM-2S: 2 calls per step)")
+    p.add_argument(
+        "--spacing",
+        help="time grid: trailing, leading, linspace, quadratic (tables); uniform, logsnr, karras",
+    )
     p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--churn", dest="s_churn", type=float, help="Euler/Heun: EDM's S_churn")
+    p.add_argument("--order", type=int, help="UniPC order (1..3)")
     p.add_argument("--variance", help="DDPM posterior variance: small or large")
     p.add_argument("--n", type=int, help="number of samples")
     p.add_argument("--seed", type=int, help="noise seed")
@@ -30,7 +53,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
         "--raw", action="store_true", help="use the raw weights instead of the EMA weights"
     )
     p.add_argument(
-        "--checkpoint", type=int, help="checkpoint step to load (default: newest good one)"
+        "--checkpoint",
+        type=_checkpoint_arg,
+        help="checkpoint to load: a step number or 'best' (default: the newest good one)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
@@ -47,11 +72,14 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model (then sample, evaluate and draw its figures)")
-    p.add_argument("--preset", default="toy2d", help="starting config: toy2d")
+    p.add_argument(
+        "--preset", default="toy2d", help=f"starting config: {', '.join(PRESETS)} (default toy2d)"
+    )
     p.add_argument("--config", help="a config JSON file (as written to runs/NAME/config.json)")
     p.add_argument(
         "--set",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="KEY=VALUE",
         help="override, e.g. train.lr=1e-3",
@@ -95,11 +123,7 @@ def parser() -> argparse.ArgumentParser:
 
 def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
     """The run's sample config with the command-line flags laid over it."""
-    changes = {
-        k: getattr(args, k)
-        for k in ("sampler", "steps", "spacing", "eta", "variance", "n", "seed", "guidance")
-        if getattr(args, k, None) is not None
-    }
+    changes = {k: getattr(args, k) for k in SAMPLE_FLAGS if getattr(args, k, None) is not None}
     if getattr(args, "batch_size", None) is not None:
         changes["batch_size"] = args.batch_size
     if getattr(args, "raw", False):

@@ -66,17 +66,22 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "linear"  # linear | cosine | sigmoid
-    num_steps: int = 1000  # T of the discrete table; 0 trains in continuous time
+    schedule: str = "linear"  # linear | cosine | sigmoid | vp (VP SDE) | ve (NCSN) | edm
+    num_steps: int = 1000  # T of the discrete table; 0 trains in continuous time (vp, ve, edm: 0)
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02
-    prediction: str = "v"  # what the network outputs: eps | x0 | v
+    sigma_min: float = 0.0  # ve / edm noise range; 0 = the schedule's default
+    sigma_max: float = 0.0  # (ve: 0.01 .. 50, edm: 0.002 .. 80)
+    prediction: str = "v"  # what the network outputs: eps | x0 | v | edm (EDM preconditioning)
+    sigma_data: float = 0.5  # data standard deviation for edm preconditioning and weighting
     target: str = ""  # space the loss is measured in; "" = same as prediction
     loss: str = "mse"  # mse | l1 | huber
-    weighting: str = "none"  # none | snr | min_snr | snr_plus_one (x0-space weights)
+    weighting: str = "none"  # none | snr | min_snr | snr_plus_one | edm (x0-space weights)
     min_snr_gamma: float = 5.0
     huber_delta: float = 0.1
-    t_sampling: str = "stratified"  # uniform | stratified
+    t_sampling: str = "stratified"  # uniform | stratified | lognormal (EDM)
+    lognormal_mean: float = -1.2  # ln(sigma / alpha) ~ N(mean, std^2) for t_sampling=lognormal
+    lognormal_std: float = 1.2
     clip_x0: float = (
         0.0  # clamp x0_hat to [-c, c] while sampling; 0 = off (images in [-1, 1] use 1)
     )
@@ -101,6 +106,9 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 2000
     keep_checkpoints: int = 2  # the last K are kept
+    keep_best: bool = True  # also keep checkpoints/best: the lowest best_metric so far
+    best_metric: str = "loss_smoothed"  # a metrics.jsonl key, lower is better
+    tensorboard: bool = False  # mirror metrics.jsonl to RUN/tensorboard (pip install tensorboard)
     label_dropout: float = 0.1  # class-conditional: share of labels replaced by the null label
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
     compile: bool = False  # torch.compile the network for training
@@ -110,11 +118,19 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddpm"  # ddpm | ddim
+    # ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_3m | dpmpp_2m_sde | dpm_2s | unipc | pc
+    sampler: str = "ddpm"
     steps: int = 1000
-    # discrete: linspace | leading | trailing | quadratic; continuous: uniform | quadratic | logsnr
+    # discrete only: linspace | leading | trailing | quadratic; any: uniform | logsnr | karras
     spacing: str = "quadratic"
     eta: float = 0.0  # DDIM only
+    order: int = 2  # UniPC's order (1..3)
+    s_churn: float = 0.0  # euler / heun: EDM's stochastic churn (0 = deterministic ODE)
+    s_tmin: float = 0.0  # churn only between these noise levels (sigma / alpha)
+    s_tmax: float = 0.0  # 0 = no upper limit
+    s_noise: float = 1.0
+    snr: float = 0.16  # pc: Langevin corrector signal-to-noise ratio
+    n_corrector: int = 1  # pc: corrector steps per predictor step
     variance: str = "small"  # DDPM only: small (beta-tilde) | large (beta)
     n: int = 20000  # samples drawn for the run's figures and evaluation
     batch_size: int = 20000

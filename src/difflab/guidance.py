@@ -61,4 +61,4 @@ def guided(denoiser: Denoiser, guidance_scale: float, num_classes: int) -> Denoi
             "(model.num_classes = 0)"
         )
     net = GuidedNet(denoiser.net, guidance_scale, num_classes)
-    return Denoiser(net, denoiser.schedule, denoiser.kind, denoiser.clip_x0)
+    return denoiser.with_net(net)

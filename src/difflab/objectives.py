@@ -14,6 +14,11 @@ loss in those spaces already carries x0-space weight SNR or SNR + 1.
 | snr       | SNR                      | = eps-MSE, DDPM's L_simple (Ho et al. 2020, eq. 14) |
 | min_snr   | min(SNR, gamma)          | Hang et al. 2023, eq. 8 ("Min-SNR-gamma")  |
 | snr_plus_one | SNR + 1               | = v-MSE (Salimans & Ho 2022)            |
+| edm       | SNR + 1 / sigma_data^2   | = edm-MSE; EDM's lambda (Karras et al. 2022, Table 1) |
+
+EDM-preconditioned networks ("edm" kind) carry x0-space weight 1 / c_out^2 = SNR + 1 / sd^2 in
+their own space, which is EDM's loss weighting; their natural t-sampling is "lognormal"
+(ln(sigma / alpha) ~ N(P_mean, P_std^2), EDM Table 1: -1.2 and 1.2).
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflab.prediction import Denoiser, check_kind, split_raw, target_of
+from difflab.prediction import Denoiser, check_kind, split_raw
 from difflab.schedules import DiscreteSchedule, Schedule
 
 LOSS_TYPES = ("mse", "l1", "huber")
-WEIGHTINGS = ("none", "snr", "min_snr", "snr_plus_one")
-T_SAMPLINGS = ("uniform", "stratified")
+WEIGHTINGS = ("none", "snr", "min_snr", "snr_plus_one", "edm")
+T_SAMPLINGS = ("uniform", "stratified", "lognormal")
 
 
 @dataclass
@@ -43,7 +48,9 @@ class LossSpec:
         min_snr_gamma: gamma of min-SNR weighting (5 in Hang et al.).
         huber_delta: the Huber loss is quadratic below delta, linear above.
         t_sampling: "uniform" draws t i.i.d.; "stratified" spreads the batch over [0, 1]
-            (one draw per 1/B slice, in random order): the same distribution with less variance.
+            (one draw per 1/B slice, in random order): the same distribution with less variance;
+            "lognormal" draws ln(sigma / alpha) ~ N(lognormal_mean, lognormal_std^2) (EDM).
+        sigma_data: the data's standard deviation in the "edm" weighting.
     """
 
     target: str | None = None
@@ -52,6 +59,9 @@ class LossSpec:
     min_snr_gamma: float = 5.0
     huber_delta: float = 0.1
     t_sampling: str = "uniform"
+    lognormal_mean: float = -1.2
+    lognormal_std: float = 1.2
+    sigma_data: float = 0.5
 
     def __post_init__(self):
         if self.target is not None:
@@ -63,17 +73,29 @@ class LossSpec:
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
-        if self.min_snr_gamma <= 0 or self.huber_delta <= 0:
-            raise ValueError("min_snr_gamma and huber_delta must be > 0")
+        if min(self.min_snr_gamma, self.huber_delta, self.lognormal_std, self.sigma_data) <= 0:
+            raise ValueError("min_snr_gamma, huber_delta, lognormal_std and sigma_data must be > 0")
 
 
 def sample_t(
-    schedule: Schedule, batch: int, method: str = "uniform", generator=None, device=None
+    schedule: Schedule,
+    batch: int,
+    method: str = "uniform",
+    generator=None,
+    device=None,
+    lognormal: tuple[float, float] = (-1.2, 1.2),
 ) -> Tensor:
     """Draw training times (B,): on the grid i / T for a discrete schedule, else in [t_min, t_max].
 
-    Returns float32 times on `device`.
+    `lognormal` is (mean, std) of ln(sigma / alpha) for method "lognormal". Returns float32
+    times on `device`.
     """
+    if method == "lognormal":
+        log_s = lognormal[0] + lognormal[1] * torch.randn(batch, generator=generator)
+        t = schedule.t_from_log_snr(-2 * log_s.double()).clamp(schedule.t_min, schedule.t_max)
+        if isinstance(schedule, DiscreteSchedule):  # the nearest trained step, i in 1..T
+            t = (t * schedule.num_steps).round().clamp(1, schedule.num_steps) / schedule.num_steps
+        return t.to(device=device, dtype=torch.float32)
     if method == "stratified":
         u = (torch.arange(batch) + torch.rand(batch, generator=generator)) / batch
         u = u[torch.randperm(batch, generator=generator)]
@@ -93,12 +115,14 @@ def space_weight(spec: LossSpec, target: str, snr: Tensor) -> Tensor:
     """The weight to put on a squared loss in `target` space for the x0-space weighting `spec`."""
     if spec.weighting == "none":
         return torch.ones_like(snr)
+    edm = snr + 1 / spec.sigma_data**2
     x0_weight = {
         "snr": snr,
         "min_snr": snr.clamp(max=spec.min_snr_gamma),
         "snr_plus_one": snr + 1,
+        "edm": edm,
     }[spec.weighting]
-    carried = {"x0": torch.ones_like(snr), "eps": snr, "v": snr + 1}[target]
+    carried = {"x0": torch.ones_like(snr), "eps": snr, "v": snr + 1, "edm": edm}[target]
     return x0_weight / carried
 
 
@@ -125,20 +149,21 @@ def diffusion_loss(
         loss (B,) and the times t (B,) it used.
     """
     schedule = denoiser.schedule
-    t = sample_t(schedule, x0.shape[0], spec.t_sampling, generator, x0.device)
+    lognormal = (spec.lognormal_mean, spec.lognormal_std)
+    t = sample_t(schedule, x0.shape[0], spec.t_sampling, generator, x0.device, lognormal)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     alpha, sigma = denoiser.alpha_sigma(t, x0)
     x_t = alpha * x0 + sigma * eps
-    raw = denoiser.net(x_t, t, y)
+    raw = denoiser.raw(x_t, t, y, alpha, sigma)
     target_space = spec.target or denoiser.kind
     if target_space == denoiser.kind:
         pred = raw  # measure the network's own output directly: no division by alpha or sigma
     else:
-        x0_hat, eps_hat = split_raw(
-            raw, x_t, alpha, sigma, denoiser.kind
-        )  # never clipped in training
-        pred = target_of(target_space, x0_hat, eps_hat, alpha, sigma)
-    target = target_of(target_space, x0, eps, alpha, sigma)
+        x0_hat, eps_hat = split_raw(  # never clipped in training
+            raw, x_t, alpha, sigma, denoiser.kind, denoiser.sigma_data
+        )
+        pred = denoiser.target(target_space, x0_hat, eps_hat, alpha, sigma)
+    target = denoiser.target(target_space, x0, eps, alpha, sigma)
     per_elem = elementwise_loss(spec, pred.float(), target.float())
     per_example = per_elem.reshape(x0.shape[0], -1).mean(dim=1)
     snr = schedule.log_snr(t).exp().float()

@@ -8,7 +8,21 @@ knows whether raw is eps, x0 or v. With x_t = alpha x0 + sigma eps (VP, alpha^2 
 | eps  | eps (Ho et al. 2020)           | (x_t - sigma eps) / alpha | raw                      |
 | x0   | x0                             | raw                       | (x_t - alpha x0) / sigma |
 | v    | alpha eps - sigma x0 (note 1)  | alpha x_t - sigma v       | sigma x_t + alpha v      |
-Note 1: Salimans & Ho 2022, Sec. 4.
+| edm  | F of EDM (note 2)              | c_skip x~ + c_out F       | (x_t - alpha x0) / sigma |
+Note 1: Salimans & Ho 2022, Sec. 4; v needs a variance-preserving schedule.
+Note 2: Karras et al. 2022, eq. 7 and Table 1 ("preconditioning"), on any schedule through the
+scaled variables x~ = x_t / alpha, s = sigma / alpha (s is EDM's sigma) and sigma_data = sd:
+
+| code    | EDM symbol   | value                                   |
+|---------|--------------|-----------------------------------------|
+| c_skip  | c_skip(s)    | sd^2 / (s^2 + sd^2)                     |
+| c_out   | c_out(s)     | s sd / sqrt(s^2 + sd^2)                 |
+| c_in    | c_in(s)      | 1 / sqrt(s^2 + sd^2), applied to x~     |
+| c_noise | c_noise(s)   | log(s) / 4: the time input the net sees |
+
+Every other kind sees x_t and t unchanged, except that on a variance-exploding schedule x_t is
+divided by sqrt(alpha^2 + sigma^2) (x_t's standard deviation for unit-variance data) so the
+network's input stays of unit size.
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ from torch import Tensor
 
 from difflab.schedules import Schedule, _broadcast
 
-PREDICTION_KINDS = ("eps", "x0", "v")
+PREDICTION_KINDS = ("eps", "x0", "v", "edm")
 
 
 def check_kind(kind: str) -> str:
@@ -43,10 +57,28 @@ def v_from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tens
     return alpha * eps - sigma * x0
 
 
+def edm_coefficients(
+    alpha: Tensor, sigma: Tensor, sigma_data: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in, c_noise) of EDM at s = sigma / alpha; c_in applies to x_t / alpha."""
+    s = sigma / alpha
+    norm = torch.sqrt(s**2 + sigma_data**2)
+    return sigma_data**2 / norm**2, s * sigma_data / norm, 1 / norm, torch.log(s) / 4
+
+
 def split_raw(
-    raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, kind: str
+    raw: Tensor,
+    x_t: Tensor,
+    alpha: Tensor,
+    sigma: Tensor,
+    kind: str,
+    sigma_data: float = 0.5,
 ) -> tuple[Tensor, Tensor]:
     """Turn raw network output into (x0_hat, eps_hat). alpha, sigma broadcast against x_t."""
+    if kind == "edm":
+        c_skip, c_out, _, _ = edm_coefficients(alpha, sigma, sigma_data)
+        x0_hat = c_skip * x_t / alpha + c_out * raw
+        return x0_hat, eps_from_x0(x_t, x0_hat, alpha, sigma)
     if kind == "eps":
         return x0_from_eps(x_t, raw, alpha, sigma), raw
     if kind == "x0":
@@ -56,8 +88,13 @@ def split_raw(
     raise ValueError(f"unknown prediction kind {kind!r}")
 
 
-def target_of(kind: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def target_of(
+    kind: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, sigma_data: float = 0.5
+) -> Tensor:
     """The quantity a `kind` network should output for this (x0, eps)."""
+    if kind == "edm":  # F = (x0 - c_skip x~) / c_out with x~ = x0 + s eps
+        c_skip, c_out, _, _ = edm_coefficients(alpha, sigma, sigma_data)
+        return ((1 - c_skip) * x0 - c_skip * (sigma / alpha) * eps) / c_out
     if kind == "eps":
         return eps
     if kind == "x0":
@@ -77,34 +114,66 @@ class Denoiser:
     Args:
         net: the network; never modified.
         schedule: gives alpha(t), sigma(t).
-        kind: what the network predicts: "eps", "x0" or "v".
+        kind: what the network predicts: "eps", "x0", "v" or "edm" (see the module table).
         clip_x0: clamp x0_hat to [-clip_x0, clip_x0] (and recompute eps_hat) when set; images in
             [-1, 1] use 1.0. None leaves x0_hat alone.
+        sigma_data: the data's standard deviation, for "edm" (0.5 in EDM).
     """
 
     def __init__(
-        self, net: Callable, schedule: Schedule, kind: str = "eps", clip_x0: float | None = None
+        self,
+        net: Callable,
+        schedule: Schedule,
+        kind: str = "eps",
+        clip_x0: float | None = None,
+        sigma_data: float = 0.5,
     ):
         self.net = net
         self.schedule = schedule
         self.kind = check_kind(kind)
+        if kind == "v" and not schedule.variance_preserving:
+            raise ValueError(
+                f"v-prediction is defined for variance-preserving schedules; the {schedule.name} "
+                "schedule is variance exploding: use prediction eps, x0 or edm"
+            )
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.clip_x0 = clip_x0
+        self.sigma_data = sigma_data
+
+    def with_net(self, net: Callable) -> Denoiser:
+        """The same denoiser around another network (EMA weights, a guided wrapper)."""
+        return Denoiser(net, self.schedule, self.kind, self.clip_x0, self.sigma_data)
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         return _broadcast(self.schedule.alpha(t), like), _broadcast(self.schedule.sigma(t), like)
+
+    def raw(self, x_t: Tensor, t: Tensor, y: Tensor | None, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """The network's raw output at (x_t, t): what it sees is set by the kind (module note)."""
+        if self.kind == "edm":
+            _, _, c_in, c_noise = edm_coefficients(alpha, sigma, self.sigma_data)
+            return self.net(c_in * x_t / alpha, c_noise.reshape(-1).to(t.dtype), y)
+        if not self.schedule.variance_preserving:
+            x_t = x_t * torch.rsqrt(alpha**2 + sigma**2)
+        return self.net(x_t, t, y)
 
     def split(
         self, raw: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor
     ) -> tuple[Tensor, Tensor]:
         """(x0_hat, eps_hat) from raw output, with `clip_x0` applied."""
-        x0_hat, eps_hat = split_raw(raw.to(x_t.dtype), x_t, alpha, sigma, self.kind)
+        x0_hat, eps_hat = split_raw(
+            raw.to(x_t.dtype), x_t, alpha, sigma, self.kind, self.sigma_data
+        )
         if self.clip_x0 is not None:
             x0_hat = x0_hat.clamp(-self.clip_x0, self.clip_x0)
             eps_hat = eps_from_x0(x_t, x0_hat, alpha, sigma.clamp_min(1e-12))
         return x0_hat, eps_hat
 
+    def target(self, kind: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """What a `kind` output should be for this (x0, eps), with this denoiser's sigma_data."""
+        return target_of(kind, x0, eps, alpha, sigma, self.sigma_data)
+
     def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
-        raw = self.net(x_t, t, y)
         alpha, sigma = self.alpha_sigma(t.detach(), x_t)
-        return self.split(raw, x_t, alpha, sigma)
+        return self.split(self.raw(x_t, t, y, alpha, sigma), x_t, alpha, sigma)

@@ -1,8 +1,14 @@
 """Noise schedules: alpha(t), sigma(t), log-SNR and its inverse, discrete tables.
 
-Every schedule here is variance preserving (VP): x_t = alpha(t) x0 + sigma(t) eps with
-alpha^2 + sigma^2 = 1, and t runs over [0, 1] (t = 0 is clean data). A schedule is defined by
-alpha_bar(t) = alpha(t)^2; the log-SNR is lam(t) = log(alpha^2 / sigma^2), decreasing in t.
+A schedule says how data is noised: x_t = alpha(t) x0 + sigma(t) eps, with t = 0 clean data and
+the log-SNR lam(t) = log(alpha^2 / sigma^2) decreasing in t. Samplers and losses use only alpha,
+sigma, lam and its inverse, so they run on every schedule here.
+
+- Variance preserving (VP, alpha^2 + sigma^2 = 1, t in [0, 1]), defined by alpha_bar = alpha^2:
+  the discrete DDPM table, cosine, sigmoid, and the continuous VP SDE of Song et al. 2021.
+- Variance exploding (VE, alpha = 1): the NCSN geometric sigma(t) of Song et al. 2021 (t in
+  [0, 1]) and EDM's schedule where the time is sigma itself (Karras et al. 2022, t = sigma in
+  [0, sigma_max]). Both have sigma(0) = 0, so a sampler's last step lands on clean data.
 
 Discrete-time models (DDPM, Ho et al. 2020) are trained on T steps; step i (1..T) sits at
 t = i / T and the network sees that t. A `DiscreteSchedule` interpolates log alpha_bar linearly in
@@ -39,25 +45,26 @@ def _broadcast(values: Tensor, like: Tensor) -> Tensor:
 
 
 class Schedule:
-    """A variance-preserving noise schedule on t in [0, 1]."""
+    """x_t = alpha(t) x0 + sigma(t) eps on t in [0, t_max]; subclasses define alpha and sigma."""
 
     name = "schedule"
+    variance_preserving = False
     # The largest and smallest t a sampler should start from / a loss should draw.
     t_min = 0.0
     t_max = 1.0
 
-    def alpha_bar(self, t: Tensor | float) -> Tensor:
+    def alpha(self, t: Tensor | float) -> Tensor:
         raise NotImplementedError
 
-    def alpha(self, t: Tensor | float) -> Tensor:
-        return self.alpha_bar(t).sqrt()
-
     def sigma(self, t: Tensor | float) -> Tensor:
-        return (1.0 - self.alpha_bar(t)).clamp_min(0.0).sqrt()
+        raise NotImplementedError
 
     def log_snr(self, t: Tensor | float) -> Tensor:
-        a = self.alpha_bar(t)
-        return torch.log(a) - torch.log1p(-a)
+        return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+
+    def prior_std(self, t: Tensor | float) -> float:
+        """Standard deviation of x_t for unit-variance data: where a sampler starts x_T."""
+        return float((self.alpha(t) ** 2 + self.sigma(t) ** 2).sqrt())
 
     def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
         """Inverse of `log_snr` by bisection (log-SNR is monotone decreasing in t)."""
@@ -84,17 +91,44 @@ class Schedule:
         return _broadcast(self.alpha(t), x0) * x0 + _broadcast(self.sigma(t), x0) * eps
 
     def discretize(self, num_steps: int, max_beta: float = 0.999) -> DiscreteSchedule:
+        raise ValueError(
+            f"the {self.name} schedule is continuous-time only; set diffusion.num_steps=0"
+        )
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+
+class VPSchedule(Schedule):
+    """A variance-preserving schedule on t in [0, 1], defined by alpha_bar(t) = alpha(t)^2."""
+
+    variance_preserving = True
+
+    def alpha_bar(self, t: Tensor | float) -> Tensor:
+        raise NotImplementedError
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return self.alpha_bar(t).sqrt()
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        return (1.0 - self.alpha_bar(t)).clamp_min(0.0).sqrt()
+
+    def log_snr(self, t: Tensor | float) -> Tensor:
+        a = self.alpha_bar(t)
+        return torch.log(a) - torch.log1p(-a)
+
+    def prior_std(self, t: Tensor | float) -> float:
+        return 1.0
+
+    def discretize(self, num_steps: int, max_beta: float = 0.999) -> DiscreteSchedule:
         """The T-step table of this schedule: alpha_bar at t = i / T, betas clipped (Nichol)."""
         t = torch.arange(num_steps + 1, dtype=_DTYPE) / num_steps
         abar = self.alpha_bar(t)
         betas = (1.0 - abar[1:] / abar[:-1]).clamp(0.0, max_beta)
         return DiscreteSchedule(betas, name=f"{self.name}-discrete")
 
-    def describe(self) -> dict:
-        return {"name": self.name}
 
-
-class DiscreteSchedule(Schedule):
+class DiscreteSchedule(VPSchedule):
     """A T-step table given as betas; step i (1..T) sits at t = i / T.
 
     Args:
@@ -163,7 +197,7 @@ def linear(
     return DiscreteSchedule(torch.linspace(beta_start, beta_end, num_steps, dtype=_DTYPE), "linear")
 
 
-class CosineSchedule(Schedule):
+class CosineSchedule(VPSchedule):
     """alpha_bar(t) = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) * pi / 2).
 
     Nichol & Dhariwal 2021, eq. 17.
@@ -197,7 +231,7 @@ class CosineSchedule(Schedule):
         return {"name": self.name, "s": self.s}
 
 
-class SigmoidSchedule(Schedule):
+class SigmoidSchedule(VPSchedule):
     """alpha_bar(t) from a shifted sigmoid (Jabri et al. 2022; Chen 2023, Algorithm 1).
 
     alpha_bar(t) = (v_end - v(t)) / (v_end - v_start),
@@ -233,3 +267,110 @@ class SigmoidSchedule(Schedule):
 
     def describe(self) -> dict:
         return {"name": self.name, "start": self.start, "end": self.end, "tau": self.tau}
+
+
+class VPSDESchedule(VPSchedule):
+    """The continuous VP SDE with linear beta(t) (Song et al. 2021, eq. 11; DDPM's limit).
+
+    alpha_bar(t) = exp(-(beta_min t + (beta_max - beta_min) t^2 / 2)); beta_min = 0.1 and
+    beta_max = 20 match DDPM's table (beta_i = beta(i / T) / T for T = 1000).
+    """
+
+    name = "vp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5):
+        if not 0 <= beta_min < beta_max:
+            raise ValueError(f"need 0 <= beta_min < beta_max, got {beta_min} and {beta_max}")
+        self.beta_min, self.beta_max, self.t_min = beta_min, beta_max, t_min
+
+    def _integral(self, t: Tensor) -> Tensor:
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+    def alpha_bar(self, t: Tensor | float) -> Tensor:
+        return torch.exp(-self._integral(_as_t(t)))
+
+    def log_snr(self, t: Tensor | float) -> Tensor:
+        b = self._integral(_as_t(t))  # lam = -log(e^b - 1), computed without overflow
+        return -(b + torch.log(-torch.expm1(-b)))
+
+    def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
+        b = torch.nn.functional.softplus(-_as_t(lam))  # integral(t) = log(1 + e^-lam)
+        a, c = 0.5 * (self.beta_max - self.beta_min), self.beta_min
+        return 2 * b / (c + torch.sqrt(c**2 + 4 * a * b))  # the positive root, stable
+
+    def describe(self) -> dict:
+        return {"name": self.name, "beta_min": self.beta_min, "beta_max": self.beta_max}
+
+
+class _ExplodingSchedule(Schedule):
+    """alpha = 1; subclasses define sigma(t) > 0 for t > 0 and its inverse; sigma(0) = 0."""
+
+    def alpha(self, t: Tensor | float) -> Tensor:
+        return torch.ones_like(_as_t(t))
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _t_of_sigma(self, sigma: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sigma(self, t: Tensor | float) -> Tensor:
+        t = _as_t(t)
+        return torch.where(t > 0, self._sigma(t.clamp_min(self.t_min)), torch.zeros_like(t))
+
+    def log_snr(self, t: Tensor | float) -> Tensor:
+        return -2 * torch.log(self.sigma(t))
+
+    def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
+        t = self._t_of_sigma(torch.exp(-0.5 * _as_t(lam)))
+        return t.clamp(self.t_min, self.t_max)
+
+
+class VESchedule(_ExplodingSchedule):
+    """NCSN's variance-exploding SDE (Song et al. 2021, eq. 9; Song & Ermon 2020):
+    sigma(t) = sigma_min (sigma_max / sigma_min)^t for t in (0, 1].
+
+    sigma_max should be about the largest distance between training points (Song & Ermon 2020,
+    Technique 1): 50 for CIFAR-10, a few units for 2-D toy data.
+    """
+
+    name = "ve"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        self.sigma_min, self.sigma_max, self.t_min = sigma_min, sigma_max, t_min
+        self._log_ratio = math.log(sigma_max / sigma_min)
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_min * torch.exp(t * self._log_ratio)
+
+    def _t_of_sigma(self, sigma: Tensor) -> Tensor:
+        return torch.log(sigma / self.sigma_min) / self._log_ratio
+
+    def describe(self) -> dict:
+        return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
+
+
+class EDMSchedule(_ExplodingSchedule):
+    """EDM's schedule (Karras et al. 2022, Table 1): sigma(t) = t, t in [sigma_min, sigma_max].
+
+    Time is the noise level itself, so samplers step directly in sigma (the Karras grid).
+    """
+
+    name = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.t_min, self.t_max = sigma_min, sigma_max
+
+    def _sigma(self, t: Tensor) -> Tensor:
+        return t
+
+    def _t_of_sigma(self, sigma: Tensor) -> Tensor:
+        return sigma
+
+    def describe(self) -> dict:
+        return {"name": self.name, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}

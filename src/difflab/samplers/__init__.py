@@ -18,8 +18,17 @@ from tqdm.auto import tqdm
 from difflab.samplers.common import Callback, NonFiniteError, Recorder, StepState
 from difflab.samplers.ddim import sample_ddim
 from difflab.samplers.ddpm import sample_ddpm
+from difflab.samplers.dpm_solver import (
+    sample_dpm_2s,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_3m,
+)
+from difflab.samplers.edm import sample_euler, sample_heun
 from difflab.samplers.grids import discrete_timesteps, timesteps
 from difflab.samplers.noise import SampleNoise
+from difflab.samplers.pc import sample_pc
+from difflab.samplers.unipc import sample_unipc
 
 __all__ = [
     "Callback",
@@ -31,6 +40,14 @@ __all__ = [
     "generate",
     "sample_ddim",
     "sample_ddpm",
+    "sample_dpm_2s",
+    "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde",
+    "sample_dpmpp_3m",
+    "sample_euler",
+    "sample_heun",
+    "sample_pc",
+    "sample_unipc",
     "timesteps",
 ]
 
@@ -69,6 +86,7 @@ def generate(
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     out = []
+    prior_std = denoiser.schedule.prior_std(float(ts[0]))
     starts = range(0, n, batch_size)
     bar = tqdm(
         total=len(starts) * (len(ts) - 1), desc="sampling", unit="step", disable=not progress
@@ -77,6 +95,8 @@ def generate(
         size = min(batch_size, n - start)
         noise = SampleNoise(seed, start)
         x_T = noise.randn((size, *shape), 0, device)
+        if prior_std != 1.0:  # variance-exploding schedules start wide
+            x_T = x_T * prior_std
         y = labels[start : start + size].to(device) if labels is not None else None
         user_cb = callback if start == 0 else None
 

@@ -20,8 +20,10 @@ from torch import Tensor
 from difflab.schedules import DiscreteSchedule, Schedule
 
 SPACINGS = ("linspace", "leading", "trailing", "quadratic")
-CONTINUOUS_SPACINGS = ("uniform", "quadratic", "logsnr")
-# For a discrete schedule, "uniform" and "logsnr" fall back to trailing; quadratic has its own.
+CONTINUOUS_SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
+# For a discrete schedule, "uniform" falls back to trailing and quadratic has its own; "logsnr" and
+# "karras" place times between the table's steps (its continuous view, see schedules.py).
+KARRAS_RHO = 7.0
 
 
 def _check_steps(num_steps: int, limit: int | None = None) -> None:
@@ -60,26 +62,39 @@ def discrete_timesteps(num_train_steps: int, num_steps: int, spacing: str = "tra
 def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing") -> Tensor:
     """The (num_steps + 1,) float64 grid of times for `schedule`, from its start down to 0.
 
-    Discrete schedules take a discrete spacing (linspace / leading / trailing); continuous ones
-    take uniform (in t), quadratic (denser near t = 0) or logsnr (uniform in log-SNR).
+    Discrete schedules take a discrete spacing (linspace / leading / trailing / quadratic);
+    every schedule takes uniform (in t), quadratic (denser near t = 0), logsnr (uniform in
+    log-SNR) or karras (Karras et al. 2022, eq. 5: uniform in sigma^(1/rho), rho = 7, with
+    sigma = sigma(t) / alpha(t)). The grid runs from t_max to t_min and then to 0.
     """
-    if isinstance(schedule, DiscreteSchedule):
-        if spacing in ("uniform", "logsnr"):
+    discrete = isinstance(schedule, DiscreteSchedule)
+    if discrete and spacing not in ("logsnr", "karras"):
+        if spacing == "uniform":
             spacing = "trailing"
         idx = discrete_timesteps(schedule.num_steps, num_steps, spacing)
         t = idx.to(torch.float64) / schedule.num_steps
     else:
-        _check_steps(num_steps)
+        _check_steps(num_steps, schedule.num_steps if discrete else None)
         t_max, t_min = schedule.t_max, schedule.t_min
         u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
         if spacing in ("uniform", "trailing", "linspace", "leading"):
             t = t_min + (t_max - t_min) * u
         elif spacing == "quadratic":
             t = t_min + (t_max - t_min) * u**2
-        elif spacing == "logsnr":
-            t_low = max(t_min, 1e-4)  # log-SNR is infinite at t = 0
+        elif spacing in ("logsnr", "karras"):
+            t_low = max(t_min, 1e-4) if schedule.variance_preserving else t_min
             lam_hi, lam_lo = schedule.log_snr(t_low), schedule.log_snr(t_max)
-            t = schedule.t_from_log_snr(lam_lo + (lam_hi - lam_lo) * (1 - u))
+            # n times from t_max down to t_low inclusive (then 0), as EDM's grid does.
+            v = torch.linspace(1.0, 0.0, num_steps, dtype=torch.float64)
+            if spacing == "logsnr":
+                lam = lam_lo + (lam_hi - lam_lo) * (1 - v)
+            else:  # sigma = exp(-lam / 2), interpolated in sigma^(1/rho)
+                lo, hi = (torch.exp(-lam / (2 * KARRAS_RHO)) for lam in (lam_hi, lam_lo))
+                lam = -2 * KARRAS_RHO * torch.log(lo + (hi - lo) * v)
+            t = schedule.t_from_log_snr(lam)
+            t[0] = t_max  # exact ends: an inverse by bisection is only close
+            if num_steps > 1:
+                t[-1] = t_low
         else:
             raise ValueError(
                 f"unknown timestep spacing {spacing!r} for a continuous schedule; "
