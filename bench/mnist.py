@@ -90,7 +90,7 @@ def main() -> None:
             }
         )
         print(f"guidance {g}: accuracy {acc:.4f}, FD to test {fd:.2f} (train vs test {ref_fd:.2f})")
-    step = int(run.checkpoint.name[5:])
+    step = run.step
     report = {
         "benchmark": "mnist",
         "train_s": train_s,

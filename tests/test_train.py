@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import shutil
 
@@ -8,7 +9,7 @@ from safetensors.torch import load_file
 from difflab.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints
 from difflab.config import ConfigError, apply_overrides, preset
 from difflab.data.toy2d import sample_toy2d
-from difflab.logging import read_metrics
+from difflab.logging import _scalars, read_metrics
 from difflab.metrics.toy2d import sliced_wasserstein2
 from difflab.runs import draw_samples, load_run
 from difflab.train import train
@@ -140,3 +141,43 @@ def test_time_limit_stops_with_a_checkpoint_and_resume_continues(tmp_path):
         progress=False,
     )
     assert done.name == "step-30"
+
+
+def test_best_checkpoint_follows_the_metric_and_survives_pruning_and_resume(tmp_path):
+    cfg = _cfg("train.steps=60", "train.checkpoint_every=10", "train.keep_checkpoints=1")
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, stop_after=30)
+    train(cfg, run, resume=True, progress=False)
+    rows = {r["step"]: r["loss_smoothed"] for r in read_metrics(run / "metrics.jsonl")}
+    best_step = min(rows, key=rows.get)  # checkpoints every 10 steps = every logged row
+    best = run / "checkpoints" / "best"
+    info = json.loads((best / "best.json").read_text())
+    assert info == {"metric": "loss_smoothed", "value": rows[best_step], "step": best_step}
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-60"]
+    assert load_run(run, checkpoint="best").step == best_step
+    if best_step != 60:  # the best copy holds its own weights, not the newest ones
+        a, b = (load_file(p / "ema.safetensors") for p in (best, run / "checkpoints/step-60"))
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_metric_must_be_logged(tmp_path):
+    cfg = _cfg("train.steps=10", "train.checkpoint_every=10", "train.best_metric=fid")
+    with pytest.raises(ConfigError, match="best_metric='fid' is not logged"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_mirrors_the_metrics_or_says_what_to_install(tmp_path):
+    cfg = _cfg("train.steps=20", "train.checkpoint_every=20", "train.tensorboard=true")
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match="pip install tensorboard"):
+            train(cfg, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
+    else:
+        train(cfg, tmp_path / "run", progress=False)
+        assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_metrics_rows_flatten_to_tensorboard_scalars():
+    row = {"step": 5, "loss": 0.5, "loss_by_t": [0.1, None], "eval": {"fd": 2.0}, "ok": True}
+    assert dict(_scalars(row)) == {"loss": 0.5, "loss_by_t/0": 0.1, "eval/fd": 2.0}

@@ -82,6 +82,34 @@ def save_checkpoint(
     return final
 
 
+def publish_best(ckpt_dir: Path, source: Path, info: dict) -> Path:
+    """Make checkpoints/best a copy of `source` (hard links: no extra disk) plus best.json.
+
+    The copy is built under a temporary name and renamed into place; the previous best is moved
+    aside first and deleted only after the new one is in place, so a crash leaves either the old
+    or the new best whole (a leftover `.old-best-*` folder is the old one).
+    """
+    pid = os.getpid()
+    tmp, old, best = ckpt_dir / f".tmp-best-{pid}", ckpt_dir / f".old-best-{pid}", ckpt_dir / "best"
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    shutil.copytree(source, tmp, copy_function=os.link)
+    (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+    if best.exists():
+        best.rename(old)
+    tmp.rename(best)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
+
+
+def checkpoint_step(path: Path) -> int:
+    """The training step a checkpoint folder holds (step-N or best)."""
+    if path.name.startswith("step-") and path.name[5:].isdigit():
+        return int(path.name[5:])
+    return int(json.loads((path / "manifest.json").read_text())["step"])
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """step-N folders, oldest first (temporary folders are ignored)."""
     if not ckpt_dir.is_dir():

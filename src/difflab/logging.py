@@ -1,4 +1,5 @@
-"""Metrics as JSON lines: one object per logged step, read back by the plots."""
+"""Metrics as JSON lines: one object per logged step, read back by the plots; optionally mirrored
+to TensorBoard (`train.tensorboard=true`, needs `pip install tensorboard`)."""
 
 from __future__ import annotations
 
@@ -14,17 +15,55 @@ class MetricsLog:
         path: the metrics file.
         resume_step: when resuming, rows logged after this step (by a run that crashed later
             than its last checkpoint) are dropped so the log matches the resumed weights.
+        tensorboard: also write every numeric value (lists as name/0, name/1, ...) as a
+            TensorBoard scalar under `path`'s folder / tensorboard.
     """
 
-    def __init__(self, path: str | Path, resume_step: int | None = None):
+    def __init__(self, path: str | Path, resume_step: int | None = None, tensorboard: bool = False):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             _rewrite(self.path, kept)
+        self.board = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard else None
 
     def write(self, row: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(_clean(row)) + "\n")
+        if self.board is not None and "step" in row:
+            for name, value in _scalars(row):
+                self.board.add_scalar(name, value, row["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard "
+            "(or set train.tensorboard=false; metrics.jsonl is written either way)"
+        ) from None
+    return SummaryWriter(str(folder))
+
+
+def _scalars(row: dict, prefix: str = ""):
+    """(name, value) for every finite number in a row, nested dicts and lists flattened."""
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if key == "step" and not prefix:
+            continue
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float) and math.isfinite(value):
+            yield name, float(value)
+        elif isinstance(value, dict):
+            yield from _scalars(value, f"{name}/")
+        elif isinstance(value, list | tuple):
+            yield from _scalars({str(i): v for i, v in enumerate(value)}, f"{name}/")
 
 
 def _clean(value):

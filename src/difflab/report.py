@@ -68,7 +68,7 @@ def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
     run = load_run(run_dir, use_ema=RunConfig.load(run_dir / "config.json").sample.use_ema)
     scfg = run.cfg.sample
     samples = draw_samples(run, scfg, progress=progress)
-    step = int(run.checkpoint.name[5:])
+    step = run.step
     save_run_samples(run, samples, None, scfg)
     recorder = Recorder(every=max(1, scfg.steps // 100))
     traj_cfg = type(scfg)(**{**scfg.__dict__, "n": min(TRAJECTORY_POINTS, scfg.n)})

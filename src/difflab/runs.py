@@ -11,6 +11,7 @@ import torch
 from difflab import build
 from difflab.checkpoint import (
     CheckpointError,
+    checkpoint_step,
     latest_good_checkpoint,
     list_checkpoints,
     load_data_info,
@@ -33,6 +34,7 @@ class LoadedRun:
     device: torch.device
     num_classes: int  # 0 = unconditional
     class_names: tuple[str, ...]
+    step: int  # the training step of the checkpoint
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -49,14 +51,25 @@ def check_run_dir(run_dir: str | Path) -> Path:
 def load_run(
     run_dir: str | Path,
     *,
-    checkpoint: int | None = None,
+    checkpoint: int | str | None = None,
     use_ema: bool = True,
     device: str = "auto",
 ) -> LoadedRun:
-    """Load a run's network (EMA weights by default) from its newest good checkpoint."""
+    """Load a run's network (EMA weights by default) from its newest good checkpoint, or from
+    `checkpoint`: a step number or "best"."""
     run_dir = check_run_dir(run_dir)
     if checkpoint is None:
         ckpt = latest_good_checkpoint(run_dir / "checkpoints")
+    elif checkpoint == "best":
+        ckpt = run_dir / "checkpoints" / "best"
+        if not ckpt.is_dir():
+            raise CheckpointError(
+                f"{run_dir} has no best checkpoint (train.keep_best was off, or no checkpoint "
+                "was written yet); use --checkpoint STEP or leave it out for the newest"
+            )
+        problem = verify_checkpoint(ckpt)
+        if problem:
+            raise CheckpointError(f"checkpoint {ckpt} is unusable: {problem}")
     else:
         ckpt = run_dir / "checkpoints" / f"step-{checkpoint}"
         if ckpt not in list_checkpoints(run_dir / "checkpoints"):
@@ -78,7 +91,8 @@ def load_run(
     net = net.to(dev).eval().requires_grad_(False)
     denoiser = build.build_denoiser(cfg, net, build.build_schedule(cfg.diffusion))
     names = tuple(info.get("class_names") or (str(k) for k in range(classes)))
-    return LoadedRun(run_dir, ckpt, cfg, denoiser, shape, dev, classes, names)
+    step = checkpoint_step(ckpt)
+    return LoadedRun(run_dir, ckpt, cfg, denoiser, shape, dev, classes, names, step)
 
 
 def sample_labels(
@@ -189,7 +203,7 @@ def save_run_samples(
         seed=sample_cfg.seed,
         guidance=sample_cfg.guidance if labels is not None else 1.0,
         ema=sample_cfg.use_ema,
-        step=int(run.checkpoint.name[5:]),
+        step=run.step,
     )
 
 

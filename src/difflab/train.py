@@ -10,11 +10,12 @@ N/2 and resumed ends with the same weights, bit for bit on the CPU, as one train
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import resource
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from difflab.checkpoint import (
     load_config,
     load_state,
     load_weights,
+    publish_best,
     save_checkpoint,
 )
 from difflab.config import ConfigError, RunConfig
@@ -34,17 +36,20 @@ from difflab.ema import EMA
 from difflab.guidance import guided
 from difflab.logging import MetricsLog
 from difflab.objectives import diffusion_loss
-from difflab.prediction import Denoiser
 from difflab.samplers import generate
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NUM_BUCKETS = 10  # loss is also logged per tenth of t in [0, 1]
+# Scalar metrics.jsonl keys a best checkpoint can be chosen by (lower is better).
+BEST_METRICS = ("loss_smoothed", "loss", "grad_norm")
 # Keys that may differ between a run's saved config and the one it is resumed with.
 RESUMABLE_CHANGES = (
     "train.steps",
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.keep_best",
+    "train.tensorboard",
     "train.device",
     "train.threads",
     "train.time_limit_minutes",
@@ -68,6 +73,7 @@ class Parts:
     scaler: torch.amp.GradScaler  # enabled for fp16 only
     autocast_dtype: torch.dtype | None  # None = full precision
     forward_net: torch.nn.Module  # the network, compiled when train.compile
+    best: dict = field(default_factory=dict)  # {"metric", "value", "step"} of checkpoints/best
 
     def data_info(self) -> dict:
         return {
@@ -103,6 +109,16 @@ def check_train_config(cfg: RunConfig) -> None:
         problems.append(
             "train.warmup_steps and train.grad_clip must be >= 0; "
             "log_every, checkpoint_every and keep_checkpoints >= 1"
+        )
+    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard "
+            "(metrics.jsonl is written either way)"
+        )
+    if t.best_metric not in BEST_METRICS:
+        problems.append(
+            f"train.best_metric={t.best_metric!r} is not logged; choose one of "
+            f"{', '.join(BEST_METRICS)} (lower is better)"
         )
     if problems:
         raise ConfigError("; ".join(problems))
@@ -183,6 +199,7 @@ def _state(parts: Parts, step: int, smoothed: float | None) -> dict:
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "scaler": parts.scaler.state_dict(),
         "smoothed_loss": smoothed,
+        "best": parts.best,
     }
 
 
@@ -224,6 +241,7 @@ def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, floa
         parts.scaler.load_state_dict(state["scaler"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
+    parts.best = dict(state.get("best") or {})
     return int(state["step"]), state["smoothed_loss"]
 
 
@@ -328,9 +346,7 @@ SNAPSHOT_N = 64  # samples in a training-time grid
 def snapshot(cfg: RunConfig, parts: Parts, run_dir: Path, step: int) -> Path:
     """samples/grid-step-N.png from the EMA weights and fixed noise (the same every time, so
     grids across training show progress, not noise); per class for conditional models."""
-    den = Denoiser(
-        parts.ema.model, parts.denoiser.schedule, parts.denoiser.kind, parts.denoiser.clip_x0
-    )
+    den = parts.denoiser.with_net(parts.ema.model)
     labels = None
     if parts.num_classes:
         labels = torch.arange(SNAPSHOT_N) % parts.num_classes
@@ -362,7 +378,7 @@ def log_interval(
     step: int,
     smoothed: float | None,
 ) -> float:
-    """Write one metrics row for the interval ending at `step`; returns the smoothed loss."""
+    """Write one metrics row for the interval ending at `step`; returns the row."""
     row = stats.row(step + 1)
     smoothed = row["loss"] if smoothed is None else 0.9 * smoothed + 0.1 * row["loss"]
     params = torch.cat([p.detach().flatten() for p in parts.net.parameters()])
@@ -375,7 +391,19 @@ def log_interval(
     )
     log.write(row)
     stats.reset()
-    return smoothed
+    return row
+
+
+def note_best(cfg: RunConfig, parts: Parts, row: dict | None, step: int) -> bool:
+    """Record `step` as the best so far if the latest row's train.best_metric improved on it."""
+    metric = cfg.train.best_metric
+    if not cfg.train.keep_best or row is None:
+        return False
+    value = float(row[metric])
+    if parts.best and not value < parts.best["value"]:
+        return False
+    parts.best = {"metric": metric, "value": value, "step": step}
+    return True
 
 
 def train(
@@ -400,13 +428,20 @@ def train(
     run_dir = Path(run_dir)
     parts = build_parts(cfg)  # 1. build
     start, smoothed = open_run(cfg, run_dir, parts, resume)  # 2. open or resume
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start if resume else None)
+    try:
+        log = MetricsLog(
+            run_dir / "metrics.jsonl",
+            resume_step=start if resume else None,
+            tensorboard=cfg.train.tensorboard,
+        )
+    except ImportError as e:
+        raise ConfigError(str(e)) from None
     stats = IntervalStats(parts.device)
     end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
     bar = tqdm(
         total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not progress
     )
-    last = None
+    last, row = None, None
     parts.net.train()
     began, limit_s = time.perf_counter(), cfg.train.time_limit_minutes * 60
     for step in range(start, end):  # 3. loop
@@ -420,11 +455,13 @@ def train(
             )
             end = done
         if done % cfg.train.log_every == 0 or done == end:
-            smoothed = log_interval(cfg, parts, stats, log, step, smoothed)
+            row = log_interval(cfg, parts, stats, log, step, smoothed)
+            smoothed = row["loss_smoothed"]
             bar.set_postfix(loss=f"{smoothed:.4f}")
         if cfg.train.sample_every and (done % cfg.train.sample_every == 0 or done == end):
             snapshot(cfg, parts, run_dir, done)
         if done % cfg.train.checkpoint_every == 0 or done == end:
+            improved = note_best(cfg, parts, row, done)
             last = save_checkpoint(
                 run_dir / "checkpoints",
                 done,
@@ -435,8 +472,11 @@ def train(
                 parts.data_info(),
                 cfg.train.keep_checkpoints,
             )
+            if improved:
+                publish_best(run_dir / "checkpoints", last, parts.best)
         bar.update(1)
         if done == end:
             break
     bar.close()
+    log.close()
     return last if last is not None else latest_good_checkpoint(run_dir / "checkpoints")
