@@ -181,3 +181,28 @@ def test_unknown_option_exits_2_through_the_console_script():
         [sys.executable, "-m", "difflab", "train", "--bogus"], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "unrecognized arguments: --bogus" in proc.stderr
+
+
+def test_eval_compare_sweeps_samplers_and_budgets(run_dir, tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    args = ["eval", str(run_dir), "--compare", "--nfe", "3,6", "--samplers", "ddim,heun"]
+    assert main([*args, "--grids", "karras", "--n", "300", "--quiet", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    got = {(r["sampler"], r["nfe"]) for r in result["rows"]}
+    assert got == {("ddim", 3), ("ddim", 6), ("heun", 3), ("heun", 5)}  # Heun: 2 n - 1 <= budget
+    assert all(r["spacing"] == "karras" and r["n"] == 300 for r in result["rows"])
+    assert result["provenance"]["seed"] == 1 and (run_dir / "plots" / "compare.png").exists()
+    assert "sliced W2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--nfe", "0"], "--nfe needs integers >= 1"),
+        (["--nfe", "ten"], "comma-separated integers"),
+        (["--samplers", "ddim,lms"], "unknown sampler(s) lms"),
+    ],
+)
+def test_eval_compare_bad_input(run_dir, extra, message, capsys):
+    assert main(["eval", str(run_dir), "--compare", "--quiet", "--n", "50", *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -111,6 +111,16 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", help="also write the result as JSON to this file")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="sweep samplers x model evaluations (x grids) and plot quality against NFE",
+    )
+    p.add_argument(
+        "--samplers", help="comma-separated, for --compare (default: every deterministic one)"
+    )
+    p.add_argument("--nfe", default="5,10,20,50", help="model-evaluation budgets for --compare")
+    p.add_argument("--grids", help="comma-separated spacings for --compare (default: --spacing)")
     _add_sampler_flags(p)
     p.add_argument("--quiet", action="store_true")
 
@@ -121,14 +131,19 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
-    """The run's sample config with the command-line flags laid over it."""
+def sample_changes(args: argparse.Namespace) -> dict:
+    """The SampleConfig fields the command-line flags set."""
     changes = {k: getattr(args, k) for k in SAMPLE_FLAGS if getattr(args, k, None) is not None}
     if getattr(args, "batch_size", None) is not None:
         changes["batch_size"] = args.batch_size
     if getattr(args, "raw", False):
         changes["use_ema"] = False
-    return dataclasses.replace(base, **changes)
+    return changes
+
+
+def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
+    """The run's sample config with the command-line flags laid over it."""
+    return dataclasses.replace(base, **sample_changes(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -200,6 +215,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from difflab.runs import check_run_dir, draw_samples, load_run, load_samples
 
     source = Path(args.source)
+    if args.compare:
+        return _eval_compare(args, source)
     if source.suffix == ".npz":
         samples = load_samples(source)
         if samples.ndim != 2:
@@ -235,6 +252,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} needs integers >= 1, got {text!r}")
+    return values
+
+
+def _eval_compare(args: argparse.Namespace, source: Path) -> int:
+    from difflab.report import compare_samplers, format_compare
+
+    if source.suffix == ".npz":
+        raise ConfigError("--compare draws its own samples: give a run directory, not an .npz")
+    names = args.samplers.split(",") if args.samplers else None
+    grids = args.grids.split(",") if args.grids else None
+    result = compare_samplers(
+        source,
+        samplers=names,
+        nfes=_int_list(args.nfe, "--nfe"),
+        grids=grids,
+        changes=sample_changes(args),
+        checkpoint=args.checkpoint,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_compare(result))
     return 0
 
 

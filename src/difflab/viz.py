@@ -175,3 +175,35 @@ def forward_samples(
         eps = torch.randn(x0.shape, generator=g)
         out.append((t, schedule.q_sample(x0, torch.full((len(x0),), t), eps).numpy()))
     return out
+
+
+def compare_plot(rows: list[dict], path: Path) -> Path:
+    """Sliced W2 (and in-square, when measured) against model evaluations, one line per sampler
+    and grid; the dotted line is the true-vs-true floor of sliced W2."""
+    panels = [("sliced_w2", "sliced W2 (lower is better)")]
+    if all("in_square" in r for r in rows):
+        panels.append(("in_square", "in-square fraction"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    lines = sorted({(r["sampler"], r["spacing"]) for r in rows})
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        for k, (sampler, spacing) in enumerate(lines):
+            pts = sorted(
+                (r["nfe"], r[key])
+                for r in rows
+                if (r["sampler"], r["spacing"]) == (sampler, spacing)
+            )
+            style = "-" if k < 10 else "--"
+            ax.plot(
+                *zip(*pts, strict=True), style, marker="o", ms=3, label=f"{sampler} ({spacing})"
+            )
+        if key == "sliced_w2":
+            floor = float(np.mean([r["sliced_w2_floor"] for r in rows]))
+            ax.axhline(floor, color="k", ls=":", lw=1, label="floor (true vs true)")
+            ax.set_yscale("log")
+        ax.set_xscale("log")
+        ax.set_xlabel("model evaluations (NFE)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("sample quality against NFE")
+    return _save(fig, path)

@@ -30,7 +30,25 @@ from difflab.samplers.noise import SampleNoise
 from difflab.samplers.pc import sample_pc
 from difflab.samplers.unipc import sample_unipc
 
+# Model evaluations of n steps on a grid ending at 0, as (a, b): a n - b. Heun skips its
+# correction on the last step, DPM-Solver-2S its midpoint; everything else is one call per step.
+NFE_COST = {"heun": (2, 1), "dpm_2s": (2, 1)}
+
+
+def nfe_of(sampler: str, steps: int) -> int:
+    """Model evaluations `steps` steps of `sampler` (by name) cost, grid ending at t = 0."""
+    a, b = NFE_COST.get(sampler, (1, 0))
+    return a * steps - b
+
+
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    """The most steps of `sampler` (by name) whose model evaluations fit in `nfe`."""
+    a, b = NFE_COST.get(sampler, (1, 0))
+    return max(1, (nfe + b) // a)
+
+
 __all__ = [
+    "NFE_COST",
     "Callback",
     "NonFiniteError",
     "Recorder",
@@ -38,6 +56,7 @@ __all__ = [
     "StepState",
     "discrete_timesteps",
     "generate",
+    "nfe_of",
     "sample_ddim",
     "sample_ddpm",
     "sample_dpm_2s",
@@ -48,6 +67,7 @@ __all__ = [
     "sample_heun",
     "sample_pc",
     "sample_unipc",
+    "steps_for_nfe",
     "timesteps",
 ]
 
