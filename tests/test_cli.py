@@ -167,6 +167,9 @@ def test_bad_sampler_options(run_dir, tmp_path, capsys):
         (["--sampler", "lms"], "unknown sampler"),
         (["--steps", "0"], "steps"),
         (["--steps", "5000"], "at most 1000"),
+        (["--sampler", "heun", "--spacing", "karras", "--steps", "5000"], "at most 1000"),
+        (["--sampler", "dpmpp_2m", "--spacing", "sideways"], "unknown timestep spacing"),
+        (["--sampler", "unipc", "--order", "7"], "order"),
         (["--n", "0"], "--n"),
     ):
         assert (

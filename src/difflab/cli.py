@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import warnings
@@ -304,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, *a, **k: f"difflab: warning: {msg}\n"
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:  # difflab's ValueErrors name the bad input and fix
+        if os.environ.get("DIFFLAB_TRACEBACK"):
+            raise
         print(f"difflab: error: {e}", file=sys.stderr)
         return 2
     except NonFiniteError as e:
