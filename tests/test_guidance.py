@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from difflab import schedules
+from difflab import build, schedules
+from difflab.config import SampleConfig
 from difflab.guidance import GuidedNet, guided
 from difflab.prediction import Denoiser
 
@@ -56,3 +57,25 @@ def test_guidance_refuses_unconditional_models_and_missing_labels():
         guided(den, 2.0, NUM_CLASSES)(torch.randn(2, 2), torch.rand(2), None)
     with pytest.raises(ValueError, match=">= 0"):
         guided(den, -1.0, NUM_CLASSES)
+
+
+@pytest.mark.parametrize("name", sorted(build.SAMPLERS))
+def test_every_sampler_runs_guided_with_one_call_per_evaluation(name):
+    # Guidance is a denoiser wrapper, so every sampler takes it: each model evaluation is one
+    # doubled batch, and scale 1 reproduces the conditional model exactly.
+    calls = []
+
+    def counting(x, t, y):
+        calls.append(len(x))
+        return _net(x, t, y)
+
+    schedule = schedules.linear()
+    scfg = SampleConfig(sampler=name, steps=4, spacing="logsnr")
+    fn, options, ts = build.build_sampler(scfg, schedule)
+    x_T, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    den = Denoiser(counting, schedule, "v")
+    out = fn(guided(den, 2.5, NUM_CLASSES), x_T, ts, y=y, generator=0, **options)
+    assert torch.isfinite(out).all() and set(calls) == {12}
+    cond = fn(Denoiser(_net, schedule, "v"), x_T, ts, y=y, generator=0, **options)
+    plain = guided(Denoiser(_net, schedule, "v"), 1.0, NUM_CLASSES)
+    torch.testing.assert_close(fn(plain, x_T, ts, y=y, generator=0, **options), cond)
