@@ -264,8 +264,10 @@ def toy2d() -> RunConfig:
 
 
 def _image_sampling(n: int, guidance: float = 1.0) -> SampleConfig:
+    # Ancestral DDPM at 50 quadratic steps: on the 30-minute MNIST model it reaches judge-feature
+    # FD 7.3 where DDIM-50 gives 16.0 (same guidance 1.0, bench/RESULTS.md).
     return SampleConfig(
-        sampler="ddim", steps=50, spacing="quadratic", n=n, batch_size=100, guidance=guidance
+        sampler="ddpm", steps=50, spacing="quadratic", n=n, batch_size=100, guidance=guidance
     )
 
 
@@ -299,7 +301,7 @@ def mnist() -> RunConfig:
             label_dropout=0.1,
             time_limit_minutes=30.0,
         ),
-        sample=_image_sampling(100, guidance=2.0),
+        sample=_image_sampling(100, guidance=1.25),  # judge accuracy 0.990, FD 7.4 (RESULTS.md)
     )
 
 
