@@ -147,3 +147,13 @@ def test_non_finite_model_output_names_the_step():
     # trailing grid 1.0, 0.9, ..., 0.1: the first t below 0.5 is 0.4, step 6
     with pytest.raises(NonFiniteError, match=r"step 6 \(t = 0.4000\)"):
         sample_ddim(den, torch.randn(4, 2), timesteps(schedule, 10, "trailing"))
+
+
+def test_t_end_moves_the_last_nonzero_time_and_is_checked():
+    schedule = SCHEDULES["linear"]
+    for spacing in ("logsnr", "karras"):
+        ts = timesteps(schedule, 10, spacing, t_end=0.01)
+        assert float(ts[-2]) == pytest.approx(0.01) and float(ts[-1]) == 0.0
+        assert float(ts[0]) == 1.0 and (ts[1:] < ts[:-1]).all()
+    with pytest.raises(ValueError, match="t_end must lie in"):
+        timesteps(schedule, 10, "logsnr", t_end=1.5)

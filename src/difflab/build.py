@@ -222,7 +222,7 @@ def build_sampler(cfg: SampleConfig, schedule: schedules.Schedule):
     options = {name: getattr(cfg, name) for name in option_names}
     if options.get("s_tmax") == 0:  # JSON has no infinity: 0 means "no upper limit"
         options["s_tmax"] = math.inf
-    return fn, options, timesteps(schedule, cfg.steps, cfg.spacing)
+    return fn, options, timesteps(schedule, cfg.steps, cfg.spacing, cfg.t_end or None)
 
 
 @_checked

@@ -26,7 +26,8 @@ from difflab.config import (
 from difflab.samplers import NonFiniteError
 
 SAMPLE_FLAGS = (
-    "sampler", "steps", "spacing", "eta", "s_churn", "order", "variance", "n", "seed", "guidance"
+    "sampler", "steps", "spacing", "t_end", "eta", "s_churn", "order", "variance", "n", "seed",
+    "guidance",
 )  # fmt: skip
 
 
@@ -42,6 +43,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--spacing",
         help="time grid: trailing, leading, linspace, quadratic (tables); uniform, logsnr, karras",
+    )
+    p.add_argument(
+        "--t-end", dest="t_end", type=float, help="last nonzero time of logsnr/karras grids"
     )
     p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     p.add_argument("--churn", dest="s_churn", type=float, help="Euler/Heun: EDM's S_churn")

@@ -123,6 +123,7 @@ class SampleConfig:
     steps: int = 1000
     # discrete only: linspace | leading | trailing | quadratic; any: uniform | logsnr | karras
     spacing: str = "quadratic"
+    t_end: float = 0.0  # last nonzero time of logsnr / karras grids; 0 = the schedule's t_min
     eta: float = 0.0  # DDIM only
     order: int = 2  # UniPC's order (1..3)
     s_churn: float = 0.0  # euler / heun: EDM's stochastic churn (0 = deterministic ODE)

@@ -59,14 +59,22 @@ def discrete_timesteps(num_train_steps: int, num_steps: int, spacing: str = "tra
     return torch.from_numpy(idx)
 
 
-def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing") -> Tensor:
+def timesteps(
+    schedule: Schedule, num_steps: int, spacing: str = "trailing", t_end: float | None = None
+) -> Tensor:
     """The (num_steps + 1,) float64 grid of times for `schedule`, from its start down to 0.
 
     Discrete schedules take a discrete spacing (linspace / leading / trailing / quadratic);
     every schedule takes uniform (in t), quadratic (denser near t = 0), logsnr (uniform in
     log-SNR) or karras (Karras et al. 2022, eq. 5: uniform in sigma^(1/rho), rho = 7, with
     sigma = sigma(t) / alpha(t)). The grid runs from t_max to t_min and then to 0.
+
+    t_end moves the last nonzero time of the logsnr and karras grids up from t_min: at few steps
+    a last interval spent between tiny noise levels is wasted, and the final step to 0 (x0_hat)
+    is nearly exact from a small noise level (bench/RESULTS.md, samplers).
     """
+    if t_end is not None and not (schedule.t_min <= t_end < schedule.t_max):
+        raise ValueError(f"t_end must lie in [{schedule.t_min:g}, {schedule.t_max:g}), got {t_end}")
     discrete = isinstance(schedule, DiscreteSchedule)
     if discrete and spacing not in ("logsnr", "karras"):
         if spacing == "uniform":
@@ -83,6 +91,8 @@ def timesteps(schedule: Schedule, num_steps: int, spacing: str = "trailing") -> 
             t = t_min + (t_max - t_min) * u**2
         elif spacing in ("logsnr", "karras"):
             t_low = max(t_min, 1e-4) if schedule.variance_preserving else t_min
+            if t_end is not None:
+                t_low = t_end
             lam_hi, lam_lo = schedule.log_snr(t_low), schedule.log_snr(t_max)
             # n times from t_max down to t_low inclusive (then 0), as EDM's grid does.
             v = torch.linspace(1.0, 0.0, num_steps, dtype=torch.float64)
