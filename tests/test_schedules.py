@@ -109,3 +109,14 @@ def test_ve_is_geometric_and_edm_time_is_sigma():
 def test_continuous_only_schedules_refuse_a_table():
     with pytest.raises(ValueError, match="num_steps=0"):
         schedules.EDMSchedule().discretize(1000)
+
+
+def test_discrete_inverse_is_exact_between_table_steps():
+    # log alpha_bar is linear between steps, so the inverse has a closed form per interval;
+    # it must agree with the generic bisection and be exact to rounding.
+    s = schedules.linear()
+    t = torch.rand(2000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = s.t_min + (1 - s.t_min) * t
+    torch.testing.assert_close(s.t_from_log_snr(s.log_snr(t)), t, atol=1e-12, rtol=0)
+    generic = schedules.Schedule.t_from_log_snr(s, s.log_snr(t))
+    torch.testing.assert_close(generic, t, atol=1e-9, rtol=0)

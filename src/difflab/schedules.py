@@ -174,6 +174,20 @@ class DiscreteSchedule(VPSchedule):
         log_abar = table[i] * (1 - frac) + table[i + 1] * frac
         return log_abar.exp()
 
+    def t_from_log_snr(self, lam: Tensor | float) -> Tensor:
+        """Exact inverse of the interpolated table: alpha_bar = sigmoid(lam), so the target
+        log alpha_bar is -softplus(-lam); find its interval in the (decreasing) table and solve
+        the linear interpolation there. Clamped to [0, 1]."""
+        lam = _as_t(lam)
+        target = -torch.nn.functional.softplus(-lam)
+        table = self._table(lam.device)
+        ascending = table.flip(0)  # log alpha_bar at t = 1, ..., 0
+        pos = torch.searchsorted(ascending, target.contiguous()).clamp(1, self.num_steps)
+        i = self.num_steps - pos  # table[i] >= target >= table[i + 1]
+        lo, hi = table[i], table[i + 1]
+        frac = ((target - lo) / (hi - lo)).clamp(0.0, 1.0)
+        return ((i + frac) / self.num_steps).clamp(0.0, 1.0)
+
     def discretize(self, num_steps: int, max_beta: float = 0.999) -> DiscreteSchedule:
         if num_steps == self.num_steps:
             return self
