@@ -49,8 +49,6 @@ SCHEDULES = {
     "edm": lambda cfg: schedules.EDMSchedule(cfg.sigma_min or 0.002, cfg.sigma_max or 80.0),
 }
 
-EXPLODING_SCHEDULES = ("ve", "edm")
-
 # name -> (sampler function, the SampleConfig fields it takes as options)
 SAMPLERS = {
     "ddpm": (sample_ddpm, ("variance",)),
@@ -106,10 +104,10 @@ def build_schedule(cfg: DiffusionConfig) -> schedules.Schedule:
 
 
 @_checked
-def build_loss_spec(cfg: DiffusionConfig) -> LossSpec:
-    if cfg.target == "v" and cfg.schedule in EXPLODING_SCHEDULES:
+def build_loss_spec(cfg: DiffusionConfig, schedule: schedules.Schedule) -> LossSpec:
+    if cfg.target == "v" and not schedule.variance_preserving:
         raise ConfigError(
-            f"a v-space loss needs a variance-preserving schedule, not {cfg.schedule}; "
+            f"a v-space loss needs a variance-preserving schedule, not {schedule.name}; "
             "use diffusion.target=eps, x0 or edm"
         )
     return LossSpec(

@@ -32,8 +32,10 @@ SAMPLE_FLAGS = (
 
 
 def _checkpoint_arg(value: str) -> int | str:
-    if value == "best" or value.isdigit():
-        return value if value == "best" else int(value)
+    if value == "best":
+        return value
+    if value.isdigit():
+        return int(value)
     raise argparse.ArgumentTypeError(f"expected a step number or 'best', got {value!r}")
 
 

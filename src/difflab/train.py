@@ -136,7 +136,7 @@ def build_parts(cfg: RunConfig) -> Parts:
     net = build.build_net(cfg.model, data.shape, classes).to(device)
     schedule = build.build_schedule(cfg.diffusion)
     denoiser = build.build_denoiser(cfg, net, schedule)
-    spec = build.build_loss_spec(cfg.diffusion)
+    spec = build.build_loss_spec(cfg.diffusion, schedule)
     ema = EMA(net, cfg.train.ema_decay, cfg.train.ema_warmup)
     optimizer = torch.optim.AdamW(
         net.parameters(),
