@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -101,12 +102,20 @@ def _mmd2_unbiased(x: Tensor, y: Tensor) -> Tensor:
 
 
 def kernel_inception_distance(
-    f1: Tensor, f2: Tensor, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+    f1: Tensor, f2: Tensor, num_subsets: int = 100, subset_size: int = 1000, seed: int = 2020
 ) -> tuple[float, float]:
     """Kernel distance (KID; Binkowski et al. 2018): unbiased MMD^2 with the cubic kernel
     k(x, y) = (x . y / D + 1)^3, averaged over random subsets as in their code.
 
     Unbiased, so it can be slightly negative when both sets come from one distribution.
+
+    The subsets are drawn as in Binkowski et al.'s code, kept by torch-fidelity: one
+    np.random.RandomState(seed) and, per subset, a draw without replacement from set 1 and then
+    one from set 2. So with equal arguments (its `kid_subsets`, `kid_subset_size`, `rng_seed`,
+    whose default is also 2020) the result equals torch-fidelity's `kid_features_to_metric`. Two
+    differences: it computes in the features' dtype (float32 for Inception), we in float64;
+    and it refuses subset_size > N, where we use min(subset_size, N1, N2), which equals its result
+    for that smaller subset size.
 
     Args:
         f1: features (N1, D); f2: features (N2, D).
@@ -114,7 +123,7 @@ def kernel_inception_distance(
         subset_size: samples per subset; capped at min(N1, N2).
         seed: seeds the subset draws.
     Returns:
-        (mean, std) of the subset estimates (std with ddof=0: 0 for one subset).
+        (mean, std) of the subset estimates (std with ddof=0, as np.std: 0 for one subset).
     """
     if f1.dim() != 2 or f2.dim() != 2 or f1.shape[1] != f2.shape[1]:
         raise ValueError(
@@ -123,11 +132,13 @@ def kernel_inception_distance(
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
-    g = torch.Generator().manual_seed(seed)
+    # numpy's legacy generator, not torch's: its choice() stream is what makes the subsets (and so
+    # the numbers) those of the reference code
+    rng = np.random.RandomState(seed)
     x, y = f1.to(torch.float64), f2.to(torch.float64)
     estimates = torch.empty(num_subsets, dtype=torch.float64)
     for i in range(num_subsets):
-        subset_x = x[torch.randperm(len(x), generator=g)[:m]]  # (m, D)
-        subset_y = y[torch.randperm(len(y), generator=g)[:m]]
-        estimates[i] = _mmd2_unbiased(subset_x, subset_y)
+        rows_x = torch.as_tensor(rng.choice(len(x), m, replace=False), device=x.device)
+        rows_y = torch.as_tensor(rng.choice(len(y), m, replace=False), device=y.device)
+        estimates[i] = _mmd2_unbiased(x[rows_x], y[rows_y])  # subsets (m, D)
     return float(estimates.mean()), float(estimates.std(correction=0))
