@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from difflab.config import apply_overrides, preset
-from difflab.report import evaluate_toy
+from difflab.metrics.toy2d import evaluate_toy
 from difflab.runs import draw_samples, load_run
 from difflab.train import train
 

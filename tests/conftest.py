@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/gaussian.py helpers
 torch.set_num_threads(2)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def difflab_cache(tmp_path_factory) -> Path:
+    """Caches (reference features, judges) go to a fresh folder, never the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("difflab-cache")
+    os.environ["DIFFLAB_CACHE"] = str(folder)
+    return folder
 
 
 @pytest.fixture

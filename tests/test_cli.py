@@ -195,7 +195,7 @@ def test_eval_compare_sweeps_samplers_and_budgets(run_dir, tmp_path, capsys):
     assert got == {("ddim", 3), ("ddim", 6), ("heun", 3), ("heun", 5)}  # Heun: 2 n - 1 <= budget
     assert all(r["spacing"] == "karras" and r["n"] == 300 for r in result["rows"])
     assert result["provenance"]["seed"] == 1 and (run_dir / "plots" / "compare.png").exists()
-    assert "sliced W2" in capsys.readouterr().out
+    assert "sliced_w2" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

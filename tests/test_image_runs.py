@@ -166,6 +166,7 @@ def test_image_resume_is_bitwise_exact(folder, tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
-def test_eval_says_image_runs_are_not_measured_by_the_cli(cond_run, capsys):
+def test_eval_of_an_image_folder_run_says_which_metrics_apply(cond_run, capsys):
     assert main(["eval", str(cond_run), "--quiet"]) == 2
-    assert "bench/mnist.py" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'imagefolder' has none" in err and "--judge FILE" in err and "--metric fid" in err

@@ -15,7 +15,6 @@ A rename is atomic on POSIX file systems, so `step-<N>` either exists whole or n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,20 +26,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from difflab.config import ConfigError
+from difflab.files import sha256_file
 
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json", "data.json")
 
 
 class CheckpointError(ConfigError):
     """No usable checkpoint: missing, corrupt or from another configuration."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -69,7 +61,7 @@ def save_checkpoint(
     torch.save(state, tmp / "state.pt")
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "data.json").write_text(json.dumps(data_info, indent=2) + "\n")
-    manifest = {name: _sha256(tmp / name) for name in FILES}
+    manifest = {name: sha256_file(tmp / name) for name in FILES}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "sha256": manifest}, indent=2))
     for name in (*FILES, "manifest.json"):  # flush file contents before the rename publishes them
         with (tmp / name).open("rb") as f:
@@ -130,7 +122,7 @@ def verify_checkpoint(path: Path) -> str | None:
     for name in FILES:
         if not (path / name).exists():
             return f"{name} is missing"
-        if _sha256(path / name) != manifest.get(name):
+        if sha256_file(path / name) != manifest.get(name):
             return f"{name} does not match its recorded SHA-256 (truncated or corrupt)"
     return None
 

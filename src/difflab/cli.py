@@ -72,6 +72,55 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", action="store_true", help="n / num_classes samples of each class")
 
 
+def _add_image_eval_flags(p: argparse.ArgumentParser) -> None:
+    from difflab.metrics.protocol import METRICS
+
+    p.add_argument(
+        "--metric",
+        help=f"image metrics, comma-separated: {', '.join(METRICS)} (default: fd_judge, "
+        "kid_judge, pr_judge, and accuracy for conditional runs)",
+    )
+    p.add_argument(
+        "--reference",
+        help="real images: a data set split (mnist:test, cifar10:train), a folder or a samples "
+        ".npz (default: the data set's train split)",
+    )
+    p.add_argument("--n-reference", type=int, help="reference images used (default: all)")
+    p.add_argument("--root", help="data folder for data set references (default: the run's)")
+    p.add_argument("--judge", help="judge classifier file (default: the one trained for the data)")
+    p.add_argument(
+        "--inception-weights", help="Inception-v3 weights file (default: torch hub's cache)"
+    )
+    p.add_argument(
+        "--inception-sha256", help="expected SHA-256 of a non-standard Inception weights file"
+    )
+    p.add_argument("--image-size", type=int, default=32, help="a folder source: image size")
+    p.add_argument("--channels", type=int, help="a folder source: 1 or 3 (default: reference's)")
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute reference features, write no cache"
+    )
+
+
+def classifier_parser() -> argparse.ArgumentParser:
+    from difflab.evaluation import JUDGE_DATASETS
+
+    ap = argparse.ArgumentParser(
+        prog="difflab eval train-classifier",
+        description="Train the judge classifier whose features give the offline, in-domain "
+        "metrics (fd_judge, kid_judge, pr_judge, accuracy); prints its test accuracy.",
+    )
+    ap.add_argument("--dataset", required=True, choices=JUDGE_DATASETS)
+    ap.add_argument("--root", default="data", help="data folder (torchvision layout)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="weights file (default: the cache path eval looks in)")
+    ap.add_argument("--download", action="store_true", help="fetch a missing data set")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="difflab", description="Train, sample, evaluate and plot diffusion models."
@@ -128,6 +177,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--nfe", default="5,10,20,50", help="model-evaluation budgets for --compare")
     p.add_argument("--grids", help="comma-separated spacings for --compare (default: --spacing)")
+    p.add_argument("--guidances", help="comma-separated guidance scales for --compare")
+    _add_image_eval_flags(p)
     _add_sampler_flags(p)
     p.add_argument("--quiet", action="store_true")
 
@@ -217,19 +268,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from difflab.build import IMAGE_DATASETS
-    from difflab.report import evaluate_toy, format_table
-    from difflab.runs import check_run_dir, draw_samples, load_run, load_samples
+    from difflab.metrics.toy2d import evaluate_toy
+    from difflab.report import format_table
+    from difflab.runs import draw_samples, load_run, load_samples
 
     source = Path(args.source)
+    if _is_image_source(source):
+        return _eval_images(args, source)
     if args.compare:
         return _eval_compare(args, source)
     if source.suffix == ".npz":
         samples = load_samples(source)
-        if samples.ndim != 2:
-            raise ConfigError(
-                f"{source} holds images {samples.shape}; difflab eval measures 2-D samples only"
-            )
         dataset = args.dataset
         if dataset is None:
             raise ConfigError(
@@ -237,12 +286,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
         info = {"source": str(source)}
     else:
-        check_run_dir(source)
-        if RunConfig.load(source / "config.json").data.name in IMAGE_DATASETS:
-            raise ConfigError(
-                "difflab eval measures 2-D runs (sliced W2, in-square); image metrics are not in "
-                "the CLI yet: bench/mnist.py gives judge accuracy and Frechet distance for MNIST"
-            )
         run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
         scfg = sample_config(run.cfg.sample, args)
         samples = draw_samples(run, scfg, progress=not args.quiet).numpy()
@@ -262,6 +305,100 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_image_source(source: Path) -> bool:
+    """An image run, a folder of images or an .npz of images (not 2-D points)."""
+    from difflab.build import IMAGE_DATASETS
+    from difflab.runs import check_run_dir
+
+    if source.suffix == ".npz":
+        from difflab.runs import load_samples
+
+        return load_samples(source).ndim == 4
+    if source.is_dir() and not (source / "config.json").is_file():
+        return True  # a folder of generated images
+    return RunConfig.load(check_run_dir(source) / "config.json").data.name in IMAGE_DATASETS
+
+
+def _eval_images(args: argparse.Namespace, source: Path) -> int:
+    """Image metrics of a run (sampled now), a samples .npz or a folder, against --reference."""
+    from difflab.build import IMAGE_DATASETS
+    from difflab.evaluation import (
+        evaluate_images_of,
+        extractors_for,
+        format_rows,
+        samples_from_file,
+    )
+    from difflab.metrics import protocol
+    from difflab.runs import load_run
+
+    run, images, labels, meta = None, None, None, {"source": str(source)}
+    if (source / "config.json").is_file():
+        run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
+    dataset = run.cfg.data.name if run else args.dataset
+    default = None
+    if run and dataset == "imagefolder":
+        default = run.cfg.data.root  # the folder it was trained on
+    elif dataset:
+        default = f"{dataset}:train"
+    ref_spec = args.reference or default
+    if ref_spec is None:
+        raise ConfigError(f"evaluating {source} needs --reference (e.g. mnist:test) or --dataset")
+    if dataset is None and ref_spec.partition(":")[0] in IMAGE_DATASETS:
+        dataset = ref_spec.partition(":")[0]
+    if run is None:
+        grey = ref_spec.partition(":")[0] in ("mnist", "fashion")
+        size = (args.channels or (1 if grey else 3), args.image_size, args.image_size)
+        images, labels, file_meta = samples_from_file(source, size)
+        meta.update(file_meta)
+    root = args.root or (run.cfg.data.root if run else "data")
+    shape = tuple(run.shape if run else images.shape[1:])
+    reference = protocol.open_reference(ref_spec, shape, root=root, n=args.n_reference)
+    metrics = _metric_list(args.metric, run.num_classes > 0 if run else labels is not None)
+    extractors = extractors_for(
+        metrics,
+        dataset=dataset,
+        judge=args.judge,
+        inception_weights=args.inception_weights,
+        inception_sha256=args.inception_sha256,
+        device=run.device if run else "cpu",
+    )
+    if args.compare:
+        if run is None:
+            raise ConfigError("--compare draws its own samples: give a run directory")
+        image_eval = {"metrics": metrics, "reference": reference, "extractors": extractors}
+        return _eval_compare(args, source, image_eval)
+    cache = not args.no_cache
+    if run:
+        scfg = sample_config(run.cfg.sample, args)
+        rows = evaluate_images_of(run, scfg, metrics, reference, extractors, not args.quiet, cache)
+    else:
+        rows = protocol.evaluate_images(
+            images, labels, metrics, reference, extractors, meta, cache=cache
+        )
+    result = {"rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_rows(rows))
+    return 0
+
+
+def _metric_list(text: str | None, conditional: bool) -> list[str]:
+    """--metric, or the offline defaults (class accuracy when samples have labels)."""
+    if text:
+        return [m.strip() for m in text.split(",") if m.strip()]
+    return ["fd_judge", "kid_judge", "pr_judge"] + (["accuracy"] if conditional else [])
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{flag} needs at least one number")
+    return values
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -272,7 +409,7 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def _eval_compare(args: argparse.Namespace, source: Path) -> int:
+def _eval_compare(args: argparse.Namespace, source: Path, image_eval: dict | None = None) -> int:
     from difflab.report import compare_samplers, format_compare
 
     if source.suffix == ".npz":
@@ -284,7 +421,9 @@ def _eval_compare(args: argparse.Namespace, source: Path) -> int:
         samplers=names,
         nfes=_int_list(args.nfe, "--nfe"),
         grids=grids,
+        guidances=_float_list(args.guidances, "--guidances") if args.guidances else None,
         changes=sample_changes(args),
+        image_eval=image_eval,
         checkpoint=args.checkpoint,
         device=args.device,
         progress=not args.quiet,
@@ -292,6 +431,30 @@ def _eval_compare(args: argparse.Namespace, source: Path) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_compare(result))
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from difflab.evaluation import default_judge_path
+    from difflab.metrics.classifier import train_judge
+
+    out = Path(args.out) if args.out else default_judge_path(args.dataset)
+    start = time.perf_counter()
+    _, accuracy = train_judge(
+        args.dataset,
+        args.root,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        out_path=out,
+        progress=None if args.quiet else print,
+        download=args.download,
+    )
+    print(
+        f"difflab: judge for {args.dataset}: test accuracy {accuracy:.4f} in "
+        f"{time.perf_counter() - start:.0f} s -> {out}"
+    )
     return 0
 
 
@@ -303,15 +466,26 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "plot": cmd_plot}
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "plot": cmd_plot,
+    "train-classifier": cmd_train_classifier,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["eval", "train-classifier"]:
+        args = classifier_parser().parse_args(argv[2:])
+        args.command = "train-classifier"
+    else:
+        args = parser().parse_args(argv)
     warnings.formatwarning = lambda msg, *a, **k: f"difflab: warning: {msg}\n"
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ValueError) as e:  # difflab's ValueErrors name the bad input and fix
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # they name the bad input and fix
         if os.environ.get("DIFFLAB_TRACEBACK"):
             raise
         print(f"difflab: error: {e}", file=sys.stderr)

@@ -107,13 +107,17 @@ class TrainConfig:
     checkpoint_every: int = 2000
     keep_checkpoints: int = 2  # the last K are kept
     keep_best: bool = True  # also keep checkpoints/best: the lowest best_metric so far
-    best_metric: str = "loss_smoothed"  # a metrics.jsonl key, lower is better
+    best_metric: str = "loss_smoothed"  # loss_smoothed | loss | grad_norm | eval (eval_metric)
     tensorboard: bool = False  # mirror metrics.jsonl to RUN/tensorboard (pip install tensorboard)
     label_dropout: float = 0.1  # class-conditional: share of labels replaced by the null label
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
     compile: bool = False  # torch.compile the network for training
     sample_every: int = 0  # a grid (2-D: scatter) from fixed noise every N steps; 0 = off
     time_limit_minutes: float = 0.0  # stop (with a checkpoint) after this long; 0 = off
+    eval_every: int = 0  # measure eval_metric every N steps (EMA weights, fixed noise); 0 = off
+    eval_metric: str = ""  # "" = sliced_w2 (2-D) or fd_judge (images); fid, kid, ... (eval)
+    eval_n: int = 1000  # samples per evaluation (labelled: fd_judge1k)
+    eval_reference: str = ""  # images: "" = the data set's test split; a split, folder or .npz
 
 
 @dataclass

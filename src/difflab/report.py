@@ -7,8 +7,8 @@ are drawn from files only (config.json, metrics.jsonl, samples/*.npz), so they c
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,39 +17,16 @@ import torch
 from difflab import build, viz
 from difflab.config import ConfigError, RunConfig
 from difflab.data.toy2d import TOY2D, sample_toy2d
+from difflab.evaluation import evaluate_images_of, timed_samples
 from difflab.logging import MetricsLog, read_metrics
-from difflab.metrics.toy2d import in_square_fraction, sliced_wasserstein2
+from difflab.metrics.protocol import HIGHER_IS_BETTER
+from difflab.metrics.toy2d import REFERENCE_SEED, evaluate_toy
 from difflab.report_images import make_image_artefacts, plot_image_run
 from difflab.runs import check_run_dir, draw_samples, load_run, save_run_samples
 from difflab.samplers import Recorder, nfe_of, steps_for_nfe
 
 TRAJECTORY_POINTS = 2000  # points recorded at every step for the GIF and trajectory plot
 FORWARD_TS = (0.05, 0.1, 0.25, 0.5, 1.0)
-REFERENCE_SEED = 12345  # fresh true samples for metrics come from this seed, never from training
-
-
-def evaluate_toy(samples: np.ndarray, dataset: str) -> dict:
-    """Sliced W2 to fresh true samples of the same size, its floor (true vs true), and for the
-    checkerboard the fraction of samples inside a correct square."""
-    if dataset not in TOY2D:
-        raise ConfigError(f"unknown 2-D dataset {dataset!r}; choose one of {', '.join(TOY2D)}")
-    if samples.ndim != 2 or samples.shape[1] != 2:
-        raise ConfigError(f"2-D metrics need samples of shape (N, 2), got {samples.shape}")
-    if not np.isfinite(samples).all():
-        raise ConfigError("the samples contain NaN or infinity; the model or sampler diverged")
-    x = torch.from_numpy(np.asarray(samples, dtype=np.float32))
-    g = torch.Generator().manual_seed(REFERENCE_SEED)
-    ref, ref2 = sample_toy2d(dataset, len(x), g), sample_toy2d(dataset, len(x), g)
-    result = {
-        "dataset": dataset,
-        "n": len(x),
-        "sliced_w2": sliced_wasserstein2(x, ref),
-        "sliced_w2_floor": sliced_wasserstein2(ref2, ref),
-    }
-    if dataset == "checkerboard":
-        result["in_square"] = in_square_fraction(x)
-        result["in_square_true"] = in_square_fraction(ref)
-    return result
 
 
 # Deterministic samplers a --compare sweep runs by default (stochastic ones need many more steps).
@@ -62,22 +39,26 @@ def compare_samplers(
     samplers: list[str] | None = None,
     nfes: list[int] = (5, 10, 20, 50),
     grids: list[str] | None = None,
+    guidances: list[float] | None = None,
     changes: dict | None = None,
     checkpoint: int | str | None = None,
     device: str = "auto",
+    image_eval: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Quality against model evaluations for every sampler x NFE budget x grid of a 2-D run.
+    """Quality against model evaluations for every sampler x NFE budget x grid (x guidance).
 
-    Every configuration starts from the same noise (the run's sample seed, or `changes`). Writes
-    plots/compare.png and returns {"rows": [...], "provenance": ...}.
+    Every configuration starts from the same noise (the run's sample seed, or `changes`). 2-D
+    runs are measured by sliced W2 (and in-square); image runs by `image_eval` = {"metrics",
+    "reference", "extractors"} (see `evaluation.evaluate_images_of`). Each row also has the
+    sampling speed (ms per sample) and peak memory. Writes plots/compare.png and returns
+    {"rows": [...], "provenance": ..., "plot": path}.
     """
     run_dir = check_run_dir(run_dir)
     cfg = RunConfig.load(run_dir / "config.json")
-    if cfg.data.name not in TOY2D:
-        raise ConfigError(
-            "--compare measures 2-D runs (sliced W2, in-square); for images use bench/mnist.py"
-        )
+    toy = cfg.data.name in TOY2D
+    if not toy and image_eval is None:
+        raise ConfigError("--compare on an image run needs image metrics (image_eval)")
     changes = dict(changes or {})
     use_ema = changes.pop("use_ema", True)
     run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
@@ -88,20 +69,28 @@ def compare_samplers(
         raise ConfigError(
             f"unknown sampler(s) {', '.join(unknown)}; choose from {', '.join(build.SAMPLERS)}"
         )
+    if guidances and run.num_classes == 0:
+        raise ConfigError("--guidances needs a class-conditional run")
     rows = []
-    for name in names:
-        for nfe in nfes:
-            for grid in grids or [base.spacing]:
-                steps = steps_for_nfe(name, nfe)
-                scfg = dataclasses.replace(base, sampler=name, steps=steps, spacing=grid)
-                t0 = time.perf_counter()
-                samples = draw_samples(run, scfg, progress=False).numpy()
-                seconds = time.perf_counter() - t0
-                row = {"sampler": name, "spacing": grid, "steps": steps, "nfe": nfe_of(name, steps)}
-                row.update(evaluate_toy(samples, run.cfg.data.name), seconds=seconds)
-                rows.append(row)
-                if progress:
-                    print(f"{name} {grid} NFE {row['nfe']}: sliced W2 {row['sliced_w2']:.4f}")
+    for name, nfe, grid, guidance in itertools.product(
+        names, nfes, grids or [base.spacing], guidances or [base.guidance]
+    ):
+        steps = steps_for_nfe(name, nfe)
+        scfg = dataclasses.replace(base, sampler=name, steps=steps, spacing=grid, guidance=guidance)
+        row = {"sampler": name, "spacing": grid, "steps": steps, "nfe": nfe_of(name, steps)}
+        if run.num_classes:
+            row["guidance"] = guidance
+        if toy:
+            samples, timing = timed_samples(run, scfg, None)
+            row.update(evaluate_toy(samples.numpy(), run.cfg.data.name), **timing)
+        else:
+            measured = evaluate_images_of(run, scfg, **image_eval)
+            row.update({r["metric"]: r["value"] for r in measured})
+            row["labels"] = {r["metric"]: r["label"] for r in measured}
+            row.update({k: measured[0][k] for k in ("ms_per_sample", "peak_memory_mb")})
+        rows.append(row)
+        if progress:
+            print(format_compare({"rows": [row]}, header=False))
     provenance = {
         "run": str(run_dir),
         "checkpoint": str(run.checkpoint),
@@ -110,20 +99,39 @@ def compare_samplers(
         "seed": base.seed,
         "n": base.n,
     }
-    plot = viz.compare_plot(rows, run_dir / "plots" / "compare.png")
+    plot = viz.compare_plot(rows, run_dir / "plots" / "compare.png", _quality_keys(rows))
     return {"provenance": provenance, "rows": rows, "plot": str(plot)}
 
 
-def format_compare(result: dict) -> str:
-    """One line per configuration, best sliced W2 first within each NFE budget."""
-    lines = [f"{'sampler':10s} {'grid':10s} {'NFE':>4s} {'sliced W2':>10s} {'in-square':>10s}"]
-    for row in sorted(result["rows"], key=lambda r: (r["nfe"], r["sliced_w2"])):
-        square = f"{row['in_square']:.4f}" if "in_square" in row else "-"
+def _quality_keys(rows: list[dict]) -> list[str]:
+    """The quality values of compare rows, main one first."""
+    if "sliced_w2" in rows[0]:
+        return ["sliced_w2"] + (["in_square"] if "in_square" in rows[0] else [])
+    return list(rows[0]["labels"])
+
+
+def format_compare(result: dict, header: bool = True) -> str:
+    """One line per configuration, best first within each NFE budget."""
+    rows = result["rows"]
+    keys = _quality_keys(rows)
+    sign = -1 if keys[0] in HIGHER_IS_BETTER else 1
+    names = [rows[0].get("labels", {}).get(k, k) for k in keys]
+    lines = []
+    if header:
         lines.append(
-            f"{row['sampler']:10s} {row['spacing']:10s} {row['nfe']:4d} "
-            f"{row['sliced_w2']:10.4f} {square:>10s}"
+            f"{'sampler':10s} {'grid':10s} {'NFE':>4s} {'guid':>5s} "
+            + " ".join(f"{n:>14s}" for n in names)
+            + f" {'ms/sample':>10s} {'peak MB':>8s}"
         )
-    lines.append(f"plot: {result['plot']}")
+    for row in sorted(rows, key=lambda r: (r["nfe"], sign * r[keys[0]])):
+        guidance = f"{row['guidance']:5.2f}" if "guidance" in row else f"{'-':>5s}"
+        lines.append(
+            f"{row['sampler']:10s} {row['spacing']:10s} {row['nfe']:4d} {guidance} "
+            + " ".join(f"{row[k]:14.4f}" for k in keys)
+            + f" {row['ms_per_sample']:10.2f} {row['peak_memory_mb']:8.0f}"
+        )
+    if "plot" in result:
+        lines.append(f"plot: {result['plot']}")
     return "\n".join(lines)
 
 
@@ -188,6 +196,9 @@ def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> li
             viz.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png"),
             viz.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png"),
         ]
+    history = viz.eval_history(run_dir / "metrics.jsonl", plots / "eval_history.png")
+    if history:
+        paths.append(history)
     return paths
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import resource
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,15 +32,18 @@ from difflab.checkpoint import (
 )
 from difflab.config import ConfigError, RunConfig
 from difflab.ema import EMA
+from difflab.evaluation import TrainingEvaluator
 from difflab.guidance import guided
 from difflab.logging import MetricsLog
+from difflab.metrics.protocol import HIGHER_IS_BETTER
 from difflab.objectives import diffusion_loss
 from difflab.samplers import generate
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NUM_BUCKETS = 10  # loss is also logged per tenth of t in [0, 1]
-# Scalar metrics.jsonl keys a best checkpoint can be chosen by (lower is better).
-BEST_METRICS = ("loss_smoothed", "loss", "grad_norm")
+# What a best checkpoint can be chosen by: scalar metrics.jsonl keys (lower is better), or
+# "eval": train.eval_metric (better in its own direction, e.g. higher precision).
+BEST_METRICS = ("loss_smoothed", "loss", "grad_norm", "eval")
 # Keys that may differ between a run's saved config and the one it is resumed with.
 RESUMABLE_CHANGES = (
     "train.steps",
@@ -54,6 +56,8 @@ RESUMABLE_CHANGES = (
     "train.threads",
     "train.time_limit_minutes",
     "train.compile",
+    "train.eval_every",
+    "train.eval_n",
 )
 
 
@@ -74,6 +78,7 @@ class Parts:
     autocast_dtype: torch.dtype | None  # None = full precision
     forward_net: torch.nn.Module  # the network, compiled when train.compile
     best: dict = field(default_factory=dict)  # {"metric", "value", "step"} of checkpoints/best
+    evaluator: TrainingEvaluator | None = None  # train.eval_metric every train.eval_every steps
 
     def data_info(self) -> dict:
         return {
@@ -118,7 +123,16 @@ def check_train_config(cfg: RunConfig) -> None:
     if t.best_metric not in BEST_METRICS:
         problems.append(
             f"train.best_metric={t.best_metric!r} is not logged; choose one of "
-            f"{', '.join(BEST_METRICS)} (lower is better)"
+            f"{', '.join(BEST_METRICS)} (lower is better; eval: train.eval_metric)"
+        )
+    if t.eval_every < 0 or t.eval_n < 1:
+        problems.append(
+            f"train.eval_every must be >= 0 and eval_n >= 1, got {t.eval_every}, {t.eval_n}"
+        )
+    if t.best_metric == "eval" and (t.eval_every == 0 or t.eval_every % t.checkpoint_every):
+        problems.append(
+            "train.best_metric=eval needs train.eval_every > 0 and a multiple of "
+            f"train.checkpoint_every ({t.checkpoint_every}), so every evaluated step is saved"
         )
     if problems:
         raise ConfigError("; ".join(problems))
@@ -149,6 +163,9 @@ def build_parts(cfg: RunConfig) -> Parts:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     forward_net = torch.compile(net) if cfg.train.compile else net
     denoiser.net = forward_net
+    evaluator = None
+    if cfg.train.eval_every:  # built now: a missing judge or reference fails before step 1
+        evaluator = TrainingEvaluator(cfg, tuple(data.shape), classes, device)
     return Parts(
         net,
         denoiser,
@@ -162,6 +179,7 @@ def build_parts(cfg: RunConfig) -> Parts:
         scaler,
         dtype,
         forward_net,
+        evaluator=evaluator,
     )
 
 
@@ -294,12 +312,6 @@ class IntervalStats:
         }
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def train_labels(cfg: RunConfig, parts: Parts, y: torch.Tensor | None) -> torch.Tensor | None:
     """Labels for the network: None when unconditional; else a train.label_dropout share replaced
     by the null label (index num_classes), so the same network learns the unconditional model
@@ -387,7 +399,7 @@ def log_interval(
         lr=lr_at(cfg, step),
         ema_decay=parts.ema.current_decay(),
         param_norm=float(params.norm()),
-        peak_memory_mb=peak_memory_mb(parts.device),
+        peak_memory_mb=build.peak_memory_mb(parts.device),
     )
     log.write(row)
     stats.reset()
@@ -395,15 +407,36 @@ def log_interval(
 
 
 def note_best(cfg: RunConfig, parts: Parts, row: dict | None, step: int) -> bool:
-    """Record `step` as the best so far if the latest row's train.best_metric improved on it."""
+    """Record `step` as the best so far if train.best_metric improved on it: the latest logged
+    row's value, or for "eval" the evaluation of this very step (row = its result)."""
     metric = cfg.train.best_metric
     if not cfg.train.keep_best or row is None:
         return False
-    value = float(row[metric])
-    if parts.best and not value < parts.best["value"]:
+    higher = False
+    if metric == "eval":
+        if row.get("step") != step:
+            return False
+        metric = row["eval"]["metric"]
+        value, higher = float(row["eval"][metric]), metric in HIGHER_IS_BETTER
+    else:
+        value = float(row[metric])
+    if parts.best and not (value > parts.best["value"] if higher else value < parts.best["value"]):
         return False
     parts.best = {"metric": metric, "value": value, "step": step}
     return True
+
+
+def evaluate_step(parts: Parts, log: MetricsLog, step: int) -> dict:
+    """Run the training-time evaluator on the EMA weights; log and return {"step", "eval"}."""
+    was_training = parts.ema.model.training
+    parts.ema.model.eval()
+    try:
+        result = parts.evaluator(parts.denoiser.with_net(parts.ema.model))
+    finally:
+        parts.ema.model.train(was_training)
+    row = {"step": step, "eval": result}
+    log.write(row)
+    return row
 
 
 def train(
@@ -441,7 +474,7 @@ def train(
     bar = tqdm(
         total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not progress
     )
-    last, row = None, None
+    last, row, eval_row = None, None, None
     parts.net.train()
     began, limit_s = time.perf_counter(), cfg.train.time_limit_minutes * 60
     for step in range(start, end):  # 3. loop
@@ -460,8 +493,13 @@ def train(
             bar.set_postfix(loss=f"{smoothed:.4f}")
         if cfg.train.sample_every and (done % cfg.train.sample_every == 0 or done == end):
             snapshot(cfg, parts, run_dir, done)
+        if parts.evaluator and (done % cfg.train.eval_every == 0 or done == end):
+            eval_row = evaluate_step(parts, log, done)
+            result = eval_row["eval"]
+            bar.set_postfix({result["label"]: f"{result[result['metric']]:.4g}"})
         if done % cfg.train.checkpoint_every == 0 or done == end:
-            improved = note_best(cfg, parts, row, done)
+            by_eval = cfg.train.best_metric == "eval"
+            improved = note_best(cfg, parts, eval_row if by_eval else row, done)
             last = save_checkpoint(
                 run_dir / "checkpoints",
                 done,

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from difflab.logging import read_metrics
+from difflab.metrics.protocol import HIGHER_IS_BETTER
 
 LIMITS = (-1.5, 1.5)  # data panels
 NOISE_LIMITS = (-3.0, 3.0)  # panels that show noisy points
@@ -177,25 +178,22 @@ def forward_samples(
     return out
 
 
-def compare_plot(rows: list[dict], path: Path) -> Path:
-    """Sliced W2 (and in-square, when measured) against model evaluations, one line per sampler
-    and grid; the dotted line is the true-vs-true floor of sliced W2."""
-    panels = [("sliced_w2", "sliced W2 (lower is better)")]
-    if all("in_square" in r for r in rows):
-        panels.append(("in_square", "in-square fraction"))
+def compare_plot(rows: list[dict], path: Path, keys: list[str]) -> Path:
+    """Each quality value in `keys` against model evaluations, one line per sampler, grid and
+    guidance; for sliced W2 the dotted line is the true-vs-true floor."""
+    panels = [
+        (key, f"{key} ({'higher' if key in HIGHER_IS_BETTER else 'lower'} is better)")
+        for key in keys
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    lines = sorted({(r["sampler"], r["spacing"]) for r in rows})
+    line_of = lambda r: (r["sampler"], r["spacing"], r.get("guidance"))  # noqa: E731
+    lines = sorted({line_of(r) for r in rows}, key=str)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
-        for k, (sampler, spacing) in enumerate(lines):
-            pts = sorted(
-                (r["nfe"], r[key])
-                for r in rows
-                if (r["sampler"], r["spacing"]) == (sampler, spacing)
-            )
+        for k, line in enumerate(lines):
+            pts = sorted((r["nfe"], r[key]) for r in rows if line_of(r) == line)
+            name = f"{line[0]} ({line[1]})" + (f" w={line[2]:g}" if line[2] is not None else "")
             style = "-" if k < 10 else "--"
-            ax.plot(
-                *zip(*pts, strict=True), style, marker="o", ms=3, label=f"{sampler} ({spacing})"
-            )
+            ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, label=name)
         if key == "sliced_w2":
             floor = float(np.mean([r["sliced_w2_floor"] for r in rows]))
             ax.axhline(floor, color="k", ls=":", lw=1, label="floor (true vs true)")
@@ -206,4 +204,27 @@ def compare_plot(rows: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle("sample quality against NFE")
+    return _save(fig, path)
+
+
+def eval_history(metrics_path: Path, path: Path) -> Path | None:
+    """The training-time metric (metrics.jsonl rows {"step", "eval": {"metric", ...}}) against
+    step, with the best value marked; None when the run logged no such rows."""
+    rows = [r for r in read_metrics(metrics_path) if "step" in r and "metric" in r.get("eval", {})]
+    if not rows:
+        return None
+    metric = rows[-1]["eval"]["metric"]
+    pts = [(r["step"], r["eval"][metric]) for r in rows if r["eval"]["metric"] == metric]
+    steps, values = zip(*pts, strict=True)
+    best = (max if metric in HIGHER_IS_BETTER else min)(range(len(values)), key=values.__getitem__)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, values, marker="o", ms=3)
+    ax.plot(
+        steps[best], values[best], "r*", ms=12, label=f"best: {values[best]:.4g} at {steps[best]}"
+    )
+    ax.set_xlabel("training step")
+    ax.set_ylabel(rows[-1]["eval"].get("label", metric))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{metric} during training (EMA weights, fixed noise)")
     return _save(fig, path)

@@ -13,10 +13,8 @@ accuracy, architecture, training settings, SHA-256 of the weights), each written
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,9 +26,10 @@ from torch import Tensor, nn
 
 from difflab.data.folders import to_signed
 from difflab.data.images import TensorImages, load_image_dataset
+from difflab.files import replace_atomically, sha256_file
 
-__all__ = ["Judge", "JudgeFileError", "fit_judge", "judge_features", "judge_predict"]
-__all__ += ["load_judge", "save_judge", "train_judge"]
+__all__ = ["Judge", "JudgeExtractor", "JudgeFileError", "fit_judge", "judge_features"]
+__all__ += ["judge_predict", "load_judge", "save_judge", "train_judge"]
 
 IMAGE_SIZE = 32
 
@@ -162,6 +161,7 @@ def train_judge(
     seed: int = 0,
     out_path: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    download: bool = False,
 ) -> tuple[Judge, float]:
     """Train the judge on the train split of a data set and test it on the test split.
 
@@ -169,11 +169,12 @@ def train_judge(
         dataset_name, root: as for `data.images.load_image_dataset` (mnist, fashion, ...).
         out_path: where to save `<name>.safetensors` and its `<name>.json` sidecar; None: don't.
         progress: called with one line per epoch, e.g. `print`.
+        download: fetch missing standard data sets (needs a network).
     Returns:
         (model in eval mode, test accuracy in [0, 1]).
     """
-    train, _ = load_image_dataset(dataset_name, root, "train", image_size=IMAGE_SIZE)
-    test, _ = load_image_dataset(dataset_name, root, "test", image_size=IMAGE_SIZE)
+    train, _ = load_image_dataset(dataset_name, root, "train", download, image_size=IMAGE_SIZE)
+    test, _ = load_image_dataset(dataset_name, root, "test", download, image_size=IMAGE_SIZE)
     start = time.perf_counter()
     settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     model, accuracy = fit_judge(train, test, progress=progress, **settings)
@@ -182,20 +183,6 @@ def train_judge(
         info["train_seconds"] = round(time.perf_counter() - start, 1)
         save_judge(model, out_path, info)
     return model, accuracy
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()  # judge files are < 1 MB
-
-
-def _replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary name in the same folder, flush it to disk, then rename: a crash
-    leaves either the old file or the new one, never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sidecar(path: Path) -> Path:
@@ -210,10 +197,10 @@ def save_judge(model: Judge, path: str | Path, info: dict | None = None) -> Path
         raise ValueError(f"{path}: the weights need a name not ending in .json (their sidecar's)")
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _replace_atomically(path, lambda tmp: save_file(weights, tmp))
-    meta = {**(info or {}), "arch": model.arch, "sha256": _sha256(path)}
+    replace_atomically(path, lambda tmp: save_file(weights, tmp))
+    meta = {**(info or {}), "arch": model.arch, "sha256": sha256_file(path)}
     text = json.dumps(meta, indent=2) + "\n"
-    _replace_atomically(_sidecar(path), lambda tmp: tmp.write_text(text))  # last: it vouches
+    replace_atomically(_sidecar(path), lambda tmp: tmp.write_text(text))  # last: it vouches
     return path
 
 
@@ -226,7 +213,7 @@ def load_judge(path: str | Path) -> Judge:
     if not path.is_file() or not sidecar.is_file():
         raise JudgeFileError(f"judge files {path} and {sidecar} are not both there; {retrain}")
     meta = json.loads(sidecar.read_text())
-    if _sha256(path) != meta.get("sha256"):
+    if sha256_file(path) != meta.get("sha256"):
         raise JudgeFileError(
             f"the judge weights at {path} do not match their recorded SHA-256; {retrain} "
             f"(dataset {meta.get('dataset', '?')!r})"
@@ -273,3 +260,30 @@ def judge_features(model: Judge, images: Tensor, batch_size: int = 500) -> Tenso
 def judge_predict(model: Judge, images: Tensor, batch_size: int = 500) -> Tensor:
     """Predicted classes: images (N, C, 32, 32) float in [-1, 1] -> labels (N,) long."""
     return _batched(model, images, batch_size, lambda m, x: m(x).argmax(dim=1))
+
+
+class JudgeExtractor:
+    """A saved judge as a feature extractor, with the interface of `inception.InceptionExtractor`
+    (name, weights_sha256, feature_dim, features, logits), plus `predict` for class accuracy."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 500):
+        self.path = Path(path).expanduser().absolute()
+        self.model = load_judge(self.path).to(device)
+        meta = json.loads(_sidecar(self.path).read_text())
+        self.dataset = meta.get("dataset", "?")
+        self.name = f"judge-{self.dataset}"
+        self.weights_sha256 = meta["sha256"]
+        self.feature_dim = int(meta["arch"]["feature_dim"])
+        self.in_channels = int(meta["arch"]["in_channels"])
+        self.test_accuracy = meta.get("test_accuracy")
+        self.batch_size = batch_size
+        self.standard = False  # numbers compare only between runs that share this file
+
+    def features(self, images: Tensor) -> Tensor:
+        return judge_features(self.model, images, self.batch_size)
+
+    def logits(self, images: Tensor) -> Tensor:
+        return _batched(self.model, images, self.batch_size, lambda m, x: m(x))
+
+    def predict(self, images: Tensor) -> Tensor:
+        return judge_predict(self.model, images, self.batch_size)

@@ -1,0 +1,254 @@
+"""Image evaluation of a run, a folder of images or a samples .npz, with provenance.
+
+`difflab eval` and the training loop's periodic metric both come here. Metrics, references and
+the reference-feature cache are `metrics.protocol`'s; this module adds what needs a run: drawing
+the samples (timed, with peak memory), finding the feature extractors (the pinned Inception-v3,
+or the judge trained for the data set) and the training-time evaluator.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflab import build
+from difflab.config import ConfigError, RunConfig, SampleConfig
+from difflab.data.toy2d import TOY2D
+from difflab.guidance import guided
+from difflab.metrics import protocol
+from difflab.metrics.classifier import JudgeExtractor
+from difflab.metrics.protocol import METRICS, EvalError, label
+from difflab.metrics.toy2d import evaluate_toy
+from difflab.runs import LoadedRun, draw_samples, sample_labels
+from difflab.samplers import generate, nfe_of
+
+__all__ = ["TrainingEvaluator", "default_judge_path", "evaluate_images_of", "extractors_for"]
+__all__ += ["format_rows", "sampling_provenance", "timed_samples"]
+
+TOY_METRICS = ("sliced_w2",)
+JUDGE_DATASETS = ("mnist", "fashion", "cifar10")  # with train and test splits at 32x32
+
+
+def default_judge_path(dataset: str) -> Path:
+    """Where `difflab eval train-classifier --dataset NAME` saves its judge."""
+    return protocol.cache_dir() / "judges" / f"{dataset}.safetensors"
+
+
+def extractors_for(
+    metrics: list[str],
+    *,
+    dataset: str | None,
+    judge: str | Path | None = None,
+    inception_weights: str | Path | None = None,
+    inception_sha256: str | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """The feature extractors `metrics` need: "inception" and/or "judge"."""
+    kinds = {METRICS[m].extractor for m in metrics if m in METRICS}
+    out = {}
+    if "judge" in kinds:
+        path = Path(judge) if judge else default_judge_path(dataset or "?")
+        if not path.is_file():
+            if dataset not in JUDGE_DATASETS:
+                raise EvalError(
+                    f"judge metrics need a classifier trained on the data set, and {dataset!r} "
+                    f"has none (`difflab eval train-classifier` knows {', '.join(JUDGE_DATASETS)}"
+                    "); pass --judge FILE or use Inception metrics: --metric fid,kid,pr"
+                )
+            raise EvalError(
+                f"no judge classifier at {path}; train one with `difflab eval train-classifier "
+                f"--dataset {dataset} --root DATA` (a minute or two on a CPU) or pass --judge FILE"
+            )
+        out["judge"] = JudgeExtractor(path, device)
+    if "inception" in kinds:
+        from difflab.metrics.inception import INCEPTION_SHA256, InceptionExtractor
+
+        sha = inception_sha256 or INCEPTION_SHA256
+        out["inception"] = InceptionExtractor(inception_weights, sha256=sha, device=device)
+    return out
+
+
+def _peak_memory_start(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def timed_samples(
+    run: LoadedRun, scfg: SampleConfig, labels: torch.Tensor | None, progress: bool = False
+) -> tuple[torch.Tensor, dict]:
+    """Samples of a run and how fast they came: ms per sample and peak memory (CUDA: the most
+    allocated during sampling; CPU: the process's peak resident memory so far)."""
+    _peak_memory_start(run.device)
+    start = time.perf_counter()
+    samples = draw_samples(run, scfg, labels=labels, progress=progress)
+    seconds = time.perf_counter() - start
+    timing = {
+        "ms_per_sample": 1000 * seconds / len(samples),
+        "peak_memory_mb": build.peak_memory_mb(run.device),
+        "memory_kind": "cuda max allocated" if run.device.type == "cuda" else "process peak RSS",
+        "device": str(run.device),
+    }
+    return samples, timing
+
+
+def sampling_provenance(run: LoadedRun, scfg: SampleConfig, conditional: bool) -> dict:
+    """How samples were drawn, for every result row."""
+    return {
+        "source": str(run.run_dir),
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
+        "sampler": scfg.sampler,
+        "steps": scfg.steps,
+        "nfe": nfe_of(scfg.sampler, scfg.steps),
+        "spacing": scfg.spacing,
+        "guidance": scfg.guidance if conditional else None,
+        "ema": scfg.use_ema,
+        "seed": scfg.seed,
+    }
+
+
+def evaluate_images_of(
+    run: LoadedRun,
+    scfg: SampleConfig,
+    metrics: list[str],
+    reference: protocol.Reference,
+    extractors: dict,
+    progress: bool = False,
+    cache: bool = True,
+) -> list[dict]:
+    """Draw scfg.n samples of an image run (classes drawn uniformly when conditional) and
+    measure them; `cache`: read and write cached reference features."""
+    conditional = run.num_classes > 0
+    dims = {kind: e.feature_dim for kind, e in extractors.items()}
+    protocol.check_metrics(metrics, scfg.n, dims, conditional)  # before any sampling
+    labels = sample_labels(run, scfg.n, seed=scfg.seed) if conditional else None
+    samples, timing = timed_samples(run, scfg, labels, progress)
+    provenance = {**sampling_provenance(run, scfg, conditional), **timing}
+    return protocol.evaluate_images(
+        samples, labels, metrics, reference, extractors, provenance, cache=cache
+    )
+
+
+def _drawn_with(r: dict) -> str:
+    """How a row's samples were drawn, in words (what its provenance says)."""
+    if not r.get("sampler"):
+        return "-"
+    parts = [f"{r['sampler']} {r['steps']} steps" + (f" (NFE {r['nfe']})" if "nfe" in r else "")]
+    if r.get("guidance") is not None:
+        parts.append(f"guidance {r['guidance']}")
+    if "ema" in r:
+        parts.append("EMA" if r["ema"] else "raw weights")
+    if "seed" in r:
+        parts.append(f"seed {r['seed']}")
+    if "ms_per_sample" in r:
+        parts.append(f"{r['ms_per_sample']:.1f} ms/sample")
+    return ", ".join(parts)
+
+
+def format_rows(rows: list[dict]) -> str:
+    """One line per metric value: label, value (+- std), extractor, reference, sampler."""
+    lines = [f"{'metric':20s} {'value':>20s}  {'extractor':16s} {'reference':14s} drawn with"]
+    for r in rows:
+        value = f"{r['value']:.4f}" + (f" +- {r['std']:.4f}" if "std" in r else "")
+        drawn = _drawn_with(r)
+        lines.append(
+            f"{r['label']:20s} {value:>20s}  {r['extractor']:16s} {r['reference'] or '-':14s} "
+            f"{drawn}"
+        )
+    if rows and rows[0]["n_generated"] < protocol.FULL_N:
+        n = rows[0]["n_generated"]
+        full = f"{protocol.FULL_N:,}"
+        lines.append(f"({n:,} samples: not comparable with published {full}-sample scores)")
+    return "\n".join(lines)
+
+
+class TrainingEvaluator:
+    """The metric `train.eval_metric` every `train.eval_every` steps, from the EMA weights and
+    fixed noise, so successive values differ only through the model.
+
+    Built at the start of training so that a missing judge or reference stops the run before the
+    first step, not hours later.
+    """
+
+    def __init__(self, cfg: RunConfig, shape: tuple[int, ...], num_classes: int, device):
+        self.cfg, self.shape, self.num_classes, self.device = cfg, shape, num_classes, device
+        toy = cfg.data.name in TOY2D
+        self.metric = cfg.train.eval_metric or ("sliced_w2" if toy else "fd_judge")
+        self.n = cfg.train.eval_n
+        allowed = TOY_METRICS if toy else tuple(m for m in METRICS if m != "accuracy")
+        if self.metric not in allowed:
+            raise ConfigError(
+                f"train.eval_metric={self.metric!r} does not apply to {cfg.data.name}; choose "
+                f"one of {', '.join(allowed)}"
+            )
+        self.extractors, self.reference = {}, None
+        if toy:
+            return
+        d = cfg.data
+        try:
+            self.extractors = extractors_for([self.metric], dataset=d.name, device=device)
+            spec = cfg.train.eval_reference or f"{d.name}:test"
+            if ":" not in spec and spec == d.name:
+                spec = f"{d.name}:test"
+            self.reference = protocol.open_reference(spec, tuple(shape), root=d.root)
+            dims = {k: e.feature_dim for k, e in self.extractors.items()}
+            protocol.check_metrics([self.metric], self.n, dims, num_classes > 0)
+        except (EvalError, FileNotFoundError) as e:
+            raise ConfigError(f"train.eval_every needs its metric: {e}") from None
+
+    @torch.no_grad()
+    def __call__(self, denoiser) -> dict:
+        """{"metric", "label", <metric>: value, "n", sampler settings, "seconds"}."""
+        start = time.perf_counter()
+        scfg = self.cfg.sample
+        labels = None
+        if self.num_classes:
+            labels = torch.arange(self.n) % self.num_classes
+            denoiser = guided(denoiser, scfg.guidance, self.num_classes)
+        fn, options, ts = build.build_sampler(scfg, denoiser.schedule)
+        x = generate(
+            fn, denoiser, self.n, self.shape, ts, seed=scfg.seed, batch_size=scfg.batch_size,
+            labels=labels, device=self.device, **options,
+        )  # fmt: skip
+        if self.reference is None:
+            value = evaluate_toy(x.numpy(), self.cfg.data.name)[self.metric]
+        else:
+            rows = protocol.evaluate_images(
+                x, labels, [self.metric], self.reference, self.extractors, {}
+            )
+            value = rows[0]["value"]
+        return {
+            "metric": self.metric,
+            "label": label(self.metric, self.n),
+            self.metric: value,
+            "n": self.n,
+            "sampler": scfg.sampler,
+            "steps": scfg.steps,
+            "ema": True,
+            "seconds": time.perf_counter() - start,
+        }
+
+
+def samples_from_file(source: Path, image_shape: tuple[int, int, int]) -> tuple:
+    """(images (N, C, H, W) in [-1, 1], labels (N,) or None, how they were drawn) from a samples
+    .npz (as `difflab sample` writes, with its metadata) or a folder of images of `image_shape`."""
+    if source.suffix == ".npz":
+        with np.load(source, allow_pickle=False) as f:
+            images = torch.from_numpy(f["samples"]).float()
+            labels = torch.from_numpy(f["labels"]).long() if "labels" in f.files else None
+            meta = {k: f[k].item() for k in SAMPLE_META if k in f.files and f[k].ndim == 0}
+        if "sampler" in meta and "steps" in meta:
+            meta["nfe"] = nfe_of(meta["sampler"], int(meta["steps"]))
+        return images, labels, meta
+    from difflab.data.folders import image_folder
+
+    c, h, _ = image_shape
+    folder = image_folder(source, h, c)
+    return torch.stack([folder[i][0] for i in range(len(folder))]), None, {}
+
+
+SAMPLE_META = ("sampler", "steps", "seed", "ema", "guidance", "checkpoint", "step")

@@ -1,0 +1,34 @@
+"""Small file helpers shared by checkpoints, judges and caches: hashing and atomic replacement."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["replace_atomically", "sha256_file"]
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (weights files can be hundreds of MB)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def replace_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary name in the same folder, flush it to disk, then rename it to
+    `path`: a crash leaves the old file or the new one, never half a file. The temporary file is
+    removed if `write` fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
