@@ -35,6 +35,7 @@ class LoadedRun:
     num_classes: int  # 0 = unconditional
     class_names: tuple[str, ...]
     step: int  # the training step of the checkpoint
+    compiled_net: torch.nn.Module | None = None  # torch.compile'd net, made on first use
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -89,6 +90,7 @@ def load_run(
     net = build.build_net(cfg.model, shape, classes)
     load_weights(ckpt, net, "ema" if use_ema else "model")
     net = net.to(dev).eval().requires_grad_(False)
+    net = net.to(memory_format=build.memory_format(cfg.train.channels_last, shape))
     denoiser = build.build_denoiser(cfg, net, build.build_schedule(cfg.diffusion))
     names = tuple(info.get("class_names") or (str(k) for k in range(classes)))
     step = checkpoint_step(ckpt)
@@ -144,11 +146,13 @@ def draw_samples(
     if sample_cfg.n < 1:
         raise ConfigError(f"--n must be >= 1, got {sample_cfg.n}")
     denoiser = run.denoiser
+    if sample_cfg.compile:
+        denoiser = denoiser.with_net(_compiled_net(run))
     if run.num_classes > 0:
         if labels is None:
             labels = sample_labels(run, sample_cfg.n, seed=sample_cfg.seed)
         try:
-            denoiser = guided(run.denoiser, sample_cfg.guidance, run.num_classes)
+            denoiser = guided(denoiser, sample_cfg.guidance, run.num_classes)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     elif sample_cfg.guidance != 1.0:
@@ -156,6 +160,7 @@ def draw_samples(
             f"guidance {sample_cfg.guidance} asked of {run.run_dir}, an unconditional "
             "model; guidance needs one trained with data.class_conditional=true"
         )
+    autocast = build.resolve_precision(sample_cfg.precision, run.device, "sample.precision")
     return generate(
         fn,
         denoiser,
@@ -168,8 +173,16 @@ def draw_samples(
         device=run.device,
         callback=recorder,
         progress=progress,
+        autocast=autocast,
         **options,
     )
+
+
+def _compiled_net(run: LoadedRun):
+    """The run's network under torch.compile, compiled once per loaded run."""
+    if run.compiled_net is None:
+        run.compiled_net = build.maybe_compile(run.denoiser.net, True, "sample.compile")
+    return run.compiled_net
 
 
 def save_samples(

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from difflab import build, viz, viz_images
+from difflab import build, distributed, viz, viz_images
 from difflab.checkpoint import (
     CheckpointError,
     latest_good_checkpoint,
@@ -28,6 +28,7 @@ from difflab.checkpoint import (
     load_state,
     load_weights,
     publish_best,
+    remove_leftovers,
     save_checkpoint,
 )
 from difflab.config import ConfigError, RunConfig
@@ -36,10 +37,9 @@ from difflab.evaluation import TrainingEvaluator
 from difflab.guidance import guided
 from difflab.logging import MetricsLog
 from difflab.metrics.protocol import HIGHER_IS_BETTER
-from difflab.objectives import diffusion_loss
+from difflab.objectives import diffusion_loss, draw_noise
 from difflab.samplers import generate
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NUM_BUCKETS = 10  # loss is also logged per tenth of t in [0, 1]
 # What a best checkpoint can be chosen by: scalar metrics.jsonl keys (lower is better), or
 # "eval": train.eval_metric (better in its own direction, e.g. higher precision).
@@ -79,6 +79,8 @@ class Parts:
     forward_net: torch.nn.Module  # the network, compiled when train.compile
     best: dict = field(default_factory=dict)  # {"metric", "value", "step"} of checkpoints/best
     evaluator: TrainingEvaluator | None = None  # train.eval_metric every train.eval_every steps
+    world: distributed.World = field(default_factory=distributed.World)  # this process's rank
+    memory_format: torch.memory_format = torch.contiguous_format  # of the net and its inputs
 
     def data_info(self) -> dict:
         return {
@@ -148,20 +150,18 @@ def build_parts(cfg: RunConfig) -> Parts:
     data = build.build_data(cfg, seed=cfg.train.seed)
     classes = build.num_classes(cfg, data)
     net = build.build_net(cfg.model, data.shape, classes).to(device)
+    layout = build.memory_format(cfg.train.channels_last, data.shape)
+    net = net.to(memory_format=layout)
+    data = build.place_data(data, device)
     schedule = build.build_schedule(cfg.diffusion)
     denoiser = build.build_denoiser(cfg, net, schedule)
     spec = build.build_loss_spec(cfg.diffusion, schedule)
     ema = EMA(net, cfg.train.ema_decay, cfg.train.ema_warmup)
-    optimizer = torch.optim.AdamW(
-        net.parameters(),
-        lr=cfg.train.lr,
-        betas=cfg.train.betas,
-        weight_decay=cfg.train.weight_decay,
-    )
+    optimizer = build.adamw(net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     loss_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # t, eps, label dropout
-    dtype = resolve_precision(cfg.train.precision, device)
+    dtype = build.resolve_precision(cfg.train.precision, device, "train.precision")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    forward_net = torch.compile(net) if cfg.train.compile else net
+    forward_net = build.maybe_compile(net, cfg.train.compile, "train.compile")
     denoiser.net = forward_net
     evaluator = None
     if cfg.train.eval_every:  # built now: a missing judge or reference fails before step 1
@@ -180,21 +180,8 @@ def build_parts(cfg: RunConfig) -> Parts:
         dtype,
         forward_net,
         evaluator=evaluator,
+        memory_format=layout,
     )
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for train.precision, falling back (with a warning) where unsupported."""
-    dtype = PRECISIONS[name]
-    if dtype is torch.float16 and device.type != "cuda":
-        warnings.warn(
-            "train.precision=fp16 needs a CUDA GPU; training in fp32 instead", stacklevel=2
-        )
-        return None
-    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        warnings.warn("this GPU has no bf16; training in fp16 with a gradient scaler", stacklevel=2)
-        return torch.float16
-    return dtype
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -264,9 +251,14 @@ def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, floa
 
 
 def open_run(cfg: RunConfig, run_dir: Path, parts: Parts, resume: bool) -> tuple[int, float | None]:
-    """Stage 2: a fresh run directory (must not hold a run already), or the resumed state."""
+    """Stage 2: a fresh run directory (must not hold a run already), or the resumed state.
+    Rank 0 alone creates and tidies the directory; every rank reads a resumed checkpoint."""
     if resume:
+        if parts.world.is_main:
+            remove_leftovers(run_dir / "checkpoints")  # of a process killed while saving
         return resume_parts(parts, cfg, run_dir)
+    if not parts.world.is_main:
+        return 0, None
     if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
         raise ConfigError(
             f"{run_dir} already holds a run; resume it with --resume {run_dir} "
@@ -331,14 +323,18 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
     micro = cfg.train.batch_size // cfg.train.grad_accum
     for _ in range(cfg.train.grad_accum):
         x0, y = parts.data.next_batch(micro)
-        x0 = x0.to(parts.device)
         y = train_labels(cfg, parts, y)
+        noise = draw_noise(parts.denoiser.schedule, x0.shape, parts.spec, parts.loss_generator)
+        # Every rank draws the global micro-batch and its noise and keeps its slice, so N ranks
+        # equal one process and the stream state stays global (distributed.py says more).
+        x0, y, *noise = parts.world.shard(x0, y, *noise)
+        x0 = x0.to(parts.device, memory_format=parts.memory_format)
         with torch.autocast(
             parts.device.type,
             parts.autocast_dtype or torch.float32,
             enabled=parts.autocast_dtype is not None,
         ):
-            loss, t = diffusion_loss(parts.denoiser, x0, y, parts.spec, parts.loss_generator)
+            loss, t = diffusion_loss(parts.denoiser, x0, y, parts.spec, noise=noise)
         parts.scaler.scale(loss.mean() / cfg.train.grad_accum).backward()
         stats.add_losses(loss, t)
     parts.scaler.unscale_(parts.optimizer)
@@ -391,6 +387,7 @@ def log_interval(
     smoothed: float | None,
 ) -> float:
     """Write one metrics row for the interval ending at `step`; returns the row."""
+    parts.world.sum_interval(stats)  # every rank's share: the row is the global batch's
     row = stats.row(step + 1)
     smoothed = row["loss"] if smoothed is None else 0.9 * smoothed + 0.1 * row["loss"]
     params = torch.cat([p.detach().flatten() for p in parts.net.parameters()])
@@ -459,20 +456,29 @@ def train(
         the path of the last checkpoint written.
     """
     run_dir = Path(run_dir)
+    world = distributed.setup(cfg)  # one of several processes (torchrun, --nproc), or alone
     parts = build_parts(cfg)  # 1. build
+    parts.world = world
     start, smoothed = open_run(cfg, run_dir, parts, resume)  # 2. open or resume
+    distributed.attach(parts, cfg, world, start)  # DDP; this rank's dropout RNG
     try:
-        log = MetricsLog(
-            run_dir / "metrics.jsonl",
-            resume_step=start if resume else None,
-            tensorboard=cfg.train.tensorboard,
-        )
+        log = distributed.SilentLog()  # ranks other than 0 write nothing
+        if world.is_main:
+            log = MetricsLog(
+                run_dir / "metrics.jsonl",
+                resume_step=start if resume else None,
+                tensorboard=cfg.train.tensorboard,
+            )
     except ImportError as e:
         raise ConfigError(str(e)) from None
     stats = IntervalStats(parts.device)
     end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
     bar = tqdm(
-        total=cfg.train.steps, initial=start, desc="training", unit="step", disable=not progress
+        total=cfg.train.steps,
+        initial=start,
+        desc="training",
+        unit="step",
+        disable=not progress or not world.is_main,
     )
     last, row, eval_row = None, None, None
     parts.net.train()
@@ -480,7 +486,8 @@ def train(
     for step in range(start, end):  # 3. loop
         train_step(cfg, parts, stats, step)
         done = step + 1
-        if limit_s and time.perf_counter() - began > limit_s and done < end:
+        distributed.fault_hook(world, done)  # a test hook, off unless DIFFLAB_FAULT_* are set
+        if limit_s and world.any(time.perf_counter() - began > limit_s) and done < end:
             warnings.warn(
                 f"train.time_limit_minutes reached after step {done}; stopping there "
                 "(continue with --resume)",
@@ -491,7 +498,8 @@ def train(
             row = log_interval(cfg, parts, stats, log, step, smoothed)
             smoothed = row["loss_smoothed"]
             bar.set_postfix(loss=f"{smoothed:.4f}")
-        if cfg.train.sample_every and (done % cfg.train.sample_every == 0 or done == end):
+        sample = cfg.train.sample_every and (done % cfg.train.sample_every == 0 or done == end)
+        if sample and world.is_main:
             snapshot(cfg, parts, run_dir, done)
         if parts.evaluator and (done % cfg.train.eval_every == 0 or done == end):
             eval_row = evaluate_step(parts, log, done)
@@ -500,21 +508,24 @@ def train(
         if done % cfg.train.checkpoint_every == 0 or done == end:
             by_eval = cfg.train.best_metric == "eval"
             improved = note_best(cfg, parts, eval_row if by_eval else row, done)
-            last = save_checkpoint(
-                run_dir / "checkpoints",
-                done,
-                parts.net,
-                parts.ema.model,
-                _state(parts, done, smoothed),
-                cfg.to_dict(),
-                parts.data_info(),
-                cfg.train.keep_checkpoints,
-            )
-            if improved:
-                publish_best(run_dir / "checkpoints", last, parts.best)
+            if world.is_main:
+                last = save_checkpoint(
+                    run_dir / "checkpoints",
+                    done,
+                    parts.net,
+                    parts.ema.model,
+                    _state(parts, done, smoothed),
+                    cfg.to_dict(),
+                    parts.data_info(),
+                    cfg.train.keep_checkpoints,
+                )
+                if improved:
+                    publish_best(run_dir / "checkpoints", last, parts.best)
+            world.barrier()  # the others wait while rank 0 writes: none runs ahead
         bar.update(1)
         if done == end:
             break
     bar.close()
     log.close()
+    distributed.shutdown(world)
     return last if last is not None else latest_good_checkpoint(run_dir / "checkpoints")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -45,9 +48,17 @@ class ImageStream:
             `num_classes` means unconditional).
         seed: seeds the generator.
         flip: flip each image horizontally with probability 1/2.
+        workers: threads that decode a batch of image files in parallel (file datasets only;
+            PIL's decoders release the GIL). 0 = min(8, CPU count); 1 = in this thread.
     """
 
-    def __init__(self, data: Dataset | tuple[Tensor, Tensor | None], seed: int, flip: bool):
+    def __init__(
+        self,
+        data: Dataset | tuple[Tensor, Tensor | None],
+        seed: int,
+        flip: bool,
+        workers: int = 0,
+    ):
         self.data = TensorImages(*data) if isinstance(data, tuple) else data
         self.size = len(self.data)
         if self.size == 0:
@@ -59,19 +70,42 @@ class ImageStream:
         self.epoch = 0
         self.position = 0  # next index into self.order
         self.order = torch.randperm(self.size, generator=self.generator)
+        self.device = torch.device("cpu")  # where batches are made (to_device: in-memory sets)
+        self.workers = workers or min(8, os.cpu_count() or 1)
+        self._pool = None
+
+    def to_device(self, device: torch.device) -> None:
+        """Keep in-memory images on `device` (a GPU): batches are gathered there, with no copy
+        per step. File datasets stay on the CPU (and are pinned for the copy instead)."""
+        if isinstance(self.data, TensorImages):
+            labels = None if self.data.labels is None else self.data.labels.to(device)
+            self.data = TensorImages(self.data.images.to(device), labels, self.data.class_names)
+            self.device = torch.device(device)
+
+    def _read_files(self, index: list[int]) -> tuple[Tensor, Tensor]:
+        """Decode the files of a batch, in a thread pool when there are several workers."""
+        if self.workers > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="difflab-decode")
+            items = list(self._pool.map(self.data.__getitem__, index))
+        else:
+            items = [self.data[i] for i in index]
+        x0 = torch.stack([x for x, _ in items])
+        if torch.cuda.is_available():
+            x0 = x0.pin_memory()  # the copy to the GPU can then overlap with compute
+        return x0, torch.tensor([int(label) for _, label in items], dtype=torch.long)
 
     def next_batch(self, n: int) -> tuple[Tensor, Tensor | None]:
         """x0 float32 (n, C, H, W) in [-1, 1] and labels long (n,), or None if unconditional."""
         index = self._next_indices(n)
         if isinstance(self.data, TensorImages):
+            index = index.to(self.device)
             x0 = to_signed(self.data.images[index])
             y = None if self.data.labels is None else self.data.labels[index]
         else:
-            items = [self.data[i] for i in index.tolist()]
-            x0 = torch.stack([x for x, _ in items])
-            y = torch.tensor([int(label) for _, label in items], dtype=torch.long)
-        if self.flip:
-            flipped = torch.rand(n, generator=self.generator) < 0.5
+            x0, y = self._read_files(index.tolist())
+        if self.flip:  # drawn on the CPU generator wherever the images are: same on any device
+            flipped = (torch.rand(n, generator=self.generator) < 0.5).to(x0.device)
             x0 = torch.where(flipped[:, None, None, None], x0.flip(-1), x0)
         return x0, y if self.num_classes > 0 else None
 

@@ -85,6 +85,7 @@ def generate(
     device: torch.device | str = "cpu",
     callback: Callback | None = None,
     progress: bool = False,
+    autocast: torch.dtype | None = None,
     **options,
 ) -> Tensor:
     """Draw n samples of `shape` (per sample) in batches; sample k is the same for any batch_size.
@@ -98,6 +99,8 @@ def generate(
         seed: noise seed; x_T of sample k is `SampleNoise(seed).randn` stream 0, row k.
         labels: (n,) class labels or None.
         callback: receives each step of the first batch only (for trajectories).
+        autocast: run under torch.autocast in this dtype (bf16/fp16), or None (full precision).
+            The sampler's own arithmetic stays float32: only the network's matmuls go lower.
     Returns:
         (n, *shape) float32 samples on the CPU.
     """
@@ -125,7 +128,9 @@ def generate(
             if user_cb is not None:
                 user_cb(state)
 
-        x0 = sampler(denoiser, x_T, ts, y=y, generator=noise, callback=step_done, **options)
+        device_type = torch.device(device).type
+        with torch.inference_mode(), torch.autocast(device_type, autocast, enabled=bool(autocast)):
+            x0 = sampler(denoiser, x_T, ts, y=y, generator=noise, callback=step_done, **options)
         out.append(x0.float().cpu())
     bar.close()
     return torch.cat(out)
