@@ -95,6 +95,28 @@ def publish_best(ckpt_dir: Path, source: Path, info: dict) -> Path:
     return best
 
 
+def remove_leftovers(ckpt_dir: Path) -> list[str]:
+    """Tidy what a process killed while writing left behind; returns the names it handled.
+
+    `.tmp-*` folders are unpublished checkpoints (never read) and are deleted. A `.old-best-*`
+    folder is the previous best, moved aside just before the new one was renamed in: it becomes
+    `best` again if that rename never happened, else it is deleted. Call it only when no other
+    process writes to `ckpt_dir`.
+    """
+    if not ckpt_dir.is_dir():
+        return []
+    handled = []
+    for p in sorted(ckpt_dir.iterdir()):
+        if p.name.startswith(".old-best-") and not (ckpt_dir / "best").exists():
+            p.rename(ckpt_dir / "best")
+        elif p.name.startswith((".tmp-", ".old-best-")):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            continue
+        handled.append(p.name)
+    return handled
+
+
 def checkpoint_step(path: Path) -> int:
     """The training step a checkpoint folder holds (step-N or best)."""
     if path.name.startswith("step-") and path.name[5:].isdigit():

@@ -151,6 +151,13 @@ def parser() -> argparse.ArgumentParser:
         "--no-finish", action="store_true", help="skip the final sampling, evaluation and figures"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train in N processes with DDP, one per GPU (or on the CPU with gloo), as torchrun "
+        "--nproc_per_node N would; train.batch_size stays the global batch",
+    )
 
     p = sub.add_parser("sample", help="draw samples from a trained run into an .npz file")
     p.add_argument("run", help="run directory")
@@ -186,6 +193,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--resample", action="store_true", help="draw the sample artefacts again first")
     p.add_argument("--quiet", action="store_true")
+
+    from difflab.benchmark import add_arguments as add_bench_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="training and sampling speed of a named configuration, against diffusers",
+        description="Measure training (images/s, step time, peak memory, FLOP/s and its share "
+        "of the device's measured matmul peak) and sampling (ms per image per sampler and NFE) "
+        "for difflab and diffusers' equivalent UNet2DModel; writes OUT/bench-NAME-DEVICE.json "
+        "and .md and prints the Markdown.",
+    )
+    add_bench_arguments(p)
     return ap
 
 
@@ -205,9 +224,11 @@ def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from difflab import distributed
     from difflab.report import finish_run
     from difflab.train import train
 
+    world = distributed.env_world()  # this process's rank when torchrun started it
     if args.resume:
         from difflab.runs import check_run_dir
 
@@ -216,21 +237,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = RunConfig.load(args.config) if args.config else preset(args.preset)
         cfg = apply_overrides(cfg, args.set)
+        if world.size > 1 and not args.name:  # a default name has the time in it
+            raise ConfigError("under torchrun every process must open the same run: pass --name")
         run_dir = Path(args.runs) / (args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"difflab: run directory {run_dir}")
+    if args.nproc is not None:
+        if world.size > 1:
+            raise ConfigError("--nproc starts its own processes; leave it out under torchrun")
+        distributed.check_world(cfg, args.nproc)
+        if args.nproc > 1:
+            return _launch_train(args, cfg, run_dir)
+    if world.is_main:
+        print(f"difflab: run directory {run_dir}")
     start = time.perf_counter()
     try:
         ckpt = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     except KeyboardInterrupt:
-        print(
-            f"\ndifflab: interrupted; continue with `difflab train --resume {run_dir}`",
-            file=sys.stderr,
-        )
+        if world.is_main:
+            print(
+                f"\ndifflab: interrupted; continue with `difflab train --resume {run_dir}`",
+                file=sys.stderr,
+            )
         return 130
+    except RuntimeError as e:  # a collective failed: the rank that died is the one to report
+        if world.size == 1 or not distributed.lost_peer(e):
+            raise
+        print(f"difflab: rank {world.rank} stopped: another process failed", file=sys.stderr)
+        return distributed.PEER_LOST_EXIT
+    if not world.is_main:  # rank 0 alone samples, evaluates and draws
+        return 0
     print(f"difflab: trained in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
     if not args.no_finish:
         finish_run(run_dir, progress=not args.quiet)
     return 0
+
+
+def _launch_train(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> int:
+    """`difflab train --nproc N`: this command in N processes, as torchrun would start them,
+    each told the run's directory (so they agree on a default name)."""
+    from difflab.distributed import launch
+    from difflab.train import check_train_config
+
+    check_train_config(cfg)  # one message here rather than one per process
+    if args.resume:
+        argv = ["train", "--resume", str(run_dir)]
+    else:
+        argv = ["train", "--preset", args.preset, "--runs", str(run_dir.parent)]
+        argv += ["--name", run_dir.name] + (["--config", args.config] if args.config else [])
+    argv += ["--set", *args.set] if args.set else []
+    argv += [flag for flag, on in (("--no-finish", args.no_finish), ("--quiet", args.quiet)) if on]
+    return launch(argv, args.nproc, run_dir)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -466,12 +521,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from difflab.benchmark import bench_main
+
+    text, json_path, md_path = bench_main(args)
+    print(text)
+    print(f"difflab: wrote {json_path} and {md_path}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
     "eval": cmd_eval,
     "plot": cmd_plot,
     "train-classifier": cmd_train_classifier,
+    "bench": cmd_bench,
 }
 
 

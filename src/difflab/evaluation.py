@@ -22,7 +22,7 @@ from difflab.metrics import protocol
 from difflab.metrics.classifier import JudgeExtractor
 from difflab.metrics.protocol import METRICS, EvalError, label
 from difflab.metrics.toy2d import evaluate_toy
-from difflab.runs import LoadedRun, draw_samples, sample_labels
+from difflab.runs import LoadedRun, draw_samples
 from difflab.samplers import generate, nfe_of
 
 __all__ = ["TrainingEvaluator", "default_judge_path", "evaluate_images_of", "extractors_for"]
@@ -120,14 +120,18 @@ def evaluate_images_of(
     progress: bool = False,
     cache: bool = True,
 ) -> list[dict]:
-    """Draw scfg.n samples of an image run (classes drawn uniformly when conditional) and
+    """Draw scfg.n samples of an image run (class-balanced when conditional) and
     measure them; `cache`: read and write cached reference features."""
     conditional = run.num_classes > 0
     dims = {kind: e.feature_dim for kind, e in extractors.items()}
     protocol.check_metrics(metrics, scfg.n, dims, conditional)  # before any sampling
-    labels = sample_labels(run, scfg.n, seed=scfg.seed) if conditional else None
+    # every class equally often (to within one), as the data sets are: class frequencies drawn
+    # at random move FD by themselves (MNIST preset, n = 1,000: 7.8 balanced, 11.5 random)
+    labels = torch.arange(scfg.n) % run.num_classes if conditional else None
     samples, timing = timed_samples(run, scfg, labels, progress)
     provenance = {**sampling_provenance(run, scfg, conditional), **timing}
+    if conditional:
+        provenance["labels"] = "balanced"
     return protocol.evaluate_images(
         samples, labels, metrics, reference, extractors, provenance, cache=cache
     )

@@ -134,8 +134,29 @@ def elementwise_loss(spec: LossSpec, pred: Tensor, target: Tensor) -> Tensor:
     return F.huber_loss(pred, target, reduction="none", delta=spec.huber_delta)
 
 
+def draw_noise(
+    schedule: Schedule, shape: tuple[int, ...], spec: LossSpec, generator=None
+) -> tuple[Tensor, Tensor]:
+    """The random part of `diffusion_loss` for a batch of `shape` (B, ...), on the CPU.
+
+    A caller that trains on a slice of a larger batch (one of several processes) draws the noise
+    of the whole batch and passes its slice, so the slices together equal one undivided batch.
+
+    Returns:
+        t float32 (B,) and eps (B, ...), drawn in that order from `generator`.
+    """
+    lognormal = (spec.lognormal_mean, spec.lognormal_std)
+    t = sample_t(schedule, shape[0], spec.t_sampling, generator, None, lognormal)
+    return t, torch.randn(shape, generator=generator)
+
+
 def diffusion_loss(
-    denoiser: Denoiser, x0: Tensor, y: Tensor | None, spec: LossSpec, generator=None
+    denoiser: Denoiser,
+    x0: Tensor,
+    y: Tensor | None,
+    spec: LossSpec,
+    generator=None,
+    noise: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-example diffusion loss.
 
@@ -145,13 +166,13 @@ def diffusion_loss(
         y: labels (B,) or None.
         spec: target space, loss, weighting, t-sampling.
         generator: a CPU torch.Generator for t and eps (reproducible training).
+        noise: (t (B,), eps (B, ...)) from `draw_noise`; None draws them from `generator`.
     Returns:
         loss (B,) and the times t (B,) it used.
     """
     schedule = denoiser.schedule
-    lognormal = (spec.lognormal_mean, spec.lognormal_std)
-    t = sample_t(schedule, x0.shape[0], spec.t_sampling, generator, x0.device, lognormal)
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    t, eps = draw_noise(schedule, x0.shape, spec, generator) if noise is None else noise
+    t, eps = t.to(x0.device), eps.to(x0.device, x0.dtype)
     alpha, sigma = denoiser.alpha_sigma(t, x0)
     x_t = alpha * x0 + sigma * eps
     raw = denoiser.raw(x_t, t, y, alpha, sigma)
