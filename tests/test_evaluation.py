@@ -281,7 +281,10 @@ def test_training_logs_the_metric_keeps_the_best_and_plots_its_history(mnist_run
 def test_eval_of_a_run_records_how_samples_were_drawn(mnist_run, capsys):
     argv = ["eval", str(mnist_run), "--n", "130", "--steps", "2", "--guidance", "1.5", "--json"]
     assert main([*argv, "--reference", "mnist:test", "--n-reference", "500", "--quiet"]) == 0
-    rows = json.loads(capsys.readouterr().out)["rows"]
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)["rows"]
+    (written,) = (mnist_run / "evals").glob("eval-*.json")  # written without --out as well
+    assert json.loads(written.read_text())["rows"] == rows and str(written) in captured.err
     for r in rows:
         assert (r["sampler"], r["steps"], r["nfe"], r["guidance"]) == ("ddim", 2, 2, 1.5)
         assert r["ema"] is True and r["seed"] == 1 and r["step"] == 4

@@ -431,10 +431,20 @@ def _eval_images(args: argparse.Namespace, source: Path) -> int:
             images, labels, metrics, reference, extractors, meta, cache=cache
         )
     result = {"rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out) if args.out else _default_eval_path(source, run is not None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_rows(rows))
+    print(f"difflab: wrote {out}", file=sys.stderr)  # stdout stays the table or the JSON
     return 0
+
+
+def _default_eval_path(source: Path, is_run: bool) -> Path:
+    """Where image results go without --out: RUN/evals/, or beside the .npz or folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if is_run:
+        return source / "evals" / f"eval-{stamp}.json"
+    return source.parent / f"{source.stem}-eval-{stamp}.json"
 
 
 def _metric_list(text: str | None, conditional: bool) -> list[str]:
