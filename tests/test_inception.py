@@ -332,8 +332,8 @@ def test_verified_files_are_not_hashed_again(random_weights, tmp_path, monkeypat
     path = tmp_path / "weights.pth"
     shutil.copy(random_weights[0], path)
     calls = []
-    hash_file = inception._sha256_file
-    monkeypatch.setattr(inception, "_sha256_file", lambda p: calls.append(p) or hash_file(p))
+    hash_file = inception.sha256_file
+    monkeypatch.setattr(inception, "sha256_file", lambda p: calls.append(p) or hash_file(p))
     for _ in range(3):
         resolve_inception_weights(path, sha256=random_weights[1])
     assert len(calls) == 1

@@ -170,6 +170,30 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def fixed_noise_samples(
+    denoiser,
+    scfg: SampleConfig,
+    n: int,
+    shape: tuple[int, ...],
+    num_classes: int,
+    device,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n samples (CPU) with scfg's sampler, seed and guidance and class-balanced labels
+    (arange(n) % num_classes, or None): the same noise and labels every call, so samples drawn
+    during training differ only through the model. Returns (samples, labels)."""
+    labels = None
+    if num_classes:
+        labels = torch.arange(n) % num_classes
+        denoiser = guided(denoiser, scfg.guidance, num_classes)
+    fn, options, ts = build.build_sampler(scfg, denoiser.schedule)
+    x = generate(
+        fn, denoiser, n, shape, ts, seed=scfg.seed, batch_size=batch_size, labels=labels,
+        device=device, **options,
+    )  # fmt: skip
+    return x, labels
+
+
 class TrainingEvaluator:
     """The metric `train.eval_metric` every `train.eval_every` steps, from the EMA weights and
     fixed noise, so successive values differ only through the model.
@@ -209,15 +233,9 @@ class TrainingEvaluator:
         """{"metric", "label", <metric>: value, "n", sampler settings, "seconds"}."""
         start = time.perf_counter()
         scfg = self.cfg.sample
-        labels = None
-        if self.num_classes:
-            labels = torch.arange(self.n) % self.num_classes
-            denoiser = guided(denoiser, scfg.guidance, self.num_classes)
-        fn, options, ts = build.build_sampler(scfg, denoiser.schedule)
-        x = generate(
-            fn, denoiser, self.n, self.shape, ts, seed=scfg.seed, batch_size=scfg.batch_size,
-            labels=labels, device=self.device, **options,
-        )  # fmt: skip
+        x, labels = fixed_noise_samples(
+            denoiser, scfg, self.n, self.shape, self.num_classes, self.device, scfg.batch_size
+        )
         if self.reference is None:
             value = evaluate_toy(x.numpy(), self.cfg.data.name)[self.metric]
         else:
@@ -252,7 +270,7 @@ def samples_from_file(source: Path, image_shape: tuple[int, int, int]) -> tuple:
 
     c, h, _ = image_shape
     folder = image_folder(source, h, c)
-    return torch.stack([folder[i][0] for i in range(len(folder))]), None, {}
+    return protocol.dataset_images(folder, torch.arange(len(folder))), None, {}
 
 
 SAMPLE_META = ("sampler", "steps", "seed", "ema", "guidance", "checkpoint", "step")

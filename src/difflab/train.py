@@ -33,12 +33,10 @@ from difflab.checkpoint import (
 )
 from difflab.config import ConfigError, RunConfig
 from difflab.ema import EMA
-from difflab.evaluation import TrainingEvaluator
-from difflab.guidance import guided
+from difflab.evaluation import TrainingEvaluator, fixed_noise_samples
 from difflab.logging import MetricsLog
 from difflab.metrics.protocol import HIGHER_IS_BETTER
 from difflab.objectives import diffusion_loss, draw_noise
-from difflab.samplers import generate
 
 NUM_BUCKETS = 10  # loss is also logged per tenth of t in [0, 1]
 # What a best checkpoint can be chosen by: scalar metrics.jsonl keys (lower is better), or
@@ -355,23 +353,11 @@ def snapshot(cfg: RunConfig, parts: Parts, run_dir: Path, step: int) -> Path:
     """samples/grid-step-N.png from the EMA weights and fixed noise (the same every time, so
     grids across training show progress, not noise); per class for conditional models."""
     den = parts.denoiser.with_net(parts.ema.model)
-    labels = None
-    if parts.num_classes:
-        labels = torch.arange(SNAPSHOT_N) % parts.num_classes
-        den = guided(den, cfg.sample.guidance, parts.num_classes)
-    fn, options, ts = build.build_sampler(cfg.sample, den.schedule)
-    x = generate(
-        fn,
-        den,
-        SNAPSHOT_N if len(parts.data.shape) == 3 else 2000,
-        parts.data.shape,
-        ts,
-        seed=cfg.sample.seed,
-        batch_size=SNAPSHOT_N,
-        labels=labels,
-        device=parts.device,
-        **options,
-    ).numpy()
+    n = SNAPSHOT_N if len(parts.data.shape) == 3 else 2000
+    x, _ = fixed_noise_samples(
+        den, cfg.sample, n, parts.data.shape, parts.num_classes, parts.device, SNAPSHOT_N
+    )
+    x = x.numpy()
     path = run_dir / "samples" / f"grid-step-{step}.png"
     if x.ndim == 4:
         return viz_images.save_grid(x, path, nrow=parts.num_classes or None)

@@ -37,6 +37,27 @@ def to_signed(pixels: Tensor) -> Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
+def check_signed_images(
+    images: Tensor, channels: tuple[int, ...] = (1, 3), size: int | None = None
+) -> None:
+    """Raise ValueError unless `images` are float (N, C, H, W) with N >= 1, C in `channels`,
+    H = W = `size` when given, and values in [-1, 1] (up to 1e-4 of round-off, as from a clamp
+    or x / 127.5 - 1); the message says what came and how to convert it."""
+    shape_ok = images.dim() == 4 and images.shape[0] >= 1 and images.shape[1] in channels
+    if size is not None:
+        shape_ok = shape_ok and tuple(images.shape[2:]) == (size, size)
+    low, high = (float(images.min()), float(images.max())) if images.numel() else (0.0, 0.0)
+    in_range = low >= -1 - 1e-4 and high <= 1 + 1e-4  # False for NaN too
+    if not (shape_ok and images.is_floating_point() and in_range):
+        height_width = "H, W" if size is None else f"{size}, {size}"
+        raise ValueError(
+            f"images must be in [-1, 1] with shape (N, C, {height_width}), N >= 1, C = "
+            f"{' or '.join(map(str, channels))}; got shape {tuple(images.shape)}, dtype "
+            f"{images.dtype}, min/max {low:.4g}/{high:.4g} (uint8 pixels in [0, 255] become "
+            "x / 127.5 - 1; grey images need images[:, None])"
+        )
+
+
 def try_download(fetch: Callable[[], object], missing: str) -> None:
     """Run torchvision's downloader; offline it fails, which we report with the manual route."""
     try:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from difflab.data.folders import to_signed
+from difflab.data.folders import check_signed_images, to_signed
 from difflab.data.images import TensorImages, load_image_dataset
 from difflab.files import replace_atomically, sha256_file
 
@@ -223,25 +223,11 @@ def load_judge(path: str | Path) -> Judge:
     return model.eval()
 
 
-def _check_images(model: Judge, images: Tensor) -> None:
-    channels = model.arch["in_channels"]
-    size_ok = images.dim() == 4 and tuple(images.shape[1:]) == (channels, IMAGE_SIZE, IMAGE_SIZE)
-    low, high = (float(images.min()), float(images.max())) if images.numel() else (0.0, 0.0)
-    tolerance = 1e-4  # float round-off of a clamp or of x / 127.5 - 1
-    in_range = images.is_floating_point() and low >= -1 - tolerance and high <= 1 + tolerance
-    if not (size_ok and in_range):
-        raise ValueError(
-            f"images must be in [-1, 1] with shape (N, C, 32, 32), C = {channels}; got min/max "
-            f"{low:.4g}/{high:.4g}, shape {tuple(images.shape)}, dtype {images.dtype} "
-            "(uint8 pixels in [0, 255] become x / 127.5 - 1)"
-        )
-
-
 @torch.inference_mode()
 def _batched(model: Judge, images: Tensor, batch_size: int, fn: Callable) -> Tensor:
     """fn(model, batch) over images (N, C, 32, 32) in batches, on the model's device, in eval
     mode (BatchNorm's running statistics, no dropout); the model's mode is restored after."""
-    _check_images(model, images)
+    check_signed_images(images, (model.arch["in_channels"],), IMAGE_SIZE)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -11,7 +11,6 @@ difflab saves them, so features equal torch-fidelity's on the same images writte
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 from pathlib import Path
@@ -24,6 +23,9 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
     FeatureExtractorInceptionV3,
 )
 
+from difflab.data.folders import check_signed_images
+from difflab.files import replace_atomically, sha256_file
+
 __all__ = ["INCEPTION_FILENAME", "INCEPTION_SHA256", "INCEPTION_URL", "InceptionExtractor"]
 __all__ += ["InceptionWeightsError", "inception_score", "resolve_inception_weights"]
 
@@ -35,21 +37,11 @@ INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb91
 _PYTORCH_FID_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 ENV_VAR = "DIFFLAB_INCEPTION_WEIGHTS"
 LAYERS = {"64": 64, "192": 192, "768": 768, "2048": 2048}  # torch-fidelity's names: widths
-_CHUNK = 1 << 20
 _verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> its SHA-256
 
 
 class InceptionWeightsError(ValueError):
     """The Inception-v3 weights are missing, cannot be downloaded or have the wrong SHA-256."""
-
-
-def _sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB chunks (the weights are 95 MB; no need to hold them)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _key(path: Path) -> tuple[str, int, int]:
@@ -63,7 +55,7 @@ def _check_hash(path: Path, sha256: str, fix: str) -> Path:
     path = path.absolute()
     key = _key(path)
     if key not in _verified:
-        _verified[key] = _sha256_file(path)
+        _verified[key] = sha256_file(path)
     if _verified[key] != sha256.lower():
         raise InceptionWeightsError(
             f"{path} has SHA-256 {_verified[key]}, expected {sha256.lower()}: it is not the "
@@ -96,8 +88,8 @@ def _download_verified(folder: Path, sha256: str) -> Path:
     the final name only ever holds a complete, verified file."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / INCEPTION_FILENAME
-    tmp = folder / f".{INCEPTION_FILENAME}.download-{os.getpid()}"
-    try:
+
+    def fetch(tmp: Path) -> None:
         try:
             _download(INCEPTION_URL, tmp)
         except (OSError, http.client.HTTPException) as err:  # URLError is an OSError
@@ -105,12 +97,11 @@ def _download_verified(folder: Path, sha256: str) -> Path:
             raise InceptionWeightsError(message) from err
         fix = f"the file at {INCEPTION_URL} changed or the download was corrupted; not saved"
         _check_hash(tmp, sha256, fix)
-        digest = _verified.pop(_key(tmp.absolute()))
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+        _verified.pop(_key(tmp.absolute()))
+
+    replace_atomically(final, fetch)
     final = final.absolute()
-    _verified[_key(final)] = digest  # a rename keeps size and mtime: no need to hash again
+    _verified[_key(final)] = sha256.lower()  # a rename keeps size and mtime: no need to hash again
     return final
 
 
@@ -160,19 +151,6 @@ def _to_uint8(images: Tensor) -> Tensor:
     `viz_images.to_uint8` does when saving images, so files and tensors give equal features."""
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5 + 0.5).floor().to(torch.uint8)
     return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels  # grey -> RGB
-
-
-def _check_images(images: Tensor) -> None:
-    shape_ok = images.dim() == 4 and images.shape[0] >= 1 and images.shape[1] in (1, 3)
-    low, high = (float(images.min()), float(images.max())) if images.numel() else (0.0, 0.0)
-    tolerance = 1e-4  # float round-off of a clamp or of x / 127.5 - 1
-    in_range = low >= -1 - tolerance and high <= 1 + tolerance  # False for NaN too
-    if not (shape_ok and images.is_floating_point() and in_range):
-        raise ValueError(
-            f"images must be float (N, C, H, W) in [-1, 1] with N >= 1 and C = 1 or 3; got shape "
-            f"{tuple(images.shape)}, dtype {images.dtype}, min/max {low:.4g}/{high:.4g} "
-            "(uint8 pixels in [0, 255] become x / 127.5 - 1; grey images need images[:, None])"
-        )
 
 
 class InceptionExtractor:
@@ -229,7 +207,7 @@ class InceptionExtractor:
 
     def _run(self, images: Tensor, output: str) -> Tensor:
         """torch-fidelity's output `output` for images (N, C, H, W) in [-1, 1], in batches."""
-        _check_images(images)
+        check_signed_images(images)
         net = self._network()
         # its forward returns the outputs listed in features_list and stops after the last one,
         # so asking per call lets layer "64" skip most of the network

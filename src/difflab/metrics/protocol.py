@@ -42,7 +42,8 @@ from difflab.metrics.frechet import (
 from difflab.metrics.manifold import precision_recall
 
 __all__ = ["FULL_N", "HIGHER_IS_BETTER", "METRICS", "EvalError", "Reference", "cache_dir"]
-__all__ += ["check_metrics", "evaluate_images", "label", "open_reference", "reference_features"]
+__all__ += ["check_metrics", "dataset_images", "evaluate_images", "label", "open_reference"]
+__all__ += ["reference_features"]
 
 FULL_N = 50_000  # the sample count of published FID ("FID-50k")
 PR_NEIGHBOURS = 3  # k of Kynkaanniemi et al. 2019
@@ -132,7 +133,9 @@ def _subset(total: int, n: int | None, seed: int) -> Tensor:
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-def _dataset_images(dataset, idx: Tensor) -> Tensor:
+def dataset_images(dataset, idx: Tensor) -> Tensor:
+    """Images idx of a dataset as (len(idx), C, H, W) in [-1, 1]: one gather in memory, else
+    decoded file by file."""
     if hasattr(dataset, "images"):  # TensorImages: uint8 in memory
         return to_signed(dataset.images[idx])
     return torch.stack([dataset[int(i)][0] for i in idx])  # files, decoded one by one
@@ -183,7 +186,7 @@ def open_reference(
         key = {"kind": "folder", "path": str(path.absolute()), "files": _folder_fingerprint(path)}
         key.update(shape=list(shape), preprocessing="resize-shorter-side+center-crop")
         key["subset_seed"] = seed
-        return Reference(str(path), key, shape, len(idx), lambda: _dataset_images(folder, idx))
+        return Reference(str(path), key, shape, len(idx), lambda: dataset_images(folder, idx))
     name, _, split = spec.partition(":")
     if name not in DEFAULT_FLIP or name == "imagefolder":
         raise EvalError(
@@ -196,7 +199,7 @@ def open_reference(
     key = {"kind": "dataset", "name": name, "split": info.split, "dataset_size": len(dataset)}
     key.update(shape=list(shape), preprocessing="difflab.data.images default", subset_seed=seed)
     return Reference(
-        f"{name}:{info.split}", key, shape, len(idx), lambda: _dataset_images(dataset, idx)
+        f"{name}:{info.split}", key, shape, len(idx), lambda: dataset_images(dataset, idx)
     )
 
 
