@@ -80,7 +80,8 @@ def test_reference_features_are_cached_by_data_subset_and_extractor(tmp_path):
 
 def test_a_corrupted_cache_entry_is_recomputed(tmp_path):
     real = torch.rand(30, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    ref = open_reference(str(_npz(tmp_path / "real.npz", real)), (1, 4, 4))
+    ref_file = str(_npz(tmp_path / "real.npz", real))
+    ref = open_reference(ref_file, (1, 4, 4))
     extractor = LinearExtractor(16)
     good = protocol.reference_features(ref, extractor)
     entries = sorted(protocol.cache_dir().glob("reference/*.npz"))
@@ -88,6 +89,9 @@ def test_a_corrupted_cache_entry_is_recomputed(tmp_path):
     np.savez(newest.open("wb"), features=np.zeros((30, 4), dtype=np.float32))
     extractor.seen = 0
     assert torch.equal(protocol.reference_features(ref, extractor), good)
+    assert extractor.seen == 0  # within one process, features are computed once per reference
+    again = open_reference(ref_file, (1, 4, 4))  # as a later process opens it
+    assert torch.equal(protocol.reference_features(again, extractor), good)
     assert extractor.seen == 30  # the hash in the sidecar no longer matched
 
 

@@ -421,6 +421,7 @@ def _eval_images(args: argparse.Namespace, source: Path) -> int:
         if run is None:
             raise ConfigError("--compare draws its own samples: give a run directory")
         image_eval = {"metrics": metrics, "reference": reference, "extractors": extractors}
+        image_eval["cache"] = not args.no_cache
         return _eval_compare(args, source, image_eval)
     cache = not args.no_cache
     if run:

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +124,9 @@ class Reference:
     shape: tuple[int, int, int]  # (C, H, W)
     size: int  # images used
     load: Callable[[], Tensor]  # -> (size, C, H, W) float in [-1, 1]
+    # features already computed in this process, by extractor (name, weights hash): a sweep
+    # (eval --compare) measures many sample sets against one reference
+    features: dict = field(default_factory=dict)
 
 
 def _subset(total: int, n: int | None, seed: int) -> Tensor:
@@ -212,7 +215,15 @@ def _check_shape(got, want: tuple[int, int, int], spec: str) -> None:
 
 
 def reference_features(ref: Reference, extractor, *, cache: bool = True) -> Tensor:
-    """Features (ref.size, D) of the reference images, from the cache when its key matches."""
+    """Features (ref.size, D) of the reference images: computed once per process and
+    extractor, and read from the disk cache when its key matches."""
+    memo = (extractor.name, extractor.weights_sha256)
+    if memo not in ref.features:
+        ref.features[memo] = _reference_features(ref, extractor, cache)
+    return ref.features[memo]
+
+
+def _reference_features(ref: Reference, extractor, cache: bool) -> Tensor:
     key = {**ref.key, "n": ref.size, "extractor": extractor.name}
     key["extractor_sha256"] = extractor.weights_sha256
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
