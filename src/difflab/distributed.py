@@ -183,7 +183,7 @@ def setup(cfg: RunConfig) -> World:
 
 def attach(parts, cfg: RunConfig, world: World, start: int) -> None:
     """Make train.Parts train as one rank of `world`: the network behind DDP (gradients
-    averaged in backward), this rank's own dropout RNG, and the evaluator on rank 0 only."""
+    averaged in backward) and this rank's own dropout RNG."""
     if world.size == 1:
         return
     if world.rank or not start:  # rank 0 keeps the torch RNG a resumed checkpoint restored
@@ -192,8 +192,6 @@ def attach(parts, cfg: RunConfig, world: World, start: int) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(parts.forward_net, device_ids=ids)
     parts.forward_net = ddp
     parts.denoiser.net = ddp
-    if not world.is_main:
-        parts.evaluator = None
 
 
 def shutdown(world: World) -> None:

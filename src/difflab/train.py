@@ -138,8 +138,10 @@ def check_train_config(cfg: RunConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def build_parts(cfg: RunConfig) -> Parts:
-    """Stage 1: every object of the run, seeded from train.seed."""
+def build_parts(cfg: RunConfig, world: distributed.World | None = None) -> Parts:
+    """Stage 1: every object of the run, seeded from train.seed; `world`: this process's rank
+    when several train together (default: alone)."""
+    world = world or distributed.World()
     check_train_config(cfg)
     device = build.resolve_device(cfg.train.device)
     if cfg.train.threads > 0:
@@ -162,7 +164,7 @@ def build_parts(cfg: RunConfig) -> Parts:
     forward_net = build.maybe_compile(net, cfg.train.compile, "train.compile")
     denoiser.net = forward_net
     evaluator = None
-    if cfg.train.eval_every:  # built now: a missing judge or reference fails before step 1
+    if cfg.train.eval_every and world.is_main:  # now: a missing judge fails before step 1
         evaluator = TrainingEvaluator(cfg, tuple(data.shape), classes, device)
     return Parts(
         net,
@@ -178,6 +180,7 @@ def build_parts(cfg: RunConfig) -> Parts:
         dtype,
         forward_net,
         evaluator=evaluator,
+        world=world,
         memory_format=layout,
     )
 
@@ -443,8 +446,7 @@ def train(
     """
     run_dir = Path(run_dir)
     world = distributed.setup(cfg)  # one of several processes (torchrun, --nproc), or alone
-    parts = build_parts(cfg)  # 1. build
-    parts.world = world
+    parts = build_parts(cfg, world)  # 1. build
     start, smoothed = open_run(cfg, run_dir, parts, resume)  # 2. open or resume
     distributed.attach(parts, cfg, world, start)  # DDP; this rank's dropout RNG
     try:
