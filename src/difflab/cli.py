@@ -261,8 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except RuntimeError as e:  # a collective failed: the rank that died is the one to report
         if world.size == 1 or not distributed.lost_peer(e):
             raise
-        print(f"difflab: rank {world.rank} stopped: another process failed", file=sys.stderr)
-        return distributed.PEER_LOST_EXIT
+        distributed.leave_after_lost_peer(world)
     if not world.is_main:  # rank 0 alone samples, evaluates and draws
         return 0
     print(f"difflab: trained in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")

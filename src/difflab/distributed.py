@@ -36,6 +36,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -214,6 +215,20 @@ def lost_peer(error: BaseException) -> bool:
         return True
     text = str(error)
     return any(s in text for s in ("closed by peer", "reset by peer", "NCCL communicator"))
+
+
+def leave_after_lost_peer(world: World) -> NoReturn:
+    """Say that this rank stops because another failed, and leave at once with PEER_LOST_EXIT.
+
+    A process group whose peer died cannot be torn down cleanly: at interpreter exit, gloo's
+    threads are destroyed while still joinable and the C++ runtime aborts ("terminate called
+    without an active exception", SIGABRT), which reads as this rank's own failure. os._exit
+    skips that teardown; nothing is left to write (rank 0 writes checkpoints atomically between
+    steps, and the launcher reports the rank that failed first)."""
+    print(f"difflab: rank {world.rank} stopped: another process failed", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(PEER_LOST_EXIT)
 
 
 def launch(argv: list[str], nproc: int, run_dir: Path) -> int:
