@@ -44,7 +44,7 @@ from difflab.samplers import SampleNoise, timesteps
 from difflab.train import train
 
 NFE_BUDGETS = (10, 20)
-# label -> (sampler, the name its NFE cost is listed under in samplers.NFE_COST)
+# label -> (sampler, the registered sampler whose NFE cost it has)
 DIFFLAB = {
     "ddim": (samplers.sample_ddim, "ddim"),
     "euler": (samplers.sample_euler, "euler"),

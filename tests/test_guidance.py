@@ -5,6 +5,7 @@ from difflab import build, schedules
 from difflab.config import SampleConfig
 from difflab.guidance import GuidedNet, guided
 from difflab.prediction import Denoiser
+from difflab.samplers import SAMPLERS
 
 NUM_CLASSES = 3
 SHIFT = torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, -1.0], [0.2, 0.2]])  # last row: null label
@@ -59,7 +60,7 @@ def test_guidance_refuses_unconditional_models_and_missing_labels():
         guided(den, -1.0, NUM_CLASSES)
 
 
-@pytest.mark.parametrize("name", sorted(build.SAMPLERS))
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_runs_guided_with_one_call_per_evaluation(name):
     # Guidance is a denoiser wrapper, so every sampler takes it: each model evaluation is one
     # doubled batch, and scale 1 reproduces the conditional model exactly.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import resource
 import warnings
 
@@ -28,19 +27,7 @@ from difflab.nets.mlp import MLP
 from difflab.nets.unet import UNet
 from difflab.objectives import LossSpec
 from difflab.prediction import Denoiser
-from difflab.samplers import (
-    sample_ddim,
-    sample_ddpm,
-    sample_dpm_2s,
-    sample_dpmpp_2m,
-    sample_dpmpp_2m_sde,
-    sample_dpmpp_3m,
-    sample_euler,
-    sample_heun,
-    sample_pc,
-    sample_unipc,
-    timesteps,
-)
+from difflab.samplers import sampler_info, timesteps
 
 SCHEDULES = {
     "linear": lambda cfg: schedules.linear(cfg.num_steps or 1000, cfg.beta_start, cfg.beta_end),
@@ -49,20 +36,6 @@ SCHEDULES = {
     "vp": lambda cfg: schedules.VPSDESchedule(),
     "ve": lambda cfg: schedules.VESchedule(cfg.sigma_min or 0.01, cfg.sigma_max or 50.0),
     "edm": lambda cfg: schedules.EDMSchedule(cfg.sigma_min or 0.002, cfg.sigma_max or 80.0),
-}
-
-# name -> (sampler function, the SampleConfig fields it takes as options)
-SAMPLERS = {
-    "ddpm": (sample_ddpm, ("variance",)),
-    "ddim": (sample_ddim, ("eta",)),
-    "dpmpp_2m": (sample_dpmpp_2m, ()),
-    "dpmpp_3m": (sample_dpmpp_3m, ()),
-    "dpmpp_2m_sde": (sample_dpmpp_2m_sde, ()),
-    "dpm_2s": (sample_dpm_2s, ()),
-    "unipc": (sample_unipc, ("order",)),
-    "euler": (sample_euler, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
-    "heun": (sample_heun, ("s_churn", "s_tmin", "s_tmax", "s_noise")),
-    "pc": (sample_pc, ("snr", "n_corrector")),
 }
 
 NETS = {"mlp": MLP, "unet": UNet}
@@ -216,13 +189,12 @@ def build_denoiser(cfg: RunConfig, net: nn.Module, schedule: schedules.Schedule)
 @_checked
 def build_sampler(cfg: SampleConfig, schedule: schedules.Schedule):
     """(sampler function, options dict, time grid) for a sample config."""
-    if cfg.sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    fn, option_names = SAMPLERS[cfg.sampler]
-    options = {name: getattr(cfg, name) for name in option_names}
-    if options.get("s_tmax") == 0:  # JSON has no infinity: 0 means "no upper limit"
-        options["s_tmax"] = math.inf
-    return fn, options, timesteps(schedule, cfg.steps, cfg.spacing, cfg.t_end or None)
+    info = sampler_info(cfg.sampler)
+    return (
+        info.fn,
+        info.options_from(cfg),
+        timesteps(schedule, cfg.steps, cfg.spacing, cfg.t_end or None),
+    )
 
 
 @_checked

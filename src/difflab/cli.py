@@ -14,7 +14,6 @@ import time
 import warnings
 from pathlib import Path
 
-from difflab.build import SAMPLERS
 from difflab.config import (
     PRESETS,
     ConfigError,
@@ -23,12 +22,21 @@ from difflab.config import (
     apply_overrides,
     preset,
 )
-from difflab.samplers import NonFiniteError
+from difflab.samplers import SAMPLERS, NonFiniteError
 
-SAMPLE_FLAGS = (
-    "sampler", "steps", "spacing", "t_end", "eta", "s_churn", "order", "variance", "n", "seed",
-    "guidance",
-)  # fmt: skip
+# Options every sampler shares; each sampler's own (--eta, --churn, ...) come from the registry.
+SAMPLE_FLAGS = ("sampler", "steps", "spacing", "t_end", "n", "seed", "guidance")
+
+
+def _option_flags() -> dict[str, tuple]:
+    """flag -> (SampleConfig field, type, help) of every registered sampler's flagged options;
+    an option two samplers share (Euler's and Heun's churn) is one flag."""
+    flags = {}
+    for info in SAMPLERS.values():
+        for o in info.options:
+            if o.flag:
+                flags.setdefault(o.flag, (o.field, o.type, o.help))
+    return flags
 
 
 def _checkpoint_arg(value: str) -> int | str:
@@ -49,10 +57,8 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--t-end", dest="t_end", type=float, help="last nonzero time of logsnr/karras grids"
     )
-    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--churn", dest="s_churn", type=float, help="Euler/Heun: EDM's S_churn")
-    p.add_argument("--order", type=int, help="UniPC order (1..3)")
-    p.add_argument("--variance", help="DDPM posterior variance: small or large")
+    for flag, (dest, kind, text) in _option_flags().items():
+        p.add_argument(flag, dest=dest, type=kind, help=text)
     p.add_argument("--n", type=int, help="number of samples")
     p.add_argument("--seed", type=int, help="noise seed")
     p.add_argument("--batch-size", type=int, help="samples per batch (results do not depend on it)")
@@ -210,7 +216,8 @@ def parser() -> argparse.ArgumentParser:
 
 def sample_changes(args: argparse.Namespace) -> dict:
     """The SampleConfig fields the command-line flags set."""
-    changes = {k: getattr(args, k) for k in SAMPLE_FLAGS if getattr(args, k, None) is not None}
+    fields = [*SAMPLE_FLAGS, *(field for field, _, _ in _option_flags().values())]
+    changes = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     if getattr(args, "batch_size", None) is not None:
         changes["batch_size"] = args.batch_size
     if getattr(args, "raw", False):

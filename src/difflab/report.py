@@ -23,14 +23,10 @@ from difflab.metrics.protocol import HIGHER_IS_BETTER
 from difflab.metrics.toy2d import REFERENCE_SEED, evaluate_toy
 from difflab.report_images import make_image_artefacts, plot_image_run
 from difflab.runs import check_run_dir, draw_samples, load_run, save_run_samples
-from difflab.samplers import Recorder, nfe_of, steps_for_nfe
+from difflab.samplers import SAMPLERS, Recorder, deterministic_samplers, nfe_of, steps_for_nfe
 
 TRAJECTORY_POINTS = 2000  # points recorded at every step for the GIF and trajectory plot
 FORWARD_TS = (0.05, 0.1, 0.25, 0.5, 1.0)
-
-
-# Deterministic samplers a --compare sweep runs by default (stochastic ones need many more steps).
-COMPARE_SAMPLERS = ("ddim", "euler", "heun", "dpm_2s", "dpmpp_2m", "dpmpp_3m", "unipc")
 
 
 def compare_samplers(
@@ -63,11 +59,11 @@ def compare_samplers(
     use_ema = changes.pop("use_ema", True)
     run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
     base = dataclasses.replace(run.cfg.sample, **changes)
-    names = list(samplers or COMPARE_SAMPLERS)
-    unknown = [name for name in names if name not in build.SAMPLERS]
+    names = list(samplers or deterministic_samplers())  # SDEs need many more steps
+    unknown = [name for name in names if name not in SAMPLERS]
     if unknown:
         raise ConfigError(
-            f"unknown sampler(s) {', '.join(unknown)}; choose from {', '.join(build.SAMPLERS)}"
+            f"unknown sampler(s) {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}"
         )
     if guidances and run.num_classes == 0:
         raise ConfigError("--guidances needs a class-conditional run")

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from difflab.build import SAMPLERS, check_image_size
+from difflab.build import check_image_size
 from difflab.config import ConfigError, RunConfig, preset
+from difflab.samplers import SAMPLERS
 
 # name -> (preset, shape of one example, classes the network is conditioned on)
 CONFIGS = {

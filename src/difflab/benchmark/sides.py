@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from difflab import build
 from difflab.benchmark.options import Setup
 from difflab.objectives import diffusion_loss
-from difflab.samplers import generate, steps_for_nfe
+from difflab.samplers import SAMPLERS, generate, steps_for_nfe
 
 
 @dataclass
@@ -122,7 +122,7 @@ def difflab_side(setup: Setup) -> Side:
         )  # fmt: skip
         return counted.calls
 
-    names = {name: f"difflab sample_{name}, {cfg.sample.spacing} grid" for name in build.SAMPLERS}
+    names = {name: f"difflab sample_{name}, {cfg.sample.spacing} grid" for name in SAMPLERS}
     side = Side("difflab", "difflab", net, loss, optimizer, sample, names)
     side.info["objective"] = (
         f"objectives.diffusion_loss: {cfg.diffusion.prediction} prediction, "

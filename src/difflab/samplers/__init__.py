@@ -16,44 +16,41 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from difflab.samplers.common import Callback, NonFiniteError, Recorder, StepState
-from difflab.samplers.ddim import sample_ddim
-from difflab.samplers.ddpm import sample_ddpm
-from difflab.samplers.dpm_solver import (
+
+# The registry, in the order samplers are listed (help texts, `eval --compare`): one import a file.
+from difflab.samplers.ddpm import sample_ddpm  # isort: skip
+from difflab.samplers.ddim import sample_ddim  # isort: skip
+from difflab.samplers.edm import sample_euler, sample_heun  # isort: skip
+from difflab.samplers.dpm_solver import (  # isort: skip
     sample_dpm_2s,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
     sample_dpmpp_3m,
 )
-from difflab.samplers.edm import sample_euler, sample_heun
+from difflab.samplers.unipc import sample_unipc  # isort: skip
+from difflab.samplers.pc import sample_pc  # isort: skip
 from difflab.samplers.grids import discrete_timesteps, timesteps
 from difflab.samplers.noise import SampleNoise
-from difflab.samplers.pc import sample_pc
-from difflab.samplers.unipc import sample_unipc
-
-# Model evaluations of n steps on a grid ending at 0, as (a, b): a n - b. Heun skips its
-# correction on the last step, DPM-Solver-2S its midpoint; everything else is one call per step.
-NFE_COST = {"heun": (2, 1), "dpm_2s": (2, 1)}
-
-
-def nfe_of(sampler: str, steps: int) -> int:
-    """Model evaluations `steps` steps of `sampler` (by name) cost, grid ending at t = 0."""
-    a, b = NFE_COST.get(sampler, (1, 0))
-    return a * steps - b
-
-
-def steps_for_nfe(sampler: str, nfe: int) -> int:
-    """The most steps of `sampler` (by name) whose model evaluations fit in `nfe`."""
-    a, b = NFE_COST.get(sampler, (1, 0))
-    return max(1, (nfe + b) // a)
-
+from difflab.samplers.registry import (
+    SAMPLERS,
+    Option,
+    SamplerInfo,
+    deterministic_samplers,
+    nfe_of,
+    sampler_info,
+    steps_for_nfe,
+)
 
 __all__ = [
-    "NFE_COST",
+    "SAMPLERS",
     "Callback",
     "NonFiniteError",
+    "Option",
     "Recorder",
     "SampleNoise",
+    "SamplerInfo",
     "StepState",
+    "deterministic_samplers",
     "discrete_timesteps",
     "generate",
     "nfe_of",
@@ -67,6 +64,7 @@ __all__ = [
     "sample_heun",
     "sample_pc",
     "sample_unipc",
+    "sampler_info",
     "steps_for_nfe",
     "timesteps",
 ]

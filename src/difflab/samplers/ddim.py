@@ -18,8 +18,10 @@ from torch import Tensor
 
 from difflab.samplers.common import Callback, StepState, denoise, schedule_at
 from difflab.samplers.noise import SampleNoise, as_noise
+from difflab.samplers.registry import Option, register
 
 
+@register("ddim", options=(Option("eta", float, "DDIM eta (0 = deterministic)", "--eta"),))
 @torch.no_grad()
 def sample_ddim(
     denoiser,

@@ -20,10 +20,16 @@ from torch import Tensor
 
 from difflab.samplers.common import Callback, StepState, denoise, schedule_at
 from difflab.samplers.noise import SampleNoise, as_noise
+from difflab.samplers.registry import Option, register
 
 VARIANCES = ("small", "large")
 
 
+@register(
+    "ddpm",
+    options=(Option("variance", str, "DDPM posterior variance: small or large", "--variance"),),
+    deterministic=False,
+)
 @torch.no_grad()
 def sample_ddpm(
     denoiser,

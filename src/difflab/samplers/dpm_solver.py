@@ -41,6 +41,7 @@ from torch import Tensor
 
 from difflab.samplers.common import Callback, StepState, denoise, schedule_at
 from difflab.samplers.noise import SampleNoise, as_noise
+from difflab.samplers.registry import register
 
 SOLVER_TYPES = ("midpoint", "heun")
 # diffusers' DPMSolverMultistepScheduler lowers the order of the last steps on grids this short.
@@ -201,6 +202,7 @@ def _check_solver_type(solver_type: str) -> None:
         raise ValueError(f"unknown solver_type {solver_type!r}; choose 'midpoint' or 'heun'")
 
 
+@register("dpmpp_2m")
 @torch.no_grad()
 def sample_dpmpp_2m(
     denoiser,
@@ -237,6 +239,7 @@ def sample_dpmpp_2m(
     return _multistep(denoiser, x_T, ts, y, callback, orders, update)
 
 
+@register("dpmpp_3m")
 @torch.no_grad()
 def sample_dpmpp_3m(
     denoiser,
@@ -273,6 +276,7 @@ def sample_dpmpp_3m(
     return _multistep(denoiser, x_T, ts, y, callback, orders, update)
 
 
+@register("dpmpp_2m_sde", deterministic=False)
 @torch.no_grad()
 def sample_dpmpp_2m_sde(
     denoiser,
@@ -318,6 +322,7 @@ def sample_dpmpp_2m_sde(
     return _multistep(denoiser, x_T, ts, y, callback, orders, update)
 
 
+@register("dpm_2s", cost=(2, 1))  # no midpoint on the last step
 @torch.no_grad()
 def sample_dpm_2s(
     denoiser,

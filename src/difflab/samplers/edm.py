@@ -40,6 +40,14 @@ from torch import Tensor
 
 from difflab.samplers.common import Callback, StepState, denoise, schedule_at
 from difflab.samplers.noise import SampleNoise, as_noise
+from difflab.samplers.registry import Option, register
+
+CHURN = (
+    Option("s_churn", float, "Euler/Heun: EDM's S_churn (0 = the deterministic ODE)", "--churn"),
+    Option("s_tmin", float, "churn only from this noise level (sigma / alpha)"),
+    Option("s_tmax", float, "churn only up to this noise level (0 = no limit)"),
+    Option("s_noise", float, "EDM's S_noise: the churn noise's scale"),
+)
 
 
 def _level(denoiser, t: float) -> tuple[float, float]:
@@ -118,6 +126,7 @@ def _sample(
     return x
 
 
+@register("euler", options=CHURN)
 @torch.no_grad()
 def sample_euler(
     denoiser,
@@ -154,6 +163,7 @@ def sample_euler(
     return _sample(denoiser, x_T, ts, y, generator, callback, heun=False, churn=churn)
 
 
+@register("heun", options=CHURN, cost=(2, 1))  # no correction on the last step
 @torch.no_grad()
 def sample_heun(
     denoiser,

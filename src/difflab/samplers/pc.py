@@ -76,6 +76,7 @@ from torch import Tensor
 
 from difflab.samplers.common import Callback, StepState, denoise, schedule_at
 from difflab.samplers.noise import SampleNoise, as_noise
+from difflab.samplers.registry import Option, register
 
 STEP_SIZES = ("fixed", "norm")
 
@@ -113,6 +114,14 @@ def _check_options(snr: float, n_corrector: int, step_size: str) -> None:
         )
 
 
+@register(
+    "pc",
+    options=(
+        Option("snr", float, "pc: Langevin corrector signal-to-noise ratio"),
+        Option("n_corrector", int, "pc: corrector steps per predictor step"),
+    ),
+    deterministic=False,
+)
 @torch.no_grad()
 def sample_pc(
     denoiser,

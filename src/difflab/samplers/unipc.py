@@ -39,6 +39,7 @@ from torch import Tensor
 from difflab.samplers.common import Callback, StepState, denoise
 from difflab.samplers.dpm_solver import Step, check_grid_and_final, make_step, phi, step_orders
 from difflab.samplers.noise import SampleNoise
+from difflab.samplers.registry import Option, register
 
 VARIANTS = ("bh1", "bh2")
 
@@ -73,6 +74,7 @@ def unified_update(
     return x_next
 
 
+@register("unipc", options=(Option("order", int, "UniPC order (1..3)", "--order"),))
 @torch.no_grad()
 def sample_unipc(
     denoiser,

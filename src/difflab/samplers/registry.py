@@ -1,0 +1,99 @@
+"""The sampler registry: a sampler file registers its function with `@register(...)`, declaring
+its options, its cost in model evaluations and whether it is deterministic. The command-line
+flags, `build.build_sampler`, NFE accounting and the default `eval --compare` list all read it.
+
+Adding a sampler: write `samplers/<name>.py` (copy `ddim.py`), decorate the function with
+`@register("<name>", ...)`, and import the file in `samplers/__init__.py`. An option is a
+`SampleConfig` field (so `--set sample.<field>=...` and config.json carry it); a test keeps every
+declared option a field with a matching type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Option:
+    """A sampler option: the SampleConfig field it is kept in, its command-line flag (None:
+    `--set sample.<field>` only), and its help text."""
+
+    field: str
+    type: type
+    help: str
+    flag: str | None = None
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    """What a registered sampler is: `fn(denoiser, x_T, ts, *, y, generator, callback,
+    **options)`, its options, its cost (n steps ending at t = 0 take a n - b model calls), and
+    whether the same x_T always gives the same sample (an ODE solver) or not (an SDE)."""
+
+    name: str
+    fn: Callable
+    options: tuple[Option, ...]
+    cost: tuple[int, int]
+    deterministic: bool
+
+    def nfe(self, steps: int) -> int:
+        """Model evaluations of `steps` steps on a grid ending at t = 0."""
+        a, b = self.cost
+        return a * steps - b
+
+    def steps_for(self, nfe: int) -> int:
+        """The most steps whose model evaluations fit in `nfe` (at least 1)."""
+        a, b = self.cost
+        return max(1, (nfe + b) // a)
+
+    def options_from(self, sample_cfg) -> dict:
+        """The keyword options of `fn` from a SampleConfig."""
+        options = {o.field: getattr(sample_cfg, o.field) for o in self.options}
+        if options.get("s_tmax") == 0:  # JSON has no infinity: 0 means "no upper limit"
+            options["s_tmax"] = math.inf
+        return options
+
+
+SAMPLERS: dict[str, SamplerInfo] = {}  # in registration order
+
+
+def register(
+    name: str,
+    *,
+    options: tuple[Option, ...] = (),
+    cost: tuple[int, int] = (1, 0),
+    deterministic: bool = True,
+) -> Callable[[Callable], Callable]:
+    """Decorator: list `fn` under `name` (see SamplerInfo)."""
+
+    def add(fn: Callable) -> Callable:
+        if name in SAMPLERS:
+            raise ValueError(f"sampler {name!r} is registered twice")
+        SAMPLERS[name] = SamplerInfo(name, fn, tuple(options), cost, deterministic)
+        return fn
+
+    return add
+
+
+def sampler_info(name: str) -> SamplerInfo:
+    """The registered sampler `name`; ValueError naming the choices otherwise."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def nfe_of(sampler: str, steps: int) -> int:
+    """Model evaluations `steps` steps of `sampler` (by name) cost, grid ending at t = 0."""
+    return sampler_info(sampler).nfe(steps)
+
+
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    """The most steps of `sampler` (by name) whose model evaluations fit in `nfe`."""
+    return sampler_info(sampler).steps_for(nfe)
+
+
+def deterministic_samplers() -> tuple[str, ...]:
+    """The ODE solvers: what `eval --compare` sweeps by default (SDEs need many more steps)."""
+    return tuple(name for name, info in SAMPLERS.items() if info.deterministic)
