@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from difflab import schedules
+from difflab.codecs import Identity
+from difflab.conditioners import ClassLabels, Unconditional
 from difflab.config import (
     ConfigError,
     DataConfig,
@@ -23,6 +25,8 @@ from difflab.data.folders import DatasetMissingError
 from difflab.data.images import DEFAULT_FLIP, load_image_dataset
 from difflab.data.stream import ImageStream, ToyStream
 from difflab.data.toy2d import TOY2D
+from difflab.losses import DiffusionLoss
+from difflab.model import DataKind, Model
 from difflab.nets.mlp import MLP
 from difflab.nets.unet import UNet
 from difflab.objectives import LossSpec
@@ -173,9 +177,50 @@ def build_data(cfg: RunConfig, seed: int, split: str = "train") -> ToyStream | I
     return stream
 
 
-def num_classes(cfg: RunConfig, data) -> int:
-    """Classes the network is conditioned on: the data's when data.class_conditional, else 0."""
-    return data.num_classes if cfg.data.class_conditional else 0
+def data_kind(cfg: RunConfig, data) -> DataKind:
+    """What the model is trained on: the stream's example shape, and its classes when
+    data.class_conditional (0 = unconditional)."""
+    classes = data.num_classes if cfg.data.class_conditional else 0
+    names = tuple(getattr(data, "class_names", ()) or ())[:classes]
+    return DataKind(tuple(data.shape), classes, names)
+
+
+def build_conditioner(cfg: RunConfig, kind: DataKind):
+    """Class labels (null label num_classes, train.label_dropout) or none."""
+    if kind.num_classes:
+        return ClassLabels(kind.num_classes, kind.class_names, cfg.train.label_dropout)
+    return Unconditional()
+
+
+def build_model(cfg: RunConfig, kind: DataKind, device: torch.device | str = "cpu") -> Model:
+    """The run's model for data of `kind`, on `device` (weights freshly initialised from the
+    global torch RNG; a caller that loads a checkpoint loads into model.net)."""
+    device = torch.device(device)
+    codec = Identity()
+    net = build_net(cfg.model, codec.latent_shape(kind.shape), kind.num_classes).to(device)
+    layout = memory_format(cfg.train.channels_last, kind.shape)
+    net = net.to(memory_format=layout)
+    schedule = build_schedule(cfg.diffusion)
+    denoiser = build_denoiser(cfg, net, schedule)
+    conditioner = build_conditioner(cfg, kind)
+    return Model(net, schedule, denoiser, conditioner, codec, kind, device, layout)
+
+
+LOSSES = {
+    "diffusion": lambda cfg, schedule: DiffusionLoss(
+        build_loss_spec(cfg.diffusion, schedule), schedule
+    )
+}
+
+
+@_checked
+def build_loss(cfg: RunConfig, schedule: schedules.Schedule):
+    """The loss object train.loss names (losses.py)."""
+    if cfg.train.loss not in LOSSES:
+        raise ConfigError(
+            f"unknown train.loss {cfg.train.loss!r}; choose one of {', '.join(LOSSES)}"
+        )
+    return LOSSES[cfg.train.loss](cfg, schedule)
 
 
 @_checked

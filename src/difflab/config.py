@@ -91,6 +91,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
+    loss: str = "diffusion"  # the loss object the trainer calls (build.LOSSES)
     steps: int = 8000  # optimizer steps
     batch_size: int = 1024
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size is split across them)

@@ -190,9 +190,8 @@ def attach(parts, cfg: RunConfig, world: World, start: int) -> None:
     if world.rank or not start:  # rank 0 keeps the torch RNG a resumed checkpoint restored
         torch.manual_seed(cfg.train.seed + 1000 * world.rank + start)
     ids = [world.local_rank] if world.device.type == "cuda" else None
-    ddp = torch.nn.parallel.DistributedDataParallel(parts.forward_net, device_ids=ids)
-    parts.forward_net = ddp
-    parts.denoiser.net = ddp
+    ddp = torch.nn.parallel.DistributedDataParallel(parts.forward.net, device_ids=ids)
+    parts.forward = parts.forward.with_net(ddp)
 
 
 def shutdown(world: World) -> None:

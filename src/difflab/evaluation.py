@@ -8,6 +8,7 @@ or the judge trained for the data set) and the training-time evaluator.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -16,14 +17,13 @@ import torch
 
 from difflab import build
 from difflab.config import ConfigError, RunConfig, SampleConfig
-from difflab.data.toy2d import TOY2D
-from difflab.guidance import guided
 from difflab.metrics import protocol
 from difflab.metrics.classifier import JudgeExtractor
 from difflab.metrics.protocol import METRICS, EvalError, label
 from difflab.metrics.toy2d import evaluate_toy
+from difflab.model import Model
 from difflab.runs import LoadedRun, draw_samples
-from difflab.samplers import generate, nfe_of
+from difflab.samplers import nfe_of
 
 __all__ = ["TrainingEvaluator", "default_judge_path", "evaluate_images_of", "extractors_for"]
 __all__ += ["format_rows", "sampling_provenance", "timed_samples"]
@@ -122,12 +122,10 @@ def evaluate_images_of(
 ) -> list[dict]:
     """Draw scfg.n samples of an image run (class-balanced when conditional) and
     measure them; `cache`: read and write cached reference features."""
-    conditional = run.num_classes > 0
+    conditional = run.model.conditioner.conditional
     dims = {kind: e.feature_dim for kind, e in extractors.items()}
     protocol.check_metrics(metrics, scfg.n, dims, conditional)  # before any sampling
-    # every class equally often (to within one), as the data sets are: class frequencies drawn
-    # at random move FD by themselves (MNIST preset, n = 1,000: 7.8 balanced, 11.5 random)
-    labels = torch.arange(scfg.n) % run.num_classes if conditional else None
+    labels = run.model.conditioner.balanced(scfg.n)  # every class equally often
     samples, timing = timed_samples(run, scfg, labels, progress)
     provenance = {**sampling_provenance(run, scfg, conditional), **timing}
     if conditional:
@@ -170,30 +168,6 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def fixed_noise_samples(
-    denoiser,
-    scfg: SampleConfig,
-    n: int,
-    shape: tuple[int, ...],
-    num_classes: int,
-    device,
-    batch_size: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """n samples (CPU) with scfg's sampler, seed and guidance and class-balanced labels
-    (arange(n) % num_classes, or None): the same noise and labels every call, so samples drawn
-    during training differ only through the model. Returns (samples, labels)."""
-    labels = None
-    if num_classes:
-        labels = torch.arange(n) % num_classes
-        denoiser = guided(denoiser, scfg.guidance, num_classes)
-    fn, options, ts = build.build_sampler(scfg, denoiser.schedule)
-    x = generate(
-        fn, denoiser, n, shape, ts, seed=scfg.seed, batch_size=batch_size, labels=labels,
-        device=device, **options,
-    )  # fmt: skip
-    return x, labels
-
-
 class TrainingEvaluator:
     """The metric `train.eval_metric` every `train.eval_every` steps, from the EMA weights and
     fixed noise, so successive values differ only through the model.
@@ -202,9 +176,9 @@ class TrainingEvaluator:
     first step, not hours later.
     """
 
-    def __init__(self, cfg: RunConfig, shape: tuple[int, ...], num_classes: int, device):
-        self.cfg, self.shape, self.num_classes, self.device = cfg, shape, num_classes, device
-        toy = cfg.data.name in TOY2D
+    def __init__(self, cfg: RunConfig, model: Model):
+        self.cfg, device, shape = cfg, model.device, model.kind.shape
+        toy = not model.kind.is_image
         self.metric = cfg.train.eval_metric or ("sliced_w2" if toy else "fd_judge")
         self.n = cfg.train.eval_n
         allowed = TOY_METRICS if toy else tuple(m for m in METRICS if m != "accuracy")
@@ -224,18 +198,18 @@ class TrainingEvaluator:
                 spec = f"{d.name}:test"
             self.reference = protocol.open_reference(spec, tuple(shape), root=d.root)
             dims = {k: e.feature_dim for k, e in self.extractors.items()}
-            protocol.check_metrics([self.metric], self.n, dims, num_classes > 0)
+            protocol.check_metrics([self.metric], self.n, dims, model.conditioner.conditional)
         except (EvalError, FileNotFoundError) as e:
             raise ConfigError(f"train.eval_every needs its metric: {e}") from None
 
     @torch.no_grad()
-    def __call__(self, denoiser) -> dict:
-        """{"metric", "label", <metric>: value, "n", sampler settings, "seconds"}."""
+    def __call__(self, model: Model) -> dict:
+        """{"metric", "label", <metric>: value, "n", sampler settings, "seconds"} of `model`
+        (the EMA weights), from the run's sampler, fixed noise and class-balanced conditions."""
         start = time.perf_counter()
-        scfg = self.cfg.sample
-        x, labels = fixed_noise_samples(
-            denoiser, scfg, self.n, self.shape, self.num_classes, self.device, scfg.batch_size
-        )
+        scfg = dataclasses.replace(self.cfg.sample, n=self.n, compile=False)
+        labels = model.conditioner.balanced(self.n)
+        x = model.sample(scfg, cond=labels)
         if self.reference is None:
             value = evaluate_toy(x.numpy(), self.cfg.data.name)[self.metric]
         else:

@@ -14,51 +14,63 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from difflab.conditioners import ClassLabels
 from difflab.prediction import Denoiser
 
 
 class GuidedNet:
-    """`net(x_t, t, y)` evaluated with labels y and with the null label, then combined.
+    """`net(x_t, t, cond)` evaluated with the condition and with the null condition, then
+    combined; the conditioner makes the null condition and the doubled batch, so this works
+    for any condition (class labels, token embeddings).
 
     Args:
-        net: a class-conditional network whose label `null_label` means "no label".
+        net: a conditional network trained with condition dropout.
         guidance_scale: w above; >= 0.
-        null_label: the unconditional label index (difflab nets use num_classes).
+        conditioner: the network's conditioner (`null_like`, `cat`), or its number of classes
+            (class labels with the null label num_classes).
     """
 
-    def __init__(self, net, guidance_scale: float, null_label: int):
+    def __init__(self, net, guidance_scale: float, conditioner):
         if guidance_scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
-        self.net, self.guidance_scale, self.null_label = net, guidance_scale, null_label
+        if isinstance(conditioner, int):
+            conditioner = ClassLabels(conditioner)
+        self.net, self.guidance_scale, self.conditioner = net, guidance_scale, conditioner
 
-    def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def __call__(self, x_t: Tensor, t: Tensor, y=None) -> Tensor:
         if y is None:
             raise ValueError(
                 "classifier-free guidance needs class labels y; pass --class or --per-class"
             )
-        w = self.guidance_scale
-        null = torch.full_like(y, self.null_label)
+        w, c = self.guidance_scale, self.conditioner
+        null = c.null_like(y)
         if w == 0:
             return self.net(x_t, t, null)
         if w == 1:
             return self.net(x_t, t, y)
-        raw = self.net(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null]))
+        raw = self.net(_twice(x_t), _twice(t), c.cat(y, null))
         raw_cond, raw_uncond = raw.chunk(2)
         return raw_uncond + w * (raw_cond - raw_uncond)
 
 
-def guided(denoiser: Denoiser, guidance_scale: float, num_classes: int) -> Denoiser:
+def _twice(x: Tensor) -> Tensor:
+    """x twice along the batch: the doubled batch's inputs (memory format kept)."""
+    return torch.cat([x, x])
+
+
+def guided(denoiser: Denoiser, guidance_scale: float, conditioner) -> Denoiser:
     """The denoiser of `denoiser`'s network under classifier-free guidance.
 
     Args:
-        denoiser: wraps a class-conditional network trained with label dropout.
+        denoiser: wraps a conditional network trained with condition dropout.
         guidance_scale: 0 = unconditional, 1 = conditional, > 1 = guided.
-        num_classes: the network's number of classes; its null label is num_classes.
+        conditioner: the network's conditioner, or its number of classes (null label
+            num_classes).
     """
-    if num_classes < 1:
+    if conditioner == 0 or getattr(conditioner, "conditional", True) is False:
         raise ValueError(
             "guidance needs a class-conditional model; this one was trained without labels "
             "(model.num_classes = 0)"
         )
-    net = GuidedNet(denoiser.net, guidance_scale, num_classes)
+    net = GuidedNet(denoiser.net, guidance_scale, conditioner)
     return denoiser.with_net(net)

@@ -19,23 +19,40 @@ from difflab.checkpoint import (
     verify_checkpoint,
 )
 from difflab.config import ConfigError, RunConfig, SampleConfig
-from difflab.guidance import guided
+from difflab.model import DataKind, Model
 from difflab.prediction import Denoiser
-from difflab.samplers import Recorder, generate
+from difflab.samplers import Recorder
 
 
 @dataclass
 class LoadedRun:
+    """A run directory's model, loaded from one of its checkpoints."""
+
     run_dir: Path
     checkpoint: Path
     cfg: RunConfig
-    denoiser: Denoiser
-    shape: tuple[int, ...]  # one example, e.g. (2,) or (C, H, W)
-    device: torch.device
-    num_classes: int  # 0 = unconditional
-    class_names: tuple[str, ...]
+    model: Model
     step: int  # the training step of the checkpoint
-    compiled_net: torch.nn.Module | None = None  # torch.compile'd net, made on first use
+
+    @property
+    def denoiser(self) -> Denoiser:
+        return self.model.denoiser
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # one example, e.g. (2,) or (C, H, W)
+        return self.model.kind.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def num_classes(self) -> int:  # 0 = unconditional
+        return self.model.kind.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.model.conditioner.class_names
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -84,49 +101,26 @@ def load_run(
         if problem:
             raise CheckpointError(f"checkpoint {ckpt} is unusable: {problem}")
     cfg = RunConfig.load(ckpt / "config.json")
-    dev = build.resolve_device(device)
-    info = load_data_info(ckpt)
-    shape, classes = tuple(info["shape"]), int(info["num_classes"])
-    net = build.build_net(cfg.model, shape, classes)
-    load_weights(ckpt, net, "ema" if use_ema else "model")
-    net = net.to(dev).eval().requires_grad_(False)
-    net = net.to(memory_format=build.memory_format(cfg.train.channels_last, shape))
-    denoiser = build.build_denoiser(cfg, net, build.build_schedule(cfg.diffusion))
-    names = tuple(info.get("class_names") or (str(k) for k in range(classes)))
-    step = checkpoint_step(ckpt)
-    return LoadedRun(run_dir, ckpt, cfg, denoiser, shape, dev, classes, names, step)
+    model = build.build_model(
+        cfg, DataKind.from_info(load_data_info(ckpt)), build.resolve_device(device)
+    )
+    load_weights(ckpt, model.net, "ema" if use_ema else "model")
+    model.net.eval().requires_grad_(False)
+    return LoadedRun(run_dir, ckpt, cfg, model, checkpoint_step(ckpt))
 
 
 def sample_labels(
     run: LoadedRun, n: int, class_label: int | None = None, per_class: bool = False, seed: int = 0
 ) -> torch.Tensor | None:
-    """Labels (n,) for a sample request, or None for an unconditional model.
-
-    class_label fixes one class; per_class gives n / num_classes of each class in order;
-    otherwise a conditional model gets uniformly drawn classes (seeded).
-    """
-    if run.num_classes == 0:
-        if class_label is not None or per_class:
-            raise ConfigError(
-                f"{run.run_dir} is an unconditional model; --class and --per-class "
-                "need one trained with data.class_conditional=true"
-            )
-        return None
-    if class_label is not None:
-        if not 0 <= class_label < run.num_classes:
-            raise ConfigError(
-                f"--class {class_label} is out of range; this model has classes "
-                f"0..{run.num_classes - 1}"
-            )
-        return torch.full((n,), class_label, dtype=torch.long)
-    if per_class:
-        if n % run.num_classes:
-            raise ConfigError(
-                f"--per-class needs --n to be a multiple of the {run.num_classes} "
-                f"classes, got {n}; try --n {n - n % run.num_classes or run.num_classes}"
-            )
-        return torch.arange(run.num_classes).repeat_interleave(n // run.num_classes)
-    return torch.randint(run.num_classes, (n,), generator=torch.Generator().manual_seed(seed))
+    """The conditions (n,) of a sample request, or None for an unconditional model: class_label
+    fixes one class; per_class gives n / num_classes of each class in order; otherwise a
+    conditional model gets uniformly drawn classes (seeded)."""
+    try:
+        return run.model.conditioner.request(
+            n, class_label=class_label, per_class=per_class, seed=seed
+        )
+    except ValueError as e:
+        raise ConfigError(f"{run.run_dir}: {e}") from None
 
 
 def draw_samples(
@@ -137,52 +131,13 @@ def draw_samples(
     progress: bool = True,
     recorder: Recorder | None = None,
 ) -> torch.Tensor:
-    """(n, *shape) samples of a loaded run with the sampler `sample_cfg` names.
-
-    A class-conditional run samples with classifier-free guidance at sample_cfg.guidance and the
-    given labels (n,) (drawn uniformly when None).
-    """
-    fn, options, ts = build.build_sampler(sample_cfg, run.denoiser.schedule)
-    if sample_cfg.n < 1:
-        raise ConfigError(f"--n must be >= 1, got {sample_cfg.n}")
-    denoiser = run.denoiser
-    if sample_cfg.compile:
-        denoiser = denoiser.with_net(_compiled_net(run))
-    if run.num_classes > 0:
-        if labels is None:
-            labels = sample_labels(run, sample_cfg.n, seed=sample_cfg.seed)
-        try:
-            denoiser = guided(denoiser, sample_cfg.guidance, run.num_classes)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    elif sample_cfg.guidance != 1.0:
-        raise ConfigError(
-            f"guidance {sample_cfg.guidance} asked of {run.run_dir}, an unconditional "
-            "model; guidance needs one trained with data.class_conditional=true"
-        )
+    """(n, *shape) samples of a loaded run with the sampler `sample_cfg` names, at
+    sample_cfg.precision; a conditional run is guided at sample_cfg.guidance with the given
+    conditions (n,) (drawn uniformly when None)."""
     autocast = build.resolve_precision(sample_cfg.precision, run.device, "sample.precision")
-    return generate(
-        fn,
-        denoiser,
-        sample_cfg.n,
-        run.shape,
-        ts,
-        seed=sample_cfg.seed,
-        batch_size=sample_cfg.batch_size,
-        labels=labels,
-        device=run.device,
-        callback=recorder,
-        progress=progress,
-        autocast=autocast,
-        **options,
+    return run.model.sample(
+        sample_cfg, cond=labels, progress=progress, recorder=recorder, autocast=autocast
     )
-
-
-def _compiled_net(run: LoadedRun):
-    """The run's network under torch.compile, compiled once per loaded run."""
-    if run.compiled_net is None:
-        run.compiled_net = build.maybe_compile(run.denoiser.net, True, "sample.compile")
-    return run.compiled_net
 
 
 def save_samples(

@@ -10,6 +10,8 @@ N/2 and resumed ends with the same weights, bit for bit on the CPU, as one train
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import importlib.util
 import math
 import time
@@ -33,10 +35,10 @@ from difflab.checkpoint import (
 )
 from difflab.config import ConfigError, RunConfig
 from difflab.ema import EMA
-from difflab.evaluation import TrainingEvaluator, fixed_noise_samples
+from difflab.evaluation import TrainingEvaluator
 from difflab.logging import MetricsLog
 from difflab.metrics.protocol import HIGHER_IS_BETTER
-from difflab.objectives import diffusion_loss, draw_noise
+from difflab.model import Model
 
 NUM_BUCKETS = 10  # loss is also logged per tenth of t in [0, 1]
 # What a best checkpoint can be chosen by: scalar metrics.jsonl keys (lower is better), or
@@ -63,29 +65,27 @@ RESUMABLE_CHANGES = (
 class Parts:
     """Everything `train` builds from a config."""
 
-    net: torch.nn.Module
-    denoiser: object
+    model: Model  # model.net is the module being trained
+    loss: object  # losses.py: called as loss(model, x0, cond, noise=..., step=..., target=...)
     ema: EMA
     optimizer: torch.optim.Optimizer
     data: object
-    loss_generator: torch.Generator
-    spec: object
+    loss_generator: torch.Generator  # condition dropout and the loss's noise
     device: torch.device
-    num_classes: int  # classes the network is conditioned on (0 = none)
     scaler: torch.amp.GradScaler  # enabled for fp16 only
     autocast_dtype: torch.dtype | None  # None = full precision
-    forward_net: torch.nn.Module  # the network, compiled when train.compile
+    forward: Model  # the model the step calls: its net compiled (train.compile), DDP-wrapped
+    target: torch.nn.Module | None = None  # the loss's target network, if it declares one
     best: dict = field(default_factory=dict)  # {"metric", "value", "step"} of checkpoints/best
     evaluator: TrainingEvaluator | None = None  # train.eval_metric every train.eval_every steps
     world: distributed.World = field(default_factory=distributed.World)  # this process's rank
-    memory_format: torch.memory_format = torch.contiguous_format  # of the net and its inputs
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return self.model.net
 
     def data_info(self) -> dict:
-        return {
-            "shape": list(self.data.shape),
-            "num_classes": self.num_classes,
-            "class_names": list(getattr(self.data, "class_names", ()))[: self.num_classes],
-        }
+        return self.model.kind.info()
 
 
 def check_train_config(cfg: RunConfig) -> None:
@@ -148,41 +148,25 @@ def build_parts(cfg: RunConfig, world: distributed.World | None = None) -> Parts
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)  # weight init, dropout
     data = build.build_data(cfg, seed=cfg.train.seed)
-    classes = build.num_classes(cfg, data)
-    net = build.build_net(cfg.model, data.shape, classes).to(device)
-    layout = build.memory_format(cfg.train.channels_last, data.shape)
-    net = net.to(memory_format=layout)
+    model = build.build_model(cfg, build.data_kind(cfg, data), device)
     data = build.place_data(data, device)
-    schedule = build.build_schedule(cfg.diffusion)
-    denoiser = build.build_denoiser(cfg, net, schedule)
-    spec = build.build_loss_spec(cfg.diffusion, schedule)
-    ema = EMA(net, cfg.train.ema_decay, cfg.train.ema_warmup)
-    optimizer = build.adamw(net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
+    loss = build.build_loss(cfg, model.schedule)
+    ema = EMA(model.net, cfg.train.ema_decay, cfg.train.ema_warmup)
+    optimizer = build.adamw(model.net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     loss_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # t, eps, label dropout
     dtype = build.resolve_precision(cfg.train.precision, device, "train.precision")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    forward_net = build.maybe_compile(net, cfg.train.compile, "train.compile")
-    denoiser.net = forward_net
+    forward = model.with_net(build.maybe_compile(model.net, cfg.train.compile, "train.compile"))
+    target = None
+    if loss.target_decay(0) is not None:  # a stop-gradient copy or an EMA of the online net
+        target = copy.deepcopy(model.net).requires_grad_(False)
     evaluator = None
     if cfg.train.eval_every and world.is_main:  # now: a missing judge fails before step 1
-        evaluator = TrainingEvaluator(cfg, tuple(data.shape), classes, device)
+        evaluator = TrainingEvaluator(cfg, model)
     return Parts(
-        net,
-        denoiser,
-        ema,
-        optimizer,
-        data,
-        loss_generator,
-        spec,
-        device,
-        classes,
-        scaler,
-        dtype,
-        forward_net,
-        evaluator=evaluator,
-        world=world,
-        memory_format=layout,
-    )
+        model, loss, ema, optimizer, data, loss_generator, device, scaler, dtype, forward,
+        target, evaluator=evaluator, world=world,
+    )  # fmt: skip
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
@@ -206,6 +190,7 @@ def _state(parts: Parts, step: int, smoothed: float | None) -> dict:
         "scaler": parts.scaler.state_dict(),
         "smoothed_loss": smoothed,
         "best": parts.best,
+        **({"target": parts.target.state_dict()} if parts.target is not None else {}),
     }
 
 
@@ -226,7 +211,8 @@ def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, floa
     ckpt = latest_good_checkpoint(run_dir / "checkpoints")
     changed = [
         k
-        for k in config_differences(load_config(ckpt), cfg.to_dict())
+        # through RunConfig, so keys added since the checkpoint was written take their defaults
+        for k in config_differences(RunConfig.from_dict(load_config(ckpt)).to_dict(), cfg.to_dict())
         if k not in RESUMABLE_CHANGES and not k.startswith("sample.")
     ]
     if changed:
@@ -248,6 +234,8 @@ def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, floa
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     parts.best = dict(state.get("best") or {})
+    if parts.target is not None:
+        parts.target.load_state_dict(state["target"])
     return int(state["step"]), state["smoothed_loss"]
 
 
@@ -305,37 +293,27 @@ class IntervalStats:
         }
 
 
-def train_labels(cfg: RunConfig, parts: Parts, y: torch.Tensor | None) -> torch.Tensor | None:
-    """Labels for the network: None when unconditional; else a train.label_dropout share replaced
-    by the null label (index num_classes), so the same network learns the unconditional model
-    that classifier-free guidance needs (Ho & Salimans 2022, Algorithm 1)."""
-    if parts.num_classes == 0 or y is None:
-        return None
-    if cfg.train.label_dropout > 0:
-        drop = torch.rand(y.shape, generator=parts.loss_generator) < cfg.train.label_dropout
-        y = torch.where(drop, parts.num_classes, y)
-    return y.to(parts.device)
-
-
 def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) -> None:
     """One optimizer step over train.grad_accum micro-batches."""
     for group in parts.optimizer.param_groups:
         group["lr"] = lr_at(cfg, step)
     micro = cfg.train.batch_size // cfg.train.grad_accum
+    model = parts.forward
     for _ in range(cfg.train.grad_accum):
         x0, y = parts.data.next_batch(micro)
-        y = train_labels(cfg, parts, y)
-        noise = draw_noise(parts.denoiser.schedule, x0.shape, parts.spec, parts.loss_generator)
+        cond = model.conditioner.train_condition(y, parts.loss_generator, parts.device)
+        shape = (len(x0), *model.codec.latent_shape(tuple(x0.shape[1:])))
+        noise = parts.loss.draw(shape, parts.loss_generator)
         # Every rank draws the global micro-batch and its noise and keeps its slice, so N ranks
         # equal one process and the stream state stays global (distributed.py says more).
-        x0, y, *noise = parts.world.shard(x0, y, *noise)
-        x0 = x0.to(parts.device, memory_format=parts.memory_format)
+        x0, cond, *noise = parts.world.shard(x0, cond, *noise)
+        z = model.codec.encode(x0.to(parts.device, memory_format=model.memory_format))
         with torch.autocast(
             parts.device.type,
             parts.autocast_dtype or torch.float32,
             enabled=parts.autocast_dtype is not None,
         ):
-            loss, t = diffusion_loss(parts.denoiser, x0, y, parts.spec, noise=noise)
+            loss, t = parts.loss(model, z, cond, noise=noise, step=step, target=parts.target)
         parts.scaler.scale(loss.mean() / cfg.train.grad_accum).backward()
         stats.add_losses(loss, t)
     parts.scaler.unscale_(parts.optimizer)
@@ -345,7 +323,18 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=True)
     parts.ema.update(parts.net)
+    if parts.target is not None:
+        update_target(parts.target, parts.net, parts.loss.target_decay(step + 1))
     stats.steps += 1
+
+
+@torch.no_grad()
+def update_target(target: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
+    """target <- decay target + (1 - decay) net: a stop-gradient copy at decay 0."""
+    for p_target, p in zip(target.parameters(), net.parameters(), strict=True):
+        p_target.lerp_(p.detach(), 1.0 - decay)
+    for b_target, b in zip(target.buffers(), net.buffers(), strict=True):
+        b_target.copy_(b)
 
 
 SNAPSHOT_N = 64  # samples in a training-time grid
@@ -355,15 +344,13 @@ SNAPSHOT_N = 64  # samples in a training-time grid
 def snapshot(cfg: RunConfig, parts: Parts, run_dir: Path, step: int) -> Path:
     """samples/grid-step-N.png from the EMA weights and fixed noise (the same every time, so
     grids across training show progress, not noise); per class for conditional models."""
-    den = parts.denoiser.with_net(parts.ema.model)
-    n = SNAPSHOT_N if len(parts.data.shape) == 3 else 2000
-    x, _ = fixed_noise_samples(
-        den, cfg.sample, n, parts.data.shape, parts.num_classes, parts.device, SNAPSHOT_N
-    )
-    x = x.numpy()
+    model = parts.model.with_net(parts.ema.model)
+    n = SNAPSHOT_N if model.kind.is_image else 2000
+    scfg = dataclasses.replace(cfg.sample, n=n, batch_size=SNAPSHOT_N, compile=False)
+    x = model.sample(scfg, cond=model.conditioner.balanced(n)).numpy()
     path = run_dir / "samples" / f"grid-step-{step}.png"
-    if x.ndim == 4:
-        return viz_images.save_grid(x, path, nrow=parts.num_classes or None)
+    if model.kind.is_image:
+        return viz_images.save_grid(x, path, nrow=model.kind.num_classes or None)
     return viz.scatter(x, path, f"step {step}")
 
 
@@ -417,7 +404,7 @@ def evaluate_step(parts: Parts, log: MetricsLog, step: int) -> dict:
     was_training = parts.ema.model.training
     parts.ema.model.eval()
     try:
-        result = parts.evaluator(parts.denoiser.with_net(parts.ema.model))
+        result = parts.evaluator(parts.model.with_net(parts.ema.model))
     finally:
         parts.ema.model.train(was_training)
     row = {"step": step, "eval": result}

@@ -1,7 +1,7 @@
 """One library under test ("side"): its network, its real training step, and its sampling call.
 
-difflab's step is the trainer's: the preset's network from `build.build_net`, its denoiser, the
-per-example `objectives.diffusion_loss` (t and eps drawn from a CPU generator, as `train` does),
+difflab's step is the trainer's: the preset's model from `build.build_model`, the loss object
+`build.build_loss` names (t and eps drawn from a CPU generator, as `train` does),
 `build.adamw` (the trainer's AdamW, fused where torch has a kernel) with the preset's settings,
 backward, step, zero_grad(set_to_none=True); diffusers' side gets the same optimizer. Gradient
 clipping and EMA, which `train` adds, are left out on both sides, so the two steps do the same
@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from difflab import build
 from difflab.benchmark.options import Setup
-from difflab.objectives import diffusion_loss
-from difflab.samplers import SAMPLERS, generate, steps_for_nfe
+from difflab.model import DataKind
+from difflab.samplers import SAMPLERS, steps_for_nfe
 
 
 @dataclass
@@ -93,39 +93,39 @@ def difflab_side(setup: Setup) -> Side:
     """difflab's network for the configuration, trained and sampled as difflab does."""
     cfg, device = setup.cfg, setup.device
     torch.manual_seed(setup.opts.seed)  # weight init
-    net = build.build_net(cfg.model, setup.shape, setup.classes).to(device)
+    kind = DataKind(tuple(setup.shape), setup.classes)
+    model = build.build_model(cfg, kind, device)
+    net = model.net
     if setup.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    schedule = build.build_schedule(cfg.diffusion)
-    denoiser = build.build_denoiser(cfg, net, schedule)
-    spec = build.build_loss_spec(cfg.diffusion, schedule)
+    loss_fn = build.build_loss(cfg, model.schedule)
     optimizer = build.adamw(net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     loss_generator = torch.Generator().manual_seed(setup.opts.seed + 1)  # t and eps, as train
     x0, y = synthetic_batch(setup, setup.batch_size, setup.opts.seed + 2)
-    labels = sample_labels(setup)
     side: Side
 
     def loss(run: Callable) -> Tensor:
+        noise = loss_fn.draw(tuple(x0.shape), loss_generator)
         with setup.autocast():
-            per_example, _ = diffusion_loss(denoiser.with_net(run), x0, y, spec, loss_generator)
+            per_example, _ = loss_fn(model.with_net(run), x0, y, noise=noise, step=0)
         return per_example.mean()
 
     def sample(sampler: str, nfe: int) -> int:
         counted = Counted(side.run_net)
-        steps = steps_for_nfe(sampler, nfe)
-        sample_cfg = dataclasses.replace(cfg.sample, sampler=sampler, steps=steps)
-        fn, options, ts = build.build_sampler(sample_cfg, schedule)
-        n = setup.sample_batch
-        generate(
-            fn, denoiser.with_net(counted), n, setup.shape, ts, seed=setup.opts.seed,
-            batch_size=n, labels=labels, device=device, autocast=setup.dtype, **options,
+        steps, n = steps_for_nfe(sampler, nfe), setup.sample_batch
+        # guidance 1 on class-balanced labels: one network evaluation per step, as diffusers'
+        scfg = dataclasses.replace(
+            cfg.sample, sampler=sampler, steps=steps, n=n, batch_size=n, seed=setup.opts.seed,
+            guidance=1.0, compile=False,
         )  # fmt: skip
+        runner = model.with_net(counted)
+        runner.sample(scfg, cond=runner.conditioner.balanced(n), autocast=setup.dtype)
         return counted.calls
 
     names = {name: f"difflab sample_{name}, {cfg.sample.spacing} grid" for name in SAMPLERS}
     side = Side("difflab", "difflab", net, loss, optimizer, sample, names)
     side.info["objective"] = (
-        f"objectives.diffusion_loss: {cfg.diffusion.prediction} prediction, "
+        f"losses.DiffusionLoss: {cfg.diffusion.prediction} prediction, "
         f"{cfg.diffusion.schedule} schedule, t {cfg.diffusion.t_sampling}"
     )
     return side

@@ -1,0 +1,122 @@
+"""One model per run: network, schedule, denoiser, conditioner and codec, built in one place
+(`build.build_model`) and used by training, loading a run, sampling, evaluation and the
+benchmark. `Model.sample` is the one sampling path: batching, guidance, conditioning, precision
+and decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from difflab.config import ConfigError, SampleConfig
+from difflab.guidance import guided
+from difflab.prediction import Denoiser
+from difflab.samplers import Recorder, generate, sampler_info, timesteps
+
+
+@dataclass(frozen=True)
+class DataKind:
+    """What the data are, decided once from the data set and carried with the run (data.json):
+    the shape of one example, its classes, and so points or images."""
+
+    shape: tuple[int, ...]
+    num_classes: int = 0  # classes the model is conditioned on (0 = none)
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
+
+    def info(self) -> dict:
+        """data.json's contents."""
+        names = list(self.class_names)[: self.num_classes]
+        return {"shape": list(self.shape), "num_classes": self.num_classes, "class_names": names}
+
+    @classmethod
+    def from_info(cls, info: dict) -> DataKind:
+        classes = int(info["num_classes"])
+        names = tuple(info.get("class_names") or (str(k) for k in range(classes)))
+        return cls(tuple(info["shape"]), classes, names)
+
+
+@dataclass
+class Model:
+    """A run's model: `denoiser` drives `net` on `schedule`; `conditioner` makes its conditions,
+    `codec` maps data to the space it diffuses in and back."""
+
+    net: nn.Module
+    schedule: object
+    denoiser: Denoiser
+    conditioner: object
+    codec: object
+    kind: DataKind
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    memory_format: torch.memory_format = torch.contiguous_format  # of the net and its inputs
+    compiled: nn.Module | None = None  # torch.compile'd net for sampling, made on first use
+
+    def with_net(self, net: nn.Module) -> Model:
+        """The same model around another network (the EMA copy, a DDP wrapper)."""
+        return dataclasses.replace(
+            self, net=net, denoiser=self.denoiser.with_net(net), compiled=None
+        )
+
+    def sample(
+        self,
+        scfg: SampleConfig,
+        *,
+        cond=None,
+        progress: bool = False,
+        recorder: Recorder | None = None,
+        autocast: torch.dtype | None = None,
+    ) -> Tensor:
+        """(scfg.n, *data shape) samples (CPU, float32) with scfg's sampler, grid, seed,
+        batch size and guidance, decoded into data space.
+
+        Args:
+            cond: the conditions of the n samples (a conditioner's `request` or `balanced`);
+                None for a conditional model draws them uniformly (seeded by scfg.seed).
+            recorder: receives every step of the first batch (trajectories).
+            autocast: the network's precision (None: full).
+        """
+        try:
+            info = sampler_info(scfg.sampler)
+            ts = timesteps(self.schedule, scfg.steps, scfg.spacing, scfg.t_end or None)
+            if scfg.n < 1:
+                raise ConfigError(f"--n must be >= 1, got {scfg.n}")
+            self.conditioner.check_guidance(scfg.guidance)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        denoiser = self.denoiser
+        if scfg.compile:
+            denoiser = denoiser.with_net(self._compiled())
+        if self.conditioner.conditional:
+            if cond is None:
+                cond = self.conditioner.request(scfg.n, seed=scfg.seed)
+            denoiser = guided(denoiser, scfg.guidance, self.conditioner)
+        z = generate(
+            info.fn,
+            denoiser,
+            scfg.n,
+            self.codec.latent_shape(self.kind.shape),
+            ts,
+            seed=scfg.seed,
+            batch_size=scfg.batch_size,
+            labels=cond,
+            device=self.device,
+            callback=recorder,
+            progress=progress,
+            autocast=autocast,
+            **info.options_from(scfg),
+        )
+        return self.codec.decode(z)
+
+    def _compiled(self) -> nn.Module:
+        from difflab.build import maybe_compile
+
+        if self.compiled is None:
+            self.compiled = maybe_compile(self.net, True, "sample.compile")
+        return self.compiled
