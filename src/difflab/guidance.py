@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.conditioners import ClassLabels
 from difflab.prediction import Denoiser
 
 
@@ -26,15 +25,12 @@ class GuidedNet:
     Args:
         net: a conditional network trained with condition dropout.
         guidance_scale: w above; >= 0.
-        conditioner: the network's conditioner (`null_like`, `cat`), or its number of classes
-            (class labels with the null label num_classes).
+        conditioner: the network's conditioner (`null_like`, `cat`: conditioners.py).
     """
 
     def __init__(self, net, guidance_scale: float, conditioner):
         if guidance_scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
-        if isinstance(conditioner, int):
-            conditioner = ClassLabels(conditioner)
         self.net, self.guidance_scale, self.conditioner = net, guidance_scale, conditioner
 
     def __call__(self, x_t: Tensor, t: Tensor, y=None) -> Tensor:
@@ -64,10 +60,9 @@ def guided(denoiser: Denoiser, guidance_scale: float, conditioner) -> Denoiser:
     Args:
         denoiser: wraps a conditional network trained with condition dropout.
         guidance_scale: 0 = unconditional, 1 = conditional, > 1 = guided.
-        conditioner: the network's conditioner, or its number of classes (null label
-            num_classes).
+        conditioner: the network's conditioner (conditioners.py).
     """
-    if conditioner == 0 or getattr(conditioner, "conditional", True) is False:
+    if not conditioner.conditional:
         raise ValueError(
             "guidance needs a class-conditional model; this one was trained without labels "
             "(model.num_classes = 0)"
