@@ -81,10 +81,10 @@ def _weights_after(cfg, steps=3):
 
 def test_channels_last_and_fused_adamw_train_to_the_same_weights(tmp_path):
     on, parts = _weights_after(_image_cfg(tmp_path, "train.channels_last=on"))
-    assert parts.memory_format is torch.channels_last
+    assert parts.model.memory_format is torch.channels_last
     assert parts.optimizer.defaults["fused"] is True  # the fused kernel exists on this CPU
     off, parts = _weights_after(_image_cfg(tmp_path, "train.channels_last=off"))
-    assert parts.memory_format is torch.contiguous_format
+    assert parts.model.memory_format is torch.contiguous_format
     torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-5)
 
 
