@@ -1,4 +1,4 @@
-"""GIFs of image sampling: x_t and the model's x0_hat side by side at each step.
+"""GIFs of sampling: which states become frames, and x_t beside the model's x0_hat for images.
 
 Arrays only, as in `viz_images.py`: images are (.., C, H, W) floats in [-1, 1], C = 1 or 3.
 """
@@ -15,6 +15,39 @@ from difflab.viz_images import PAD, check_images, image_grid
 FRAME_MS = 80  # per sampler step shown
 HOLD_MS = 1000  # the final frame rests ~1 s before the loop restarts
 LEFT, TOP, BOTTOM = 48, 18, 16  # caption margins in screen pixels
+
+
+def frame_indices(lams, max_frames: int) -> np.ndarray:
+    """Which of a sampler's states to show: at most `max_frames`, near-uniform in log-SNR.
+
+    Spaced evenly in steps, most frames of a 1000-step DDPM show noise: on the linear schedule
+    its log-SNR stays below 0 for three quarters of the steps, and structure (log-SNR ~ 2)
+    forms in the last tenth. Spaced evenly in log-SNR, it forms across the middle. The first
+    (x_T) and last (the sample) state are always shown; when there are no more states than
+    frames, every state is shown (the sampler's own steps).
+
+    Args:
+        lams: (N,) log-SNR of each state, non-decreasing (noise to data); the last may be +inf
+            (t = 0), and is then left out of the spacing.
+        max_frames: the most frames, >= 2.
+    Returns:
+        (F,) increasing state indices, F <= max_frames, starting at 0 and ending at N - 1.
+    """
+    lams = np.asarray(lams, dtype=np.float64).reshape(-1)
+    if max_frames < 2:
+        raise ValueError(
+            f"max_frames must be >= 2 to show the first and last state; got {max_frames}"
+        )
+    if np.isnan(lams).any() or (np.diff(lams) < 0).any():
+        raise ValueError("lams must be non-decreasing log-SNRs (noise to data), without NaN")
+    if len(lams) <= max_frames:
+        return np.arange(len(lams))
+    spaced = lams if np.isfinite(lams[-1]) else lams[:-1]  # an infinite end is shown, not spaced
+    targets = np.linspace(spaced[0], spaced[-1], max_frames - (len(spaced) < len(lams)))
+    right = np.clip(np.searchsorted(spaced, targets), 1, len(spaced) - 1)
+    nearer_left = targets - spaced[right - 1] < spaced[right] - targets
+    picks = np.where(nearer_left, right - 1, right)
+    return np.unique(np.concatenate([[0], picks, [len(lams) - 1]]))
 
 
 def _frame(
@@ -68,36 +101,50 @@ def denoising_gif(
     class_names=None,
     max_frames: int = 50,
     scale: int = 4,
+    lams=None,
+    steps=None,
 ) -> Path:
     """Animated sampling: each frame shows x_t (top) and x0_hat (below) for K images.
 
-    Frames are at most `max_frames` evenly spaced states, always the first (x_T) and the last
-    (the samples, shown in both rows). The caption reads "step i/S  t=0.123"; the last frame
-    is held ~1 s. Images are upscaled `scale` times, nearest-neighbour.
+    Frames are at most `max_frames` states, near-uniform in log-SNR when `lams` is given (see
+    `frame_indices`), else evenly spaced; always the first (x_T) and the last (the samples,
+    shown in both rows). The caption reads "step i/S  t=0.123"; the last frame is held ~1 s.
+    Images are upscaled `scale` times, nearest-neighbour.
 
     Args:
         ts: (S,) start time of each step, in [0, 1]; the final state is t = 0.
         xs: (S + 1, K, C, H, W) states, xs[0] = x_T.
         x0_hats: (S, K, C, H, W) the denoiser's estimate of x0 at each step.
         labels: optional (K,) classes, written under each column (by name if class_names).
+        lams: optional (S + 1,) log-SNR of each state, the last +inf where t = 0.
+        steps: optional (S + 1,) sampler step of each state, for the caption (when only some
+            of the sampler's steps were recorded); the last is the sampler's step count.
     """
     ts, xs, x0_hats = _check_trajectory(ts, xs, x0_hats)
     if max_frames < 2:
         raise ValueError(
             f"max_frames must be >= 2 to show the first and last state; got {max_frames}"
         )
-    steps = len(ts)
-    picks = sorted(set(np.linspace(0, steps, min(max_frames, steps + 1)).round().astype(int)))
+    states = len(ts)
+    if lams is None:
+        picks = sorted(set(np.linspace(0, states, min(max_frames, states + 1)).round().astype(int)))
+    else:
+        if np.size(lams) != states + 1:
+            raise ValueError(
+                f"lams must have one log-SNR per state ({states + 1}); got {np.size(lams)}"
+            )
+        picks = frame_indices(lams, max_frames)
+    steps = np.arange(states + 1) if steps is None else np.asarray(steps).reshape(-1)
     names = None
     if labels is not None:
         names = [str(class_names[y] if class_names is not None else y) for y in np.ravel(labels)]
-    captions = [f"step {i}/{steps}  t={ts[i] if i < steps else 0.0:.3f}" for i in picks]
+    captions = [f"step {steps[i]}/{steps[-1]}  t={ts[i] if i < states else 0.0:.3f}" for i in picks]
     # every frame must have one size, so the widest caption sets the width
     font = ImageFont.load_default()
     min_width = max(int(font.getlength(caption)) for caption in captions) + 8
     frames = []
     for i, caption in zip(picks, captions, strict=True):
-        x0_hat = x0_hats[i] if i < steps else xs[-1]  # at the end the estimate is the sample
+        x0_hat = x0_hats[i] if i < states else xs[-1]  # at the end the estimate is the sample
         frames.append(_frame(xs[i], x0_hat, caption, names, scale, min_width))
     durations = [FRAME_MS] * (len(frames) - 1) + [HOLD_MS]
     path = Path(path)
