@@ -1,10 +1,13 @@
 """2-D figures and the frame choice shared by every sampling GIF."""
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
 from difflab import build
 from difflab.config import preset
+from difflab.report import loss_label
+from difflab.viz import log_axis
 from difflab.viz_gifs import frame_indices
 
 
@@ -40,3 +43,27 @@ def test_few_states_are_all_shown_and_bad_input_is_refused():
         frame_indices([1.0, 0.0, 2.0], 10)
     with pytest.raises(ValueError, match=">= 2"):
         frame_indices([0.0, 1.0, 2.0], 1)
+
+
+@pytest.mark.parametrize("low, high, at_least", [(0.3, 1.0, 5), (0.02, 1.5, 5), (1e-3, 10, 4)])
+def test_log_axes_label_enough_ticks(low, high, at_least):
+    fig, ax = plt.subplots()
+    values = np.geomspace(low, high, 50)
+    ax.plot(np.arange(50), values)
+    log_axis(ax, values)
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    labels = [
+        t.get_text()
+        for t in ax.get_yticklabels()
+        if t.get_text() and lo <= t.get_position()[1] <= hi
+    ]
+    plt.close(fig)
+    assert len(labels) >= at_least, labels
+
+
+def test_loss_label_says_what_is_measured():
+    cfg = preset("toy2d")
+    assert loss_label(cfg) == "loss (MSE of v)"
+    cfg.diffusion.target, cfg.diffusion.weighting = "eps", "min_snr"
+    assert loss_label(cfg) == "loss (MSE of eps, min_snr-weighted in x0 space)"

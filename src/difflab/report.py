@@ -192,14 +192,23 @@ def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> li
     )
     plots = run_dir / "plots"
     if any(r.get("loss") is not None for r in read_metrics(run_dir / "metrics.jsonl")):
+        label = loss_label(cfg)
         paths += [
-            viz.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png"),
-            viz.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png"),
+            viz.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png", label),
+            viz.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png", ylabel=label),
         ]
     history = viz.eval_history(run_dir / "metrics.jsonl", plots / "eval_history.png")
     if history:
         paths.append(history)
     return paths
+
+
+def loss_label(cfg: RunConfig) -> str:
+    """What the training loss measures, e.g. "loss (MSE of v)" or "loss (MSE of eps,
+    min_snr-weighted in x0 space)", from the run's diffusion config."""
+    d = cfg.diffusion
+    text = f"loss ({d.loss.upper() if d.loss != 'huber' else 'Huber'} of {d.target or d.prediction}"
+    return text + (f", {d.weighting}-weighted in x0 space)" if d.weighting != "none" else ")")
 
 
 def plot_toy_run(run_dir: Path, cfg: RunConfig) -> list[Path]:

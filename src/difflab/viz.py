@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib import ticker
 from PIL import Image
 
 from difflab.logging import read_metrics
@@ -85,7 +86,26 @@ def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
     return out
 
 
-def loss_curve(metrics_path: Path, path: Path) -> Path:
+def log_axis(ax, values: np.ndarray, axis: str = "y") -> None:
+    """A log scale with enough labelled ticks: matplotlib labels only powers of ten, so a loss
+    spanning one or two decades showed one or two labels. Under 1.5 decades every 1..9 x 10^k
+    is labelled, under 4 decades 1, 2 and 5 x 10^k; plain numbers (0.05), not 5 x 10^-2."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values) & (values > 0)]
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    if not len(values):
+        return
+    decades = np.log10(values.max() / values.min())
+    if decades >= 4:
+        return
+    subs = np.arange(1.0, 10.0) if decades < 1.5 else (1.0, 2.0, 5.0)
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_locator(ticker.LogLocator(subs=subs))
+    target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    target.set_minor_formatter(ticker.NullFormatter())
+
+
+def loss_curve(metrics_path: Path, path: Path, ylabel: str = "loss") -> Path:
     """Training loss per logging interval, raw and smoothed, on a log scale."""
     rows = [r for r in read_metrics(metrics_path) if r.get("loss") is not None]
     if not rows:
@@ -95,36 +115,38 @@ def loss_curve(metrics_path: Path, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, loss, color="C0", alpha=0.35, label="loss")
     ax.plot(steps, smooth(loss), color="C0", label="smoothed")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    log_axis(ax, loss)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
     ax.legend()
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
 
-def loss_by_t(metrics_path: Path, path: Path, curves: int = 4) -> Path:
+def loss_by_t(metrics_path: Path, path: Path, curves: int = 4, ylabel: str = "loss") -> Path:
     """Loss per t-bucket at a few points of training."""
     rows = [r for r in read_metrics(metrics_path) if r.get("loss_by_t")]
     if not rows:
         raise ValueError(f"{metrics_path} has no loss_by_t rows yet")
     picks = sorted({int(i) for i in np.linspace(0, len(rows) - 1, min(curves, len(rows)))})
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    shown = []
     for k, i in enumerate(picks):
         values = np.array([np.nan if v is None else v for v in rows[i]["loss_by_t"]], dtype=float)
+        shown.append(values)
         centres = (np.arange(len(values)) + 0.5) / len(values)
         ax.plot(
             centres,
             values,
             marker="o",
             color=plt.cm.viridis(k / max(len(picks) - 1, 1)),
-            label=f"step {rows[i]['step']}",
+            label=f"training step {rows[i]['step']}",
         )
-    ax.set_yscale("log")
-    ax.set_xlabel("t (bucket centre)")
-    ax.set_ylabel("loss")
+    log_axis(ax, np.concatenate(shown))
+    ax.set_xlabel("t (diffusion time, bucket centre; 0 = data, 1 = noise)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
 
