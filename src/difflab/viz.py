@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib import ticker
-from PIL import Image
+from matplotlib.lines import Line2D
 
 from difflab.logging import read_metrics
 from difflab.metrics.protocol import HIGHER_IS_BETTER
@@ -150,40 +150,50 @@ def loss_by_t(metrics_path: Path, path: Path, curves: int = 4, ylabel: str = "lo
     return _save(fig, path)
 
 
-def _frame(points: np.ndarray, title: str) -> Image.Image:
-    fig, ax = plt.subplots(figsize=(4, 4))
-    _scatter(ax, points, "C0", size=1.0)
-    _square_axes(ax, title, NOISE_LIMITS)
-    fig.canvas.draw()
-    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
-    plt.close(fig)
-    return image
+def trajectories(
+    paths: np.ndarray,
+    path: Path,
+    *,
+    background: np.ndarray | None = None,
+    title: str = "sampler paths",
+    line: str = "path",
+) -> Path:
+    """Paths of a few points from x_T (open circle) to x_0 (dot), over faint background points.
 
+    Each path is coloured by the angle of its start, so neighbouring noise reads as neighbouring
+    colour and one sees where each region of the prior is carried.
 
-def reverse_gif(ts: np.ndarray, xs: np.ndarray, path: Path, max_frames: int = 60) -> Path:
-    """Points moving from noise to data; xs is (S + 1, K, 2), ts the S step start times."""
-    num = len(xs)
-    picks = sorted({int(i) for i in np.linspace(0, num - 1, min(max_frames, num))})
-    frames = []
-    for i in picks:
-        t = ts[i] if i < len(ts) else 0.0
-        frames.append(_frame(xs[i], f"step {i}/{num - 1}   t = {t:.3f}"))
-    frames += [frames[-1]] * 10  # rest on the result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
-    return path
-
-
-def trajectories(xs: np.ndarray, path: Path, count: int = 24) -> Path:
-    """Paths of a few points from x_T (dot) to their final sample (cross), over all final points."""
-    fig, ax = plt.subplots(figsize=(5, 5))
-    _scatter(ax, xs[-1], "0.75", size=1.0)
-    for k in range(min(count, xs.shape[1])):
-        colour = plt.cm.tab20(k % 20)
-        ax.plot(xs[:, k, 0], xs[:, k, 1], color=colour, lw=0.8)
-        ax.plot(*xs[0, k], "o", color=colour, ms=3)
-        ax.plot(*xs[-1, k], "x", color=colour, ms=5)
-    _square_axes(ax, "sampler trajectories (o = noise, x = sample)", NOISE_LIMITS)
+    Args:
+        paths: (S + 1, K, 2) states, paths[0] = x_T, paths[-1] = the samples.
+        background: optional (N, 2) points drawn faintly (the data).
+        line: what the lines are, for the legend (e.g. "probability-flow ODE path").
+    """
+    paths = np.asarray(paths, dtype=np.float32)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    if background is not None:
+        _scatter(ax, background, "0.6", size=1.0)
+    starts = paths[0]
+    colours = plt.cm.hsv((np.arctan2(starts[:, 1], starts[:, 0]) / (2 * np.pi)) % 1.0)
+    for k in range(paths.shape[1]):
+        ax.plot(paths[:, k, 0], paths[:, k, 1], color=colours[k], lw=0.9, alpha=0.85)
+    ax.scatter(*starts.T, s=22, facecolors="white", edgecolors="k", linewidths=0.8, zorder=3)
+    ax.scatter(*paths[-1].T, s=16, c=colours, edgecolors="k", linewidths=0.6, zorder=4)
+    half = max(LIMITS[1], float(np.abs(paths).max()) * 1.05)
+    _square_axes(ax, title, (-half, half))
+    handles = [
+        Line2D([], [], color="0.6", marker=".", ls="", label="data"),
+        Line2D([], [], color="C0", lw=1, label=line),
+        Line2D([], [], marker="o", mfc="white", mec="k", ls="", label="x_T (start: noise)"),
+        Line2D([], [], marker="o", mfc="C0", mec="k", ls="", label="x_0 (end: sample)"),
+    ]
+    ax.legend(  # below the axes: inside, it hid points at the frame's edge
+        handles=handles[background is None :],
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.01),
+        ncol=2,
+        frameon=False,
+    )
     return _save(fig, path)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from difflab.viz import plt  # matplotlib set to files only
 from difflab.viz_images import PAD, check_images, image_grid
 
 FRAME_MS = 80  # per sampler step shown
@@ -146,6 +147,79 @@ def denoising_gif(
     for i, caption in zip(picks, captions, strict=True):
         x0_hat = x0_hats[i] if i < states else xs[-1]  # at the end the estimate is the sample
         frames.append(_frame(xs[i], x0_hat, caption, names, scale, min_width))
+    durations = [FRAME_MS] * (len(frames) - 1) + [HOLD_MS]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    return path
+
+
+def _follow(xs: np.ndarray, margin: float = 1.15) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame view of a 2-D cloud (F, K, 2): centres (F, 2) and half-widths (F,).
+
+    Robust extents (0.5 and 99.5 percentiles, around the median) so a few stragglers do not
+    set the view; the half-width never grows from one frame to the next (the view only zooms
+    in, ending on the samples) and, like the centre, is smoothed over 5 frames so it glides.
+    """
+    centre = np.median(xs, axis=1)  # (F, 2)
+    lo, hi = np.percentile(xs, 0.5, axis=1), np.percentile(xs, 99.5, axis=1)
+    half = np.maximum(hi - centre, centre - lo).max(axis=1) * margin  # (F,)
+    half = np.maximum.accumulate(half[::-1])[::-1]
+
+    def glide(values: np.ndarray) -> np.ndarray:
+        padded = np.concatenate([values[:1].repeat(2, 0), values, values[-1:].repeat(2, 0)])
+        return np.stack([padded[k : k + len(values)] for k in range(5)]).mean(axis=0)
+
+    return glide(centre), np.exp(glide(np.log(np.maximum(half, 1e-6))))
+
+
+def _cloud_frame(points: np.ndarray, title: str, centre: np.ndarray, half: float) -> Image.Image:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    size = float(np.clip(8000 / len(points), 2.0, 12.0))  # ~4 px^2 for 2,000 points
+    ax.scatter(*points.T, s=size, c="C0", alpha=0.5, linewidths=0)
+    ax.set_xlim(centre[0] - half, centre[0] + half)
+    ax.set_ylim(centre[1] - half, centre[1] + half)
+    ax.set_aspect("equal")
+    ax.tick_params(labelsize=7)  # the ticks show the zoom: x_T spans ~6, the data ~2
+    ax.grid(alpha=0.25)
+    ax.set_title(title, fontsize=9, family="monospace")
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
+    plt.close(fig)
+    return image
+
+
+def reverse_gif(
+    ts, xs, path: Path, *, lams=None, steps=None, max_frames: int = 60, name: str = ""
+) -> Path:
+    """2-D points moving from noise to data, the view following the cloud.
+
+    Frames are chosen as in `denoising_gif` (near-uniform in log-SNR when `lams` is given), the
+    caption reads "step i/S  t=0.123  log-SNR 1.2", and the last frame is held ~1 s.
+
+    Args:
+        ts: (S,) start time of each recorded step; the final state is t = 0.
+        xs: (S + 1, K, 2) states, xs[0] = x_T, xs[-1] the samples.
+        lams: optional (S + 1,) log-SNR of each state.
+        steps: optional (S + 1,) sampler step of each state (the last = the sampler's steps).
+        name: the sampler, put before the caption.
+    """
+    ts, xs = np.asarray(ts, dtype=np.float64).reshape(-1), np.asarray(xs, dtype=np.float32)
+    if xs.ndim != 3 or xs.shape[2] != 2 or len(xs) != len(ts) + 1:
+        raise ValueError(f"xs must be (S + 1, K, 2) with S = len(ts) = {len(ts)}; got {xs.shape}")
+    if lams is None:
+        picks = np.unique(np.linspace(0, len(ts), min(max_frames, len(xs))).round().astype(int))
+    else:
+        picks = frame_indices(lams, max_frames)
+    steps = np.arange(len(xs)) if steps is None else np.asarray(steps).reshape(-1)
+    centres, halves = _follow(xs[picks])
+    frames = []
+    for i, centre, half in zip(picks, centres, halves, strict=True):
+        caption = f"{name} step {steps[i]}/{steps[-1]}  t={ts[i] if i < len(ts) else 0.0:.3f}"
+        if lams is not None:
+            caption += f"  log-SNR {lams[i]:.1f}" if np.isfinite(lams[i]) else "  (sample)"
+        frames.append(_cloud_frame(xs[i], caption.strip(), centre, half))
     durations = [FRAME_MS] * (len(frames) - 1) + [HOLD_MS]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
