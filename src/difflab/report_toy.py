@@ -30,7 +30,7 @@ TRAJECTORY_POINTS = 2000  # points of the reverse GIF (the run's sampler)
 GIF_FRAMES = 60  # states kept of them, near-uniform in log-SNR
 ODE_POINTS = 48  # probability-flow ODE paths kept at every step, for the trajectory figure
 ODE_STEPS = 100  # DDIM (eta = 0) steps when the run's sampler is stochastic
-STOCHASTIC_PATHS = (12, 40)  # the stochastic sampler's paths: points, states (thinned)
+STOCHASTIC_PATHS = (8, 30)  # the stochastic paths, thinned: points, states (12 x 40 tangled)
 FORWARD_TS = (0.05, 0.1, 0.25, 0.5, 1.0)
 DETERMINISTIC_SAMPLERS = ("ddim", "euler", "heun", "dpm_2s", "dpmpp_2m", "dpmpp_3m", "unipc")
 
