@@ -183,7 +183,7 @@ def test_denoising_gif_states_are_spaced_in_log_snr(folder, tmp_path):
     lams = state_lams(cfg, ts)
     assert steps[0] == 0 and steps[-1] == 150 and (np.diff(steps) > 0).all()
     assert len(steps) <= GIF_FRAMES and (np.diff(lams) > 0).all()
-    gaps = np.diff(lams[:-1])  # the sample (t = 0) is shown, not spaced
+    gaps = np.diff(lams[1:-1])  # x_T and the sample are shown, not spaced
     assert np.median(np.abs(gaps / np.median(gaps) - 1)) < 0.15, gaps
     with Image.open(runs / "g" / "plots" / "denoising.gif") as gif:
         assert gif.n_frames == len(steps)

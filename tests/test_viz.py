@@ -15,7 +15,7 @@ from difflab.report_images import state_lams
 from difflab.samplers import SampleNoise
 from difflab.train import train
 from difflab.viz import log_axis
-from difflab.viz_gifs import _follow, frame_indices
+from difflab.viz_gifs import LAM_WINDOW, _follow, frame_indices
 
 TINY = [
     "model.mlp.width=32",
@@ -39,19 +39,21 @@ def toy2d_lams(steps: int = 1000) -> np.ndarray:
 
 def test_frames_are_uniform_in_log_snr_on_a_1000_step_grid():
     lams = toy2d_lams(1000)
-    assert np.isinf(lams[-1])
+    assert np.isinf(lams[-1]) and lams[0] < LAM_WINDOW[0] and lams[-2] > LAM_WINDOW[1]
     picks = frame_indices(lams, 60)
     assert picks[0] == 0 and picks[-1] == len(lams) - 1 and len(picks) <= 60
     assert (np.diff(picks) > 0).all()  # monotone in steps, so monotone in t
-    gaps = np.diff(lams[picks[:-1]])  # the infinite end is shown, not spaced
-    # the grid's own log-SNR steps near t = 0 are ~0.8 (8.4 -> 9.2), so a frame can miss its
-    # target by up to half of one; the gaps' target is 19.3 / 58 = 0.33
-    target = (lams[-2] - lams[0]) / 58
-    assert np.all(np.abs(gaps - target) < 0.5 * target + 0.8)
+    inner = lams[picks[1:-1]]  # x_T and the sample are shown on top of the spaced frames
+    assert abs(inner[0] - LAM_WINDOW[0]) < 0.05 and abs(inner[-1] - LAM_WINDOW[1]) < 0.5
+    gaps = np.diff(inner)
+    # 58 targets over the window are 12 / 57 = 0.21 apart; the grid's own log-SNR steps near
+    # t = 0 are up to ~0.5 (lams[-10:]), so a frame can miss its target by half of one there
+    target = (LAM_WINDOW[1] - LAM_WINDOW[0]) / 57
+    assert np.all(np.abs(gaps - target) < 0.5 * target + 0.3), gaps
     assert np.median(np.abs(gaps / target - 1)) < 0.1
-    # structure forms mid-animation: frames reach log-SNR 2 about 2/3 of the way, where evenly
+    # structure forms mid-animation: frames reach log-SNR 2 well before the end, where evenly
     # spaced steps reach it after 89% (see frame_indices)
-    assert 0.55 < np.argmax(lams[picks] > 2) / len(picks) < 0.75
+    assert 0.5 < np.argmax(lams[picks] > 2) / len(picks) < 0.65
 
 
 def test_few_states_are_all_shown_and_bad_input_is_refused():
@@ -128,8 +130,8 @@ def test_reverse_gif_frames_are_monotone_and_uniform_in_log_snr(ddpm_run):
     assert steps[0] == 0 and steps[-1] == 200 and (np.diff(steps) > 0).all()
     assert len(steps) <= report_toy.GIF_FRAMES and len(steps) == len(traj["xs"])
     assert (np.diff(traj["ts"]) < 0).all() and np.isinf(lams[-1])
-    gaps = np.diff(lams[:-1])
-    target = (lams[-2] - lams[0]) / (len(gaps))
+    gaps = np.diff(lams[1:-1])  # between x_T and the sample, spaced over LAM_WINDOW
+    target = (LAM_WINDOW[1] - LAM_WINDOW[0]) / (len(gaps))
     assert np.median(np.abs(gaps / target - 1)) < 0.15, gaps
     with Image.open(run_dir / "plots" / "reverse.gif") as gif:
         frames = list(ImageSequence.Iterator(gif))

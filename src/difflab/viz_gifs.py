@@ -18,19 +18,27 @@ HOLD_MS = 1000  # the final frame rests ~1 s before the loop restarts
 LEFT, TOP, BOTTOM = 48, 18, 16  # caption margins in screen pixels
 
 
-def frame_indices(lams, max_frames: int) -> np.ndarray:
+# The log-SNR window GIF frames are spaced over: below -5 (alpha^2 < 0.7% on a VP schedule) x_t
+# looks like the prior, above 7 (sigma / alpha < 0.03) like the sample, for data of unit scale.
+# Spread over -10..9 (toy2d's grid), a third of the frames showed identical noise.
+LAM_WINDOW = (-5.0, 7.0)
+
+
+def frame_indices(lams, max_frames: int, window: tuple[float, float] = LAM_WINDOW) -> np.ndarray:
     """Which of a sampler's states to show: at most `max_frames`, near-uniform in log-SNR.
 
     Spaced evenly in steps, most frames of a 1000-step DDPM show noise: on the linear schedule
     its log-SNR stays below 0 for three quarters of the steps, and structure (log-SNR ~ 2)
-    forms in the last tenth. Spaced evenly in log-SNR, it forms across the middle. The first
-    (x_T) and last (the sample) state are always shown; when there are no more states than
-    frames, every state is shown (the sampler's own steps).
+    forms in the last tenth. Spaced evenly in log-SNR over `window`, it forms across the
+    middle. The first (x_T) and last (the sample) state are always shown; when there are no
+    more states than frames, every state is shown (the sampler's own steps).
 
     Args:
         lams: (N,) log-SNR of each state, non-decreasing (noise to data); the last may be +inf
-            (t = 0), and is then left out of the spacing.
+            (t = 0).
         max_frames: the most frames, >= 2.
+        window: the log-SNR range the frames between the first and last are spaced over
+            (clipped to the states' range; the whole range if they do not meet it).
     Returns:
         (F,) increasing state indices, F <= max_frames, starting at 0 and ending at N - 1.
     """
@@ -44,7 +52,10 @@ def frame_indices(lams, max_frames: int) -> np.ndarray:
     if len(lams) <= max_frames:
         return np.arange(len(lams))
     spaced = lams if np.isfinite(lams[-1]) else lams[:-1]  # an infinite end is shown, not spaced
-    targets = np.linspace(spaced[0], spaced[-1], max_frames - (len(spaced) < len(lams)))
+    lo, hi = max(spaced[0], window[0]), min(spaced[-1], window[1])
+    if lo >= hi:
+        lo, hi = spaced[0], spaced[-1]
+    targets = np.linspace(lo, hi, max_frames - 2)  # the first and last states come on top
     right = np.clip(np.searchsorted(spaced, targets), 1, len(spaced) - 1)
     nearer_left = targets - spaced[right - 1] < spaced[right] - targets
     picks = np.where(nearer_left, right - 1, right)
