@@ -8,8 +8,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from difflab import report_images
 from difflab.cli import main
 from difflab.config import apply_overrides, preset
+from difflab.report_images import state_lams
 from difflab.train import train
 
 TINY = [
@@ -170,3 +172,20 @@ def test_eval_of_an_image_folder_run_says_which_metrics_apply(cond_run, capsys):
     assert main(["eval", str(cond_run), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "'imagefolder' has none" in err and "--judge FILE" in err and "--metric fid" in err
+
+
+def test_denoising_gif_states_are_spaced_in_log_snr(folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(report_images, "GIF_FRAMES", 8)  # fewer states than steps, quickly
+    runs = tmp_path / "runs"
+    argv = ["train", "--preset", "imagefolder", "--runs", str(runs), "--name", "g", "--quiet"]
+    assert main([*argv, *_args(folder, "sample.steps=24", "sample.sampler=ddpm")]) == 0
+    with np.load(runs / "g" / "samples" / "trajectory.npz") as f:
+        steps, ts = f["steps"], f["ts"]
+    cfg = apply_overrides(preset("imagefolder"), [f"data.root={folder}", *TINY])
+    lams = state_lams(cfg, ts)
+    assert steps[0] == 0 and steps[-1] == 24 and (np.diff(steps) > 0).all()
+    assert len(steps) <= 8 and (np.diff(lams) > 0).all()
+    gaps = np.diff(lams[1:-1])  # x_T and the sample are shown, not spaced
+    assert np.median(np.abs(gaps / np.median(gaps) - 1)) < 0.15, gaps
+    with Image.open(runs / "g" / "plots" / "denoising.gif") as gif:
+        assert gif.n_frames == len(steps)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageSequence
 
 from difflab import viz_images
-from difflab.viz_gifs import denoising_gif
+from difflab.viz_gifs import denoising_gif, frame_indices
 from difflab.viz_images import (
     PAD,
     check_images,
@@ -161,3 +161,14 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         denoising_gif(ts, xs, x0_hats[:3], tmp_path / "d.gif")
     with pytest.raises(ValueError, match=r"at least one"):
         grid_history([], tmp_path / "h.png")
+
+
+def test_denoising_gif_spaces_frames_by_log_snr(tmp_path):
+    ts, xs, x0_hats = trajectory(40, k=2)
+    lams = np.append(np.log(((1 - ts) / ts) ** 2), np.inf)  # alpha = 1 - t, sigma = t
+    path = denoising_gif(ts, xs, x0_hats, tmp_path / "d.gif", max_frames=8, lams=lams)
+    with Image.open(path) as gif:
+        count = sum(1 for _ in ImageSequence.Iterator(gif))
+    assert count == len(frame_indices(lams, 8)) and count <= 8
+    with pytest.raises(ValueError, match="one log-SNR per state"):
+        denoising_gif(ts, xs, x0_hats, tmp_path / "e.gif", lams=lams[:-1])

@@ -11,22 +11,17 @@ import itertools
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from difflab import build, viz
+from difflab import viz
 from difflab.config import ConfigError, RunConfig
-from difflab.data.toy2d import TOY2D, sample_toy2d
+from difflab.data.toy2d import TOY2D
 from difflab.evaluation import evaluate_images_of, timed_samples
 from difflab.logging import MetricsLog, read_metrics
 from difflab.metrics.protocol import HIGHER_IS_BETTER
-from difflab.metrics.toy2d import REFERENCE_SEED, evaluate_toy
+from difflab.metrics.toy2d import evaluate_toy
 from difflab.report_images import make_image_artefacts, plot_image_run
+from difflab.report_toy import plot_toy_run, record_trajectories
 from difflab.runs import check_run_dir, draw_samples, load_run, save_run_samples
-from difflab.samplers import SAMPLERS, Recorder, deterministic_samplers, nfe_of, steps_for_nfe
-
-TRAJECTORY_POINTS = 2000  # points recorded at every step for the GIF and trajectory plot
-FORWARD_TS = (0.05, 0.1, 0.25, 0.5, 1.0)
+from difflab.samplers import SAMPLERS, deterministic_samplers, nfe_of, steps_for_nfe
 
 
 def compare_samplers(
@@ -151,15 +146,7 @@ def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
     samples = draw_samples(run, scfg, progress=progress)
     step = run.step
     save_run_samples(run, samples, None, scfg)
-    recorder = Recorder(every=max(1, scfg.steps // 100))
-    traj_cfg = type(scfg)(**{**scfg.__dict__, "n": min(TRAJECTORY_POINTS, scfg.n)})
-    draw_samples(run, traj_cfg, progress=False, recorder=recorder)
-    np.savez(
-        run_dir / "samples" / "trajectory.npz",
-        ts=np.array(recorder.ts),
-        xs=recorder.trajectory().numpy(),
-        x0_hats=torch.stack(recorder.x0_hats).numpy(),
-    )
+    record_trajectories(run, run_dir, scfg)
     result = {
         "step": step,
         "eval": {
@@ -188,9 +175,10 @@ def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> li
     )
     plots = run_dir / "plots"
     if any(r.get("loss") is not None for r in read_metrics(run_dir / "metrics.jsonl")):
+        label = loss_label(cfg)
         paths += [
-            viz.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png"),
-            viz.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png"),
+            viz.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png", label),
+            viz.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png", ylabel=label),
         ]
     history = viz.eval_history(run_dir / "metrics.jsonl", plots / "eval_history.png")
     if history:
@@ -198,25 +186,12 @@ def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> li
     return paths
 
 
-def plot_toy_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
-    """The figures of a 2-D run, from samples/*.npz."""
-    plots = run_dir / "plots"
-    real = sample_toy2d(cfg.data.name, 20000, torch.Generator().manual_seed(REFERENCE_SEED)).numpy()
-    with np.load(run_dir / "samples" / "samples.npz") as f:
-        generated, sampler, steps = f["samples"], str(f["sampler"]), int(f["steps"])
-    with np.load(run_dir / "samples" / "trajectory.npz") as f:
-        ts, xs = f["ts"], f["xs"]
-    schedule = build.build_schedule(cfg.diffusion)
-    title = f"generated ({sampler}, {steps} steps)"
-    forward = viz.forward_samples(schedule, real[:5000], FORWARD_TS)
-    return [
-        viz.real_vs_generated(
-            real[: len(generated)], generated, plots / "scatter.png", ("real", title)
-        ),
-        viz.forward_process(real[:5000], forward, plots / "forward.png"),
-        viz.reverse_gif(ts, xs, plots / "reverse.gif"),
-        viz.trajectories(xs, plots / "trajectories.png"),
-    ]
+def loss_label(cfg: RunConfig) -> str:
+    """What the training loss measures, e.g. "loss (MSE of v)" or "loss (MSE of eps,
+    min_snr-weighted in x0 space)", from the run's diffusion config."""
+    d = cfg.diffusion
+    text = f"loss ({d.loss.upper() if d.loss != 'huber' else 'Huber'} of {d.target or d.prediction}"
+    return text + (f", {d.weighting}-weighted in x0 space)" if d.weighting != "none" else ")")
 
 
 def finish_run(run_dir: Path, progress: bool = True) -> dict:

@@ -4,7 +4,8 @@ Artefacts (all .npz, images (N, C, H, W) in [-1, 1]):
     samples.npz        the run's sampler and guidance; per class when class-conditional
     compare.npz        16 images from one noise and one set of labels, three ways: `ema` (the
                        run's sampler), `raw` (non-EMA weights), `other` (DDPM <-> DDIM)
-    trajectory.npz     x_t and x0_hat at every step for one image per class
+    trajectory.npz     x_t and x0_hat at up to 50 steps (near-uniform in log-SNR, `steps` says
+                       which) for one image per class
     real.npz           a few training images (for the forward-process figure)
 Figures are drawn from these files only, so `difflab plot` rebuilds them without the dataset.
 """
@@ -22,6 +23,7 @@ from difflab.config import RunConfig, SampleConfig
 from difflab.runs import LoadedRun, draw_samples, load_run, sample_labels, save_run_samples
 from difflab.samplers import Recorder
 
+GIF_FRAMES = 50  # states kept for the denoising GIF
 COMPARE_N = 16  # images in the raw-vs-EMA and DDPM-vs-DDIM comparisons
 FORWARD_TS = (0.1, 0.25, 0.5, 0.75, 1.0)
 OTHER_SAMPLER = {"ddpm": "ddim", "ddim": "ddpm"}  # the comparison figure's second sampler
@@ -76,16 +78,49 @@ def make_image_artefacts(run_dir: Path, progress: bool = True) -> dict:
     }
 
 
+class FrameRecorder(Recorder):
+    """A Recorder of chosen sampler steps only (and the final sample): the states a GIF shows,
+    chosen before sampling so that 1000 steps of thousands of points stay small."""
+
+    def __init__(self, keep, num_steps: int, max_items: int | None = None):
+        super().__init__(every=1, max_items=max_items)
+        self.keep, self.num_steps, self.kept = {int(i) for i in keep}, num_steps, []
+
+    def __call__(self, state) -> None:
+        if state.i in self.keep:
+            super().__call__(state)
+            self.kept.append(state.i)
+        else:
+            self.final = state.x_next[: self.max_items].detach().float().cpu()
+
+    def steps(self) -> np.ndarray:
+        """(F + 1,) the sampler step of each kept state, the last = the number of steps."""
+        return np.array([*self.kept, self.num_steps])
+
+
+def frame_recorder(run: LoadedRun, scfg: SampleConfig, max_frames: int) -> FrameRecorder:
+    """A recorder of at most `max_frames` states of `scfg`'s grid, near-uniform in log-SNR."""
+    _, _, ts = build.build_sampler(scfg, run.denoiser.schedule)
+    picks = viz_gifs.frame_indices(run.denoiser.schedule.log_snr(ts).numpy(), max_frames)
+    return FrameRecorder(picks[:-1], len(ts) - 1)  # the last state is the sample
+
+
+def state_lams(cfg: RunConfig, ts: np.ndarray) -> np.ndarray:
+    """(S + 1,) log-SNR of recorded states: start times `ts` (S,), then the sample at t = 0."""
+    schedule = build.build_schedule(cfg.diffusion)
+    return schedule.log_snr(torch.from_numpy(np.append(ts, 0.0))).numpy()
+
+
 def _trajectory(run: LoadedRun, run_dir: Path, scfg: SampleConfig) -> None:
     k = run.num_classes or 8
     labels = torch.arange(k) if run.num_classes else None
-    recorder = Recorder(every=max(1, scfg.steps // 50))
-    draw_samples(
-        run, dataclasses.replace(scfg, n=k), labels=labels, progress=False, recorder=recorder
-    )
+    scfg = dataclasses.replace(scfg, n=k)
+    recorder = frame_recorder(run, scfg, GIF_FRAMES)
+    draw_samples(run, scfg, labels=labels, progress=False, recorder=recorder)
     np.savez(
         run_dir / "samples" / "trajectory.npz",
         ts=np.array(recorder.ts),
+        steps=recorder.steps(),
         xs=recorder.trajectory().numpy(),
         x0_hats=torch.stack(recorder.x0_hats).numpy(),
         labels=labels.numpy() if labels is not None else np.zeros(0, dtype=np.int64),
@@ -127,6 +162,8 @@ def plot_image_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
             plots / "denoising.gif",
             traj["labels"] if len(traj["labels"]) else None,
             names,
+            lams=state_lams(cfg, traj["ts"]),
+            steps=traj.get("steps"),  # absent in runs made before issue 19
         ),
         viz_images.trajectory_strip(traj["xs"], plots / "trajectory_strip.png"),
         viz_images.comparison_figure(

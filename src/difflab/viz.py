@@ -14,7 +14,8 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from PIL import Image
+from matplotlib import ticker
+from matplotlib.lines import Line2D
 
 from difflab.logging import read_metrics
 from difflab.metrics.protocol import HIGHER_IS_BETTER
@@ -85,7 +86,26 @@ def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
     return out
 
 
-def loss_curve(metrics_path: Path, path: Path) -> Path:
+def log_axis(ax, values: np.ndarray, axis: str = "y") -> None:
+    """A log scale with enough labelled ticks: matplotlib labels only powers of ten, so a loss
+    spanning one or two decades showed one or two labels. Under 1.5 decades every 1..9 x 10^k
+    is labelled, under 4 decades 1, 2 and 5 x 10^k; plain numbers (0.05), not 5 x 10^-2."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values) & (values > 0)]
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    if not len(values):
+        return
+    decades = np.log10(values.max() / values.min())
+    if decades >= 4:
+        return
+    subs = np.arange(1.0, 10.0) if decades < 1.5 else (1.0, 2.0, 5.0)
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_locator(ticker.LogLocator(subs=subs))
+    target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    target.set_minor_formatter(ticker.NullFormatter())
+
+
+def loss_curve(metrics_path: Path, path: Path, ylabel: str = "loss") -> Path:
     """Training loss per logging interval, raw and smoothed, on a log scale."""
     rows = [r for r in read_metrics(metrics_path) if r.get("loss") is not None]
     if not rows:
@@ -95,73 +115,85 @@ def loss_curve(metrics_path: Path, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, loss, color="C0", alpha=0.35, label="loss")
     ax.plot(steps, smooth(loss), color="C0", label="smoothed")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    log_axis(ax, loss)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
     ax.legend()
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
 
-def loss_by_t(metrics_path: Path, path: Path, curves: int = 4) -> Path:
+def loss_by_t(metrics_path: Path, path: Path, curves: int = 4, ylabel: str = "loss") -> Path:
     """Loss per t-bucket at a few points of training."""
     rows = [r for r in read_metrics(metrics_path) if r.get("loss_by_t")]
     if not rows:
         raise ValueError(f"{metrics_path} has no loss_by_t rows yet")
     picks = sorted({int(i) for i in np.linspace(0, len(rows) - 1, min(curves, len(rows)))})
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    shown = []
     for k, i in enumerate(picks):
         values = np.array([np.nan if v is None else v for v in rows[i]["loss_by_t"]], dtype=float)
+        shown.append(values)
         centres = (np.arange(len(values)) + 0.5) / len(values)
         ax.plot(
             centres,
             values,
             marker="o",
             color=plt.cm.viridis(k / max(len(picks) - 1, 1)),
-            label=f"step {rows[i]['step']}",
+            label=f"training step {rows[i]['step']}",
         )
-    ax.set_yscale("log")
-    ax.set_xlabel("t (bucket centre)")
-    ax.set_ylabel("loss")
+    log_axis(ax, np.concatenate(shown))
+    ax.set_xlabel("t (diffusion time, bucket centre; 0 = data, 1 = noise)")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
 
 
-def _frame(points: np.ndarray, title: str) -> Image.Image:
-    fig, ax = plt.subplots(figsize=(4, 4))
-    _scatter(ax, points, "C0", size=1.0)
-    _square_axes(ax, title, NOISE_LIMITS)
-    fig.canvas.draw()
-    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
-    plt.close(fig)
-    return image
+def trajectories(
+    paths: np.ndarray,
+    path: Path,
+    *,
+    background: np.ndarray | None = None,
+    title: str = "sampler paths",
+    line: str = "path",
+) -> Path:
+    """Paths of a few points from x_T (open circle) to x_0 (dot), over faint background points.
 
+    Each path is coloured by the angle of its start, so neighbouring noise reads as neighbouring
+    colour and one sees where each region of the prior is carried.
 
-def reverse_gif(ts: np.ndarray, xs: np.ndarray, path: Path, max_frames: int = 60) -> Path:
-    """Points moving from noise to data; xs is (S + 1, K, 2), ts the S step start times."""
-    num = len(xs)
-    picks = sorted({int(i) for i in np.linspace(0, num - 1, min(max_frames, num))})
-    frames = []
-    for i in picks:
-        t = ts[i] if i < len(ts) else 0.0
-        frames.append(_frame(xs[i], f"step {i}/{num - 1}   t = {t:.3f}"))
-    frames += [frames[-1]] * 10  # rest on the result
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=80, loop=0)
-    return path
-
-
-def trajectories(xs: np.ndarray, path: Path, count: int = 24) -> Path:
-    """Paths of a few points from x_T (dot) to their final sample (cross), over all final points."""
-    fig, ax = plt.subplots(figsize=(5, 5))
-    _scatter(ax, xs[-1], "0.75", size=1.0)
-    for k in range(min(count, xs.shape[1])):
-        colour = plt.cm.tab20(k % 20)
-        ax.plot(xs[:, k, 0], xs[:, k, 1], color=colour, lw=0.8)
-        ax.plot(*xs[0, k], "o", color=colour, ms=3)
-        ax.plot(*xs[-1, k], "x", color=colour, ms=5)
-    _square_axes(ax, "sampler trajectories (o = noise, x = sample)", NOISE_LIMITS)
+    Args:
+        paths: (S + 1, K, 2) states, paths[0] = x_T, paths[-1] = the samples.
+        background: optional (N, 2) points drawn faintly (the data).
+        line: what the lines are, for the legend (e.g. "probability-flow ODE path").
+    """
+    paths = np.asarray(paths, dtype=np.float32)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    if background is not None:
+        _scatter(ax, background, "0.6", size=1.0)
+    starts = paths[0]
+    colours = plt.cm.hsv((np.arctan2(starts[:, 1], starts[:, 0]) / (2 * np.pi)) % 1.0)
+    for k in range(paths.shape[1]):
+        ax.plot(paths[:, k, 0], paths[:, k, 1], color=colours[k], lw=0.9, alpha=0.85)
+    ax.scatter(*starts.T, s=22, facecolors="white", edgecolors="k", linewidths=0.8, zorder=3)
+    ax.scatter(*paths[-1].T, s=16, c=colours, edgecolors="k", linewidths=0.6, zorder=4)
+    half = max(LIMITS[1], float(np.abs(paths).max()) * 1.05)
+    _square_axes(ax, title, (-half, half))
+    handles = [
+        Line2D([], [], color="0.6", marker=".", ls="", label="data"),
+        Line2D([], [], color="C0", lw=1, label=line),
+        Line2D([], [], marker="o", mfc="white", mec="k", ls="", label="x_T (start: noise)"),
+        Line2D([], [], marker="o", mfc="C0", mec="k", ls="", label="x_0 (end: sample)"),
+    ]
+    ax.legend(  # below the axes: inside, it hid points at the frame's edge
+        handles=handles[background is None :],
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.01),
+        ncol=2,
+        frameon=False,
+    )
     return _save(fig, path)
 
 
