@@ -224,7 +224,7 @@ def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from difflab import distributed
+    from difflab import distributed, faults
     from difflab.report import finish_run
     from difflab.train import train
 
@@ -249,8 +249,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if world.is_main:
         print(f"difflab: run directory {run_dir}")
     start = time.perf_counter()
+    oom = faults.out_of_memory("training", *faults.train_memory_advice(cfg))
+    lock = faults.RunLock(run_dir, enabled=world.is_main)  # one trainer per run directory
     try:
-        ckpt = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+        with lock, faults.StopSignals() as stop, oom:  # SIGINT / SIGTERM: checkpoint, then stop
+            ckpt = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     except KeyboardInterrupt:
         if world.is_main:
             print(
@@ -262,6 +265,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if world.size == 1 or not distributed.lost_peer(e):
             raise
         distributed.leave_after_lost_peer(world)
+    if stop.exit_code:  # stopped by a signal, with a checkpoint
+        if world.is_main:
+            print(
+                f"difflab: stopped; continue with `difflab train --resume {run_dir}`",
+                file=sys.stderr,
+            )
+        return stop.exit_code
     if not world.is_main:  # rank 0 alone samples, evaluates and draws
         return 0
     print(f"difflab: trained in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
@@ -288,13 +298,16 @@ def _launch_train(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> in
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from difflab.faults import out_of_memory
     from difflab.runs import draw_samples, load_run, sample_labels, save_samples
 
     run = load_run(args.run, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
     scfg = sample_config(run.cfg.sample, args)
     labels = sample_labels(run, scfg.n, args.class_label, args.per_class, scfg.seed)
     start = time.perf_counter()
-    samples = draw_samples(run, scfg, labels=labels, progress=not args.quiet)
+    batch, advice = f"--batch-size {scfg.batch_size}", "a smaller --batch-size (same samples)"
+    with out_of_memory("sampling", batch, advice):
+        samples = draw_samples(run, scfg, labels=labels, progress=not args.quiet)
     meta = dict(
         sampler=scfg.sampler,
         steps=scfg.steps,
