@@ -46,7 +46,7 @@ ALLOWED = {
         "viz",
         "viz_images",
     },
-    "runs": {"build", "checkpoint", "config", "guidance", "prediction", "samplers"},
+    "runs": {"build", "checkpoint", "config", "files", "guidance", "prediction", "samplers"},
     "viz": {"logging", "metrics"},
     "viz_images": {"viz"},
     "viz_gifs": {"viz_images"},

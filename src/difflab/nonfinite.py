@@ -138,9 +138,10 @@ class NonFiniteMonitor:
         if last is None:
             where = "no checkpoint was written before it"
         else:
+            skip = " --set train.nonfinite=skip" if self.mode == "stop" else ""
             where = (
                 f"the last good checkpoint is {last} (resume it with `difflab train --resume "
-                f"{last.parent.parent} --set train.nonfinite=skip`)"
+                f"{last.parent.parent}{skip}`)"
             )
         tips = ["a lower train.lr"]
         if t.grad_clip == 0:
