@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,9 @@ def test_fp16_scaler_skips_are_counted_not_failures():
 
 
 # 2. Signals
-@pytest.mark.parametrize("name, code", [("TERM", 143), ("INT", 130)])
+@pytest.mark.parametrize(
+    "name, code", [("TERM", 143), pytest.param("INT", 130, marks=pytest.mark.slow)]
+)
 def test_a_signal_stops_with_a_checkpoint_and_resume_is_bitwise(tmp_path, straight, name, code):
     hook = {"DIFFLAB_FAULT_SIGNAL": name, "DIFFLAB_FAULT_SIGNAL_STEP": "3"}  # after step 3
     first = _run(*_train_argv(tmp_path, "run", f"train.steps={STEPS}"), env=hook)
@@ -338,6 +341,37 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise(tmp_path, straight, seed
     result = _run(*argv)
     assert result.returncode == 0, result.stderr
     _assert_bitwise(straight, run / "checkpoints" / f"step-{STEPS}")
+
+
+@pytest.mark.slow
+def test_the_launcher_forwards_sigterm_and_every_rank_stops_with_a_checkpoint(tmp_path):
+    """SIGTERM to `difflab train --nproc 2` once its first checkpoint is visible: the ranks stop
+    together, rank 0 writes one checkpoint there, and the launcher returns 143."""
+    run = tmp_path / "run"
+    argv = _train_argv(tmp_path, "run", "train.steps=100000")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "difflab", argv[0], "--nproc", "2", *argv[1:]],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240  # waits for an event, not for an amount of time
+        while not list_checkpoints(run / "checkpoints"):
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=240)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 143, err
+    assert f"continue with `difflab train --resume {run}`" in err
+    last = list_checkpoints(run / "checkpoints")[-1]
+    assert verify_checkpoint(last) is None and int(last.name[5:]) < 100000
+    logged = [r["step"] for r in read_metrics(run / "metrics.jsonl")]
+    assert max(logged) == int(last.name[5:])  # every rank stopped at the checkpointed step
+    assert not (run / ".lock").exists()
 
 
 @pytest.mark.slow
