@@ -50,7 +50,7 @@ ALLOWED = {
     "viz": {"logging", "metrics"},
     "viz_images": {"viz"},
     "viz_gifs": {"viz_images"},
-    "report_images": {"build", "config", "runs", "samplers", "viz_gifs", "viz_images"},
+    "report_images": {"build", "config", "files", "runs", "samplers", "viz_gifs", "viz_images"},
     "report": {
         "evaluation",
         "report_images",

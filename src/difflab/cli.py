@@ -23,6 +23,7 @@ from difflab.config import (
     apply_overrides,
     preset,
 )
+from difflab.files import write_text_atomically
 from difflab.samplers import NonFiniteError
 
 SAMPLE_FLAGS = (
@@ -367,7 +368,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         }
     result = {**info, **evaluate_toy(samples, dataset)}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
@@ -446,7 +447,7 @@ def _eval_images(args: argparse.Namespace, source: Path) -> int:
     result = {"rows": rows}
     out = Path(args.out) if args.out else _default_eval_path(source, run is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_rows(rows))
     print(f"difflab: wrote {out}", file=sys.stderr)  # stdout stays the table or the JSON
     return 0
@@ -507,7 +508,7 @@ def _eval_compare(args: argparse.Namespace, source: Path, image_eval: dict | Non
         progress=not args.quiet,
     )
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_compare(result))
     return 0
 

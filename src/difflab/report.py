@@ -18,6 +18,7 @@ from difflab import build, viz
 from difflab.config import ConfigError, RunConfig
 from difflab.data.toy2d import TOY2D, sample_toy2d
 from difflab.evaluation import evaluate_images_of, timed_samples
+from difflab.files import savez_atomically, write_text_atomically
 from difflab.logging import MetricsLog, read_metrics
 from difflab.metrics.protocol import HIGHER_IS_BETTER
 from difflab.metrics.toy2d import REFERENCE_SEED, evaluate_toy
@@ -158,7 +159,7 @@ def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
     recorder = Recorder(every=max(1, scfg.steps // 100))
     traj_cfg = type(scfg)(**{**scfg.__dict__, "n": min(TRAJECTORY_POINTS, scfg.n)})
     draw_samples(run, traj_cfg, progress=False, recorder=recorder)
-    np.savez(
+    savez_atomically(
         run_dir / "samples" / "trajectory.npz",
         ts=np.array(recorder.ts),
         xs=recorder.trajectory().numpy(),
@@ -231,5 +232,5 @@ def finish_run(run_dir: Path, progress: bool = True) -> dict:
     print(f"difflab: figures in {run_dir / 'plots'}:")
     for p in paths:
         print(f"  {p}")
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomically(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
     return result

@@ -19,7 +19,7 @@ from difflab.checkpoint import (
     verify_checkpoint,
 )
 from difflab.config import ConfigError, RunConfig, SampleConfig
-from difflab.files import replace_atomically
+from difflab.files import savez_atomically
 from difflab.guidance import guided
 from difflab.prediction import Denoiser
 from difflab.samplers import Recorder, generate
@@ -198,13 +198,8 @@ def save_samples(
     if labels is not None:
         arrays["labels"] = labels.numpy()
     arrays.update({k: np.asarray(v) for k, v in meta.items()})
-    replace_atomically(path, lambda tmp: _savez(tmp, arrays))  # Ctrl-C leaves no half file
+    savez_atomically(path, **arrays)  # Ctrl-C leaves no half-written file
     return path
-
-
-def _savez(path: Path, arrays: dict) -> None:
-    with path.open("wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
-        np.savez(f, **arrays)
 
 
 def save_run_samples(
