@@ -582,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as e:
         print(f"difflab: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outputs are written atomically: nothing is left half-written
+        print("\ndifflab: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
