@@ -385,3 +385,20 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["step-2", "step-3"]
     assert f"continue with `difflab train --resume {run}`" in result.stderr
     assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == 3
+
+
+@pytest.mark.slow
+def test_ranks_decide_alike_about_a_nan_on_one_of_them(tmp_path):
+    hook = {"DIFFLAB_FAULT_NAN_STEP": "3", "DIFFLAB_FAULT_NAN_RANK": "1"}
+    argv = _train_argv(tmp_path, "skip", f"train.steps={STEPS}", "train.nonfinite=skip")
+    result = _run(argv[0], "--nproc", "2", *argv[1:], "train.checkpoint_every=1", env=hook)
+    assert result.returncode == 0, result.stderr
+    ckpt = tmp_path / "skip" / "checkpoints"
+    _assert_bitwise(ckpt / "step-2", ckpt / "step-3")  # both ranks dropped step 3's update
+    rows = [r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if "loss" in r]
+    assert [r["nonfinite_skips"] for r in rows] == [0, 0, 1, 0, 0, 0]
+    argv = _train_argv(tmp_path, "stop", f"train.steps={STEPS}")
+    result = _run(argv[0], "--nproc", "2", *argv[1:], env=hook)
+    assert result.returncode == 2, result.stderr
+    assert "training stopped at step 3" in result.stderr and "Traceback" not in result.stderr
+    assert [c.name for c in list_checkpoints(tmp_path / "stop" / "checkpoints")] == ["step-2"]

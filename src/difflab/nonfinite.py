@@ -10,7 +10,8 @@ the mode, weights that are not finite are never written: `check_weights` runs be
 With several processes every decision is all-reduced, so all ranks stop or skip alike.
 
 Test hook: DIFFLAB_FAULT_NAN_STEP=s (also "s1,s2" or "a-b") makes the loss NaN at those steps
-(numbered from 1, as in metrics.jsonl and checkpoint names).
+(numbered from 1, as in metrics.jsonl and checkpoint names), on every rank or only on rank
+DIFFLAB_FAULT_NAN_RANK.
 """
 
 from __future__ import annotations
@@ -54,13 +55,16 @@ class NonFiniteMonitor:
         device: the training device (where the flags live).
         lr_of: lr_of(step) -> the learning rate of 0-based `step`.
         fp16: the GradScaler is on.
+        rank: this process's rank (for the test hook).
     """
 
-    def __init__(self, cfg, device: torch.device, lr_of, fp16: bool):
+    def __init__(self, cfg, device: torch.device, lr_of, fp16: bool, rank: int = 0):
         self.cfg, self.lr_of, self.fp16 = cfg, lr_of, fp16
         self.mode, self.max_skips = cfg.train.nonfinite, cfg.train.nonfinite_max_skips
         self.every_step = device.type == "cpu"  # reading a CPU flag costs no sync
-        self.poisoned = _steps(os.environ.get(NAN_ENV, ""))
+        only = os.environ.get("DIFFLAB_FAULT_NAN_RANK")
+        hooked = only is None or int(only) == rank
+        self.poisoned = _steps(os.environ.get(NAN_ENV, "")) if hooked else set()
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # -1: none yet
         self.scaler_skips = torch.zeros((), dtype=torch.long, device=device)  # this interval
         self.skips, self.in_a_row = 0, 0  # skipped updates: this interval, consecutive

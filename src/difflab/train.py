@@ -187,7 +187,9 @@ def build_parts(cfg: RunConfig, world: distributed.World | None = None) -> Parts
         evaluator=evaluator,
         world=world,
         memory_format=layout,
-        monitor=NonFiniteMonitor(cfg, device, lambda s: lr_at(cfg, s), dtype is torch.float16),
+        monitor=NonFiniteMonitor(
+            cfg, device, lambda s: lr_at(cfg, s), dtype is torch.float16, world.rank
+        ),
     )
 
 
