@@ -10,7 +10,7 @@
 - `out_of_memory`: an out-of-memory error as one line naming the batch size and what to try.
 Non-finite losses and gradients are `nonfinite.py`'s.
 
-Test hooks (off unless set): DIFFLAB_FAULT_SIGNAL=TERM|INT and DIFFLAB_FAULT_SIGNAL_STEP=s make
+Test hooks (off unless set): DIFFLAB_FAULT_SIGNAL=TERM|INT|KILL and DIFFLAB_FAULT_SIGNAL_STEP=s make
 rank DIFFLAB_FAULT_SIGNAL_RANK (default 0) send itself the signal after step s,
 DIFFLAB_FAULT_SIGNAL_COUNT (default 1) times, so signal tests need no sleeping.
 """
