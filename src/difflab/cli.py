@@ -577,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:  # they name the bad input and fix
         if os.environ.get("DIFFLAB_TRACEBACK"):
             raise
-        print(f"difflab: error: {e}", file=sys.stderr)
+        if not getattr(e, "everywhere", False) or os.environ.get("RANK", "0") == "0":
+            print(f"difflab: error: {e}", file=sys.stderr)  # once, for a fault every rank saw
         return 2
     except NonFiniteError as e:
         print(f"difflab: error: {e}", file=sys.stderr)

@@ -34,7 +34,10 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingFault(ConfigError):
-    """A fault that stops training with one line saying what happened and what to try."""
+    """A fault that stops training with one line saying what happened and what to try.
+    `everywhere`: every rank raised the same one (rank 0 alone says it)."""
+
+    everywhere = False
 
 
 # 1. Signals --------------------------------------------------------------------------------------

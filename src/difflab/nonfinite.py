@@ -156,10 +156,12 @@ class NonFiniteMonitor:
             tips.append("train.warmup_steps=200")
         if self.mode == "stop":
             tips.append("train.nonfinite=skip to drop such updates")
-        return TrainingFault(
+        fault = TrainingFault(
             f"training stopped at step {step}: {what} (lr {self.lr_of(step - 1):.3g}, "
             f"precision {t.precision}); {where}; try {', '.join(tips)}"
         )
+        fault.everywhere = True  # every rank decided alike
+        return fault
 
     def _last_good(self) -> Path | None:
         if self.ckpt_dir is None:
