@@ -344,9 +344,12 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise(tmp_path, straight, seed
 
 
 @pytest.mark.slow
-def test_the_launcher_forwards_sigterm_and_every_rank_stops_with_a_checkpoint(tmp_path):
-    """SIGTERM to `difflab train --nproc 2` once its first checkpoint is visible: the ranks stop
-    together, rank 0 writes one checkpoint there, and the launcher returns 143."""
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_the_launcher_forwards_a_signal_and_every_rank_stops_with_a_checkpoint(
+    tmp_path, signum, code
+):
+    """SIGTERM / SIGINT to `difflab train --nproc 2` once its first checkpoint is visible: the
+    ranks stop together, rank 0 writes one checkpoint there, and the launcher returns 143 / 130."""
     run = tmp_path / "run"
     argv = _train_argv(tmp_path, "run", "train.steps=100000")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -361,11 +364,11 @@ def test_the_launcher_forwards_sigterm_and_every_rank_stops_with_a_checkpoint(tm
         while not list_checkpoints(run / "checkpoints"):
             assert launcher.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(signum)
         _, err = launcher.communicate(timeout=240)
     finally:
         launcher.kill()
-    assert launcher.returncode == 143, err
+    assert launcher.returncode == code, err
     assert f"continue with `difflab train --resume {run}`" in err
     last = list_checkpoints(run / "checkpoints")[-1]
     assert verify_checkpoint(last) is None and int(last.name[5:]) < 100000
