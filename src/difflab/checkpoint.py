@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from difflab.config import ConfigError
+from difflab.faults import tensor_bytes, write_failure
 from difflab.files import sha256_file
 
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json", "data.json")
@@ -49,10 +50,27 @@ def save_checkpoint(
     data_info: dict,
     keep: int,
 ) -> Path:
-    """Write checkpoints/step-<step> atomically and prune all but the newest `keep`."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """Write checkpoints/step-<step> atomically and prune all but the newest `keep`. A failed
+    write (disk full, read-only) removes its temporary folder and raises one line (TrainingFault)
+    naming the path and about how many bytes it needed; the previous checkpoints stay whole."""
     final = ckpt_dir / f"step-{step}"
     tmp = ckpt_dir / f".tmp-step-{step}-{os.getpid()}"
+    try:
+        _write(ckpt_dir, tmp, step, model, ema_model, state, config, data_info)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(final, e, tensor_bytes(model, ema_model, state)) from None
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(ckpt_dir, tmp, step, model, ema_model, state, config, data_info) -> None:
+    """Every file of a checkpoint into the folder `tmp`, flushed to disk."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -66,12 +84,6 @@ def save_checkpoint(
     for name in (*FILES, "manifest.json"):  # flush file contents before the rename publishes them
         with (tmp / name).open("rb") as f:
             os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in list_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def publish_best(ckpt_dir: Path, source: Path, info: dict) -> Path:
@@ -83,11 +95,15 @@ def publish_best(ckpt_dir: Path, source: Path, info: dict) -> Path:
     """
     pid = os.getpid()
     tmp, old, best = ckpt_dir / f".tmp-best-{pid}", ckpt_dir / f".old-best-{pid}", ckpt_dir / "best"
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    shutil.copytree(source, tmp, copy_function=os.link)
-    (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+    try:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        shutil.copytree(source, tmp, copy_function=os.link)
+        (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+    except OSError as e:  # nothing was moved yet: the previous best is whole
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(best, e, 4096, "publish") from None
     if best.exists():
         best.rename(old)
     tmp.rename(best)

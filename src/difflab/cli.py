@@ -22,6 +22,7 @@ from difflab.config import (
     apply_overrides,
     preset,
 )
+from difflab.files import write_text_atomically
 from difflab.samplers import SAMPLERS, NonFiniteError
 
 # Options every sampler shares; each sampler's own (--eta, --churn, ...) come from the registry.
@@ -231,7 +232,7 @@ def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from difflab import distributed
+    from difflab import distributed, faults
     from difflab.report import finish_run
     from difflab.train import train
 
@@ -256,8 +257,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if world.is_main:
         print(f"difflab: run directory {run_dir}")
     start = time.perf_counter()
+    oom = faults.out_of_memory("training", *faults.train_memory_advice(cfg))
+    lock = faults.RunLock(run_dir, enabled=world.is_main)  # one trainer per run directory
     try:
-        ckpt = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+        with lock, faults.StopSignals() as stop, oom:  # SIGINT / SIGTERM: checkpoint, then stop
+            ckpt = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     except KeyboardInterrupt:
         if world.is_main:
             print(
@@ -269,6 +273,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if world.size == 1 or not distributed.lost_peer(e):
             raise
         distributed.leave_after_lost_peer(world)
+    if stop.exit_code:  # stopped by a signal, with a checkpoint
+        if world.is_main:
+            print(
+                f"difflab: stopped; continue with `difflab train --resume {run_dir}`",
+                file=sys.stderr,
+            )
+        return stop.exit_code
     if not world.is_main:  # rank 0 alone samples, evaluates and draws
         return 0
     print(f"difflab: trained in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
@@ -295,13 +306,16 @@ def _launch_train(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> in
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from difflab.faults import out_of_memory
     from difflab.runs import draw_samples, load_run, sample_labels, save_samples
 
     run = load_run(args.run, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
     scfg = sample_config(run.cfg.sample, args)
     labels = sample_labels(run, scfg.n, args.class_label, args.per_class, scfg.seed)
     start = time.perf_counter()
-    samples = draw_samples(run, scfg, labels=labels, progress=not args.quiet)
+    batch, advice = f"--batch-size {scfg.batch_size}", "a smaller --batch-size (same samples)"
+    with out_of_memory("sampling", batch, advice):
+        samples = draw_samples(run, scfg, labels=labels, progress=not args.quiet)
     meta = dict(
         sampler=scfg.sampler,
         steps=scfg.steps,
@@ -361,7 +375,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         }
     result = {**info, **evaluate_toy(samples, dataset)}
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
@@ -440,7 +454,7 @@ def _eval_images(args: argparse.Namespace, source: Path) -> int:
     result = {"rows": rows}
     out = Path(args.out) if args.out else _default_eval_path(source, run is not None)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_rows(rows))
     print(f"difflab: wrote {out}", file=sys.stderr)  # stdout stays the table or the JSON
     return 0
@@ -501,7 +515,7 @@ def _eval_compare(args: argparse.Namespace, source: Path, image_eval: dict | Non
         progress=not args.quiet,
     )
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_compare(result))
     return 0
 
@@ -570,11 +584,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:  # they name the bad input and fix
         if os.environ.get("DIFFLAB_TRACEBACK"):
             raise
-        print(f"difflab: error: {e}", file=sys.stderr)
+        if not getattr(e, "everywhere", False) or os.environ.get("RANK", "0") == "0":
+            print(f"difflab: error: {e}", file=sys.stderr)  # once, for a fault every rank saw
         return 2
     except NonFiniteError as e:
         print(f"difflab: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # outputs are written atomically: nothing is left half-written
+        print("\ndifflab: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -122,6 +122,8 @@ class TrainConfig:
     eval_metric: str = ""  # "" = sliced_w2 (2-D) or fd_judge (images); fid, kid, ... (eval)
     eval_n: int = 1000  # samples per evaluation (labelled: fd_judge1k)
     eval_reference: str = ""  # images: "" = the data set's test split; a split, folder or .npz
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (with advice) | skip the update
+    nonfinite_max_skips: int = 10  # skip: stop after this many skipped updates in a row
 
 
 @dataclass

@@ -50,6 +50,9 @@ PEER_LOST_EXIT = 3  # a rank that stopped because another one died (not the caus
 # Rank 0 alone evaluates and draws grids while the others wait in their next collective, so the
 # collectives may wait long; a rank that dies is noticed by the launcher, not by this timeout.
 TIMEOUT = datetime.timedelta(hours=2)
+# After SIGINT / SIGTERM the launcher forwards the signal and waits this long for the ranks to
+# finish their step and write a checkpoint before it kills them.
+SHUTDOWN_TIMEOUT_S = 600
 
 
 @dataclass(frozen=True)
@@ -232,8 +235,9 @@ def leave_after_lost_peer(world: World) -> NoReturn:
 
 def launch(argv: list[str], nproc: int, run_dir: Path) -> int:
     """Run `python -m difflab <argv>` in `nproc` processes, as torchrun --standalone does, and
-    return the exit code: 0, 2 if a process refused bad input (it printed why), else 1 with one
-    line naming the first process that failed. One failing process stops the others."""
+    return the exit code: 0, 2 if a process refused bad input (it printed why), 130 / 143 after
+    SIGINT / SIGTERM (forwarded to every process; they stop together with a checkpoint), else 1
+    with one line naming the first process that failed. One failing process stops the others."""
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -251,17 +255,20 @@ def launch(argv: list[str], nproc: int, run_dir: Path) -> int:
             max_restarts=0,
             monitor_interval=0.1,
             logs_specs=DefaultLogsSpecs(log_dir=logs),
+            shutdown_timeout=SHUTDOWN_TIMEOUT_S,  # a signal: time to finish the step and save
         )
         try:
             elastic_launch(config, sys.executable)("-m", "difflab", *argv)
         except ChildFailedError as e:
             rank, code = _first_cause(e.failures)
-            if code == 2:  # a user error the process reported in its own line
-                return 2
+            if code in (2, 130, 143):  # bad input or a fault (it said why), or a signal: stopped
+                return code
             print(f"difflab: error: {_failure_message(rank, code, run_dir)}", file=sys.stderr)
             return 1
-        except (KeyboardInterrupt, SignalException):  # rank 0 says how to continue
+        except KeyboardInterrupt:  # rank 0 says how to continue
             return 130
+        except SignalException as e:  # forwarded to every rank; they stop with a checkpoint
+            return 128 + int(e.sigval)
     return 0
 
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["replace_atomically", "sha256_file"]
+__all__ = ["replace_atomically", "savez_atomically", "sha256_file", "write_text_atomically"]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -32,3 +32,19 @@ def replace_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write a text file through replace_atomically (Ctrl-C leaves the old file or the new)."""
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def savez_atomically(path: str | Path, **arrays) -> None:
+    """numpy.savez through replace_atomically."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.savez would add ".npz" to a bare name
+            np.savez(f, **arrays)
+
+    replace_atomically(path, write)

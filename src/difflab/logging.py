@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+from difflab.faults import write_failure
+
 
 class MetricsLog:
     """Appends rows to `metrics.jsonl`; non-finite floats are written as null (valid JSON).
@@ -27,8 +29,12 @@ class MetricsLog:
         self.board = _tensorboard_writer(self.path.parent / "tensorboard") if tensorboard else None
 
     def write(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(_clean(row)) + "\n")
+        line = json.dumps(_clean(row)) + "\n"
+        try:
+            with self.path.open("a") as f:
+                f.write(line)
+        except OSError as e:  # a torn last line is skipped when read back
+            raise write_failure(self.path, e, len(line.encode())) from None
         if self.board is not None and "step" in row:
             for name, value in _scalars(row):
                 self.board.add_scalar(name, value, row["step"])

@@ -15,6 +15,7 @@ from difflab import viz
 from difflab.config import ConfigError, RunConfig
 from difflab.data.toy2d import TOY2D
 from difflab.evaluation import evaluate_images_of, timed_samples
+from difflab.files import write_text_atomically
 from difflab.logging import MetricsLog, read_metrics
 from difflab.metrics.protocol import HIGHER_IS_BETTER
 from difflab.metrics.toy2d import evaluate_toy
@@ -202,5 +203,5 @@ def finish_run(run_dir: Path, progress: bool = True) -> dict:
     print(f"difflab: figures in {run_dir / 'plots'}:")
     for p in paths:
         print(f"  {p}")
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomically(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
     return result

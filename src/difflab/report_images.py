@@ -20,6 +20,7 @@ import torch
 
 from difflab import build, viz_gifs, viz_images
 from difflab.config import RunConfig, SampleConfig
+from difflab.files import savez_atomically
 from difflab.runs import LoadedRun, draw_samples, load_run, sample_labels, save_run_samples
 from difflab.samplers import Recorder
 
@@ -57,7 +58,7 @@ def make_image_artefacts(run_dir: Path, progress: bool = True) -> dict:
         "raw": draw_samples(raw_run, few, labels=few_labels, progress=False).numpy(),
         "other": draw_samples(run, other_cfg, labels=few_labels, progress=False).numpy(),
     }
-    np.savez(
+    savez_atomically(
         run_dir / "samples" / "compare.npz",
         **compare,
         sampler=few.sampler,
@@ -117,7 +118,7 @@ def _trajectory(run: LoadedRun, run_dir: Path, scfg: SampleConfig) -> None:
     scfg = dataclasses.replace(scfg, n=k)
     recorder = frame_recorder(run, scfg, GIF_FRAMES)
     draw_samples(run, scfg, labels=labels, progress=False, recorder=recorder)
-    np.savez(
+    savez_atomically(
         run_dir / "samples" / "trajectory.npz",
         ts=np.array(recorder.ts),
         steps=recorder.steps(),
@@ -132,7 +133,7 @@ def _real_images(run: LoadedRun, run_dir: Path, count: int = 6) -> None:
     """A few training images, kept so the forward-process figure needs no dataset later."""
     stream = build.build_data(run.cfg, seed=run.cfg.train.seed)
     images, _ = stream.next_batch(count)
-    np.savez(run_dir / "samples" / "real.npz", images=images.numpy())
+    savez_atomically(run_dir / "samples" / "real.npz", images=images.numpy())
 
 
 def _load(path: Path) -> dict:

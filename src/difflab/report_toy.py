@@ -21,6 +21,7 @@ import torch
 from difflab import build, viz, viz_gifs
 from difflab.config import RunConfig, SampleConfig
 from difflab.data.toy2d import sample_toy2d
+from difflab.files import savez_atomically
 from difflab.metrics.toy2d import REFERENCE_SEED
 from difflab.report_images import frame_recorder, state_lams
 from difflab.runs import LoadedRun, draw_samples
@@ -58,7 +59,7 @@ def record_trajectories(run: LoadedRun, run_dir: Path, scfg: SampleConfig) -> No
     ode_cfg, ode = ode_config(scfg), Recorder()
     draw_samples(run, ode_cfg, progress=False, recorder=ode)
     _, _, ode_grid = build.build_sampler(ode_cfg, run.denoiser.schedule)
-    np.savez(
+    savez_atomically(
         run_dir / "samples" / "trajectory.npz",
         ts=np.array(recorder.ts),
         steps=recorder.steps(),

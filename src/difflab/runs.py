@@ -19,6 +19,7 @@ from difflab.checkpoint import (
     verify_checkpoint,
 )
 from difflab.config import ConfigError, RunConfig, SampleConfig
+from difflab.files import savez_atomically
 from difflab.model import DataKind, Model
 from difflab.prediction import Denoiser
 from difflab.samplers import Recorder
@@ -152,9 +153,7 @@ def save_samples(
     if labels is not None:
         arrays["labels"] = labels.numpy()
     arrays.update({k: np.asarray(v) for k, v in meta.items()})
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    savez_atomically(path, **arrays)  # Ctrl-C leaves no half-written file
     return path
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from difflab import build, distributed, viz, viz_images
+from difflab import build, distributed, faults, viz, viz_images
 from difflab.checkpoint import (
     CheckpointError,
     latest_good_checkpoint,
@@ -39,6 +39,7 @@ from difflab.evaluation import TrainingEvaluator
 from difflab.logging import MetricsLog
 from difflab.metrics.protocol import HIGHER_IS_BETTER
 from difflab.model import Model
+from difflab.nonfinite import NonFiniteMonitor, check_config
 
 NUM_BUCKETS = 10  # loss is also logged per tenth of t in [0, 1]
 # What a best checkpoint can be chosen by: scalar metrics.jsonl keys (lower is better), or
@@ -58,6 +59,8 @@ RESUMABLE_CHANGES = (
     "train.compile",
     "train.eval_every",
     "train.eval_n",
+    "train.nonfinite",
+    "train.nonfinite_max_skips",
 )
 
 
@@ -79,6 +82,7 @@ class Parts:
     best: dict = field(default_factory=dict)  # {"metric", "value", "step"} of checkpoints/best
     evaluator: TrainingEvaluator | None = None  # train.eval_metric every train.eval_every steps
     world: distributed.World = field(default_factory=distributed.World)  # this process's rank
+    monitor: NonFiniteMonitor | None = None  # non-finite losses and gradients (train.nonfinite)
 
     @property
     def net(self) -> torch.nn.Module:
@@ -134,6 +138,7 @@ def check_train_config(cfg: RunConfig) -> None:
             "train.best_metric=eval needs train.eval_every > 0 and a multiple of "
             f"train.checkpoint_every ({t.checkpoint_every}), so every evaluated step is saved"
         )
+    problems += check_config(t)
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -166,6 +171,9 @@ def build_parts(cfg: RunConfig, world: distributed.World | None = None) -> Parts
     return Parts(
         model, loss, ema, optimizer, data, loss_generator, device, scaler, dtype, forward,
         target, evaluator=evaluator, world=world,
+        monitor=NonFiniteMonitor(
+            cfg, device, lambda s: lr_at(cfg, s), dtype is torch.float16, world.rank
+        ),
     )  # fmt: skip
 
 
@@ -299,6 +307,7 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
         group["lr"] = lr_at(cfg, step)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     model = parts.forward
+    pending = []  # (loss, t) of each micro-batch: counted once the update is taken
     for _ in range(cfg.train.grad_accum):
         x0, y = parts.data.next_batch(micro)
         cond = model.conditioner.train_condition(y, parts.loss_generator, parts.device)
@@ -314,13 +323,19 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
             enabled=parts.autocast_dtype is not None,
         ):
             loss, t = parts.loss(model, z, cond, noise=noise, step=step, target=parts.target)
+        loss = parts.monitor.poison(loss, step)  # a test hook, off unless DIFFLAB_FAULT_NAN_STEP
         parts.scaler.scale(loss.mean() / cfg.train.grad_accum).backward()
-        stats.add_losses(loss, t)
+        pending.append((loss.detach(), t))
     parts.scaler.unscale_(parts.optimizer)
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-    stats.grad_norm += torch.nn.utils.clip_grad_norm_(parts.net.parameters(), clip).double()
-    parts.scaler.step(parts.optimizer)
-    parts.scaler.update()
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.net.parameters(), clip)
+    if not parts.monitor.observe(parts.world, step, [loss for loss, _ in pending], grad_norm):
+        parts.optimizer.zero_grad(set_to_none=True)  # train.nonfinite=skip: drop this update
+        return
+    for loss, t in pending:
+        stats.add_losses(loss, t)
+    stats.grad_norm += grad_norm.double()
+    parts.monitor.scaler_step(parts.scaler, parts.optimizer)  # counts fp16's own skips
     parts.optimizer.zero_grad(set_to_none=True)
     parts.ema.update(parts.net)
     if parts.target is not None:
@@ -365,7 +380,10 @@ def log_interval(
     """Write one metrics row for the interval ending at `step`; returns the row."""
     parts.world.sum_interval(stats)  # every rank's share: the row is the global batch's
     row = stats.row(step + 1)
-    smoothed = row["loss"] if smoothed is None else 0.9 * smoothed + 0.1 * row["loss"]
+    if smoothed is None or not math.isfinite(smoothed):
+        smoothed = row["loss"]
+    elif math.isfinite(row["loss"]):  # an interval whose updates were all skipped has no loss
+        smoothed = 0.9 * smoothed + 0.1 * row["loss"]
     params = torch.cat([p.detach().flatten() for p in parts.net.parameters()])
     row.update(
         loss_smoothed=smoothed,
@@ -373,6 +391,7 @@ def log_interval(
         ema_decay=parts.ema.current_decay(),
         param_norm=float(params.norm()),
         peak_memory_mb=build.peak_memory_mb(parts.device),
+        **parts.monitor.row(),
     )
     log.write(row)
     stats.reset()
@@ -393,6 +412,8 @@ def note_best(cfg: RunConfig, parts: Parts, row: dict | None, step: int) -> bool
         value, higher = float(row["eval"][metric]), metric in HIGHER_IS_BETTER
     else:
         value = float(row[metric])
+    if not math.isfinite(value):  # never a non-finite best
+        return False
     if parts.best and not (value > parts.best["value"] if higher else value < parts.best["value"]):
         return False
     parts.best = {"metric": metric, "value": value, "step": step}
@@ -447,6 +468,7 @@ def train(
     except ImportError as e:
         raise ConfigError(str(e)) from None
     stats = IntervalStats(parts.device)
+    parts.monitor.ckpt_dir = run_dir / "checkpoints"  # named if it stops on a non-finite loss
     end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
     bar = tqdm(
         total=cfg.train.steps,
@@ -462,6 +484,8 @@ def train(
         train_step(cfg, parts, stats, step)
         done = step + 1
         distributed.fault_hook(world, done)  # a test hook, off unless DIFFLAB_FAULT_* are set
+        if faults.stop_requested(world, done):  # SIGINT / SIGTERM: a checkpoint here, then stop
+            end = done
         if limit_s and world.any(time.perf_counter() - began > limit_s) and done < end:
             warnings.warn(
                 f"train.time_limit_minutes reached after step {done}; stopping there "
@@ -469,6 +493,7 @@ def train(
                 stacklevel=2,
             )
             end = done
+        parts.monitor.check(world, done, end)  # train.nonfinite=stop: before anything is written
         if done % cfg.train.log_every == 0 or done == end:
             row = log_interval(cfg, parts, stats, log, step, smoothed)
             smoothed = row["loss_smoothed"]
@@ -483,6 +508,7 @@ def train(
         if done % cfg.train.checkpoint_every == 0 or done == end:
             by_eval = cfg.train.best_metric == "eval"
             improved = note_best(cfg, parts, eval_row if by_eval else row, done)
+            parts.monitor.check_weights(world, done, parts.net, parts.ema.model)
             if world.is_main:
                 last = save_checkpoint(
                     run_dir / "checkpoints",
