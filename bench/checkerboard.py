@@ -1,6 +1,6 @@
 """Benchmark: the default checkerboard run, trained within a CPU time budget.
 
-Trains the `toy2d` preset (or the preset with --set overrides) through `difflab.train`, then
+Trains the `toy2d` preset (or the preset with --set overrides) through `difflab.training.loop`, then
 draws 20,000 samples with DDPM (1000 steps) and DDIM (50 steps) from the EMA weights and reports
 the in-square fraction and sliced W2 against fresh true samples. The reference measured in the
 same run is the floor of each metric: the same figures for a second set of true samples.
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from difflab.config import apply_overrides, preset
-from difflab.metrics.toy2d import evaluate_toy
+from difflab.evaluation.toy2d import evaluate_toy
 from difflab.runs import draw_samples, load_run
-from difflab.train import train
+from difflab.training.loop import train
 
 SAMPLERS = [("ddpm", 1000), ("ddim", 50)]
 TARGETS = {"ddpm": 0.97, "ddim": 0.95}

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 from difflab.config import apply_overrides, preset
 from difflab.data.images import load_image_dataset
-from difflab.metrics.classifier import judge_features, judge_predict, load_judge, train_judge
-from difflab.metrics.frechet import feature_statistics, frechet_distance
+from difflab.evaluation.classifier import judge_features, judge_predict, load_judge, train_judge
+from difflab.evaluation.frechet import feature_statistics, frechet_distance
 from difflab.runs import draw_samples, load_run, sample_labels
-from difflab.train import train
+from difflab.training.loop import train
 
 
 def judge_for(root: str, path: Path):

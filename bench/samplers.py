@@ -37,11 +37,11 @@ import torch
 from difflab import samplers
 from difflab.config import apply_overrides, preset
 from difflab.data.toy2d import sample_toy2d
-from difflab.metrics.toy2d import in_square_fraction, sliced_wasserstein2
-from difflab.prediction import Denoiser
+from difflab.diffusion.prediction import Denoiser
+from difflab.evaluation.toy2d import in_square_fraction, sliced_wasserstein2
 from difflab.runs import load_run
 from difflab.samplers import SampleNoise, timesteps
-from difflab.train import train
+from difflab.training.loop import train
 
 NFE_BUDGETS = (10, 20)
 # label -> (sampler, the registered sampler whose NFE cost it has)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from difflab import schedules
-from difflab.schedules import Schedule
+from difflab.diffusion import schedules
+from difflab.diffusion.schedules import Schedule
 
 # The Gaussian data of the golden tests, and every kind of schedule to run them on.
 MU = torch.tensor([0.5, -0.3])

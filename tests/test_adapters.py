@@ -8,8 +8,8 @@ DDIMScheduler, DPMSolverMultistepScheduler and UniPCMultistepScheduler do.
 import pytest
 import torch
 
-from difflab import schedules
-from difflab.adapters import betas_from_config, foreign_denoiser
+from difflab.diffusion import schedules
+from difflab.diffusion.adapters import betas_from_config, foreign_denoiser
 from difflab.samplers import (
     sample_ddim,
     sample_dpmpp_2m,

@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 
 from difflab import cli
 from difflab.build import build_schedule
-from difflab.checkpoint import list_checkpoints, remove_leftovers, verify_checkpoint
 from difflab.config import ConfigError, apply_overrides, preset
-from difflab.distributed import (
+from difflab.diffusion.objectives import LossSpec, diffusion_loss, draw_noise
+from difflab.diffusion.prediction import Denoiser
+from difflab.training.checkpoint import list_checkpoints, remove_leftovers, verify_checkpoint
+from difflab.training.distributed import (
     FAULT_EXIT,
     PEER_LOST_EXIT,
     World,
@@ -25,10 +27,8 @@ from difflab.distributed import (
     env_world,
     setup,
 )
-from difflab.logging import read_metrics
-from difflab.objectives import LossSpec, diffusion_loss, draw_noise
-from difflab.prediction import Denoiser
-from difflab.train import train
+from difflab.training.logging import read_metrics
+from difflab.training.loop import train
 
 # A toy run small enough that starting two processes is most of its cost. A constant lr, so a run
 # of 2 steps extended to 4 on resume equals one of 4 (cosine decay depends on train.steps).

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.ema import EMA
+from difflab.training.ema import EMA
 
 
 def _model(value: float) -> nn.Module:

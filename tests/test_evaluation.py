@@ -17,10 +17,10 @@ from PIL import Image
 from difflab.cli import main
 from difflab.data.folders import to_signed
 from difflab.data.images import load_image_dataset
-from difflab.evaluation import default_judge_path
-from difflab.metrics import protocol
-from difflab.metrics.classifier import JudgeExtractor
-from difflab.metrics.protocol import EvalError, evaluate_images, label, open_reference
+from difflab.evaluation import protocol
+from difflab.evaluation.classifier import JudgeExtractor
+from difflab.evaluation.protocol import EvalError, evaluate_images, label, open_reference
+from difflab.evaluation.sampled import default_judge_path
 
 # --- the protocol with a fake extractor ----------------------------------------------------------
 

@@ -20,12 +20,12 @@ import torch
 from safetensors.torch import load_file
 
 from difflab import cli
-from difflab.checkpoint import list_checkpoints, load_state, verify_checkpoint
 from difflab.config import apply_overrides, preset
-from difflab.faults import RunLock, TrainingFault
-from difflab.logging import MetricsLog, read_metrics
-from difflab.nonfinite import NonFiniteMonitor
-from difflab.train import train
+from difflab.training.checkpoint import list_checkpoints, load_state, verify_checkpoint
+from difflab.training.faults import RunLock, TrainingFault
+from difflab.training.logging import MetricsLog, read_metrics
+from difflab.training.loop import train
+from difflab.training.nonfinite import NonFiniteMonitor
 
 # As small as a run gets; a constant lr, so a run extended on resume equals a straight one.
 SMALL = [
@@ -191,7 +191,7 @@ def test_a_second_signal_exits_at_once_and_the_previous_checkpoint_stays(tmp_pat
 
 # 3. The run lock
 HOLD = (
-    "import sys; from difflab.faults import RunLock\n"
+    "import sys; from difflab.training.faults import RunLock\n"
     "with RunLock(sys.argv[1]):\n"
     "    print('held', flush=True); sys.stdin.read()\n"
 )
@@ -246,9 +246,11 @@ def _disk_full(monkeypatch, module, name, after: int):
 
 
 def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
-    import difflab.checkpoint
+    import difflab.training.checkpoint
 
-    _disk_full(monkeypatch, difflab.checkpoint, "save_file", after=3)  # step-4's ema weights
+    _disk_full(
+        monkeypatch, difflab.training.checkpoint, "save_file", after=3
+    )  # step-4's ema weights
     with pytest.raises(TrainingFault) as info:
         _train(_cfg(), tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints"
@@ -278,12 +280,12 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
 
 # 5. Out of memory
 def test_out_of_memory_in_training_names_the_batch_and_what_to_try(tmp_path, monkeypatch, capsys):
-    import difflab.train
+    import difflab.training.loop
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(difflab.train, "train_step", oom)
+    monkeypatch.setattr(difflab.training.loop, "train_step", oom)
     assert cli.main(_train_argv(tmp_path, "run", "train.steps=2")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "out of memory while training with train.batch_size=64" in err[0]

@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from difflab import build, schedules
+from difflab import build
 from difflab.conditioners import ClassLabels, Unconditional
 from difflab.config import SampleConfig
-from difflab.guidance import GuidedNet, guided
-from difflab.prediction import Denoiser
+from difflab.diffusion import schedules
+from difflab.diffusion.guidance import GuidedNet, guided
+from difflab.diffusion.prediction import Denoiser
 from difflab.samplers import SAMPLERS
 
 NUM_CLASSES = 3

@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from difflab import report_images
 from difflab.cli import main
 from difflab.config import apply_overrides, preset
-from difflab.report_images import state_lams
-from difflab.train import train
+from difflab.report import images as report_images
+from difflab.report.images import state_lams
+from difflab.training.loop import train
 
 TINY = [
     "data.name=imagefolder",

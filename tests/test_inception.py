@@ -23,9 +23,13 @@ from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.metric_isc import isc_features_to_metric
 
-from difflab.metrics import inception
-from difflab.metrics.frechet import feature_statistics, frechet_distance, kernel_inception_distance
-from difflab.metrics.inception import (
+from difflab.evaluation import inception
+from difflab.evaluation.frechet import (
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+)
+from difflab.evaluation.inception import (
     INCEPTION_FILENAME,
     INCEPTION_SHA256,
     INCEPTION_URL,
@@ -34,8 +38,8 @@ from difflab.metrics.inception import (
     inception_score,
     resolve_inception_weights,
 )
-from difflab.metrics.manifold import precision_recall
-from difflab.viz_images import to_uint8
+from difflab.evaluation.manifold import precision_recall
+from difflab.report.grids import to_uint8
 
 # read before the autouse fixture points torch hub at a temporary folder
 REAL_CHECKPOINTS = Path(torch.hub.get_dir()) / "checkpoints"

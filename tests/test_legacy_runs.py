@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from difflab.config import RunConfig, SampleConfig, apply_overrides
 from difflab.runs import draw_samples, load_run
-from difflab.train import train
+from difflab.training.loop import train
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch_fidelity.metric_prc import prc_features_to_metric
 
-from difflab.metrics.manifold import precision_recall
+from difflab.evaluation.manifold import precision_recall
 
 
 def _gaussian(n: int, d: int, g: torch.Generator, scale: float = 1.0, shift: float = 0.0):

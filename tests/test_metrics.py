@@ -18,7 +18,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from difflab.data.images import TensorImages
-from difflab.metrics.classifier import (
+from difflab.evaluation.classifier import (
     Judge,
     JudgeFileError,
     fit_judge,
@@ -27,7 +27,7 @@ from difflab.metrics.classifier import (
     load_judge,
     save_judge,
 )
-from difflab.metrics.frechet import (
+from difflab.evaluation.frechet import (
     feature_statistics,
     frechet_distance,
     kernel_inception_distance,

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from difflab import build
-from difflab.checkpoint import load_state, load_weights
 from difflab.codecs import Identity
 from difflab.conditioners import ClassLabels, Unconditional
 from difflab.config import ConfigError, SampleConfig, apply_overrides, preset
-from difflab.losses import DiffusionLoss
+from difflab.diffusion.losses import DiffusionLoss
+from difflab.diffusion.prediction import Denoiser
+from difflab.diffusion.schedules import CosineSchedule
 from difflab.model import DataKind, Model
-from difflab.prediction import Denoiser
-from difflab.schedules import CosineSchedule
-from difflab.train import build_parts, train
+from difflab.training.checkpoint import load_state, load_weights
+from difflab.training.loop import build_parts, train
 
 SMALL = [
     "model.mlp.width=32",

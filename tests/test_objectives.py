@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from difflab import schedules
-from difflab.objectives import LossSpec, diffusion_loss, sample_t, space_weight
-from difflab.prediction import Denoiser
+from difflab.diffusion import schedules
+from difflab.diffusion.objectives import LossSpec, diffusion_loss, sample_t, space_weight
+from difflab.diffusion.prediction import Denoiser
 
 
 def _net(x, t, y):

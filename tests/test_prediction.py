@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from difflab import schedules
-from difflab.prediction import Denoiser, split_raw, target_of
+from difflab.diffusion import schedules
+from difflab.diffusion.prediction import Denoiser, split_raw, target_of
 
 
 @pytest.mark.parametrize("kind", ["eps", "x0", "v"])

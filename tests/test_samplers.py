@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from difflab import schedules
+from difflab.diffusion import schedules
 from difflab.samplers import (
     Recorder,
     SampleNoise,
@@ -139,7 +139,7 @@ def test_bad_step_counts_are_refused(steps):
 
 
 def test_non_finite_model_output_names_the_step():
-    from difflab.prediction import Denoiser
+    from difflab.diffusion.prediction import Denoiser
     from difflab.samplers import NonFiniteError
 
     schedule = SCHEDULES["linear"]

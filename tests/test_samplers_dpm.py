@@ -14,7 +14,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from difflab.prediction import Denoiser
+from difflab.diffusion.prediction import Denoiser
 from difflab.samplers import NonFiniteError, Recorder, SampleNoise, dpm_solver, generate, timesteps
 from difflab.samplers.ddim import sample_ddim
 from difflab.samplers.dpm_solver import (

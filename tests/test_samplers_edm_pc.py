@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from difflab import schedules
-from difflab.prediction import Denoiser
+from difflab.diffusion import schedules
+from difflab.diffusion.prediction import Denoiser
 from difflab.samplers import NonFiniteError, Recorder, SampleNoise, generate, timesteps
 from difflab.samplers.edm import sample_euler, sample_heun
 from difflab.samplers.pc import sample_pc

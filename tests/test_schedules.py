@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from difflab import schedules
+from difflab.diffusion import schedules
 
 ALL = {
     "linear": schedules.linear(),

@@ -14,7 +14,7 @@ from difflab.config import ConfigError, apply_overrides, preset
 from difflab.data.folders import image_folder
 from difflab.data.stream import ImageStream
 from difflab.nets.unet import UNet
-from difflab.train import IntervalStats, build_parts, train_step
+from difflab.training.loop import IntervalStats, build_parts, train_step
 
 SMALL_UNET = dict(
     in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
@@ -145,9 +145,9 @@ def test_compile_falls_back_with_a_warning_and_the_same_result(monkeypatch):
 
 
 def test_sampling_precision_falls_back_or_stays_close():
-    from difflab.prediction import Denoiser
+    from difflab.diffusion.prediction import Denoiser
+    from difflab.diffusion.schedules import linear
     from difflab.samplers import generate, sample_ddim, timesteps
-    from difflab.schedules import linear
 
     torch.manual_seed(0)
     net = UNet(**{**SMALL_UNET, "num_classes": 0}).eval()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from difflab.data.toy2d import TOY2D, checkerboard, in_checkerboard, sample_toy2d
-from difflab.metrics.toy2d import in_square_fraction, sliced_wasserstein2
+from difflab.evaluation.toy2d import in_square_fraction, sliced_wasserstein2
 
 
 def test_checkerboard_follows_its_definition():

@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from difflab.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints
 from difflab.config import ConfigError, apply_overrides, preset
 from difflab.data.toy2d import sample_toy2d
-from difflab.logging import _scalars, read_metrics
-from difflab.metrics.toy2d import sliced_wasserstein2
+from difflab.evaluation.toy2d import sliced_wasserstein2
 from difflab.runs import draw_samples, load_run
-from difflab.train import train
+from difflab.training.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints
+from difflab.training.logging import _scalars, read_metrics
+from difflab.training.loop import train
 
 SMALL = [
     "model.mlp.width=64",

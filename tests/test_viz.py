@@ -7,15 +7,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from difflab import build, report, report_toy
+from difflab import build
 from difflab.cli import main
 from difflab.config import apply_overrides, preset
-from difflab.report import finish_run, loss_label
-from difflab.report_images import state_lams
+from difflab.report import run as report
+from difflab.report import toy as report_toy
+from difflab.report.charts import log_axis
+from difflab.report.gifs import LAM_WINDOW, _follow, frame_indices
+from difflab.report.images import state_lams
+from difflab.report.run import finish_run, loss_label
 from difflab.samplers import SampleNoise
-from difflab.train import train
-from difflab.viz import log_axis
-from difflab.viz_gifs import LAM_WINDOW, _follow, frame_indices
+from difflab.training.loop import train
 
 TINY = [
     "model.mlp.width=32",

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from difflab import viz_images
-from difflab.viz_gifs import denoising_gif, frame_indices
-from difflab.viz_images import (
+from difflab.report import grids as viz_images
+from difflab.report.gifs import denoising_gif, frame_indices
+from difflab.report.grids import (
     PAD,
     check_images,
     class_grid,

@@ -10,7 +10,6 @@ import warnings
 import torch
 from torch import nn
 
-from difflab import schedules
 from difflab.codecs import Identity
 from difflab.conditioners import ClassLabels, Unconditional
 from difflab.config import (
@@ -25,12 +24,13 @@ from difflab.data.folders import DatasetMissingError
 from difflab.data.images import DEFAULT_FLIP, load_image_dataset
 from difflab.data.stream import ImageStream, ToyStream
 from difflab.data.toy2d import TOY2D
-from difflab.losses import DiffusionLoss
+from difflab.diffusion import schedules
+from difflab.diffusion.losses import DiffusionLoss
+from difflab.diffusion.objectives import LossSpec
+from difflab.diffusion.prediction import Denoiser
 from difflab.model import DataKind, Model
 from difflab.nets.mlp import MLP
 from difflab.nets.unet import UNet
-from difflab.objectives import LossSpec
-from difflab.prediction import Denoiser
 from difflab.samplers import sampler_info, timesteps
 
 SCHEDULES = {

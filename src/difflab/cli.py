@@ -80,7 +80,7 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_image_eval_flags(p: argparse.ArgumentParser) -> None:
-    from difflab.metrics.protocol import METRICS
+    from difflab.evaluation.protocol import METRICS
 
     p.add_argument(
         "--metric",
@@ -109,7 +109,7 @@ def _add_image_eval_flags(p: argparse.ArgumentParser) -> None:
 
 
 def classifier_parser() -> argparse.ArgumentParser:
-    from difflab.evaluation import JUDGE_DATASETS
+    from difflab.evaluation.sampled import JUDGE_DATASETS
 
     ap = argparse.ArgumentParser(
         prog="difflab eval train-classifier",
@@ -232,9 +232,9 @@ def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from difflab import distributed, faults
-    from difflab.report import finish_run
-    from difflab.train import train
+    from difflab.report.run import finish_run
+    from difflab.training import distributed, faults
+    from difflab.training.loop import train
 
     world = distributed.env_world()  # this process's rank when torchrun started it
     if args.resume:
@@ -291,8 +291,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _launch_train(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> int:
     """`difflab train --nproc N`: this command in N processes, as torchrun would start them,
     each told the run's directory (so they agree on a default name)."""
-    from difflab.distributed import launch
-    from difflab.train import check_train_config
+    from difflab.training.distributed import launch
+    from difflab.training.loop import check_train_config
 
     check_train_config(cfg)  # one message here rather than one per process
     if args.resume:
@@ -306,8 +306,8 @@ def _launch_train(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> in
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from difflab.faults import out_of_memory
     from difflab.runs import draw_samples, load_run, sample_labels, save_samples
+    from difflab.training.faults import out_of_memory
 
     run = load_run(args.run, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
     scfg = sample_config(run.cfg.sample, args)
@@ -331,7 +331,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - start:.1f} s -> {path}"
     )
     if samples.dim() == 4:
-        from difflab.viz_images import class_grid, save_grid
+        from difflab.report.grids import class_grid, save_grid
 
         png = path.with_suffix(".png")
         if labels is not None:
@@ -343,8 +343,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from difflab.metrics.toy2d import evaluate_toy
-    from difflab.report import format_table
+    from difflab.evaluation.toy2d import evaluate_toy
+    from difflab.report.run import format_table
     from difflab.runs import draw_samples, load_run, load_samples
 
     source = Path(args.source)
@@ -397,13 +397,13 @@ def _is_image_source(source: Path) -> bool:
 def _eval_images(args: argparse.Namespace, source: Path) -> int:
     """Image metrics of a run (sampled now), a samples .npz or a folder, against --reference."""
     from difflab.build import IMAGE_DATASETS
-    from difflab.evaluation import (
+    from difflab.evaluation import protocol
+    from difflab.evaluation.sampled import (
         evaluate_images_of,
         extractors_for,
         format_rows,
         samples_from_file,
     )
-    from difflab.metrics import protocol
     from difflab.runs import load_run
 
     run, images, labels, meta = None, None, None, {"source": str(source)}
@@ -496,7 +496,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _eval_compare(args: argparse.Namespace, source: Path, image_eval: dict | None = None) -> int:
-    from difflab.report import compare_samplers, format_compare
+    from difflab.report.run import compare_samplers, format_compare
 
     if source.suffix == ".npz":
         raise ConfigError("--compare draws its own samples: give a run directory, not an .npz")
@@ -521,8 +521,8 @@ def _eval_compare(args: argparse.Namespace, source: Path, image_eval: dict | Non
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from difflab.evaluation import default_judge_path
-    from difflab.metrics.classifier import train_judge
+    from difflab.evaluation.classifier import train_judge
+    from difflab.evaluation.sampled import default_judge_path
 
     out = Path(args.out) if args.out else default_judge_path(args.dataset)
     start = time.perf_counter()
@@ -545,7 +545,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from difflab.report import plot_run
+    from difflab.report.run import plot_run
 
     for path in plot_run(Path(args.run), resample=args.resample, progress=not args.quiet):
         print(path)

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from difflab.config import ConfigError, SampleConfig
-from difflab.guidance import guided
-from difflab.prediction import Denoiser
+from difflab.diffusion.guidance import guided
+from difflab.diffusion.prediction import Denoiser
 from difflab.samplers import Recorder, generate, sampler_info, timesteps
 
 

@@ -9,7 +9,12 @@ import numpy as np
 import torch
 
 from difflab import build
-from difflab.checkpoint import (
+from difflab.config import ConfigError, RunConfig, SampleConfig
+from difflab.diffusion.prediction import Denoiser
+from difflab.files import savez_atomically
+from difflab.model import DataKind, Model
+from difflab.samplers import Recorder
+from difflab.training.checkpoint import (
     CheckpointError,
     checkpoint_step,
     latest_good_checkpoint,
@@ -18,11 +23,6 @@ from difflab.checkpoint import (
     load_weights,
     verify_checkpoint,
 )
-from difflab.config import ConfigError, RunConfig, SampleConfig
-from difflab.files import savez_atomically
-from difflab.model import DataKind, Model
-from difflab.prediction import Denoiser
-from difflab.samplers import Recorder
 
 
 @dataclass

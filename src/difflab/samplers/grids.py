@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from difflab.schedules import DiscreteSchedule, Schedule
+from difflab.diffusion.schedules import DiscreteSchedule, Schedule
 
 SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 CONTINUOUS_SPACINGS = ("uniform", "quadratic", "logsnr", "karras")

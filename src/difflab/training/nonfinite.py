@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from difflab.checkpoint import list_checkpoints, verify_checkpoint
-from difflab.faults import TrainingFault
+from difflab.training.checkpoint import list_checkpoints, verify_checkpoint
+from difflab.training.faults import TrainingFault
 
 NAN_ENV = "DIFFLAB_FAULT_NAN_STEP"
 MODES = ("stop", "skip")

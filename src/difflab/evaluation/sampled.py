@@ -17,10 +17,10 @@ import torch
 
 from difflab import build
 from difflab.config import ConfigError, RunConfig, SampleConfig
-from difflab.metrics import protocol
-from difflab.metrics.classifier import JudgeExtractor
-from difflab.metrics.protocol import METRICS, EvalError, label
-from difflab.metrics.toy2d import evaluate_toy
+from difflab.evaluation import protocol
+from difflab.evaluation.classifier import JudgeExtractor
+from difflab.evaluation.protocol import METRICS, EvalError, label
+from difflab.evaluation.toy2d import evaluate_toy
 from difflab.model import Model
 from difflab.runs import LoadedRun, draw_samples
 from difflab.samplers import nfe_of
@@ -64,7 +64,7 @@ def extractors_for(
             )
         out["judge"] = JudgeExtractor(path, device)
     if "inception" in kinds:
-        from difflab.metrics.inception import INCEPTION_SHA256, InceptionExtractor
+        from difflab.evaluation.inception import INCEPTION_SHA256, InceptionExtractor
 
         sha = inception_sha256 or INCEPTION_SHA256
         out["inception"] = InceptionExtractor(inception_weights, sha256=sha, device=device)

@@ -33,13 +33,13 @@ from torch import Tensor
 
 from difflab.data.folders import to_signed
 from difflab.data.images import DEFAULT_FLIP, load_image_dataset
-from difflab.files import replace_atomically, sha256_file
-from difflab.metrics.frechet import (
+from difflab.evaluation.frechet import (
     feature_statistics,
     frechet_distance,
     kernel_inception_distance,
 )
-from difflab.metrics.manifold import precision_recall
+from difflab.evaluation.manifold import precision_recall
+from difflab.files import replace_atomically, sha256_file
 
 __all__ = ["FULL_N", "HIGHER_IS_BETTER", "METRICS", "EvalError", "Reference", "cache_dir"]
 __all__ += ["check_metrics", "dataset_images", "evaluate_images", "label", "open_reference"]
@@ -305,7 +305,7 @@ def evaluate_images(
             for metric in two_set:
                 values += _compare(metric, fake, real)
         if "is" in wanted:
-            from difflab.metrics.inception import inception_score
+            from difflab.evaluation.inception import inception_score
 
             values.append(("is", *inception_score(extractor.logits(images))))
         if "accuracy" in wanted:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from difflab.schedules import Schedule, _broadcast
+from difflab.diffusion.schedules import Schedule, _broadcast
 
 PREDICTION_KINDS = ("eps", "x0", "v", "edm")
 

@@ -6,7 +6,7 @@ is an eps-, x0- or v-prediction network on a table of T betas that takes integer
 guidance option works on it unchanged:
 
     from diffusers import DDPMScheduler, UNet2DModel
-    from difflab.adapters import foreign_denoiser
+    from difflab.diffusion.adapters import foreign_denoiser
     from difflab.samplers import generate, sample_dpmpp_2m, timesteps
 
     unet = UNet2DModel.from_pretrained("google/ddpm-cifar10-32").eval()
@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
-from difflab.prediction import Denoiser
-from difflab.schedules import DiscreteSchedule
+from difflab.diffusion.prediction import Denoiser
+from difflab.diffusion.schedules import DiscreteSchedule
 
 # diffusers' names for what a model predicts -> difflab's prediction kinds
 DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}

@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from difflab.checkpoint import list_checkpoints
 from difflab.config import ConfigError, RunConfig
+from difflab.training.checkpoint import list_checkpoints
 
 FAULT_EXIT = 17  # exit code of the DIFFLAB_FAULT_* test hook
 PEER_LOST_EXIT = 3  # a rank that stopped because another one died (not the cause)

@@ -11,18 +11,18 @@ import itertools
 import json
 from pathlib import Path
 
-from difflab import viz
 from difflab.config import ConfigError, RunConfig
 from difflab.data.toy2d import TOY2D
-from difflab.evaluation import evaluate_images_of, timed_samples
+from difflab.evaluation.protocol import HIGHER_IS_BETTER
+from difflab.evaluation.sampled import evaluate_images_of, timed_samples
+from difflab.evaluation.toy2d import evaluate_toy
 from difflab.files import write_text_atomically
-from difflab.logging import MetricsLog, read_metrics
-from difflab.metrics.protocol import HIGHER_IS_BETTER
-from difflab.metrics.toy2d import evaluate_toy
-from difflab.report_images import make_image_artefacts, plot_image_run
-from difflab.report_toy import plot_toy_run, record_trajectories
+from difflab.report import charts
+from difflab.report.images import make_image_artefacts, plot_image_run
+from difflab.report.toy import plot_toy_run, record_trajectories
 from difflab.runs import check_run_dir, draw_samples, load_run, save_run_samples
 from difflab.samplers import SAMPLERS, deterministic_samplers, nfe_of, steps_for_nfe
+from difflab.training.logging import MetricsLog, read_metrics
 
 
 def compare_samplers(
@@ -91,7 +91,7 @@ def compare_samplers(
         "seed": base.seed,
         "n": base.n,
     }
-    plot = viz.compare_plot(rows, run_dir / "plots" / "compare.png", _quality_keys(rows))
+    plot = charts.compare_plot(rows, run_dir / "plots" / "compare.png", _quality_keys(rows))
     return {"provenance": provenance, "rows": rows, "plot": str(plot)}
 
 
@@ -178,10 +178,10 @@ def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> li
     if any(r.get("loss") is not None for r in read_metrics(run_dir / "metrics.jsonl")):
         label = loss_label(cfg)
         paths += [
-            viz.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png", label),
-            viz.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png", ylabel=label),
+            charts.loss_curve(run_dir / "metrics.jsonl", plots / "loss.png", label),
+            charts.loss_by_t(run_dir / "metrics.jsonl", plots / "loss_by_t.png", ylabel=label),
         ]
-    history = viz.eval_history(run_dir / "metrics.jsonl", plots / "eval_history.png")
+    history = charts.eval_history(run_dir / "metrics.jsonl", plots / "eval_history.png")
     if history:
         paths.append(history)
     return paths

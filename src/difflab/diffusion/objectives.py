@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from difflab.prediction import Denoiser, check_kind, split_raw
-from difflab.schedules import DiscreteSchedule, Schedule
+from difflab.diffusion.prediction import Denoiser, check_kind, split_raw
+from difflab.diffusion.schedules import DiscreteSchedule, Schedule
 
 LOSS_TYPES = ("mse", "l1", "huber")
 WEIGHTINGS = ("none", "snr", "min_snr", "snr_plus_one", "edm")

@@ -17,8 +17,8 @@ import torch
 from matplotlib import ticker
 from matplotlib.lines import Line2D
 
-from difflab.logging import read_metrics
-from difflab.metrics.protocol import HIGHER_IS_BETTER
+from difflab.evaluation.protocol import HIGHER_IS_BETTER
+from difflab.training.logging import read_metrics
 
 LIMITS = (-1.5, 1.5)  # data panels
 NOISE_LIMITS = (-3.0, 3.0)  # panels that show noisy points

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from difflab.viz import _save  # one dpi and bbox for every figure
+from difflab.report.charts import _save  # one dpi and bbox for every figure
 
 PAD = 2  # pixels between and around the images of a grid (as torchvision's make_grid)
 PAD_VALUE = 255  # white, so black-background digits stay visibly separate

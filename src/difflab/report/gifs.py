@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from difflab.viz import plt  # matplotlib set to files only
-from difflab.viz_images import PAD, check_images, image_grid
+from difflab.report.charts import plt  # matplotlib set to files only
+from difflab.report.grids import PAD, check_images, image_grid
 
 FRAME_MS = 80  # per sampler step shown
 HOLD_MS = 1000  # the final frame rests ~1 s before the loop restarts

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab import build, viz, viz_gifs
+from difflab import build
 from difflab.config import RunConfig, SampleConfig
 from difflab.data.toy2d import sample_toy2d
+from difflab.evaluation.toy2d import REFERENCE_SEED
 from difflab.files import savez_atomically
-from difflab.metrics.toy2d import REFERENCE_SEED
-from difflab.report_images import frame_recorder, state_lams
+from difflab.report import charts, gifs
+from difflab.report.images import frame_recorder, state_lams
 from difflab.runs import LoadedRun, draw_samples
 from difflab.samplers import Recorder, sampler_info
 
@@ -84,25 +85,25 @@ def plot_toy_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
     ts, xs, lams = traj["ts"], traj["xs"], state_lams(cfg, traj["ts"])
     schedule = build.build_schedule(cfg.diffusion)
     title = f"generated ({sampler}, {steps} steps)"
-    forward = viz.forward_samples(schedule, real[:5000], FORWARD_TS)
+    forward = charts.forward_samples(schedule, real[:5000], FORWARD_TS)
     paths = [
-        viz.real_vs_generated(
+        charts.real_vs_generated(
             real[: len(generated)], generated, plots / "scatter.png", ("real", title)
         ),
-        viz.forward_process(real[:5000], forward, plots / "forward.png"),
-        viz_gifs.reverse_gif(
+        charts.forward_process(real[:5000], forward, plots / "forward.png"),
+        gifs.reverse_gif(
             ts, xs, plots / "reverse.gif", lams=lams, steps=traj.get("steps"), name=sampler
         ),
     ]
     # the stochastic sampler's paths, thinned: fewer points, fewer states
     points, states = STOCHASTIC_PATHS
-    thinned = xs[viz_gifs.frame_indices(lams, states), :points]
+    thinned = xs[gifs.frame_indices(lams, states), :points]
     stochastic = plots / "trajectories_stochastic.png"
     if "ode_xs" not in traj:  # a run made before issue 19 recorded only its own sampler
         return [*paths, _stochastic_figure(thinned, real, plots / "trajectories.png", sampler)]
     ode_sampler, ode_xs = str(traj["ode_sampler"]), traj["ode_xs"]
     paths.append(
-        viz.trajectories(
+        charts.trajectories(
             ode_xs,
             plots / "trajectories.png",
             background=real[:5000],
@@ -117,7 +118,7 @@ def plot_toy_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
 
 
 def _stochastic_figure(thinned: np.ndarray, real: np.ndarray, path: Path, sampler: str) -> Path:
-    return viz.trajectories(
+    return charts.trajectories(
         thinned,
         path,
         background=real[:5000],

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from difflab.objectives import LossSpec, diffusion_loss, draw_noise
+from difflab.diffusion.objectives import LossSpec, diffusion_loss, draw_noise
 
 
 class DiffusionLoss:

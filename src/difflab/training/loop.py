@@ -22,8 +22,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from difflab import build, distributed, faults, viz, viz_images
-from difflab.checkpoint import (
+from difflab import build
+from difflab.config import ConfigError, RunConfig
+from difflab.evaluation.protocol import HIGHER_IS_BETTER
+from difflab.evaluation.sampled import TrainingEvaluator
+from difflab.model import Model
+from difflab.report import charts, grids
+from difflab.training import distributed, faults
+from difflab.training.checkpoint import (
     CheckpointError,
     latest_good_checkpoint,
     load_config,
@@ -33,13 +39,9 @@ from difflab.checkpoint import (
     remove_leftovers,
     save_checkpoint,
 )
-from difflab.config import ConfigError, RunConfig
-from difflab.ema import EMA
-from difflab.evaluation import TrainingEvaluator
-from difflab.logging import MetricsLog
-from difflab.metrics.protocol import HIGHER_IS_BETTER
-from difflab.model import Model
-from difflab.nonfinite import NonFiniteMonitor, check_config
+from difflab.training.ema import EMA
+from difflab.training.logging import MetricsLog
+from difflab.training.nonfinite import NonFiniteMonitor, check_config
 
 NUM_BUCKETS = 10  # loss is also logged per tenth of t in [0, 1]
 # What a best checkpoint can be chosen by: scalar metrics.jsonl keys (lower is better), or
@@ -365,8 +367,8 @@ def snapshot(cfg: RunConfig, parts: Parts, run_dir: Path, step: int) -> Path:
     x = model.sample(scfg, cond=model.conditioner.balanced(n)).numpy()
     path = run_dir / "samples" / f"grid-step-{step}.png"
     if model.kind.is_image:
-        return viz_images.save_grid(x, path, nrow=model.kind.num_classes or None)
-    return viz.scatter(x, path, f"step {step}")
+        return grids.save_grid(x, path, nrow=model.kind.num_classes or None)
+    return charts.scatter(x, path, f"step {step}")
 
 
 def log_interval(

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from difflab.faults import write_failure
+from difflab.training.faults import write_failure
 
 
 class MetricsLog:

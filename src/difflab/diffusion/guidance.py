@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from difflab.prediction import Denoiser
+from difflab.diffusion.prediction import Denoiser
 
 
 class GuidedNet:

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab import build, viz_gifs, viz_images
+from difflab import build
 from difflab.config import RunConfig, SampleConfig
 from difflab.files import savez_atomically
+from difflab.report import gifs, grids
 from difflab.runs import LoadedRun, draw_samples, load_run, sample_labels, save_run_samples
 from difflab.samplers import Recorder
 
@@ -68,7 +69,7 @@ def make_image_artefacts(run_dir: Path, progress: bool = True) -> dict:
     )
     _trajectory(run, run_dir, scfg)
     _real_images(run, run_dir)
-    _, std = viz_images.pixel_diversity(samples.numpy())
+    _, std = grids.pixel_diversity(samples.numpy())
     return {
         "n": len(samples),
         "sampler": scfg.sampler,
@@ -102,7 +103,7 @@ class FrameRecorder(Recorder):
 def frame_recorder(run: LoadedRun, scfg: SampleConfig, max_frames: int) -> FrameRecorder:
     """A recorder of at most `max_frames` states of `scfg`'s grid, near-uniform in log-SNR."""
     _, _, ts = build.build_sampler(scfg, run.denoiser.schedule)
-    picks = viz_gifs.frame_indices(run.denoiser.schedule.log_snr(ts).numpy(), max_frames)
+    picks = gifs.frame_indices(run.denoiser.schedule.log_snr(ts).numpy(), max_frames)
     return FrameRecorder(picks[:-1], len(ts) - 1)  # the last state is the sample
 
 
@@ -149,14 +150,14 @@ def plot_image_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
     names = [str(n) for n in traj["class_names"]] or None
     labels = main.get("labels")
     if labels is not None:
-        paths = [viz_images.class_grid(main["samples"], labels, plots / "samples.png", names)]
+        paths = [grids.class_grid(main["samples"], labels, plots / "samples.png", names)]
     else:
-        paths = [viz_images.save_grid(main["samples"][:100], plots / "samples.png")]
+        paths = [grids.save_grid(main["samples"][:100], plots / "samples.png")]
     first = f"{compare['sampler']} {int(compare['steps'])} steps"
     second = f"{compare['other_sampler']} {int(compare['other_steps'])} steps"
     paths += [
-        viz_images.forward_process_images(real, _forward(cfg, real), plots / "forward.png"),
-        viz_gifs.denoising_gif(
+        grids.forward_process_images(real, _forward(cfg, real), plots / "forward.png"),
+        gifs.denoising_gif(
             traj["ts"],
             traj["xs"],
             traj["x0_hats"],
@@ -166,18 +167,18 @@ def plot_image_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
             lams=state_lams(cfg, traj["ts"]),
             steps=traj.get("steps"),  # absent in runs made before issue 19
         ),
-        viz_images.trajectory_strip(traj["xs"], plots / "trajectory_strip.png"),
-        viz_images.comparison_figure(
+        grids.trajectory_strip(traj["xs"], plots / "trajectory_strip.png"),
+        grids.comparison_figure(
             {"EMA weights": compare["ema"], "raw weights": compare["raw"]}, plots / "raw_vs_ema.png"
         ),
-        viz_images.comparison_figure(
+        grids.comparison_figure(
             {first: compare["ema"], second: compare["other"]}, plots / "sampler_comparison.png"
         ),
-        viz_images.diversity_figure(main["samples"], plots / "diversity.png", labels),
+        grids.diversity_figure(main["samples"], plots / "diversity.png", labels),
     ]
     history = sorted((int(p.stem.split("-")[-1]), p) for p in s.glob("grid-step-*.png"))
     if history:
-        paths.append(viz_images.grid_history(history, plots / "grid_history.png"))
+        paths.append(grids.grid_history(history, plots / "grid_history.png"))
     return paths
 
 

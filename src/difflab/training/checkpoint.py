@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from difflab.config import ConfigError
-from difflab.faults import tensor_bytes, write_failure
 from difflab.files import sha256_file
+from difflab.training.faults import tensor_bytes, write_failure
 
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json", "data.json")
 

@@ -209,7 +209,7 @@ def load_judge(path: str | Path) -> Judge:
     weights match the SHA-256 recorded in the sidecar."""
     path = Path(path).expanduser().absolute()
     sidecar = _sidecar(path)
-    retrain = f"retrain with difflab.metrics.classifier.train_judge(..., out_path='{path}')"
+    retrain = f"retrain with difflab.evaluation.classifier.train_judge(..., out_path='{path}')"
     if not path.is_file() or not sidecar.is_file():
         raise JudgeFileError(f"judge files {path} and {sidecar} are not both there; {retrain}")
     meta = json.loads(sidecar.read_text())
