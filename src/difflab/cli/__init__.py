@@ -1,0 +1,56 @@
+"""difflab train | sample | eval | plot | bench.
+
+Every user error ends in one line `difflab: error: <problem and fix>` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from difflab.cli.evaluate import cmd_eval, cmd_train_classifier
+from difflab.cli.parsers import classifier_parser, parser, sample_changes, sample_config
+from difflab.cli.sample import cmd_bench, cmd_plot, cmd_sample
+from difflab.cli.train import cmd_train
+from difflab.config import ConfigError
+from difflab.samplers import NonFiniteError
+
+__all__ = ["classifier_parser", "main", "parser", "sample_changes", "sample_config"]
+
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "plot": cmd_plot,
+    "train-classifier": cmd_train_classifier,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["eval", "train-classifier"]:
+        args = classifier_parser().parse_args(argv[2:])
+        args.command = "train-classifier"
+    else:
+        args = parser().parse_args(argv)
+    warnings.formatwarning = lambda msg, *a, **k: f"difflab: warning: {msg}\n"
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # they name the bad input and fix
+        if os.environ.get("DIFFLAB_TRACEBACK"):
+            raise
+        if not getattr(e, "everywhere", False) or os.environ.get("RANK", "0") == "0":
+            print(f"difflab: error: {e}", file=sys.stderr)  # once, for a fault every rank saw
+        return 2
+    except NonFiniteError as e:
+        print(f"difflab: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # outputs are written atomically: nothing is left half-written
+        print("\ndifflab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

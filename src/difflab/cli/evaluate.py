@@ -1,0 +1,219 @@
+"""`difflab eval`: 2-D metrics, image metrics with provenance, --compare, and
+`difflab eval train-classifier`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from difflab.cli.parsers import sample_changes, sample_config
+from difflab.config import (
+    ConfigError,
+    RunConfig,
+)
+from difflab.files import write_text_atomically
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from difflab.evaluation.toy2d import evaluate_toy
+    from difflab.report.run import format_table
+    from difflab.runs import draw_samples, load_run, load_samples
+
+    source = Path(args.source)
+    if _is_image_source(source):
+        return _eval_images(args, source)
+    if args.compare:
+        return _eval_compare(args, source)
+    if source.suffix == ".npz":
+        samples = load_samples(source)
+        dataset = args.dataset
+        if dataset is None:
+            raise ConfigError(
+                "evaluating an .npz needs --dataset NAME (e.g. --dataset checkerboard)"
+            )
+        info = {"source": str(source)}
+    else:
+        run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
+        scfg = sample_config(run.cfg.sample, args)
+        samples = draw_samples(run, scfg, progress=not args.quiet).numpy()
+        dataset = args.dataset or run.cfg.data.name
+        info = {
+            "source": str(source),
+            "checkpoint": str(run.checkpoint),
+            "sampler": scfg.sampler,
+            "steps": scfg.steps,
+            "ema": scfg.use_ema,
+            "seed": scfg.seed,
+        }
+    result = {**info, **evaluate_toy(samples, dataset)}
+    if args.out:
+        write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0
+
+
+def _is_image_source(source: Path) -> bool:
+    """An image run, a folder of images or an .npz of images (not 2-D points)."""
+    from difflab.build import IMAGE_DATASETS
+    from difflab.runs import check_run_dir
+
+    if source.suffix == ".npz":
+        from difflab.runs import load_samples
+
+        return load_samples(source).ndim == 4
+    if source.is_dir() and not (source / "config.json").is_file():
+        return True  # a folder of generated images
+    return RunConfig.load(check_run_dir(source) / "config.json").data.name in IMAGE_DATASETS
+
+
+def _eval_images(args: argparse.Namespace, source: Path) -> int:
+    """Image metrics of a run (sampled now), a samples .npz or a folder, against --reference."""
+    from difflab.build import IMAGE_DATASETS
+    from difflab.evaluation import protocol
+    from difflab.evaluation.sampled import (
+        evaluate_images_of,
+        extractors_for,
+        format_rows,
+        samples_from_file,
+    )
+    from difflab.runs import load_run
+
+    run, images, labels, meta = None, None, None, {"source": str(source)}
+    if (source / "config.json").is_file():
+        run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
+    dataset = run.cfg.data.name if run else args.dataset
+    default = None
+    if run and dataset == "imagefolder":
+        default = run.cfg.data.root  # the folder it was trained on
+    elif dataset:
+        default = f"{dataset}:train"
+    ref_spec = args.reference or default
+    if ref_spec is None:
+        raise ConfigError(f"evaluating {source} needs --reference (e.g. mnist:test) or --dataset")
+    if dataset is None and ref_spec.partition(":")[0] in IMAGE_DATASETS:
+        dataset = ref_spec.partition(":")[0]
+    if run is None:
+        grey = ref_spec.partition(":")[0] in ("mnist", "fashion")
+        size = (args.channels or (1 if grey else 3), args.image_size, args.image_size)
+        images, labels, file_meta = samples_from_file(source, size)
+        meta.update(file_meta)
+    root = args.root or (run.cfg.data.root if run else "data")
+    shape = tuple(run.shape if run else images.shape[1:])
+    reference = protocol.open_reference(ref_spec, shape, root=root, n=args.n_reference)
+    metrics = _metric_list(args.metric, run.num_classes > 0 if run else labels is not None)
+    extractors = extractors_for(
+        metrics,
+        dataset=dataset,
+        judge=args.judge,
+        inception_weights=args.inception_weights,
+        inception_sha256=args.inception_sha256,
+        device=run.device if run else "cpu",
+    )
+    if args.compare:
+        if run is None:
+            raise ConfigError("--compare draws its own samples: give a run directory")
+        image_eval = {"metrics": metrics, "reference": reference, "extractors": extractors}
+        image_eval["cache"] = not args.no_cache
+        return _eval_compare(args, source, image_eval)
+    cache = not args.no_cache
+    if run:
+        scfg = sample_config(run.cfg.sample, args)
+        rows = evaluate_images_of(run, scfg, metrics, reference, extractors, not args.quiet, cache)
+    else:
+        rows = protocol.evaluate_images(
+            images, labels, metrics, reference, extractors, meta, cache=cache
+        )
+    result = {"rows": rows}
+    out = Path(args.out) if args.out else _default_eval_path(source, run is not None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_rows(rows))
+    print(f"difflab: wrote {out}", file=sys.stderr)  # stdout stays the table or the JSON
+    return 0
+
+
+def _default_eval_path(source: Path, is_run: bool) -> Path:
+    """Where image results go without --out: RUN/evals/, or beside the .npz or folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if is_run:
+        return source / "evals" / f"eval-{stamp}.json"
+    return source.parent / f"{source.stem}-eval-{stamp}.json"
+
+
+def _metric_list(text: str | None, conditional: bool) -> list[str]:
+    """--metric, or the offline defaults (class accuracy when samples have labels)."""
+    if text:
+        return [m.strip() for m in text.split(",") if m.strip()]
+    return ["fd_judge", "kid_judge", "pr_judge"] + (["accuracy"] if conditional else [])
+
+
+def _float_list(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"{flag} needs at least one number")
+    return values
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} needs integers >= 1, got {text!r}")
+    return values
+
+
+def _eval_compare(args: argparse.Namespace, source: Path, image_eval: dict | None = None) -> int:
+    from difflab.report.run import compare_samplers, format_compare
+
+    if source.suffix == ".npz":
+        raise ConfigError("--compare draws its own samples: give a run directory, not an .npz")
+    names = args.samplers.split(",") if args.samplers else None
+    grids = args.grids.split(",") if args.grids else None
+    result = compare_samplers(
+        source,
+        samplers=names,
+        nfes=_int_list(args.nfe, "--nfe"),
+        grids=grids,
+        guidances=_float_list(args.guidances, "--guidances") if args.guidances else None,
+        changes=sample_changes(args),
+        image_eval=image_eval,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    if args.out:
+        write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_compare(result))
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from difflab.evaluation.classifier import train_judge
+    from difflab.evaluation.sampled import default_judge_path
+
+    out = Path(args.out) if args.out else default_judge_path(args.dataset)
+    start = time.perf_counter()
+    _, accuracy = train_judge(
+        args.dataset,
+        args.root,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        out_path=out,
+        progress=None if args.quiet else print,
+        download=args.download,
+    )
+    print(
+        f"difflab: judge for {args.dataset}: test accuracy {accuracy:.4f} in "
+        f"{time.perf_counter() - start:.0f} s -> {out}"
+    )
+    return 0

@@ -1,0 +1,217 @@
+"""The command line: every parser and the flags that build a SampleConfig."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from difflab.config import (
+    PRESETS,
+    SampleConfig,
+)
+from difflab.samplers import SAMPLERS
+
+# Options every sampler shares; each sampler's own (--eta, --churn, ...) come from the registry.
+SAMPLE_FLAGS = ("sampler", "steps", "spacing", "t_end", "n", "seed", "guidance")
+
+
+def _option_flags() -> dict[str, tuple]:
+    """flag -> (SampleConfig field, type, help) of every registered sampler's flagged options;
+    an option two samplers share (Euler's and Heun's churn) is one flag."""
+    flags = {}
+    for info in SAMPLERS.values():
+        for o in info.options:
+            if o.flag:
+                flags.setdefault(o.flag, (o.field, o.type, o.help))
+    return flags
+
+
+def _checkpoint_arg(value: str) -> int | str:
+    if value == "best":
+        return value
+    if value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected a step number or 'best', got {value!r}")
+
+
+def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: the run's config)")
+    p.add_argument("--steps", type=int, help="sampling steps (Heun and DPM-2S: 2 calls per step)")
+    p.add_argument(
+        "--spacing",
+        help="time grid: trailing, leading, linspace, quadratic (tables); uniform, logsnr, karras",
+    )
+    p.add_argument(
+        "--t-end", dest="t_end", type=float, help="last nonzero time of logsnr/karras grids"
+    )
+    for flag, (dest, kind, text) in _option_flags().items():
+        p.add_argument(flag, dest=dest, type=kind, help=text)
+    p.add_argument("--n", type=int, help="number of samples")
+    p.add_argument("--seed", type=int, help="noise seed")
+    p.add_argument("--batch-size", type=int, help="samples per batch (results do not depend on it)")
+    p.add_argument(
+        "--raw", action="store_true", help="use the raw weights instead of the EMA weights"
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=_checkpoint_arg,
+        help="checkpoint to load: a step number or 'best' (default: the newest good one)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (conditional runs)"
+    )
+    p.add_argument("--class", dest="class_label", type=int, help="sample this class only")
+    p.add_argument("--per-class", action="store_true", help="n / num_classes samples of each class")
+
+
+def _add_image_eval_flags(p: argparse.ArgumentParser) -> None:
+    from difflab.evaluation.protocol import METRICS
+
+    p.add_argument(
+        "--metric",
+        help=f"image metrics, comma-separated: {', '.join(METRICS)} (default: fd_judge, "
+        "kid_judge, pr_judge, and accuracy for conditional runs)",
+    )
+    p.add_argument(
+        "--reference",
+        help="real images: a data set split (mnist:test, cifar10:train), a folder or a samples "
+        ".npz (default: the data set's train split)",
+    )
+    p.add_argument("--n-reference", type=int, help="reference images used (default: all)")
+    p.add_argument("--root", help="data folder for data set references (default: the run's)")
+    p.add_argument("--judge", help="judge classifier file (default: the one trained for the data)")
+    p.add_argument(
+        "--inception-weights", help="Inception-v3 weights file (default: torch hub's cache)"
+    )
+    p.add_argument(
+        "--inception-sha256", help="expected SHA-256 of a non-standard Inception weights file"
+    )
+    p.add_argument("--image-size", type=int, default=32, help="a folder source: image size")
+    p.add_argument("--channels", type=int, help="a folder source: 1 or 3 (default: reference's)")
+    p.add_argument(
+        "--no-cache", action="store_true", help="recompute reference features, write no cache"
+    )
+
+
+def classifier_parser() -> argparse.ArgumentParser:
+    from difflab.evaluation.sampled import JUDGE_DATASETS
+
+    ap = argparse.ArgumentParser(
+        prog="difflab eval train-classifier",
+        description="Train the judge classifier whose features give the offline, in-domain "
+        "metrics (fd_judge, kid_judge, pr_judge, accuracy); prints its test accuracy.",
+    )
+    ap.add_argument("--dataset", required=True, choices=JUDGE_DATASETS)
+    ap.add_argument("--root", default="data", help="data folder (torchvision layout)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="weights file (default: the cache path eval looks in)")
+    ap.add_argument("--download", action="store_true", help="fetch a missing data set")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="difflab", description="Train, sample, evaluate and plot diffusion models."
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (then sample, evaluate and draw its figures)")
+    p.add_argument(
+        "--preset", default="toy2d", help=f"starting config: {', '.join(PRESETS)} (default toy2d)"
+    )
+    p.add_argument("--config", help="a config JSON file (as written to runs/NAME/config.json)")
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. train.lr=1e-3",
+    )
+    p.add_argument("--name", help="run name (default: preset and time); the run lives in RUNS/NAME")
+    p.add_argument("--runs", default="runs", help="folder that holds run directories")
+    p.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue the run in this directory from its newest good checkpoint",
+    )
+    p.add_argument(
+        "--no-finish", action="store_true", help="skip the final sampling, evaluation and figures"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train in N processes with DDP, one per GPU (or on the CPU with gloo), as torchrun "
+        "--nproc_per_node N would; train.batch_size stays the global batch",
+    )
+
+    p = sub.add_parser("sample", help="draw samples from a trained run into an .npz file")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="output .npz (holds 'samples')")
+    _add_sampler_flags(p)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser(
+        "eval", help="measure samples (a run or a samples .npz) against the true distribution"
+    )
+    p.add_argument("source", help="run directory or samples .npz")
+    p.add_argument(
+        "--dataset", help="the true distribution, for an .npz source (default: the run's)"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", help="also write the result as JSON to this file")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="sweep samplers x model evaluations (x grids) and plot quality against NFE",
+    )
+    p.add_argument(
+        "--samplers", help="comma-separated, for --compare (default: every deterministic one)"
+    )
+    p.add_argument("--nfe", default="5,10,20,50", help="model-evaluation budgets for --compare")
+    p.add_argument("--grids", help="comma-separated spacings for --compare (default: --spacing)")
+    p.add_argument("--guidances", help="comma-separated guidance scales for --compare")
+    _add_image_eval_flags(p)
+    _add_sampler_flags(p)
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("plot", help="(re)draw every figure of a run from its directory")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--resample", action="store_true", help="draw the sample artefacts again first")
+    p.add_argument("--quiet", action="store_true")
+
+    from difflab.benchmark import add_arguments as add_bench_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="training and sampling speed of a named configuration, against diffusers",
+        description="Measure training (images/s, step time, peak memory, FLOP/s and its share "
+        "of the device's measured matmul peak) and sampling (ms per image per sampler and NFE) "
+        "for difflab and diffusers' equivalent UNet2DModel; writes OUT/bench-NAME-DEVICE.json "
+        "and .md and prints the Markdown.",
+    )
+    add_bench_arguments(p)
+    return ap
+
+
+def sample_changes(args: argparse.Namespace) -> dict:
+    """The SampleConfig fields the command-line flags set."""
+    fields = [*SAMPLE_FLAGS, *(field for field, _, _ in _option_flags().values())]
+    changes = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    if getattr(args, "batch_size", None) is not None:
+        changes["batch_size"] = args.batch_size
+    if getattr(args, "raw", False):
+        changes["use_ema"] = False
+    return changes
+
+
+def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
+    """The run's sample config with the command-line flags laid over it."""
+    return dataclasses.replace(base, **sample_changes(args))
