@@ -165,7 +165,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 def test_denoising_gif_spaces_frames_by_log_snr(tmp_path):
     ts, xs, x0_hats = trajectory(40, k=2)
-    lams = np.append(np.log(((1 - ts) / ts) ** 2), np.inf)  # alpha = 1 - t, sigma = t
+    alpha = np.maximum(1 - ts, 1e-4)  # alpha = 1 - t, sigma = t; alpha(1) = 0 kept finite
+    lams = np.append(np.log((alpha / ts) ** 2), np.inf)
     path = denoising_gif(ts, xs, x0_hats, tmp_path / "d.gif", max_frames=8, lams=lams)
     with Image.open(path) as gif:
         count = sum(1 for _ in ImageSequence.Iterator(gif))

@@ -157,6 +157,7 @@ def trajectories(
     background: np.ndarray | None = None,
     title: str = "sampler paths",
     line: str = "path",
+    lw: float = 0.9,
 ) -> Path:
     """Paths of a few points from x_T (open circle) to x_0 (dot), over faint background points.
 
@@ -167,6 +168,7 @@ def trajectories(
         paths: (S + 1, K, 2) states, paths[0] = x_T, paths[-1] = the samples.
         background: optional (N, 2) points drawn faintly (the data).
         line: what the lines are, for the legend (e.g. "probability-flow ODE path").
+        lw: line width (thinner for zig-zagging stochastic paths).
     """
     paths = np.asarray(paths, dtype=np.float32)
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
@@ -175,7 +177,7 @@ def trajectories(
     starts = paths[0]
     colours = plt.cm.hsv((np.arctan2(starts[:, 1], starts[:, 0]) / (2 * np.pi)) % 1.0)
     for k in range(paths.shape[1]):
-        ax.plot(paths[:, k, 0], paths[:, k, 1], color=colours[k], lw=0.9, alpha=0.85)
+        ax.plot(paths[:, k, 0], paths[:, k, 1], color=colours[k], lw=lw, alpha=0.85)
     ax.scatter(*starts.T, s=22, facecolors="white", edgecolors="k", linewidths=0.8, zorder=3)
     ax.scatter(*paths[-1].T, s=16, c=colours, edgecolors="k", linewidths=0.6, zorder=4)
     half = max(LIMITS[1], float(np.abs(paths).max()) * 1.05)

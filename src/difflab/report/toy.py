@@ -124,4 +124,5 @@ def _stochastic_figure(thinned: np.ndarray, real: np.ndarray, path: Path, sample
         background=real[:5000],
         title=f"{sampler} paths: {thinned.shape[1]} points, {len(thinned)} of its states",
         line=f"{sampler} path",
+        lw=0.6,
     )
