@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from difflab.config import ConfigError, apply_overrides, preset
 from difflab.data.toy2d import sample_toy2d
 from difflab.evaluation.toy2d import sliced_wasserstein2
+from difflab.report.run import training_hooks
 from difflab.runs import draw_samples, load_run
 from difflab.training.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints
 from difflab.training.logging import _scalars, read_metrics
@@ -37,7 +38,7 @@ def test_training_lowers_the_loss_and_moves_samples_to_the_data(tmp_path):
         "train.ema_decay=0.99",
         "train.sample_every=150",
     )
-    train(cfg, tmp_path / "run", progress=False)
+    train(cfg, tmp_path / "run", progress=False, hooks=training_hooks())
     for step in (150, 300):  # scatters from fixed noise during training
         assert (tmp_path / "run" / "samples" / f"grid-step-{step}.png").stat().st_size > 1000
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
@@ -229,3 +230,9 @@ def test_meaningless_combinations_are_refused(tmp_path):
         with pytest.raises(ConfigError, match=message):
             train(_cfg("train.steps=5", *extra), tmp_path / "run", progress=False)
         assert not (tmp_path / "run").exists()
+
+
+def test_grids_and_training_time_metrics_need_the_reports_hooks(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.sample_every=5 needs the report's hooks"):
+        train(_cfg("train.steps=10", "train.sample_every=5"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything is written

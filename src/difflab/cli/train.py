@@ -16,7 +16,7 @@ from difflab.config import (
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from difflab.report.run import finish_run
+    from difflab.report.run import finish_run, training_hooks
     from difflab.training import distributed, faults
     from difflab.training.loop import train
 
@@ -45,7 +45,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     lock = faults.RunLock(run_dir, enabled=world.is_main)  # one trainer per run directory
     try:
         with lock, faults.StopSignals() as stop, oom:  # SIGINT / SIGTERM: checkpoint, then stop
-            ckpt = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+            ckpt = train(
+                cfg, run_dir, resume=bool(args.resume), progress=not args.quiet,
+                hooks=training_hooks(),
+            )  # fmt: skip
     except KeyboardInterrupt:
         if world.is_main:
             print(

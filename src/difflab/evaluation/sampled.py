@@ -19,7 +19,7 @@ from difflab import build
 from difflab.config import ConfigError, RunConfig, SampleConfig
 from difflab.evaluation import protocol
 from difflab.evaluation.classifier import JudgeExtractor
-from difflab.evaluation.protocol import METRICS, EvalError, label
+from difflab.evaluation.protocol import HIGHER_IS_BETTER, METRICS, EvalError, label
 from difflab.evaluation.toy2d import evaluate_toy
 from difflab.model import Model
 from difflab.runs import LoadedRun, draw_samples
@@ -181,6 +181,7 @@ class TrainingEvaluator:
         toy = not model.kind.is_image
         self.metric = cfg.train.eval_metric or ("sliced_w2" if toy else "fd_judge")
         self.n = cfg.train.eval_n
+        self.higher_is_better = self.metric in HIGHER_IS_BETTER  # which checkpoint is best
         allowed = TOY_METRICS if toy else tuple(m for m in METRICS if m != "accuracy")
         if self.metric not in allowed:
             raise ConfigError(

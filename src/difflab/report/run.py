@@ -14,15 +14,28 @@ from pathlib import Path
 from difflab.config import ConfigError, RunConfig
 from difflab.data.toy2d import TOY2D
 from difflab.evaluation.protocol import HIGHER_IS_BETTER
-from difflab.evaluation.sampled import evaluate_images_of, timed_samples
+from difflab.evaluation.sampled import TrainingEvaluator, evaluate_images_of, timed_samples
 from difflab.evaluation.toy2d import evaluate_toy
 from difflab.files import write_text_atomically
-from difflab.report import charts
+from difflab.report import charts, grids
 from difflab.report.images import make_image_artefacts, plot_image_run
 from difflab.report.toy import plot_toy_run, record_trajectories
 from difflab.runs import check_run_dir, draw_samples, load_run, save_run_samples
 from difflab.samplers import SAMPLERS, deterministic_samplers, nfe_of, steps_for_nfe
+from difflab.training.hooks import Hooks
 from difflab.training.logging import MetricsLog, read_metrics
+
+
+def training_hooks() -> Hooks:
+    """difflab's training-time evaluator and sample grids, for train(..., hooks=...)."""
+    return Hooks(evaluator=TrainingEvaluator, grid=draw_grid)
+
+
+def draw_grid(samples, path: Path, model) -> Path:
+    """samples/grid-step-N.png: an image grid (a row per class) or a 2-D scatter."""
+    if model.kind.is_image:
+        return grids.save_grid(samples, path, nrow=model.kind.num_classes or None)
+    return charts.scatter(samples, path, path.stem.replace("grid-", "").replace("-", " "))
 
 
 def compare_samplers(

@@ -1,0 +1,42 @@
+"""What training calls out to, supplied by the layers above it, so that training imports neither
+evaluation nor report (the data flow reads one way: ... -> training -> ... -> evaluation ->
+report). `difflab.report.run.training_hooks()` gives difflab's own; the CLI passes it, and so
+does any caller that sets train.sample_every or train.eval_every.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Args:
+    evaluator: (cfg, model) -> the training-time evaluator, built before step 1 (so a missing
+        judge stops the run then): a callable model -> {"metric", "label", <metric>: value, ...}
+        with an attribute `higher_is_better`.
+    grid: (samples (N, ...), path, model) -> path: draws samples/grid-step-N.png.
+    """
+
+    evaluator: Callable | None = None
+    grid: Callable[[np.ndarray, Path, object], Path] | None = None
+
+
+NO_HOOKS = Hooks()  # a bare train(): no grids, no training-time evaluation
+
+
+def check_hooks(cfg, hooks: Hooks) -> list[str]:
+    """Problems (for train.check_train_config's one message) with what cfg asks of the hooks."""
+    problems = []
+    for key, hook in (("sample_every", hooks.grid), ("eval_every", hooks.evaluator)):
+        if getattr(cfg.train, key) and hook is None:
+            problems.append(
+                f"train.{key}={getattr(cfg.train, key)} needs the report's hooks: call "
+                "train(..., hooks=difflab.report.run.training_hooks()) as `difflab train` does, "
+                f"or set train.{key}=0"
+            )
+    return problems
