@@ -14,7 +14,8 @@ from difflab.diffusion.prediction import Denoiser
 from difflab.diffusion.schedules import CosineSchedule
 from difflab.model import DataKind, Model
 from difflab.training.checkpoint import load_state, load_weights
-from difflab.training.loop import build_parts, train
+from difflab.training.loop import train
+from difflab.training.parts import build_parts
 
 SMALL = [
     "model.mlp.width=32",

@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab import build
+from difflab import devices
 from difflab.config import ConfigError, apply_overrides, preset
 from difflab.data.folders import image_folder
 from difflab.data.stream import ImageStream
 from difflab.nets.unet import UNet
-from difflab.training.loop import IntervalStats, build_parts, train_step
+from difflab.training.parts import build_parts
+from difflab.training.step import IntervalStats, train_step
 
 SMALL_UNET = dict(
     in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
@@ -92,7 +93,7 @@ def test_fused_adamw_matches_the_reference_optimizer():
     torch.manual_seed(0)
     a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     b.load_state_dict(a.state_dict())
-    fused = build.adamw(a, 1e-2, (0.9, 0.99), 0.01)
+    fused = devices.adamw(a, 1e-2, (0.9, 0.99), 0.01)
     plain = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)
     for _ in range(5):
         for net, opt in ((a, fused), (b, plain)):
@@ -105,10 +106,10 @@ def test_fused_adamw_matches_the_reference_optimizer():
 
 def test_channels_last_setting_is_checked():
     with pytest.raises(ConfigError, match="needs image data"):
-        build.memory_format("on", (2,))
+        devices.memory_format("on", (2,))
     with pytest.raises(ConfigError, match="auto, on or off"):
-        build.memory_format("yes", (1, 8, 8))
-    assert build.memory_format("auto", (2,)) is torch.contiguous_format
+        devices.memory_format("yes", (1, 8, 8))
+    assert devices.memory_format("auto", (2,)) is torch.contiguous_format
 
 
 def test_threaded_decoding_gives_the_same_batches(tmp_path):
@@ -131,7 +132,7 @@ def test_compile_falls_back_with_a_warning_and_the_same_result(monkeypatch):
         return fail
 
     monkeypatch.setattr(torch, "compile", broken)
-    wrapped = build.maybe_compile(net, True, "train.compile")
+    wrapped = devices.maybe_compile(net, True, "train.compile")
     x = torch.randn(4, 3)
     with pytest.warns(UserWarning, match=r"train.compile=true failed \(no C\+\+ compiler found\)"):
         out = wrapped(x)
@@ -141,7 +142,7 @@ def test_compile_falls_back_with_a_warning_and_the_same_result(monkeypatch):
         torch.testing.assert_close(wrapped(x), net(x))
     with pytest.raises(RuntimeError, match="mat1 and mat2"):  # a real error is not swallowed
         wrapped(torch.randn(4, 5))
-    assert build.maybe_compile(net, False, "train.compile") is net
+    assert devices.maybe_compile(net, False, "train.compile") is net
 
 
 def test_sampling_precision_falls_back_or_stays_close():
@@ -156,11 +157,11 @@ def test_sampling_precision_falls_back_or_stays_close():
     ts = timesteps(den.schedule, 5, "trailing")
     full = generate(sample_ddim, den, 4, (1, 16, 16), ts, seed=0)
     with pytest.warns(UserWarning, match="fp16 needs a CUDA GPU"):
-        dtype = build.resolve_precision("fp16", torch.device("cpu"), "sample.precision")
+        dtype = devices.resolve_precision("fp16", torch.device("cpu"), "sample.precision")
     assert dtype is None  # never silently another precision
     bf16 = generate(sample_ddim, den, 4, (1, 16, 16), ts, seed=0, autocast=torch.bfloat16)
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
     relative = (bf16 - full).abs().max() / full.abs().max()
     assert relative < 0.01 and not torch.equal(bf16, full)  # bf16 ran, and stayed close
     with pytest.raises(ConfigError, match=r"sample\.precision must be one of"):
-        build.resolve_precision("fp8", torch.device("cpu"), "sample.precision")
+        devices.resolve_precision("fp8", torch.device("cpu"), "sample.precision")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import resource
-import warnings
 
 import torch
 from torch import nn
@@ -24,6 +22,7 @@ from difflab.data.folders import DatasetMissingError
 from difflab.data.images import DEFAULT_FLIP, load_image_dataset
 from difflab.data.stream import ImageStream, ToyStream
 from difflab.data.toy2d import TOY2D
+from difflab.devices import memory_format
 from difflab.diffusion import schedules
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.objectives import LossSpec
@@ -240,107 +239,3 @@ def build_sampler(cfg: SampleConfig, schedule: schedules.Schedule):
         info.options_from(cfg),
         timesteps(schedule, cfg.steps, cfg.spacing, cfg.t_end or None),
     )
-
-
-@_checked
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"train.device={name} but no CUDA GPU is visible; use train.device=cpu or auto"
-        )
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the most memory allocated since the last reset; CPU: the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_precision(name: str, device: torch.device, key: str) -> torch.dtype | None:
-    """The autocast dtype for a precision setting (`key` names it in messages), falling back
-    with a warning where the device cannot do it: never silently in another precision."""
-    if name not in PRECISIONS:
-        raise ConfigError(f"{key} must be one of {', '.join(PRECISIONS)}, got {name!r}")
-    dtype = PRECISIONS[name]
-    if dtype is torch.float16 and device.type != "cuda":
-        warnings.warn(f"{key}=fp16 needs a CUDA GPU; running in fp32 instead", stacklevel=2)
-        return None
-    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        warnings.warn(f"{key}=bf16: this GPU has no bf16; using fp16 instead", stacklevel=2)
-        return torch.float16
-    return dtype
-
-
-def memory_format(setting: str, data_shape: tuple[int, ...]) -> torch.memory_format:
-    """channels_last for image nets unless turned off: NHWC convolutions are faster on GPUs
-    (tensor cores) and, for our U-Nets, on CPUs too (oneDNN; 15-30% per training step here)."""
-    if setting not in ("auto", "on", "off"):
-        raise ConfigError(f"train.channels_last must be auto, on or off, got {setting!r}")
-    images = len(data_shape) == 3
-    if setting == "on" and not images:
-        raise ConfigError("train.channels_last=on needs image data (C, H, W); use auto or off")
-    return torch.channels_last if images and setting != "off" else torch.contiguous_format
-
-
-def adamw(net: nn.Module, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel per step where torch has one for the device (CUDA, CPU):
-    4-6x less optimizer time than the multi-tensor version on this CPU."""
-    params = list(net.parameters())
-    try:
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # no fused kernel for this device or dtype
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-
-
-def place_data(data, device: torch.device):
-    """Keep an in-memory image set on the training device (MNIST is 60 MB, CIFAR-10 150 MB), so
-    a batch is one gather there and the loader is never the bottleneck."""
-    if device.type != "cpu" and hasattr(data, "to_device"):
-        data.to_device(device)
-    return data
-
-
-class _CompiledOrEager(nn.Module):
-    """torch.compile'd `net`, falling back (with a warning) to the eager net if compiling fails
-    at the first call, which is when torch.compile compiles."""
-
-    def __init__(self, net: nn.Module, key: str):
-        super().__init__()
-        self.net, self.key = net, key
-        self.compiled = torch.compile(net)
-        self.state = "untried"  # -> "compiled" or "eager" after the first call
-
-    def forward(self, *args, **kwargs):
-        if self.state == "compiled":
-            return self.compiled(*args, **kwargs)
-        if self.state == "untried":
-            try:
-                out = self.compiled(*args, **kwargs)
-                self.state = "compiled"
-                return out
-            except Exception as e:  # no C compiler, unsupported op...: eager is still right
-                self.state = "eager"
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                warnings.warn(f"{self.key}=true failed ({first}); running uncompiled", stacklevel=2)
-        return self.net(*args, **kwargs)  # a genuine error in the net raises here, as eager
-
-
-def maybe_compile(net: nn.Module, enabled: bool, key: str) -> nn.Module:
-    """`net` compiled with torch.compile when `enabled` and supported here, else `net`."""
-    if not enabled:
-        return net
-    if not torch._dynamo.is_dynamo_supported():
-        message = f"{key}=true: torch.compile is not supported here; running uncompiled"
-        warnings.warn(message, stacklevel=2)
-        return net
-    return _CompiledOrEager(net, key)

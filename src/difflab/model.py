@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.config import ConfigError, SampleConfig
+from difflab.devices import maybe_compile
 from difflab.diffusion.guidance import guided
 from difflab.diffusion.prediction import Denoiser
 from difflab.samplers import Recorder, generate, sampler_info, timesteps
@@ -115,8 +116,6 @@ class Model:
         return self.codec.decode(z)
 
     def _compiled(self) -> nn.Module:
-        from difflab.build import maybe_compile
-
         if self.compiled is None:
             self.compiled = maybe_compile(self.net, True, "sample.compile")
         return self.compiled

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab import build
+from difflab import build, devices
 from difflab.config import ConfigError, RunConfig, SampleConfig
 from difflab.diffusion.prediction import Denoiser
 from difflab.files import savez_atomically
@@ -103,11 +103,18 @@ def load_run(
             raise CheckpointError(f"checkpoint {ckpt} is unusable: {problem}")
     cfg = RunConfig.load(ckpt / "config.json")
     model = build.build_model(
-        cfg, DataKind.from_info(load_data_info(ckpt)), build.resolve_device(device)
+        cfg, DataKind.from_info(load_data_info(ckpt)), devices.resolve_device(device)
     )
     load_weights(ckpt, model.net, "ema" if use_ema else "model")
     model.net.eval().requires_grad_(False)
     return LoadedRun(run_dir, ckpt, cfg, model, checkpoint_step(ckpt))
+
+
+def run_kind(run_dir: str | Path) -> DataKind:
+    """What a run's data are (points or images, shape, classes): decided once by training and
+    carried in its checkpoints' data.json."""
+    ckpt = latest_good_checkpoint(check_run_dir(run_dir) / "checkpoints")
+    return DataKind.from_info(load_data_info(ckpt))
 
 
 def sample_labels(
@@ -135,7 +142,7 @@ def draw_samples(
     """(n, *shape) samples of a loaded run with the sampler `sample_cfg` names, at
     sample_cfg.precision; a conditional run is guided at sample_cfg.guidance with the given
     conditions (n,) (drawn uniformly when None)."""
-    autocast = build.resolve_precision(sample_cfg.precision, run.device, "sample.precision")
+    autocast = devices.resolve_precision(sample_cfg.precision, run.device, "sample.precision")
     return run.model.sample(
         sample_cfg, cond=labels, progress=progress, recorder=recorder, autocast=autocast
     )

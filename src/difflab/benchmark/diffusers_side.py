@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from difflab import build
+from difflab import devices
 from difflab.benchmark.options import Setup
 from difflab.benchmark.sides import Counted, Side, sample_labels, synthetic_batch
 from difflab.config import DiffusionConfig, ModelConfig
@@ -117,7 +117,7 @@ def diffusers_side(setup: Setup, diffusers) -> Side:
     unet = diffusers.UNet2DModel(**config).to(device)
     if setup.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
-    optimizer = build.adamw(unet, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
+    optimizer = devices.adamw(unet, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     noise_scheduler = diffusers.DDPMScheduler(**sched_config)
     x0, y = synthetic_batch(setup, setup.batch_size, setup.opts.seed + 2)
     labels = sample_labels(setup)

@@ -2,7 +2,7 @@
 
 difflab's step is the trainer's: the preset's model from `build.build_model`, the loss object
 `build.build_loss` names (t and eps drawn from a CPU generator, as `train` does),
-`build.adamw` (the trainer's AdamW, fused where torch has a kernel) with the preset's settings,
+`devices.adamw` (the trainer's AdamW, fused where torch has a kernel) with the preset's settings,
 backward, step, zero_grad(set_to_none=True); diffusers' side gets the same optimizer. Gradient
 clipping and EMA, which `train` adds, are left out on both sides, so the two steps do the same
 work. Data are synthetic (uniform in [-1, 1]): speed does not depend on the pixels.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from difflab import build
+from difflab import build, devices
 from difflab.benchmark.options import Setup
 from difflab.model import DataKind
 from difflab.samplers import SAMPLERS, steps_for_nfe
@@ -99,7 +99,7 @@ def difflab_side(setup: Setup) -> Side:
     if setup.channels_last:
         net = net.to(memory_format=torch.channels_last)
     loss_fn = build.build_loss(cfg, model.schedule)
-    optimizer = build.adamw(net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
+    optimizer = devices.adamw(net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     loss_generator = torch.Generator().manual_seed(setup.opts.seed + 1)  # t and eps, as train
     x0, y = synthetic_batch(setup, setup.batch_size, setup.opts.seed + 2)
     side: Side

@@ -12,7 +12,6 @@ from pathlib import Path
 from difflab.cli.parsers import sample_changes, sample_config
 from difflab.config import (
     ConfigError,
-    RunConfig,
 )
 from difflab.files import write_text_atomically
 
@@ -57,16 +56,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _is_image_source(source: Path) -> bool:
     """An image run, a folder of images or an .npz of images (not 2-D points)."""
-    from difflab.build import IMAGE_DATASETS
-    from difflab.runs import check_run_dir
+    from difflab.runs import load_samples, run_kind
 
     if source.suffix == ".npz":
-        from difflab.runs import load_samples
-
         return load_samples(source).ndim == 4
     if source.is_dir() and not (source / "config.json").is_file():
         return True  # a folder of generated images
-    return RunConfig.load(check_run_dir(source) / "config.json").data.name in IMAGE_DATASETS
+    return run_kind(source).is_image
 
 
 def _eval_images(args: argparse.Namespace, source: Path) -> int:
@@ -171,7 +167,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _eval_compare(args: argparse.Namespace, source: Path, image_eval: dict | None = None) -> int:
-    from difflab.report.run import compare_samplers, format_compare
+    from difflab.evaluation.compare import compare_samplers, format_compare
+    from difflab.report.run import plot_compare
 
     if source.suffix == ".npz":
         raise ConfigError("--compare draws its own samples: give a run directory, not an .npz")
@@ -189,6 +186,7 @@ def _eval_compare(args: argparse.Namespace, source: Path, image_eval: dict | Non
         device=args.device,
         progress=not args.quiet,
     )
+    result = plot_compare(result, source)
     if args.out:
         write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_compare(result))

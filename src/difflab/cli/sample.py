@@ -34,7 +34,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         f"difflab: {len(samples)} samples ({scfg.sampler}, {scfg.steps} steps) in "
         f"{time.perf_counter() - start:.1f} s -> {path}"
     )
-    if samples.dim() == 4:
+    if run.model.kind.is_image:
         from difflab.report.grids import class_grid, save_grid
 
         png = path.with_suffix(".png")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab import build
+from difflab import devices
 from difflab.config import ConfigError, RunConfig, SampleConfig
 from difflab.evaluation import protocol
 from difflab.evaluation.classifier import JudgeExtractor
@@ -88,7 +88,7 @@ def timed_samples(
     seconds = time.perf_counter() - start
     timing = {
         "ms_per_sample": 1000 * seconds / len(samples),
-        "peak_memory_mb": build.peak_memory_mb(run.device),
+        "peak_memory_mb": devices.peak_memory_mb(run.device),
         "memory_kind": "cuda max allocated" if run.device.type == "cuda" else "process peak RSS",
         "device": str(run.device),
     }

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from difflab import build
+from difflab import build, devices
 from difflab.config import ConfigError, RunConfig
 from difflab.model import Model
 from difflab.training import distributed
@@ -138,20 +138,20 @@ def build_parts(
     when several train together (default: alone)."""
     world = world or distributed.World()
     check_train_config(cfg, hooks)
-    device = build.resolve_device(cfg.train.device)
+    device = devices.resolve_device(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)  # weight init, dropout
     data = build.build_data(cfg, seed=cfg.train.seed)
     model = build.build_model(cfg, build.data_kind(cfg, data), device)
-    data = build.place_data(data, device)
+    data = devices.place_data(data, device)
     loss = build.build_loss(cfg, model.schedule)
     ema = EMA(model.net, cfg.train.ema_decay, cfg.train.ema_warmup)
-    optimizer = build.adamw(model.net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
+    optimizer = devices.adamw(model.net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     loss_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # t, eps, label dropout
-    dtype = build.resolve_precision(cfg.train.precision, device, "train.precision")
+    dtype = devices.resolve_precision(cfg.train.precision, device, "train.precision")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    forward = model.with_net(build.maybe_compile(model.net, cfg.train.compile, "train.compile"))
+    forward = model.with_net(devices.maybe_compile(model.net, cfg.train.compile, "train.compile"))
     target = None
     if loss.target_decay(0) is not None:  # a stop-gradient copy or an EMA of the online net
         target = copy.deepcopy(model.net).requires_grad_(False)

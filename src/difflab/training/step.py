@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from difflab import build
+from difflab import devices
 from difflab.config import RunConfig
 from difflab.training.logging import MetricsLog
 from difflab.training.parts import Parts, lr_at
@@ -122,7 +122,7 @@ def log_interval(
         lr=lr_at(cfg, step),
         ema_decay=parts.ema.current_decay(),
         param_norm=float(params.norm()),
-        peak_memory_mb=build.peak_memory_mb(parts.device),
+        peak_memory_mb=devices.peak_memory_mb(parts.device),
         **parts.monitor.row(),
     )
     log.write(row)
