@@ -79,7 +79,7 @@ def _launch_train(args: argparse.Namespace, cfg: RunConfig, run_dir: Path) -> in
     """`difflab train --nproc N`: this command in N processes, as torchrun would start them,
     each told the run's directory (so they agree on a default name)."""
     from difflab.training.distributed import launch
-    from difflab.training.loop import check_train_config
+    from difflab.training.parts import check_train_config
 
     check_train_config(cfg)  # one message here rather than one per process
     if args.resume:

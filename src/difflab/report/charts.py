@@ -199,10 +199,14 @@ def trajectories(
     return _save(fig, path)
 
 
+FORWARD_TS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)  # the forward-process figures' times, 2-D and images
+
+
 def forward_samples(
     schedule, real: np.ndarray, ts: tuple[float, ...], seed: int = 0
 ) -> list[tuple[float, np.ndarray]]:
-    """q(x_t | x0) draws of `real` at each t, for `forward_process`."""
+    """q(x_t | x0) draws of `real` at each t (fixed noise): the one forward process both the
+    2-D figure (`forward_process`) and the image strip (`grids.forward_process_images`) draw."""
     g = torch.Generator().manual_seed(seed)
     x0 = torch.from_numpy(real).float()
     out = []

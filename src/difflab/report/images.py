@@ -21,13 +21,12 @@ import torch
 from difflab import build
 from difflab.config import RunConfig, SampleConfig
 from difflab.files import savez_atomically
-from difflab.report import gifs, grids
+from difflab.report import charts, gifs, grids
 from difflab.runs import LoadedRun, draw_samples, load_run, sample_labels, save_run_samples
 from difflab.samplers import Recorder
 
 GIF_FRAMES = 50  # states kept for the denoising GIF
 COMPARE_N = 16  # images in the raw-vs-EMA and DDPM-vs-DDIM comparisons
-FORWARD_TS = (0.1, 0.25, 0.5, 0.75, 1.0)
 OTHER_SAMPLER = {"ddpm": "ddim", "ddim": "ddpm"}  # the comparison figure's second sampler
 
 
@@ -116,18 +115,37 @@ def state_lams(cfg: RunConfig, ts: np.ndarray) -> np.ndarray:
 def _trajectory(run: LoadedRun, run_dir: Path, scfg: SampleConfig) -> None:
     k = run.num_classes or 8
     labels = torch.arange(k) if run.num_classes else None
-    scfg = dataclasses.replace(scfg, n=k)
-    recorder = frame_recorder(run, scfg, GIF_FRAMES)
-    draw_samples(run, scfg, labels=labels, progress=False, recorder=recorder)
-    savez_atomically(
-        run_dir / "samples" / "trajectory.npz",
-        ts=np.array(recorder.ts),
-        steps=recorder.steps(),
-        xs=recorder.trajectory().numpy(),
-        x0_hats=torch.stack(recorder.x0_hats).numpy(),
+    states = record_states(run, dataclasses.replace(scfg, n=k), labels)
+    save_trajectory(
+        run_dir,
+        states,
         labels=labels.numpy() if labels is not None else np.zeros(0, dtype=np.int64),
         class_names=np.array(run.class_names),
     )
+
+
+def record_states(
+    run: LoadedRun, scfg: SampleConfig, labels=None, max_frames: int = GIF_FRAMES
+) -> dict:
+    """scfg's sampler at up to `max_frames` of its states, near-uniform in log-SNR, for scfg.n
+    samples: {"ts" (F,), "steps" (F + 1,), "xs" (F + 1, n, ...), "x0_hats" (F, n, ...),
+    "sampler"}."""
+    recorder = frame_recorder(run, scfg, max_frames)
+    draw_samples(run, scfg, labels=labels, progress=False, recorder=recorder)
+    return {
+        "ts": np.array(recorder.ts),
+        "steps": recorder.steps(),
+        "xs": recorder.trajectory().numpy(),
+        "x0_hats": torch.stack(recorder.x0_hats).numpy(),
+        "sampler": scfg.sampler,
+    }
+
+
+def save_trajectory(run_dir: Path, states: dict, **extra) -> Path:
+    """samples/trajectory.npz (atomically): the recorded states and what a kind of run adds."""
+    path = run_dir / "samples" / "trajectory.npz"
+    savez_atomically(path, **states, **extra)
+    return path
 
 
 def _real_images(run: LoadedRun, run_dir: Path, count: int = 6) -> None:
@@ -153,10 +171,16 @@ def plot_image_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
         paths = [grids.class_grid(main["samples"], labels, plots / "samples.png", names)]
     else:
         paths = [grids.save_grid(main["samples"][:100], plots / "samples.png")]
+    schedule = build.build_schedule(cfg.diffusion)
+    forward = charts.forward_samples(schedule, real, charts.FORWARD_TS)
     first = f"{compare['sampler']} {int(compare['steps'])} steps"
     second = f"{compare['other_sampler']} {int(compare['other_steps'])} steps"
     paths += [
-        grids.forward_process_images(real, _forward(cfg, real), plots / "forward.png"),
+        grids.forward_process_images(
+            real,
+            forward,
+            plots / "forward.png",
+        ),
         gifs.denoising_gif(
             traj["ts"],
             traj["xs"],
@@ -180,18 +204,3 @@ def plot_image_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
     if history:
         paths.append(grids.grid_history(history, plots / "grid_history.png"))
     return paths
-
-
-def _forward(cfg: RunConfig, real: np.ndarray) -> list[tuple[float, np.ndarray]]:
-    """q(x_t | x0) of the stored real images at FORWARD_TS (fixed noise)."""
-    schedule = build.build_schedule(cfg.diffusion)
-    x0, g = torch.from_numpy(real), torch.Generator().manual_seed(0)
-    return [
-        (
-            t,
-            schedule.q_sample(
-                x0, torch.full((len(x0),), t), torch.randn(x0.shape, generator=g)
-            ).numpy(),
-        )
-        for t in FORWARD_TS
-    ]

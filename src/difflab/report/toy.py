@@ -22,9 +22,8 @@ from difflab import build
 from difflab.config import RunConfig, SampleConfig
 from difflab.data.toy2d import sample_toy2d
 from difflab.evaluation.toy2d import REFERENCE_SEED
-from difflab.files import savez_atomically
 from difflab.report import charts, gifs
-from difflab.report.images import frame_recorder, state_lams
+from difflab.report.images import record_states, save_trajectory, state_lams
 from difflab.runs import LoadedRun, draw_samples
 from difflab.samplers import Recorder, sampler_info
 
@@ -33,7 +32,6 @@ GIF_FRAMES = 60  # states kept of them, near-uniform in log-SNR
 ODE_POINTS = 48  # probability-flow ODE paths kept at every step, for the trajectory figure
 ODE_STEPS = 100  # DDIM (eta = 0) steps when the run's sampler is stochastic
 STOCHASTIC_PATHS = (8, 30)  # the stochastic paths, thinned: points, states (12 x 40 tangled)
-FORWARD_TS = (0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 def ode_config(scfg: SampleConfig) -> SampleConfig:
@@ -55,18 +53,13 @@ def record_trajectories(run: LoadedRun, run_dir: Path, scfg: SampleConfig) -> No
     points (ts, steps, xs, x0_hats), and every state of the probability-flow ODE for the first
     ODE_POINTS of them (ode_ts, ode_xs): the same x_T, as noise is keyed by sample index."""
     traj_cfg = dataclasses.replace(scfg, n=min(TRAJECTORY_POINTS, scfg.n))
-    recorder = frame_recorder(run, traj_cfg, GIF_FRAMES)
-    draw_samples(run, traj_cfg, progress=False, recorder=recorder)
+    states = record_states(run, traj_cfg, max_frames=GIF_FRAMES)
     ode_cfg, ode = ode_config(scfg), Recorder()
     draw_samples(run, ode_cfg, progress=False, recorder=ode)
     _, _, ode_grid = build.build_sampler(ode_cfg, run.denoiser.schedule)
-    savez_atomically(
-        run_dir / "samples" / "trajectory.npz",
-        ts=np.array(recorder.ts),
-        steps=recorder.steps(),
-        xs=recorder.trajectory().numpy(),
-        x0_hats=torch.stack(recorder.x0_hats).numpy(),
-        sampler=scfg.sampler,
+    save_trajectory(
+        run_dir,
+        states,
         ode_ts=ode_grid.numpy(),
         ode_xs=ode.trajectory().numpy(),
         ode_sampler=ode_cfg.sampler,
@@ -85,7 +78,7 @@ def plot_toy_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
     ts, xs, lams = traj["ts"], traj["xs"], state_lams(cfg, traj["ts"])
     schedule = build.build_schedule(cfg.diffusion)
     title = f"generated ({sampler}, {steps} steps)"
-    forward = charts.forward_samples(schedule, real[:5000], FORWARD_TS)
+    forward = charts.forward_samples(schedule, real[:5000], charts.FORWARD_TS)
     paths = [
         charts.real_vs_generated(
             real[: len(generated)], generated, plots / "scatter.png", ("real", title)

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from difflab.files import write_text_atomically
 from difflab.training.faults import write_failure
 
 
@@ -83,9 +84,7 @@ def _clean(value):
 
 
 def _rewrite(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
