@@ -8,16 +8,10 @@ import functools
 import torch
 from torch import nn
 
+from difflab import config
 from difflab.codecs import Identity
 from difflab.conditioners import ClassLabels, Unconditional
-from difflab.config import (
-    ConfigError,
-    DataConfig,
-    DiffusionConfig,
-    ModelConfig,
-    RunConfig,
-    SampleConfig,
-)
+from difflab.config import ConfigError, RunConfig
 from difflab.data.folders import DatasetMissingError
 from difflab.data.images import DEFAULT_FLIP, load_image_dataset
 from difflab.data.stream import ImageStream, ToyStream
@@ -61,7 +55,7 @@ def _checked(fn):
 
 
 @_checked
-def build_schedule(cfg: DiffusionConfig) -> schedules.Schedule:
+def build_schedule(cfg: config.DiffusionConfig) -> schedules.Schedule:
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(
             f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}"
@@ -82,7 +76,7 @@ def build_schedule(cfg: DiffusionConfig) -> schedules.Schedule:
 
 
 @_checked
-def build_loss_spec(cfg: DiffusionConfig, schedule: schedules.Schedule) -> LossSpec:
+def build_loss_spec(cfg: config.DiffusionConfig, schedule: schedules.Schedule) -> LossSpec:
     if cfg.target == "v" and not schedule.variance_preserving:
         raise ConfigError(
             f"a v-space loss needs a variance-preserving schedule, not {schedule.name}; "
@@ -102,7 +96,9 @@ def build_loss_spec(cfg: DiffusionConfig, schedule: schedules.Schedule) -> LossS
 
 
 @_checked
-def build_net(cfg: ModelConfig, data_shape: tuple[int, ...], num_classes: int = 0) -> nn.Module:
+def build_net(
+    cfg: config.ModelConfig, data_shape: tuple[int, ...], num_classes: int = 0
+) -> nn.Module:
     """The network for data of `data_shape` (one example); num_classes > 0 adds labels."""
     if cfg.name not in NETS:
         raise ConfigError(f"unknown model {cfg.name!r}; choose one of {', '.join(NETS)}")
@@ -143,7 +139,7 @@ def check_image_size(cfg: RunConfig, shape: tuple[int, ...]) -> None:
         )
 
 
-def _flip(cfg: DataConfig, default: bool) -> bool:
+def _flip(cfg: config.DataConfig, default: bool) -> bool:
     if cfg.flip not in ("auto", "on", "off"):
         raise ConfigError(f"data.flip must be auto, on or off, got {cfg.flip!r}")
     return default if cfg.flip == "auto" else cfg.flip == "on"
@@ -231,7 +227,7 @@ def build_denoiser(cfg: RunConfig, net: nn.Module, schedule: schedules.Schedule)
 
 
 @_checked
-def build_sampler(cfg: SampleConfig, schedule: schedules.Schedule):
+def build_sampler(cfg: config.SampleConfig, schedule: schedules.Schedule):
     """(sampler function, options dict, time grid) for a sample config."""
     info = sampler_info(cfg.sampler)
     return (
