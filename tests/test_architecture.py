@@ -51,7 +51,9 @@ ALLOWED = {
         "benchmark", "build", "config", "evaluation", "files", "report", "runs", "samplers",
         "training",
     },
-    "__init__": {"diffusion.objectives", "diffusion.prediction", "training.ema"},
+    "__init__": {
+        "diffusion.objectives", "diffusion.prediction", "diffusion.schedules", "training.ema"
+    },
     "__main__": {"cli"},
 }  # fmt: skip
 TOP_LEVEL_LIMIT = 8  # .py files directly under src/difflab besides __init__ and __main__
