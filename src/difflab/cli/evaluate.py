@@ -68,7 +68,7 @@ def _is_image_source(source: Path) -> bool:
 def _eval_images(args: argparse.Namespace, source: Path) -> int:
     """Image metrics of a run (sampled now), a samples .npz or a folder, against --reference."""
     from difflab.build import IMAGE_DATASETS
-    from difflab.evaluation import protocol
+    from difflab.evaluation import protocol, references
     from difflab.evaluation.sampled import (
         evaluate_images_of,
         extractors_for,
@@ -98,7 +98,7 @@ def _eval_images(args: argparse.Namespace, source: Path) -> int:
         meta.update(file_meta)
     root = args.root or (run.cfg.data.root if run else "data")
     shape = tuple(run.shape if run else images.shape[1:])
-    reference = protocol.open_reference(ref_spec, shape, root=root, n=args.n_reference)
+    reference = references.open_reference(ref_spec, shape, root=root, n=args.n_reference)
     metrics = _metric_list(args.metric, run.num_classes > 0 if run else labels is not None)
     extractors = extractors_for(
         metrics,

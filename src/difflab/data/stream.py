@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from difflab.data.folders import to_signed
-from difflab.data.images import TensorImages
+from difflab.data.readers import TensorImages
 from difflab.data.toy2d import sample_toy2d
 
 

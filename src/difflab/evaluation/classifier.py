@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from difflab.data.folders import check_signed_images, to_signed
-from difflab.data.images import TensorImages, load_image_dataset
+from difflab.data.images import load_image_dataset
+from difflab.data.readers import TensorImages
 from difflab.files import replace_atomically, sha256_file
 
 __all__ = ["Judge", "JudgeExtractor", "JudgeFileError", "fit_judge", "judge_features"]

@@ -1,9 +1,9 @@
 """Image evaluation of a run, a folder of images or a samples .npz, with provenance.
 
-`difflab eval` and the training loop's periodic metric both come here. Metrics, references and
-the reference-feature cache are `metrics.protocol`'s; this module adds what needs a run: drawing
-the samples (timed, with peak memory), finding the feature extractors (the pinned Inception-v3,
-or the judge trained for the data set) and the training-time evaluator.
+`difflab eval` and the training loop's periodic metric both come here. The metrics are in
+`protocol`, the references and the reference-feature cache in `references`; this module adds what
+needs a run: drawing the samples (timed, with peak memory), finding the feature extractors (the
+pinned Inception-v3, or the judge trained for the data set) and the training-time evaluator.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import torch
 
 from difflab import devices
 from difflab.config import ConfigError, RunConfig, SampleConfig
-from difflab.evaluation import protocol
+from difflab.evaluation import protocol, references
 from difflab.evaluation.classifier import JudgeExtractor
-from difflab.evaluation.protocol import HIGHER_IS_BETTER, METRICS, EvalError, label
+from difflab.evaluation.protocol import HIGHER_IS_BETTER, METRICS, label
+from difflab.evaluation.references import EvalError
 from difflab.evaluation.toy2d import evaluate_toy
 from difflab.model import Model
 from difflab.runs import LoadedRun, draw_samples
@@ -34,7 +35,7 @@ JUDGE_DATASETS = ("mnist", "fashion", "cifar10")  # with train and test splits a
 
 def default_judge_path(dataset: str) -> Path:
     """Where `difflab eval train-classifier --dataset NAME` saves its judge."""
-    return protocol.cache_dir() / "judges" / f"{dataset}.safetensors"
+    return references.cache_dir() / "judges" / f"{dataset}.safetensors"
 
 
 def extractors_for(
@@ -115,7 +116,7 @@ def evaluate_images_of(
     run: LoadedRun,
     scfg: SampleConfig,
     metrics: list[str],
-    reference: protocol.Reference,
+    reference: references.Reference,
     extractors: dict,
     progress: bool = False,
     cache: bool = True,
@@ -197,7 +198,7 @@ class TrainingEvaluator:
             spec = cfg.train.eval_reference or f"{d.name}:test"
             if ":" not in spec and spec == d.name:
                 spec = f"{d.name}:test"
-            self.reference = protocol.open_reference(spec, tuple(shape), root=d.root)
+            self.reference = references.open_reference(spec, tuple(shape), root=d.root)
             dims = {k: e.feature_dim for k, e in self.extractors.items()}
             protocol.check_metrics([self.metric], self.n, dims, model.conditioner.conditional)
         except (EvalError, FileNotFoundError) as e:
@@ -245,7 +246,7 @@ def samples_from_file(source: Path, image_shape: tuple[int, int, int]) -> tuple:
 
     c, h, _ = image_shape
     folder = image_folder(source, h, c)
-    return protocol.dataset_images(folder, torch.arange(len(folder))), None, {}
+    return references.dataset_images(folder, torch.arange(len(folder))), None, {}
 
 
 SAMPLE_META = ("sampler", "steps", "seed", "ema", "guidance", "checkpoint", "step")
