@@ -24,7 +24,8 @@ ALLOWED = {
     "data": set(),
     "devices": {"config"},
     "diffusion": set(),  # diffusion/__init__.py; every other module of diffusion/ has its own
-    "diffusion.schedules": set(),
+    "diffusion.schedules_base": set(),
+    "diffusion.schedules": {"diffusion.schedules_base"},
     "diffusion.prediction": {"diffusion.schedules"},
     "diffusion.objectives": {"diffusion.schedules", "diffusion.prediction"},
     "diffusion.losses": {"diffusion.objectives"},

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from difflab.samplers.common import Callback, StepState, denoise
-from difflab.samplers.dpm_solver import Step, check_grid_and_final, make_step, phi, step_orders
+from difflab.samplers.multistep import Step, check_grid_and_final, make_step, phi, step_orders
 from difflab.samplers.noise import SampleNoise
 from difflab.samplers.registry import Option, register
 
