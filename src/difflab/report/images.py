@@ -125,12 +125,12 @@ def _trajectory(run: LoadedRun, run_dir: Path, scfg: SampleConfig) -> None:
 
 
 def record_states(
-    run: LoadedRun, scfg: SampleConfig, labels=None, max_frames: int = GIF_FRAMES
+    run: LoadedRun, scfg: SampleConfig, labels=None, max_frames: int | None = None
 ) -> dict:
     """scfg's sampler at up to `max_frames` of its states, near-uniform in log-SNR, for scfg.n
-    samples: {"ts" (F,), "steps" (F + 1,), "xs" (F + 1, n, ...), "x0_hats" (F, n, ...),
-    "sampler"}."""
-    recorder = frame_recorder(run, scfg, max_frames)
+    samples (default: GIF_FRAMES): {"ts" (F,), "steps" (F + 1,), "xs" (F + 1, n, ...),
+    "x0_hats" (F, n, ...), "sampler"}."""
+    recorder = frame_recorder(run, scfg, max_frames or GIF_FRAMES)
     draw_samples(run, scfg, labels=labels, progress=False, recorder=recorder)
     return {
         "ts": np.array(recorder.ts),
