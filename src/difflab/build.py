@@ -191,13 +191,13 @@ def build_model(cfg: RunConfig, kind: DataKind, device: torch.device | str = "cp
     """The run's model for data of `kind`, on `device` (weights freshly initialised from the
     global torch RNG; a caller that loads a checkpoint loads into model.net)."""
     device = torch.device(device)
-    codec = Identity()
-    net = build_net(cfg.model, codec.latent_shape(kind.shape), kind.num_classes).to(device)
+    codec, conditioner = Identity(), build_conditioner(cfg, kind)
+    # the network embeds what the conditioner makes (its classes and their null label)
+    net = build_net(cfg.model, codec.latent_shape(kind.shape), conditioner.num_classes)
     layout = memory_format(cfg.train.channels_last, kind.shape)
-    net = net.to(memory_format=layout)
+    net = net.to(device).to(memory_format=layout)
     schedule = build_schedule(cfg.diffusion)
     denoiser = build_denoiser(cfg, net, schedule)
-    conditioner = build_conditioner(cfg, kind)
     return Model(net, schedule, denoiser, conditioner, codec, kind, device, layout)
 
 
