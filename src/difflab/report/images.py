@@ -113,8 +113,9 @@ def state_lams(cfg: RunConfig, ts: np.ndarray) -> np.ndarray:
 
 
 def _trajectory(run: LoadedRun, run_dir: Path, scfg: SampleConfig) -> None:
-    k = run.num_classes or 8
-    labels = torch.arange(k) if run.num_classes else None
+    conditioner = run.model.conditioner  # one image per class (or 8 unconditional ones)
+    k = conditioner.num_classes or 8
+    labels = conditioner.request(k, per_class=True) if conditioner.conditional else None
     states = record_states(run, dataclasses.replace(scfg, n=k), labels)
     save_trajectory(
         run_dir,
