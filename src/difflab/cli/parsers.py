@@ -157,6 +157,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz (holds 'samples')")
     _add_sampler_flags(p)
     p.add_argument("--quiet", action="store_true")
+    _add_nproc_flag(p)
 
     p = sub.add_parser(
         "eval", help="measure samples (a run or a samples .npz) against the true distribution"
@@ -181,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
     _add_image_eval_flags(p)
     _add_sampler_flags(p)
     p.add_argument("--quiet", action="store_true")
+    _add_nproc_flag(p)
 
     p = sub.add_parser("plot", help="(re)draw every figure of a run from its directory")
     p.add_argument("run", help="run directory")
@@ -215,3 +217,13 @@ def sample_changes(args: argparse.Namespace) -> dict:
 def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
     """The run's sample config with the command-line flags laid over it."""
     return dataclasses.replace(base, **sample_changes(args))
+
+
+def _add_nproc_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="split the samples (and feature extraction) over N processes, one per GPU (or on "
+        "the CPU with gloo), as torchrun --nproc_per_node N would: the same output bit for bit",
+    )

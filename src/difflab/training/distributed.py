@@ -224,7 +224,8 @@ def leave_after_lost_peer(world: World) -> NoReturn:
     without an active exception", SIGABRT), which reads as this rank's own failure. os._exit
     skips that teardown; nothing is left to write (rank 0 writes checkpoints atomically between
     steps, and the launcher reports the rank that failed first)."""
-    print(f"difflab: rank {world.rank} stopped: another process failed", file=sys.stderr)
+    if not os.environ.get("DIFFLAB_LAUNCHED"):  # difflab's launcher says which one failed
+        print(f"difflab: rank {world.rank} stopped: another process failed", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(PEER_LOST_EXIT)
@@ -243,6 +244,7 @@ def launch(argv: list[str], nproc: int, run_dir: Path | None = None) -> int:
 
     if not os.environ.get("DIFFLAB_TRACEBACK"):  # the agent's own failure report is long
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ["DIFFLAB_LAUNCHED"] = "1"  # the processes inherit it
     with tempfile.TemporaryDirectory(prefix="difflab-launch-") as logs:
         config = LaunchConfig(
             min_nodes=1,
