@@ -46,7 +46,14 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     )
     for flag, (dest, kind, text) in _option_flags().items():
         p.add_argument(flag, dest=dest, type=kind, help=text)
-    p.add_argument("--n", type=int, help="number of samples")
+    p.add_argument(  # torchrun's own parser takes a bare --n for its --nnodes, --nproc-...
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=int,
+        help="number of samples (--num-samples "
+        "under torchrun, whose parser mistakes --n for its own flags)",
+    )
     p.add_argument("--seed", type=int, help="noise seed")
     p.add_argument("--batch-size", type=int, help="samples per batch (results do not depend on it)")
     p.add_argument(

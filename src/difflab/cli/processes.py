@@ -56,7 +56,11 @@ def peers(world) -> Iterator[None]:
         yield
     except RuntimeError as e:
         if world.size == 1 or not lost_peer(e):
+            shutdown(world)
             raise
         leave_after_lost_peer(world)
+    except BaseException:  # bad input (agreed by every rank): tear the group down first, or
+        shutdown(world)  # gloo's threads abort the interpreter's exit (SIGABRT)
+        raise
     world.barrier()  # rank 0 has written: nobody leaves a peer mid-collective
     shutdown(world)

@@ -99,8 +99,12 @@ def agree(world: World, fn: Callable):
 
 
 def check_visible(path: str | Path, world: World) -> None:
-    """Refuse a run directory or file that this rank (> 0) cannot see, saying what to mount."""
-    if world.rank and not Path(path).exists():
+    """Refuse a run directory or file that this rank cannot see while another can, saying what
+    to mount (every rank calls it: it is a collective). Seen by none: the caller's own message."""
+    seen = [True] * world.size
+    if world.size > 1:
+        dist.all_gather_object(seen, Path(path).exists())
+    if any(seen) and not seen[world.rank]:
         raise ConfigError(
             f"process rank {world.rank} on {socket.gethostname()} cannot see {path}: every node "
             "must see the run directory at the same path (mount the shared file system there), "
