@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from difflab import runs
 from difflab.config import ConfigError, SampleConfig
-from difflab.runs import LoadedRun, draw_samples
+from difflab.runs import LoadedRun
 from difflab.training.distributed import World, env_world, fault_hook, join, uses_cuda
 
 __all__ = ["PeerRefused", "Sharded", "agree", "blocks", "check_visible", "gather"]
@@ -122,14 +123,14 @@ def sample_shared(
     """The scfg.n samples of `run` (conditions `labels`, drawn as one process would when None),
     this rank drawing its block: on every rank, bit-identical to one process's draw."""
     if world.size == 1:
-        return draw_samples(run, scfg, labels=labels, progress=progress)
+        return runs.draw_samples(run, scfg, labels=labels, progress=progress)
     if labels is None and run.model.conditioner.conditional:  # as Model.sample draws them
         labels = run.model.conditioner.request(scfg.n, seed=scfg.seed)
     bounds = blocks(scfg.n, world.size, scfg.batch_size)
     a, b = bounds[world.rank]
     share = dataclasses.replace(scfg, n=b - a)
     cond = labels[a:b] if labels is not None else None
-    part = draw_samples(run, share, labels=cond, start=a, progress=progress and world.is_main)
+    part = runs.draw_samples(run, share, labels=cond, start=a, progress=progress and world.is_main)
     fault_hook(world, 0, "SAMPLE")
     return gather(part, world, bounds)
 
