@@ -42,7 +42,9 @@ ALLOWED = {
         "build", "config", "devices", "diffusion.prediction", "files", "model", "samplers",
         "training.checkpoint",
     },
-    "evaluation": {"config", "data", "devices", "files", "model", "runs", "samplers"},
+    "evaluation": {
+        "config", "data", "devices", "files", "model", "runs", "samplers", "training.distributed",
+    },
     "report": {
         "build", "config", "data", "evaluation", "files", "runs", "samplers", "training.hooks",
         "training.logging",

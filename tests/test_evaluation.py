@@ -40,7 +40,7 @@ class LinearExtractor:
 
 
 def test_labels_carry_the_sample_count_below_fifty_thousand():
-    assert label("fid", 50_000) == "fid" and label("fid", 60_000) == "fid"
+    assert label("fid", 50_000) == "fid50k" and label("fid", 60_000) == "fid60k"
     assert label("fid", 5000) == "fid5k" and label("kid_judge", 2500) == "kid_judge2.5k"
     assert label("fd_judge", 500) == "fd_judge0.5k"
 

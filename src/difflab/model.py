@@ -70,6 +70,7 @@ class Model:
         scfg: SampleConfig,
         *,
         cond=None,
+        start: int = 0,
         progress: bool = False,
         recorder: Recorder | None = None,
         autocast: torch.dtype | None = None,
@@ -80,6 +81,8 @@ class Model:
         Args:
             cond: the conditions of the n samples (a conditioner's `request` or `balanced`);
                 None for a conditional model draws them uniformly (seeded by scfg.seed).
+            start: global index of the first sample (one process's share of a larger draw:
+                with `cond` the share's conditions, samples start.. of one call from 0).
             recorder: receives every step of the first batch (trajectories).
             autocast: the network's precision (None: full).
         """
@@ -105,6 +108,7 @@ class Model:
             self.codec.latent_shape(self.kind.shape),
             ts,
             seed=scfg.seed,
+            start=start,
             batch_size=scfg.batch_size,
             labels=cond,
             device=self.device,

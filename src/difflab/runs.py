@@ -136,15 +136,21 @@ def draw_samples(
     sample_cfg: SampleConfig,
     *,
     labels: torch.Tensor | None = None,
+    start: int = 0,
     progress: bool = True,
     recorder: Recorder | None = None,
 ) -> torch.Tensor:
     """(n, *shape) samples of a loaded run with the sampler `sample_cfg` names, at
     sample_cfg.precision; a conditional run is guided at sample_cfg.guidance with the given
-    conditions (n,) (drawn uniformly when None)."""
+    conditions (n,) (drawn uniformly when None); `start`: index of the first (a share)."""
     autocast = devices.resolve_precision(sample_cfg.precision, run.device, "sample.precision")
     return run.model.sample(
-        sample_cfg, cond=labels, progress=progress, recorder=recorder, autocast=autocast
+        sample_cfg,
+        cond=labels,
+        start=start,
+        progress=progress,
+        recorder=recorder,
+        autocast=autocast,
     )
 
 

@@ -35,12 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         args.command = "train-classifier"
     else:
         args = parser().parse_args(argv)
+    args.argv = argv  # --nproc relaunches the command as given
     warnings.formatwarning = lambda msg, *a, **k: f"difflab: warning: {msg}\n"
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # they name the bad input and fix
         if os.environ.get("DIFFLAB_TRACEBACK"):
             raise
+        if getattr(e, "quiet", False):  # another process refused the input and said why
+            return 2
         if not getattr(e, "everywhere", False) or os.environ.get("RANK", "0") == "0":
             print(f"difflab: error: {e}", file=sys.stderr)  # once, for a fault every rank saw
         return 2

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from difflab.cli.parsers import sample_changes, sample_config
+from difflab.cli.processes import everywhere, peers, relaunch
 from difflab.config import (
     ConfigError,
 )
@@ -17,13 +18,31 @@ from difflab.files import write_text_atomically
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """Measure a run (sampled now), a samples .npz or a folder; in N processes (torchrun or
+    --nproc N) each draws its block of samples and features, and rank 0 writes the results."""
+    from difflab.evaluation.sharded import sampling_world
+
+    code = relaunch(args)
+    if code is not None:
+        return code
+    world = sampling_world(args.device)
+    with peers(world):
+        code = _eval(args, world)
+    return code
+
+
+def _eval(args: argparse.Namespace, world) -> int:
+    from difflab.evaluation.sharded import agree, check_visible, sample_shared
     from difflab.evaluation.toy2d import evaluate_toy
     from difflab.report.run import format_table
-    from difflab.runs import draw_samples, load_run, load_samples
+    from difflab.runs import load_samples
 
     source = Path(args.source)
-    if _is_image_source(source):
-        return _eval_images(args, source)
+    image = agree(world, lambda: check_visible(source, world) or _is_image_source(source))
+    if args.compare and world.size > 1:
+        raise everywhere("--compare runs in one process: leave out --nproc and torchrun")
+    if image:
+        return _eval_images(args, source, world)
     if args.compare:
         return _eval_compare(args, source)
     if source.suffix == ".npz":
@@ -35,9 +54,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
         info = {"source": str(source)}
     else:
-        run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
-        scfg = sample_config(run.cfg.sample, args)
-        samples = draw_samples(run, scfg, progress=not args.quiet).numpy()
+        run, scfg = agree(world, lambda: _load_for_sampling(args, source, world))
+        samples = sample_shared(run, scfg, world, progress=not args.quiet).numpy()
         dataset = args.dataset or run.cfg.data.name
         info = {
             "source": str(source),
@@ -48,10 +66,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "seed": scfg.seed,
         }
     result = {**info, **evaluate_toy(samples, dataset)}
+    if not world.is_main:  # rank 0 alone writes and prints
+        return 0
     if args.out:
         write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
+
+
+def _load_for_sampling(args: argparse.Namespace, source: Path, world):
+    """(the run, its sample config) for this rank, refusing more processes than samples."""
+    from difflab.evaluation.sharded import blocks, rank_device
+    from difflab.runs import load_run
+
+    device = rank_device(world, args.device)
+    run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=device)
+    scfg = sample_config(run.cfg.sample, args)
+    blocks(scfg.n, world.size)
+    return run, scfg
 
 
 def _is_image_source(source: Path) -> bool:
@@ -65,21 +97,57 @@ def _is_image_source(source: Path) -> bool:
     return run_kind(source).is_image
 
 
-def _eval_images(args: argparse.Namespace, source: Path) -> int:
+def _eval_images(args: argparse.Namespace, source: Path, world) -> int:
     """Image metrics of a run (sampled now), a samples .npz or a folder, against --reference."""
+    from difflab.evaluation import protocol
+    from difflab.evaluation.sampled import evaluate_images_of, format_rows
+    from difflab.evaluation.sharded import Sharded, agree
+
+    run, images, labels, meta, reference, metrics, extractors = agree(
+        world, lambda: _image_eval_setup(args, source, world)
+    )
+    if args.compare:
+        if run is None:
+            raise ConfigError("--compare draws its own samples: give a run directory")
+        image_eval = {"metrics": metrics, "reference": reference, "extractors": extractors}
+        image_eval["cache"] = not args.no_cache
+        return _eval_compare(args, source, image_eval)
+    cache = not args.no_cache
+    if run:
+        scfg = sample_config(run.cfg.sample, args)
+        rows = evaluate_images_of(
+            run, scfg, metrics, reference, extractors, not args.quiet, cache, world
+        )
+    else:
+        if world.size > 1:
+            extractors = {kind: Sharded(e, world) for kind, e in extractors.items()}
+        rows = protocol.evaluate_images(
+            images, labels, metrics, reference, extractors, meta, cache=cache
+        )
+    if not world.is_main:  # rank 0 alone writes and prints
+        return 0
+    result = {"rows": rows}
+    out = Path(args.out) if args.out else _default_eval_path(source, run is not None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2) if args.json else format_rows(rows))
+    print(f"difflab: wrote {out}", file=sys.stderr)  # stdout stays the table or the JSON
+    return 0
+
+
+def _image_eval_setup(args: argparse.Namespace, source: Path, world) -> tuple:
+    """(run or None, images, labels, meta, reference, metrics, extractors) of an image eval,
+    refusing what cannot be measured before any sampling."""
     from difflab.build import IMAGE_DATASETS
     from difflab.evaluation import protocol, references
-    from difflab.evaluation.sampled import (
-        evaluate_images_of,
-        extractors_for,
-        format_rows,
-        samples_from_file,
-    )
+    from difflab.evaluation.sampled import extractors_for, samples_from_file
+    from difflab.evaluation.sharded import blocks, rank_device
     from difflab.runs import load_run
 
     run, images, labels, meta = None, None, None, {"source": str(source)}
     if (source / "config.json").is_file():
-        run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
+        device = rank_device(world, args.device)
+        run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=device)
     dataset = run.cfg.data.name if run else args.dataset
     default = None
     if run and dataset == "imagefolder":
@@ -108,27 +176,12 @@ def _eval_images(args: argparse.Namespace, source: Path) -> int:
         inception_sha256=args.inception_sha256,
         device=run.device if run else "cpu",
     )
-    if args.compare:
-        if run is None:
-            raise ConfigError("--compare draws its own samples: give a run directory")
-        image_eval = {"metrics": metrics, "reference": reference, "extractors": extractors}
-        image_eval["cache"] = not args.no_cache
-        return _eval_compare(args, source, image_eval)
-    cache = not args.no_cache
-    if run:
-        scfg = sample_config(run.cfg.sample, args)
-        rows = evaluate_images_of(run, scfg, metrics, reference, extractors, not args.quiet, cache)
-    else:
-        rows = protocol.evaluate_images(
-            images, labels, metrics, reference, extractors, meta, cache=cache
-        )
-    result = {"rows": rows}
-    out = Path(args.out) if args.out else _default_eval_path(source, run is not None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2) if args.json else format_rows(rows))
-    print(f"difflab: wrote {out}", file=sys.stderr)  # stdout stays the table or the JSON
-    return 0
+    if run:  # what evaluate_images_of would refuse after loading: refuse it on every rank now
+        n = sample_config(run.cfg.sample, args).n
+        dims = {kind: e.feature_dim for kind, e in extractors.items()}
+        protocol.check_metrics(metrics, n, dims, run.model.conditioner.conditional)
+        blocks(n, world.size)
+    return run, images, labels, meta, reference, metrics, extractors
 
 
 def _default_eval_path(source: Path, is_run: bool) -> Path:

@@ -46,7 +46,14 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     )
     for flag, (dest, kind, text) in _option_flags().items():
         p.add_argument(flag, dest=dest, type=kind, help=text)
-    p.add_argument("--n", type=int, help="number of samples")
+    p.add_argument(  # torchrun's own parser takes a bare --n for its --nnodes, --nproc-...
+        "--n",
+        "--num-samples",
+        dest="n",
+        type=int,
+        help="number of samples (--num-samples "
+        "under torchrun, whose parser mistakes --n for its own flags)",
+    )
     p.add_argument("--seed", type=int, help="noise seed")
     p.add_argument("--batch-size", type=int, help="samples per batch (results do not depend on it)")
     p.add_argument(
@@ -157,6 +164,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz (holds 'samples')")
     _add_sampler_flags(p)
     p.add_argument("--quiet", action="store_true")
+    _add_nproc_flag(p)
 
     p = sub.add_parser(
         "eval", help="measure samples (a run or a samples .npz) against the true distribution"
@@ -181,6 +189,7 @@ def parser() -> argparse.ArgumentParser:
     _add_image_eval_flags(p)
     _add_sampler_flags(p)
     p.add_argument("--quiet", action="store_true")
+    _add_nproc_flag(p)
 
     p = sub.add_parser("plot", help="(re)draw every figure of a run from its directory")
     p.add_argument("run", help="run directory")
@@ -215,3 +224,13 @@ def sample_changes(args: argparse.Namespace) -> dict:
 def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
     """The run's sample config with the command-line flags laid over it."""
     return dataclasses.replace(base, **sample_changes(args))
+
+
+def _add_nproc_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="split the samples (and feature extraction) over N processes, one per GPU (or on "
+        "the CPU with gloo), as torchrun --nproc_per_node N would: the same output bit for bit",
+    )

@@ -7,19 +7,47 @@ import time
 from pathlib import Path
 
 from difflab.cli.parsers import sample_config
+from difflab.cli.processes import peers, relaunch
+from difflab.config import ConfigError
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from difflab.runs import draw_samples, load_run, sample_labels, save_samples
+    """Draw samples into --out (and a PNG grid for images); in N processes (torchrun or
+    --nproc N) each draws its block of indices and rank 0 writes the same files one would."""
+    from difflab.evaluation.sharded import sampling_world
+
+    code = relaunch(args)
+    if code is not None:
+        return code
+    world = sampling_world(args.device)
+    with peers(world):
+        _sample(args, world)
+    return 0
+
+
+def _sample(args: argparse.Namespace, world) -> None:
+    from difflab.evaluation.sharded import agree, blocks, check_visible, rank_device, sample_shared
+    from difflab.runs import load_run, sample_labels, save_samples
     from difflab.training.faults import out_of_memory
 
-    run = load_run(args.run, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
-    scfg = sample_config(run.cfg.sample, args)
-    labels = sample_labels(run, scfg.n, args.class_label, args.per_class, scfg.seed)
+    def prepare():
+        check_visible(args.run, world)
+        if Path(args.out).suffix != ".npz":
+            raise ConfigError(f"--out must end in .npz, got {args.out}")
+        device = rank_device(world, args.device)
+        run = load_run(args.run, checkpoint=args.checkpoint, use_ema=not args.raw, device=device)
+        scfg = sample_config(run.cfg.sample, args)
+        labels = sample_labels(run, scfg.n, args.class_label, args.per_class, scfg.seed)
+        blocks(scfg.n, world.size)
+        return run, scfg, labels
+
+    run, scfg, labels = agree(world, prepare)
     start = time.perf_counter()
     batch, advice = f"--batch-size {scfg.batch_size}", "a smaller --batch-size (same samples)"
     with out_of_memory("sampling", batch, advice):
-        samples = draw_samples(run, scfg, labels=labels, progress=not args.quiet)
+        samples = sample_shared(run, scfg, world, labels, progress=not args.quiet)
+    if not world.is_main:  # rank 0 alone writes
+        return
     meta = dict(
         sampler=scfg.sampler,
         steps=scfg.steps,
@@ -30,8 +58,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if labels is not None:
         meta["guidance"] = scfg.guidance
     path = save_samples(args.out, samples, labels, **meta)
+    many = f" by {world.size} processes" if world.size > 1 else ""
     print(
-        f"difflab: {len(samples)} samples ({scfg.sampler}, {scfg.steps} steps) in "
+        f"difflab: {len(samples)} samples ({scfg.sampler}, {scfg.steps} steps){many} in "
         f"{time.perf_counter() - start:.1f} s -> {path}"
     )
     if run.model.kind.is_image:
@@ -43,7 +72,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else:
             save_grid(samples[:100].numpy(), png)
         print(f"difflab: grid -> {png}")
-    return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ Metrics (`METRICS`):
 Every result row records the metric, its feature extractor and weights hash, the number of
 generated and reference samples, the reference, and how the samples were drawn. FID-type scores
 depend on the sample count (the estimator's bias falls like 1/n; Binkowski et al. 2018, Chong &
-Forsyth 2020), so a score from fewer than 50,000 samples carries its count: `fid5k`.
+Forsyth 2020), so a score carries its count: `fid50k` (the published protocol), `fid5k`.
 
 References (a data set split, a folder or an .npz), the reference-feature cache, `EvalError` and
 `cache_dir` are in `references.py`; they are re-exported here.
@@ -76,8 +76,9 @@ HIGHER_IS_BETTER = {
 
 
 def label(name: str, n: int) -> str:
-    """`name` for >= 50,000 samples, else the count in thousands appended: fid5k, fid0.5k."""
-    return name if n >= FULL_N else f"{name}{n / 1000:g}k"
+    """`name` with the sample count in thousands: fid50k (the published protocol), fid5k,
+    fid0.5k; a label always says how many samples a score is from."""
+    return f"{name}{n / 1000:g}k"
 
 
 def check_metrics(names: list[str], n: int, dims: dict[str, int], conditional: bool) -> None:

@@ -150,13 +150,17 @@ def _reference_features(ref: Reference, extractor, cache: bool) -> Tensor:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir() / "reference" / f"{digest}.npz"
     sidecar = path.with_suffix(".json")
-    if cache and path.is_file() and sidecar.is_file():
+    hit = cache and path.is_file() and sidecar.is_file()
+    if hit:
         meta = json.loads(sidecar.read_text())
-        if meta.get("key") == key and meta.get("sha256") == sha256_file(path):
-            with np.load(path, allow_pickle=False) as f:
-                return torch.from_numpy(f["features"])
+        hit = meta.get("key") == key and meta.get("sha256") == sha256_file(path)
+    if hasattr(extractor, "all_ranks"):  # sharded (evaluation/sharded.py): all ranks agree
+        hit = extractor.all_ranks(hit)
+    if hit:
+        with np.load(path, allow_pickle=False) as f:
+            return torch.from_numpy(f["features"])
     features = extractor.features(ref.load())  # raises on bad images: nothing is written
-    if cache:
+    if cache and getattr(extractor, "writes_cache", True):  # of many ranks, rank 0 alone
         path.parent.mkdir(parents=True, exist_ok=True)
 
         def write(tmp: Path) -> None:

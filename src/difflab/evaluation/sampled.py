@@ -21,10 +21,12 @@ from difflab.evaluation import protocol, references
 from difflab.evaluation.classifier import JudgeExtractor
 from difflab.evaluation.protocol import HIGHER_IS_BETTER, METRICS, label
 from difflab.evaluation.references import EvalError
+from difflab.evaluation.sharded import Sharded, sample_shared
 from difflab.evaluation.toy2d import evaluate_toy
 from difflab.model import Model
-from difflab.runs import LoadedRun, draw_samples
+from difflab.runs import LoadedRun
 from difflab.samplers import nfe_of
+from difflab.training.distributed import World
 
 __all__ = ["TrainingEvaluator", "default_judge_path", "evaluate_images_of", "extractors_for"]
 __all__ += ["format_rows", "sampling_provenance", "timed_samples"]
@@ -79,19 +81,26 @@ def _peak_memory_start(device: torch.device) -> None:
 
 
 def timed_samples(
-    run: LoadedRun, scfg: SampleConfig, labels: torch.Tensor | None, progress: bool = False
+    run: LoadedRun,
+    scfg: SampleConfig,
+    labels: torch.Tensor | None,
+    progress: bool = False,
+    world: World | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Samples of a run and how fast they came: ms per sample and peak memory (CUDA: the most
-    allocated during sampling; CPU: the process's peak resident memory so far)."""
+    allocated during sampling; CPU: the process's peak resident memory so far); `world`: the
+    processes that share the draw (each its block; every rank gets all samples)."""
+    world = world or World()
     _peak_memory_start(run.device)
     start = time.perf_counter()
-    samples = draw_samples(run, scfg, labels=labels, progress=progress)
+    samples = sample_shared(run, scfg, world, labels, progress)
     seconds = time.perf_counter() - start
     timing = {
         "ms_per_sample": 1000 * seconds / len(samples),
         "peak_memory_mb": devices.peak_memory_mb(run.device),
         "memory_kind": "cuda max allocated" if run.device.type == "cuda" else "process peak RSS",
         "device": str(run.device),
+        "processes": world.size,  # ms_per_sample is of the whole draw, over all of them
     }
     return samples, timing
 
@@ -120,14 +129,18 @@ def evaluate_images_of(
     extractors: dict,
     progress: bool = False,
     cache: bool = True,
+    world: World | None = None,
 ) -> list[dict]:
     """Draw scfg.n samples of an image run (class-balanced when conditional) and
-    measure them; `cache`: read and write cached reference features."""
-    conditional = run.model.conditioner.conditional
+    measure them; `cache`: read and write cached reference features; `world`: the processes
+    sharing the draw and the feature extraction (see sharded.py)."""
+    conditional, world = run.model.conditioner.conditional, world or World()
     dims = {kind: e.feature_dim for kind, e in extractors.items()}
     protocol.check_metrics(metrics, scfg.n, dims, conditional)  # before any sampling
     labels = run.model.conditioner.balanced(scfg.n)  # every class equally often
-    samples, timing = timed_samples(run, scfg, labels, progress)
+    samples, timing = timed_samples(run, scfg, labels, progress, world)
+    if world.size > 1:
+        extractors = {kind: Sharded(e, world) for kind, e in extractors.items()}
     provenance = {**sampling_provenance(run, scfg, conditional), **timing}
     if conditional:
         provenance["labels"] = "balanced"

@@ -18,6 +18,7 @@ from matplotlib import ticker
 from matplotlib.lines import Line2D
 
 from difflab.evaluation.protocol import HIGHER_IS_BETTER
+from difflab.files import replace_atomically
 from difflab.training.logging import read_metrics
 
 LIMITS = (-1.5, 1.5)  # data panels
@@ -42,7 +43,8 @@ def _scatter(ax, points: np.ndarray, color: str = "C0", size: float = 0.5) -> No
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fmt = path.suffix.lstrip(".") or "png"  # a crash leaves the old figure or the new one
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt))
     plt.close(fig)
     return path
 

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
+from difflab.files import replace_atomically
 from difflab.report.charts import _save  # one dpi and bbox for every figure
 
 PAD = 2  # pixels between and around the images of a grid (as torchvision's make_grid)
@@ -109,7 +110,7 @@ def save_grid(images, path: Path, nrow: int | None = None) -> Path:
     grid = image_grid(x, nrow or math.ceil(math.sqrt(len(x))))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    replace_atomically(path, lambda tmp: grid.save(tmp, format="PNG"))  # never half a PNG
     return path
 
 

@@ -78,6 +78,7 @@ def generate(
     ts: Tensor,
     *,
     seed: int = 0,
+    start: int = 0,
     batch_size: int = 1024,
     labels: Tensor | None = None,
     device: torch.device | str = "cpu",
@@ -95,6 +96,8 @@ def generate(
         shape: shape of one sample, e.g. (2,) or (C, H, W).
         ts: the time grid.
         seed: noise seed; x_T of sample k is `SampleNoise(seed).randn` stream 0, row k.
+        start: global index of the first of the n samples: samples start..start + n - 1 are
+            drawn, bit-identical to those rows of one call from 0 (one process's share).
         labels: (n,) class labels or None.
         callback: receives each step of the first batch only (for trajectories).
         autocast: run under torch.autocast in this dtype (bf16/fp16), or None (full precision).
@@ -112,14 +115,14 @@ def generate(
     bar = tqdm(
         total=len(starts) * (len(ts) - 1), desc="sampling", unit="step", disable=not progress
     )
-    for start in starts:
-        size = min(batch_size, n - start)
-        noise = SampleNoise(seed, start)
+    for first in starts:
+        size = min(batch_size, n - first)
+        noise = SampleNoise(seed, start + first)
         x_T = noise.randn((size, *shape), 0, device)
         if prior_std != 1.0:  # variance-exploding schedules start wide
             x_T = x_T * prior_std
-        y = labels[start : start + size].to(device) if labels is not None else None
-        user_cb = callback if start == 0 else None
+        y = labels[first : first + size].to(device) if labels is not None else None
+        user_cb = callback if first == 0 else None
 
         def step_done(state: StepState, user_cb=user_cb) -> None:
             bar.update(1)

@@ -1,28 +1,28 @@
-"""Many processes, one run: data-parallel training with DistributedDataParallel (DDP).
+"""Many processes, one run: data-parallel training with DistributedDataParallel (DDP), and the
+process group and launcher that `difflab sample` / `difflab eval` share (evaluation/sharded.py).
 
-Start it with `torchrun --nproc_per_node N -m difflab train --name RUN ...` or with
-`difflab train --nproc N ...` (which launches the same through torch.distributed's elastic
-agent). Each process ("rank") trains on `cuda:LOCAL_RANK` with NCCL when CUDA is used, else on
-the CPU with gloo.
+Start it with `torchrun --nproc_per_node N -m difflab train --name RUN ...` (add --nnodes M
+--node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT across machines) or with
+`difflab train --nproc N ...` (the same through torch.distributed's elastic agent). Each process
+("rank") trains on `cuda:LOCAL_RANK` with NCCL when CUDA is used, else on the CPU with gloo.
 
 How N processes stay one run:
 - `train.batch_size` is the global batch. Every rank builds the same objects from train.seed,
   draws the same global batch from the data stream and the same global loss noise (label
   dropout, t, eps), and keeps only its slice [rank B/N, (rank + 1) B/N). DDP averages the
-  gradients, so a step is one process's step on the whole batch: the same mean loss, equal up to
-  the order of float sums. Drawing the whole batch everywhere costs a little host work but keeps
-  the stream's state global, so a checkpoint holds no per-rank state and a run resumes with any
-  number of processes.
+  gradients, so a step is one process's step on the whole batch, equal up to the order of float
+  sums. The stream's state stays global, so a checkpoint holds no per-rank state and a run
+  resumes with any number of processes (or nodes).
 - EMA is updated from the synchronised parameters on every rank, so every rank's EMA is equal.
 - Dropout draws from each rank's own torch RNG, seeded train.seed + 1000 rank after the
   identical weight init (after a resume, ranks > 0 reseed with the step added; rank 0 keeps the
   state the checkpoint saved).
-- Rank 0 alone writes (config, metrics, checkpoints, grids, evaluations); metrics are summed over
-  ranks first, and the others wait at a barrier while it writes a checkpoint.
+- Global rank 0 alone writes (config, metrics, checkpoints, grids, evaluations); metrics are
+  summed over ranks first, and the others wait at a barrier while it writes a checkpoint. A
+  resume reads the checkpoint on every rank: every node must see the run directory.
 
 Test hook: DIFFLAB_FAULT_RANK=r DIFFLAB_FAULT_STEP=s make rank r leave with os._exit(17) right
-after its step s, as a crashed process would, so tests can check that the others stop and that no
-partial checkpoint is left behind.
+after its step s, as a crash would (DIFFLAB_FAULT_SAMPLE=0: once its share of samples is drawn).
 """
 
 from __future__ import annotations
@@ -106,16 +106,6 @@ class World:
         stats.examples = round(float(packed[2 * n + 1]))
 
 
-class SilentLog:
-    """The metrics log of ranks other than 0: rows are computed everywhere, written once."""
-
-    def write(self, row: dict) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def env_world() -> World:
     """The World torchrun describes in the environment (RANK, WORLD_SIZE, ...); no process
     group is joined and no device chosen: that is `setup`."""
@@ -168,21 +158,28 @@ def setup(cfg: RunConfig) -> World:
     """Join the process group torchrun (or --nproc) started, choosing this rank's device and
     CPU threads; a single process (no WORLD_SIZE > 1) returns World() and changes nothing."""
     world = env_world()
+    if world.size > 1:
+        check_world(cfg, world.size, world.local_size)
+    return join(world, cfg.train.device, cfg.train.threads)
+
+
+def join(world: World, device: str, threads: int = 0) -> World:
+    """`world` with its process group joined: NCCL on cuda:LOCAL_RANK when `device` uses CUDA,
+    else gloo on the CPU with the cores shared out (threads 0) among the machine's processes.
+    Training, `difflab sample` and `difflab eval` all join here."""
     if world.size == 1:
         return world
-    check_world(cfg, world.size, world.local_size)
-    if uses_cuda(cfg.train.device):
-        torch.cuda.set_device(world.local_rank)  # train.device auto / cuda now means this GPU
-        device, backend = torch.device("cuda", world.local_rank), "nccl"
+    if uses_cuda(device):
+        torch.cuda.set_device(world.local_rank)  # device auto / cuda now means this GPU
+        dev, backend = torch.device("cuda", world.local_rank), "nccl"
     else:
-        device, backend = torch.device("cpu"), "gloo"
-        if cfg.train.threads == 0:  # share the cores (build_parts applies train.threads > 0)
+        dev, backend = torch.device("cpu"), "gloo"
+        if threads == 0:  # share the cores (build_parts applies train.threads > 0)
             torch.set_num_threads(max(1, cpu_cores() // world.local_size))
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend, timeout=TIMEOUT, device_id=device if backend == "nccl" else None
-        )
-    return World(world.rank, world.local_rank, world.size, world.local_size, device)
+        nccl = dev if backend == "nccl" else None
+        dist.init_process_group(backend, timeout=TIMEOUT, device_id=nccl)
+    return World(world.rank, world.local_rank, world.size, world.local_size, dev)
 
 
 def attach(parts, cfg: RunConfig, world: World, start: int) -> None:
@@ -202,10 +199,10 @@ def shutdown(world: World) -> None:
         dist.destroy_process_group()
 
 
-def fault_hook(world: World, step: int) -> None:
+def fault_hook(world: World, step: int, what: str = "STEP") -> None:
     """Test hook: leave at once, as a crash would, if DIFFLAB_FAULT_RANK and
-    DIFFLAB_FAULT_STEP name this rank and `step`."""
-    rank, at = os.environ.get("DIFFLAB_FAULT_RANK"), os.environ.get("DIFFLAB_FAULT_STEP")
+    DIFFLAB_FAULT_<what> (STEP: training; SAMPLE: sharded sampling) name this rank and `step`."""
+    rank, at = os.environ.get("DIFFLAB_FAULT_RANK"), os.environ.get(f"DIFFLAB_FAULT_{what}")
     if rank is not None and at is not None and int(rank) == world.rank and int(at) == step:
         sys.stderr.flush()
         os._exit(FAULT_EXIT)
@@ -227,23 +224,27 @@ def leave_after_lost_peer(world: World) -> NoReturn:
     without an active exception", SIGABRT), which reads as this rank's own failure. os._exit
     skips that teardown; nothing is left to write (rank 0 writes checkpoints atomically between
     steps, and the launcher reports the rank that failed first)."""
-    print(f"difflab: rank {world.rank} stopped: another process failed", file=sys.stderr)
+    if not os.environ.get("DIFFLAB_LAUNCHED"):  # difflab's launcher says which one failed
+        print(f"difflab: rank {world.rank} stopped: another process failed", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(PEER_LOST_EXIT)
 
 
-def launch(argv: list[str], nproc: int, run_dir: Path) -> int:
-    """Run `python -m difflab <argv>` in `nproc` processes, as torchrun --standalone does, and
-    return the exit code: 0, 2 if a process refused bad input (it printed why), 130 / 143 after
-    SIGINT / SIGTERM (forwarded to every process; they stop together with a checkpoint), else 1
-    with one line naming the first process that failed. One failing process stops the others."""
+def launch(argv: list[str], nproc: int, run_dir: Path | None = None) -> int:
+    """Run `python -m difflab <argv>` (train, sample or eval) in `nproc` processes, as torchrun
+    --standalone does, and return the exit code: 0, 2 if a process refused bad input (it printed
+    why), 130 / 143 after SIGINT / SIGTERM (forwarded to every process; training stops with a
+    checkpoint), else 1 with one line naming the first process that failed. One failing process
+    stops the others. `run_dir`: the run being trained (None: sample / eval, which write only
+    when every process is done)."""
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if not os.environ.get("DIFFLAB_TRACEBACK"):  # the agent's own failure report is long
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ["DIFFLAB_LAUNCHED"] = "1"  # the processes inherit it
     with tempfile.TemporaryDirectory(prefix="difflab-launch-") as logs:
         config = LaunchConfig(
             min_nodes=1,
@@ -280,13 +281,15 @@ def _first_cause(failures: dict) -> tuple[int, int]:
     return rank, failures[rank].exitcode
 
 
-def _failure_message(rank: int, code: int, run_dir: Path) -> str:
+def _failure_message(rank: int, code: int, run_dir: Path | None) -> str:
     how = f"exit {code}"
     if code < 0:
         try:
             how = f"killed by {signal.Signals(-code).name}"
         except ValueError:
             how = f"killed by signal {-code}"
+    if run_dir is None:
+        return f"process rank {rank} failed ({how}); nothing was written"
     if list_checkpoints(run_dir / "checkpoints"):
         after = f"the run can be resumed from its last checkpoint with --resume {run_dir}"
     else:

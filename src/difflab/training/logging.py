@@ -96,3 +96,13 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+class SilentLog:
+    """The metrics log of ranks other than 0: rows are computed everywhere, written once."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -26,7 +26,7 @@ from difflab.training.checkpoint import (
     save_checkpoint,
 )
 from difflab.training.hooks import NO_HOOKS, Hooks
-from difflab.training.logging import MetricsLog
+from difflab.training.logging import MetricsLog, SilentLog
 from difflab.training.parts import Parts, build_parts, open_run, state_of
 from difflab.training.step import IntervalStats, log_interval, note_best, train_step
 
@@ -85,7 +85,7 @@ def train(
     start, smoothed = open_run(cfg, run_dir, parts, resume)  # 2. open or resume
     distributed.attach(parts, cfg, world, start)  # DDP; this rank's dropout RNG
     try:
-        log = distributed.SilentLog()  # ranks other than 0 write nothing
+        log = SilentLog()  # ranks other than 0 write nothing
         if world.is_main:
             log = MetricsLog(
                 run_dir / "metrics.jsonl",
