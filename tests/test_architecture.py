@@ -47,7 +47,8 @@ ALLOWED = {
         "build", "config", "data", "evaluation", "files", "runs", "samplers", "training.hooks",
         "training.logging",
     },
-    "benchmark": {"build", "config", "devices", "model", "samplers"},
+    "benchmark": {"build", "config", "devices", "model", "samplers", "share.mapping"},
+    "share": {"config"},
     "cli": {
         "benchmark", "build", "config", "evaluation", "files", "report", "runs", "samplers",
         "training",
