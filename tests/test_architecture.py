@@ -48,10 +48,13 @@ ALLOWED = {
         "training.logging",
     },
     "benchmark": {"build", "config", "devices", "model", "samplers", "share.mapping"},
-    "share": {"config"},
+    "share": {
+        "build", "config", "devices", "diffusion.adapters", "evaluation.history", "model", "runs",
+        "training.checkpoint", "training.ema",
+    },
     "cli": {
         "benchmark", "build", "config", "evaluation", "files", "report", "runs", "samplers",
-        "training",
+        "share", "training",
     },
     "__init__": {
         "diffusion.objectives", "diffusion.prediction", "diffusion.schedules", "training.ema"

@@ -75,10 +75,10 @@ def _eval_images(args: argparse.Namespace, source: Path) -> int:
         format_rows,
         samples_from_file,
     )
-    from difflab.runs import load_run
+    from difflab.runs import is_weights_file, load_run
 
     run, images, labels, meta = None, None, None, {"source": str(source)}
-    if (source / "config.json").is_file():
+    if (source / "config.json").is_file() or is_weights_file(source):
         run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
     dataset = run.cfg.data.name if run else args.dataset
     default = None
@@ -134,7 +134,7 @@ def _eval_images(args: argparse.Namespace, source: Path) -> int:
 def _default_eval_path(source: Path, is_run: bool) -> Path:
     """Where image results go without --out: RUN/evals/, or beside the .npz or folder."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    if is_run:
+    if is_run and source.is_dir():
         return source / "evals" / f"eval-{stamp}.json"
     return source.parent / f"{source.stem}-eval-{stamp}.json"
 
