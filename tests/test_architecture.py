@@ -50,7 +50,7 @@ ALLOWED = {
     "benchmark": {"build", "config", "devices", "model", "samplers", "share.mapping"},
     "share": {
         "build", "config", "devices", "diffusion.adapters", "evaluation.history", "model", "runs",
-        "training.checkpoint", "training.ema",
+        "training.checkpoint",
     },
     "cli": {
         "benchmark", "build", "config", "evaluation", "files", "report", "runs", "samplers",

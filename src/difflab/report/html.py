@@ -46,7 +46,7 @@ def _data_uri(path: Path) -> str:
 
 def _figure(path: Path, run_dir: Path) -> str:
     rel = html.escape(str(path.relative_to(run_dir)))
-    return (f'<figure><img src="{_data_uri(path)}" alt="{rel}" data-file="{rel}" loading="lazy">'
+    return (f'<figure><img src="{_data_uri(path)}" alt="{rel}" data-file="{rel}">'
             f"<figcaption>{rel}</figcaption></figure>")  # fmt: skip
 
 

@@ -207,13 +207,12 @@ def fresh_state(cfg: RunConfig, model) -> dict:
     """state.pt of a run at step 0: optimizer and EMA as training would start them; no data
     stream position (a resumed run opens its stream fresh)."""
     from difflab import devices
-    from difflab.training.ema import EMA
 
     t = cfg.train
     optimizer = devices.adamw(model.net, t.lr, t.betas, t.weight_decay)
+    ema = {"decay": t.ema_decay, "warmup": t.ema_warmup, "num_updates": 0}  # EMA.state_dict()
     return {
-        "step": 0, "optimizer": optimizer.state_dict(),
-        "ema": EMA(model.net, t.ema_decay, t.ema_warmup).state_dict(), "data": None,
+        "step": 0, "optimizer": optimizer.state_dict(), "ema": ema, "data": None,
         "loss_generator": torch.Generator().manual_seed(t.seed + 1).get_state(),
         "torch_rng": torch.get_rng_state(), "cuda_rng": [], "scaler": {},
         "smoothed_loss": None, "best": {},
