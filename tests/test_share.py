@@ -111,6 +111,10 @@ def test_export_samples_like_difflab_and_imports_back(runs, tmp_path, kind):
     assert main(["import", str(out), "--name", "back", "--runs", str(tmp_path / "runs")]) == 0
     back = _difflab_ddim(tmp_path / "runs" / "back", x_T, labels)
     assert float((back - ours).abs().max()) < 1e-5
+    if kind == "uncond":  # an imported run fine-tunes like any other (from step 0)
+        argv = ["train", "--resume", str(tmp_path / "runs" / "back"), "--quiet", "--no-finish"]
+        assert main([*argv, "--set", "train.steps=2"]) == 0
+        assert (tmp_path / "runs" / "back" / "checkpoints" / "step-2").is_dir()
 
 
 @pytest.mark.slow
