@@ -49,10 +49,14 @@ ALLOWED = {
         "build", "config", "data", "evaluation", "files", "runs", "samplers", "training.hooks",
         "training.logging",
     },
-    "benchmark": {"build", "config", "devices", "model", "samplers"},
+    "benchmark": {"build", "config", "devices", "model", "samplers", "share.mapping"},
+    "share": {
+        "build", "config", "devices", "diffusion.adapters", "evaluation.history", "model", "runs",
+        "training.checkpoint",
+    },
     "cli": {
         "benchmark", "build", "config", "evaluation", "files", "report", "runs", "samplers",
-        "training",
+        "share", "training",
     },
     "__init__": {
         "diffusion.objectives", "diffusion.prediction", "diffusion.schedules", "training.ema"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from difflab import build, devices
 from difflab.config import ConfigError, RunConfig, SampleConfig
@@ -56,8 +59,22 @@ class LoadedRun:
         return self.model.conditioner.class_names
 
 
+# Metadata keys of a weights file (`difflab export --format ema`): the run's config, data.json
+# and step as JSON strings; the tensors are the EMA weights in half precision.
+WEIGHTS_META = ("difflab_config", "difflab_data", "difflab_step")
+
+
+def is_weights_file(path: str | Path) -> bool:
+    return Path(path).suffix == ".safetensors" and Path(path).is_file()
+
+
 def check_run_dir(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
+    if is_weights_file(run_dir):
+        raise ConfigError(
+            f"{run_dir} is an EMA weights file (half precision, no optimizer state): it samples "
+            "and evaluates but cannot be trained on; resume the run directory it came from"
+        )
     if not run_dir.is_dir():
         raise ConfigError(
             f"run directory {run_dir} does not exist; train one with `difflab train --name NAME`"
@@ -75,7 +92,10 @@ def load_run(
     device: str = "auto",
 ) -> LoadedRun:
     """Load a run's network (EMA weights by default) from its newest good checkpoint, or from
-    `checkpoint`: a step number or "best"."""
+    `checkpoint`: a step number or "best". A weights file (.safetensors) loads its EMA
+    weights upcast to float32."""
+    if is_weights_file(run_dir):
+        return load_weights_file(Path(run_dir), use_ema, device)
     run_dir = check_run_dir(run_dir)
     if checkpoint is None:
         ckpt = latest_good_checkpoint(run_dir / "checkpoints")
@@ -110,9 +130,40 @@ def load_run(
     return LoadedRun(run_dir, ckpt, cfg, model, checkpoint_step(ckpt))
 
 
+def weights_file_meta(path: Path) -> tuple[RunConfig, DataKind, int]:
+    """The config, data kind and step a weights file carries in its metadata."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        config, data, step = (json.loads(meta[k]) for k in WEIGHTS_META)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise ConfigError(
+            f"{path} is not a difflab weights file ({type(e).__name__}: {e}); make one with "
+            "`difflab export RUN --format ema --dtype fp16 --out FILE.safetensors`"
+        ) from None
+    return RunConfig.from_dict(config), DataKind.from_info(data), int(step)
+
+
+def load_weights_file(path: Path, use_ema: bool = True, device: str = "auto") -> LoadedRun:
+    """A LoadedRun from a weights file: its half-precision EMA weights upcast to float32."""
+    if not use_ema:
+        raise ConfigError(f"{path} holds the EMA weights only; leave out --raw")
+    cfg, kind, step = weights_file_meta(path)
+    model = build.build_model(cfg, kind, devices.resolve_device(device))
+    state = {k: v.float() for k, v in load_file(path).items()}  # safetensors: no code runs
+    try:
+        model.net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"the weights in {path} do not fit its config: {e}"[:300]) from None
+    model.net.eval().requires_grad_(False)
+    return LoadedRun(path, path, cfg, model, step)
+
+
 def run_kind(run_dir: str | Path) -> DataKind:
     """What a run's data are (points or images, shape, classes): decided once by training and
-    carried in its checkpoints' data.json."""
+    carried in its checkpoints' data.json (or a weights file's metadata)."""
+    if is_weights_file(run_dir):
+        return weights_file_meta(Path(run_dir))[1]
     ckpt = latest_good_checkpoint(check_run_dir(run_dir) / "checkpoints")
     return DataKind.from_info(load_data_info(ckpt))
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from difflab.benchmark.diffusers_side import NoEquivalent, unet2d_config
 from difflab.benchmark.measure import count_flops, matmul_peak
 from difflab.benchmark.options import (
     CONFIGS,
@@ -31,6 +30,7 @@ from difflab.benchmark.options import (
 )
 from difflab.benchmark.report import markdown, write_results
 from difflab.benchmark.run import run_benchmark
+from difflab.share.mapping import NoEquivalent, unet2d_config
 
 
 def bench_main(args: argparse.Namespace) -> tuple[str, Path, Path]:

@@ -1,13 +1,9 @@
 """diffusers' UNet2DModel configured as difflab's U-Net, trained and sampled the diffusers way.
 
-The mapping (`unet2d_config`) is block for block: difflab's DDPM-style U-Net and UNet2DModel
-have the same ResBlocks (GroupNorm, SiLU, 3x3 convs, a time projection, a 1x1 skip when channels
-change), the same attention parameters (diffusers' separate to_q/to_k/to_v/to_out Linears hold
-exactly the weights of our 1x1 qkv and proj convs), strided-conv downsampling, nearest
-upsampling followed by a 3x3 conv, and the same [cos, sin] time embedding of t * 1000. diffusers
-lists up blocks from the lowest resolution. With difflab's weights copied into the cifar10
-mapping, diffusers' output matched ours to 1.4e-5 (output scale 4.7; checked once by hand,
-2026-11-22); parameter counts are checked on every run.
+The mapping (`share.mapping.unet2d_config`, shared with `difflab export`) is block for block
+(see that module). With difflab's weights copied into the cifar10 mapping, diffusers' output
+matched ours to 1.4e-5 (output scale 4.7; checked once by hand, 2026-11-22); parameter counts
+are checked on every run.
 
 Training step: noise = randn, integer timesteps ~ U{0..T-1}, DDPMScheduler.add_noise, the
 UNet2DModel forward, MSE against eps (or v via get_velocity for v-prediction presets), as in
@@ -26,8 +22,8 @@ from torch.nn import functional as F
 from difflab import devices
 from difflab.benchmark.options import Setup
 from difflab.benchmark.sides import Counted, Side, sample_labels, synthetic_batch
-from difflab.config import DiffusionConfig, ModelConfig
 from difflab.samplers import steps_for_nfe
+from difflab.share.mapping import scheduler_config, unet2d_config
 
 # difflab sampler -> (diffusers scheduler class, its extra arguments)
 SCHEDULERS = {
@@ -39,63 +35,6 @@ SCHEDULERS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
 }
-PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
-BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
-
-
-class NoEquivalent(ValueError):
-    """diffusers has no counterpart to this configuration (the message says why)."""
-
-
-def unet2d_config(model: ModelConfig, shape: tuple[int, ...], classes: int) -> dict:
-    """UNet2DModel's arguments for difflab's U-Net `model` on images of `shape` (C, H, W).
-
-    Raises NoEquivalent where UNet2DModel cannot be laid out the same way.
-    """
-    if model.name != "unet":
-        raise NoEquivalent(f"difflab's {model.name} network has no diffusers counterpart")
-    u = model.unet
-    missing = [
-        (u.downsample != "conv", f"downsample={u.downsample}"),
-        (u.upsample != "nearest", f"upsample={u.upsample}"),
-        (u.weight_standardization, "weight standardization"),
-        (u.bottleneck_blocks != 2, f"bottleneck_blocks={u.bottleneck_blocks}"),
-    ]
-    for absent, what in missing:
-        if absent:
-            raise NoEquivalent(f"UNet2DModel has no {what}")
-    channels = tuple(u.base_channels * m for m in u.channel_mults)
-    levels = range(len(channels))
-    attended = [channels[i] for i in u.attention_levels]
-    attended += [channels[-1]] if u.mid_attention else []
-    # diffusers takes one head width for every block; None = one head per block, any width
-    head_dim = None if u.num_heads == 1 else min(attended) // u.num_heads
-    return dict(
-        sample_size=shape[1], in_channels=shape[0], out_channels=shape[0],
-        block_out_channels=channels, layers_per_block=u.num_res_blocks,
-        down_block_types=tuple(
-            "AttnDownBlock2D" if i in u.attention_levels else "DownBlock2D" for i in levels
-        ),
-        up_block_types=tuple(
-            "AttnUpBlock2D" if i in u.attention_levels else "UpBlock2D" for i in reversed(levels)
-        ),
-        dropout=u.dropout, norm_num_groups=u.norm_groups, attention_head_dim=head_dim,
-        add_attention=u.mid_attention,
-        flip_sin_to_cos=True, freq_shift=0,  # [cos, sin] of t * 1000 * 10000^(-i / half), as ours
-        num_class_embeds=classes + 1 if classes else None,  # with our null label
-    )  # fmt: skip
-
-
-def scheduler_config(d: DiffusionConfig) -> dict:
-    """diffusers' scheduler arguments for difflab's discrete schedule and prediction."""
-    if d.schedule not in BETA_SCHEDULES or d.num_steps < 1:
-        raise NoEquivalent(f"no diffusers scheduler for the {d.schedule} schedule in this form")
-    if d.prediction not in PREDICTIONS:
-        raise NoEquivalent(f"no diffusers prediction type for {d.prediction!r}")
-    return dict(
-        num_train_timesteps=d.num_steps, beta_schedule=BETA_SCHEDULES[d.schedule],
-        beta_start=d.beta_start, beta_end=d.beta_end, prediction_type=PREDICTIONS[d.prediction],
-    )  # fmt: skip
 
 
 def _clip_arguments(scheduler: str, clip: float) -> dict:

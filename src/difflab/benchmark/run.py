@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from difflab.benchmark.diffusers_side import NoEquivalent, diffusers_side
+from difflab.benchmark.diffusers_side import diffusers_side
 from difflab.benchmark.measure import (
     MatmulPeak,
     count_flops,
@@ -34,6 +34,7 @@ from difflab.benchmark.measure import (
 from difflab.benchmark.options import BenchOptions, Setup, resolve
 from difflab.benchmark.sides import Side, difflab_side
 from difflab.samplers import steps_for_nfe
+from difflab.share.mapping import NoEquivalent
 
 
 def _first_line(e: Exception) -> str:

@@ -1,4 +1,4 @@
-"""difflab train | sample | eval | plot | bench.
+"""difflab train | sample | eval | plot | report | export | import | bench.
 
 Every user error ends in one line `difflab: error: <problem and fix>` and exit code 2.
 """
@@ -12,6 +12,7 @@ import warnings
 from difflab.cli.evaluate import cmd_eval, cmd_train_classifier
 from difflab.cli.parsers import classifier_parser, parser, sample_changes, sample_config
 from difflab.cli.sample import cmd_bench, cmd_plot, cmd_sample
+from difflab.cli.share import cmd_export, cmd_import, cmd_report
 from difflab.cli.train import cmd_train
 from difflab.config import ConfigError
 from difflab.samplers import NonFiniteError
@@ -25,6 +26,9 @@ COMMANDS = {
     "plot": cmd_plot,
     "train-classifier": cmd_train_classifier,
     "bench": cmd_bench,
+    "report": cmd_report,
+    "export": cmd_export,
+    "import": cmd_import,
 }
 
 

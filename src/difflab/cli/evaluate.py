@@ -142,10 +142,10 @@ def _image_eval_setup(args: argparse.Namespace, source: Path, world) -> tuple:
     from difflab.evaluation import protocol, references
     from difflab.evaluation.sampled import extractors_for, samples_from_file
     from difflab.evaluation.sharded import blocks, rank_device
-    from difflab.runs import load_run
+    from difflab.runs import is_weights_file, load_run
 
     run, images, labels, meta = None, None, None, {"source": str(source)}
-    if (source / "config.json").is_file():
+    if (source / "config.json").is_file() or is_weights_file(source):
         device = rank_device(world, args.device)
         run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=device)
     dataset = run.cfg.data.name if run else args.dataset
@@ -187,7 +187,7 @@ def _image_eval_setup(args: argparse.Namespace, source: Path, world) -> tuple:
 def _default_eval_path(source: Path, is_run: bool) -> Path:
     """Where image results go without --out: RUN/evals/, or beside the .npz or folder."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    if is_run:
+    if is_run and source.is_dir():
         return source / "evals" / f"eval-{stamp}.json"
     return source.parent / f"{source.stem}-eval-{stamp}.json"
 

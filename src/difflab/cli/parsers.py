@@ -196,6 +196,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resample", action="store_true", help="draw the sample artefacts again first")
     p.add_argument("--quiet", action="store_true")
 
+    p = sub.add_parser("report", help="write RUN/report.html, one self-contained page")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--open", action="store_true", help="open the page in the web browser")
+    _add_share_parsers(sub)
+
     from difflab.benchmark import add_arguments as add_bench_arguments
 
     p = sub.add_parser(
@@ -208,6 +213,23 @@ def parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(p)
     return ap
+
+
+def _add_share_parsers(sub) -> None:
+    p = sub.add_parser("export", help="a run as a diffusers folder or a half-precision EMA file")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--format", required=True, choices=("diffusers", "ema"))
+    p.add_argument("--out", required=True, help="diffusers: a folder; ema: FILE.safetensors")
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"), help="ema: precision")
+    p.add_argument("--raw", action="store_true", help="diffusers: the online, not EMA, weights")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--checkpoint", type=_checkpoint_arg, help="a step number or 'best' (default: newest)"
+    )
+    p = sub.add_parser("import", help="a diffusers UNet2DModel folder as a difflab run")
+    p.add_argument("folder", help="a diffusers pipeline folder (unet/, scheduler/)")
+    p.add_argument("--name", required=True, help="run name; the run lives in RUNS/NAME")
+    p.add_argument("--runs", default="runs", help="folder that holds run directories")
 
 
 def sample_changes(args: argparse.Namespace) -> dict:

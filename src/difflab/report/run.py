@@ -15,6 +15,7 @@ from difflab.evaluation.sampled import TrainingEvaluator
 from difflab.evaluation.toy2d import evaluate_toy
 from difflab.files import write_text_atomically
 from difflab.report import charts, grids
+from difflab.report.html import write_report
 from difflab.report.images import make_image_artefacts, plot_image_run
 from difflab.report.toy import plot_toy_run, record_trajectories
 from difflab.runs import check_run_dir, draw_samples, load_run, run_kind, save_run_samples
@@ -74,8 +75,11 @@ def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
     return result["eval"]
 
 
-def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> list[Path]:
-    """Every figure of a run, from its files; sample artefacts are drawn first if missing."""
+def plot_run(
+    run_dir: Path, resample: bool = False, progress: bool = True, report: bool = True
+) -> list[Path]:
+    """Every figure of a run, from its files (sample artefacts are drawn first if missing),
+    and with `report` the page RUN/report.html that holds them all."""
     run_dir = check_run_dir(run_dir)
     cfg = RunConfig.load(run_dir / "config.json")
     if (
@@ -96,6 +100,8 @@ def plot_run(run_dir: Path, resample: bool = False, progress: bool = True) -> li
     history = charts.eval_history(run_dir / "metrics.jsonl", plots / "eval_history.png")
     if history:
         paths.append(history)
+    if report:
+        paths.append(write_report(run_dir))
     return paths
 
 
@@ -110,10 +116,11 @@ def loss_label(cfg: RunConfig) -> str:
 def finish_run(run_dir: Path, progress: bool = True) -> dict:
     """After training: sample, evaluate, draw every figure, and say where they are."""
     result = make_artefacts(run_dir, progress)
-    paths = plot_run(run_dir, progress=progress)
+    paths = plot_run(run_dir, progress=progress, report=False)
     print(format_table(result))
     print(f"difflab: figures in {run_dir / 'plots'}:")
     for p in paths:
         print(f"  {p}")
     write_text_atomically(run_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+    print(f"difflab: report {write_report(run_dir)}")  # after eval.json, which it shows
     return result

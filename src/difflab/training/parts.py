@@ -224,7 +224,8 @@ def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, floa
     state = load_state(ckpt)
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.ema.load_state_dict(state["ema"])
-    parts.data.load_state_dict(state["data"])
+    if state["data"] is not None:  # None: an imported run, whose stream starts fresh
+        parts.data.load_state_dict(state["data"])
     parts.loss_generator.set_state(state["loss_generator"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("scaler"):

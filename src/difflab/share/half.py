@@ -1,0 +1,36 @@
+"""`difflab export --format ema`: a run's EMA weights alone in half precision, in one
+safetensors file whose metadata carries the config, data.json and step (runs.WEIGHTS_META), so
+`difflab sample FILE` and `difflab eval FILE` need nothing else. Loading runs no code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from difflab.config import ConfigError
+from difflab.runs import WEIGHTS_META, load_run
+from difflab.share.folders import publish_file
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export_ema(run_dir, out, dtype: str = "fp16", *, force: bool = False, checkpoint=None) -> Path:
+    """Write the run's EMA weights as `dtype` (fp16 or bf16) to `out` (.safetensors)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out must end in .safetensors, got {out}")
+    run = load_run(run_dir, checkpoint=checkpoint, use_ema=True, device="cpu")
+    weights = {}
+    for k, v in run.model.net.state_dict().items():
+        weights[k] = v.to(DTYPES[dtype]).contiguous() if v.is_floating_point() else v
+        finite = torch.isfinite(weights[k]).all() if v.is_floating_point() else True
+        if not finite:
+            raise ConfigError(f"{k} overflows {dtype} (|w| up to {v.abs().max():.3g}); use bf16")
+    values = (json.dumps(run.cfg.to_dict()), json.dumps(run.model.kind.info()), str(run.step))
+    meta = {**dict(zip(WEIGHTS_META, values, strict=True)), "format": "pt", "dtype": dtype}
+    return publish_file(out, force, lambda tmp: save_file(weights, tmp, metadata=meta))

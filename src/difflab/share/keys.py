@@ -1,0 +1,137 @@
+"""difflab U-Net weights <-> diffusers UNet2DModel weights, key by key (no pickles).
+
+`layout` lists, for a U-Net config, each difflab block prefix beside its diffusers prefix and
+kind; ResBlocks and attention blocks rename their parts, attention splits our 1x1 qkv conv into
+diffusers' to_q/to_k/to_v Linears. The time embedding's first Linear absorbs the one-step
+rotation between difflab's embedded step i and diffusers' timestep i - 1 (see mapping.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from difflab.config import UNetConfig
+from difflab.share.mapping import NoEquivalent
+
+RES = {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_emb_proj", "norm2": "norm2",
+       "conv2": "conv2", "skip": "conv_shortcut"}  # fmt: skip
+PLAIN = {"conv_in": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+         "time_emb.mlp.2": "time_embedding.linear_2", "label_emb": "class_embedding"}  # fmt: skip
+
+
+def layout(u: UNetConfig) -> list[tuple[str, str, str]]:
+    """(difflab prefix, diffusers prefix, kind) of every block; kind is res, attn or conv."""
+    levels, nrb, attn = len(u.channel_mults), u.num_res_blocks, set(u.attention_levels)
+    rows, k = [], 0
+    for level in range(levels):
+        for j in range(nrb):
+            rows.append((f"down.{k}.0", f"down_blocks.{level}.resnets.{j}", "res"))
+            if level in attn:
+                rows.append((f"down.{k}.1", f"down_blocks.{level}.attentions.{j}", "attn"))
+            k += 1
+        if level < levels - 1:
+            rows.append((f"down.{k}.0", f"down_blocks.{level}.downsamplers.0.conv", "conv"))
+            k += 1
+    rows.append(("mid.0", "mid_block.resnets.0", "res"))
+    if u.mid_attention:
+        rows.append(("mid.1", "mid_block.attentions.0", "attn"))
+    rows.append((f"mid.{2 if u.mid_attention else 1}", "mid_block.resnets.1", "res"))
+    k = 0
+    for up, level in enumerate(reversed(range(levels))):
+        for i in range(nrb + 1):
+            ours = f"up.{k}"
+            rows.append((f"{ours}.0", f"up_blocks.{up}.resnets.{i}", "res"))
+            n = 1
+            if level in attn:
+                rows.append((f"{ours}.1", f"up_blocks.{up}.attentions.{i}", "attn"))
+                n = 2
+            if level > 0 and i == nrb:
+                rows.append((f"{ours}.{n}.1", f"up_blocks.{up}.upsamplers.0.conv", "conv"))
+            k += 1
+    return rows
+
+
+def step_rotation(dim: int) -> Tensor:
+    """M (dim, dim) float64 with emb(i) = M emb(i - 1) for difflab's [cos, sin] embedding."""
+    half = dim // 2
+    w = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    c, s, k = torch.cos(w), torch.sin(w), torch.arange(half)
+    m = torch.zeros(dim, dim, dtype=torch.float64)
+    m[k, k], m[k, half + k], m[half + k, k], m[half + k, half + k] = c, -s, s, c
+    if dim % 2:
+        m[-1, -1] = 1.0  # the zero pad
+    return m
+
+
+def _rotated(weight: Tensor, m: Tensor) -> Tensor:
+    return (weight.double() @ m).to(weight.dtype)
+
+
+def to_diffusers(state: dict[str, Tensor], u: UNetConfig) -> dict[str, Tensor]:
+    """A difflab UNet state dict as UNet2DModel's (every key used exactly once)."""
+    out, left = {}, dict(state)
+
+    def move(ours: str, theirs: str) -> None:
+        for suffix in ("weight", "bias"):
+            if f"{ours}.{suffix}" in left:
+                out[f"{theirs}.{suffix}"] = left.pop(f"{ours}.{suffix}").contiguous()
+
+    for ours, theirs in PLAIN.items():
+        move(ours, theirs)
+    w = left.pop("time_emb.mlp.0.weight")
+    out["time_embedding.linear_1.weight"] = _rotated(w, step_rotation(w.shape[1])).contiguous()
+    out["time_embedding.linear_1.bias"] = left.pop("time_emb.mlp.0.bias")
+    for ours, theirs, kind in layout(u):
+        if kind == "res":
+            for a, b in RES.items():
+                move(f"{ours}.{a}", f"{theirs}.{b}")
+        elif kind == "conv":
+            move(ours, theirs)
+        else:
+            move(f"{ours}.norm", f"{theirs}.group_norm")
+            for suffix in ("weight", "bias"):
+                qkv = left.pop(f"{ours}.qkv.{suffix}")
+                for name, part in zip(("to_q", "to_k", "to_v"), qkv.chunk(3), strict=True):
+                    out[f"{theirs}.{name}.{suffix}"] = part.reshape(part.shape[:2]).contiguous()
+                proj = left.pop(f"{ours}.proj.{suffix}")
+                out[f"{theirs}.to_out.0.{suffix}"] = proj.reshape(proj.shape[:2]).contiguous()
+    if left:
+        raise NoEquivalent(f"difflab weights with no diffusers place: {', '.join(sorted(left))}")
+    return out
+
+
+def from_diffusers(state: dict[str, Tensor], u: UNetConfig) -> dict[str, Tensor]:
+    """A UNet2DModel state dict as difflab's UNet's (the inverse of to_diffusers)."""
+    out, left = {}, dict(state)
+
+    def move(ours: str, theirs: str) -> None:
+        for suffix in ("weight", "bias"):
+            if f"{theirs}.{suffix}" in left:
+                out[f"{ours}.{suffix}"] = left.pop(f"{theirs}.{suffix}").contiguous()
+
+    for ours, theirs in PLAIN.items():
+        move(ours, theirs)
+    w = left.pop("time_embedding.linear_1.weight")
+    out["time_emb.mlp.0.weight"] = _rotated(w, step_rotation(w.shape[1]).T).contiguous()
+    out["time_emb.mlp.0.bias"] = left.pop("time_embedding.linear_1.bias")
+    for ours, theirs, kind in layout(u):
+        if kind == "res":
+            for a, b in RES.items():
+                move(f"{ours}.{a}", f"{theirs}.{b}")
+        elif kind == "conv":
+            move(ours, theirs)
+        else:
+            move(f"{ours}.norm", f"{theirs}.group_norm")
+            for suffix in ("weight", "bias"):
+                parts = [left.pop(f"{theirs}.{n}.{suffix}") for n in ("to_q", "to_k", "to_v")]
+                qkv = torch.cat(parts)
+                proj = left.pop(f"{theirs}.to_out.0.{suffix}")
+                if suffix == "weight":
+                    qkv, proj = qkv[:, :, None, None], proj[:, :, None, None]
+                out[f"{ours}.qkv.{suffix}"], out[f"{ours}.proj.{suffix}"] = qkv, proj
+    if left:
+        raise NoEquivalent(f"diffusers weights with no difflab place: {', '.join(sorted(left))}")
+    return out
