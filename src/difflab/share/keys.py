@@ -70,68 +70,69 @@ def _rotated(weight: Tensor, m: Tensor) -> Tensor:
     return (weight.double() @ m).to(weight.dtype)
 
 
-def to_diffusers(state: dict[str, Tensor], u: UNetConfig) -> dict[str, Tensor]:
-    """A difflab UNet state dict as UNet2DModel's (every key used exactly once)."""
-    out, left = {}, dict(state)
+TIME_1 = ("time_emb.mlp.0", "time_embedding.linear_1")  # absorbs the one-step rotation
 
-    def move(ours: str, theirs: str) -> None:
-        for suffix in ("weight", "bias"):
-            if f"{ours}.{suffix}" in left:
-                out[f"{theirs}.{suffix}"] = left.pop(f"{ours}.{suffix}").contiguous()
 
-    for ours, theirs in PLAIN.items():
-        move(ours, theirs)
-    w = left.pop("time_emb.mlp.0.weight")
-    out["time_embedding.linear_1.weight"] = _rotated(w, step_rotation(w.shape[1])).contiguous()
-    out["time_embedding.linear_1.bias"] = left.pop("time_emb.mlp.0.bias")
+def renames(u: UNetConfig) -> list[tuple[str, str]]:
+    """(difflab prefix, diffusers prefix) of every tensor pair that is only renamed."""
+    pairs = list(PLAIN.items())
     for ours, theirs, kind in layout(u):
         if kind == "res":
-            for a, b in RES.items():
-                move(f"{ours}.{a}", f"{theirs}.{b}")
+            pairs += [(f"{ours}.{a}", f"{theirs}.{b}") for a, b in RES.items()]
         elif kind == "conv":
-            move(ours, theirs)
+            pairs.append((ours, theirs))
         else:
-            move(f"{ours}.norm", f"{theirs}.group_norm")
-            for suffix in ("weight", "bias"):
-                qkv = left.pop(f"{ours}.qkv.{suffix}")
-                for name, part in zip(("to_q", "to_k", "to_v"), qkv.chunk(3), strict=True):
-                    out[f"{theirs}.{name}.{suffix}"] = part.reshape(part.shape[:2]).contiguous()
-                proj = left.pop(f"{ours}.proj.{suffix}")
-                out[f"{theirs}.to_out.0.{suffix}"] = proj.reshape(proj.shape[:2]).contiguous()
+            pairs.append((f"{ours}.norm", f"{theirs}.group_norm"))
+    return pairs
+
+
+def _attention_to_diffusers(left: dict, out: dict, ours: str, theirs: str) -> None:
+    """Our 1x1 qkv conv (3C, C, 1, 1) -> to_q / to_k / to_v Linears; proj -> to_out.0."""
+    for suffix in ("weight", "bias"):
+        qkv = left.pop(f"{ours}.qkv.{suffix}")
+        for name, part in zip(("to_q", "to_k", "to_v"), qkv.chunk(3), strict=True):
+            out[f"{theirs}.{name}.{suffix}"] = part.reshape(part.shape[:2]).contiguous()
+        proj = left.pop(f"{ours}.proj.{suffix}")
+        out[f"{theirs}.to_out.0.{suffix}"] = proj.reshape(proj.shape[:2]).contiguous()
+
+
+def _attention_from_diffusers(left: dict, out: dict, ours: str, theirs: str) -> None:
+    """The inverse of _attention_to_diffusers."""
+    for suffix in ("weight", "bias"):
+        qkv = torch.cat([left.pop(f"{theirs}.{n}.{suffix}") for n in ("to_q", "to_k", "to_v")])
+        proj = left.pop(f"{theirs}.to_out.0.{suffix}")
+        if suffix == "weight":
+            qkv, proj = qkv[:, :, None, None], proj[:, :, None, None]
+        out[f"{ours}.qkv.{suffix}"], out[f"{ours}.proj.{suffix}"] = qkv, proj
+
+
+def _convert(state: dict[str, Tensor], u: UNetConfig, to_theirs: bool) -> dict[str, Tensor]:
+    """One walk of the key table in either direction (every key used exactly once)."""
+    src, dst = (0, 1) if to_theirs else (1, 0)
+    out, left = {}, dict(state)
+    for pair in renames(u):
+        for suffix in ("weight", "bias"):
+            if f"{pair[src]}.{suffix}" in left:
+                out[f"{pair[dst]}.{suffix}"] = left.pop(f"{pair[src]}.{suffix}").contiguous()
+    w = left.pop(f"{TIME_1[src]}.weight")
+    m = step_rotation(w.shape[1])
+    out[f"{TIME_1[dst]}.weight"] = _rotated(w, m if to_theirs else m.T).contiguous()
+    out[f"{TIME_1[dst]}.bias"] = left.pop(f"{TIME_1[src]}.bias")
+    attention = _attention_to_diffusers if to_theirs else _attention_from_diffusers
+    for ours, theirs, kind in layout(u):
+        if kind == "attn":
+            attention(left, out, ours, theirs)
     if left:
-        raise NoEquivalent(f"difflab weights with no diffusers place: {', '.join(sorted(left))}")
+        which, other = ("difflab", "diffusers") if to_theirs else ("diffusers", "difflab")
+        raise NoEquivalent(f"{which} weights with no {other} place: {', '.join(sorted(left))}")
     return out
+
+
+def to_diffusers(state: dict[str, Tensor], u: UNetConfig) -> dict[str, Tensor]:
+    """A difflab UNet state dict as UNet2DModel's (every key used exactly once)."""
+    return _convert(state, u, to_theirs=True)
 
 
 def from_diffusers(state: dict[str, Tensor], u: UNetConfig) -> dict[str, Tensor]:
     """A UNet2DModel state dict as difflab's UNet's (the inverse of to_diffusers)."""
-    out, left = {}, dict(state)
-
-    def move(ours: str, theirs: str) -> None:
-        for suffix in ("weight", "bias"):
-            if f"{theirs}.{suffix}" in left:
-                out[f"{ours}.{suffix}"] = left.pop(f"{theirs}.{suffix}").contiguous()
-
-    for ours, theirs in PLAIN.items():
-        move(ours, theirs)
-    w = left.pop("time_embedding.linear_1.weight")
-    out["time_emb.mlp.0.weight"] = _rotated(w, step_rotation(w.shape[1]).T).contiguous()
-    out["time_emb.mlp.0.bias"] = left.pop("time_embedding.linear_1.bias")
-    for ours, theirs, kind in layout(u):
-        if kind == "res":
-            for a, b in RES.items():
-                move(f"{ours}.{a}", f"{theirs}.{b}")
-        elif kind == "conv":
-            move(ours, theirs)
-        else:
-            move(f"{ours}.norm", f"{theirs}.group_norm")
-            for suffix in ("weight", "bias"):
-                parts = [left.pop(f"{theirs}.{n}.{suffix}") for n in ("to_q", "to_k", "to_v")]
-                qkv = torch.cat(parts)
-                proj = left.pop(f"{theirs}.to_out.0.{suffix}")
-                if suffix == "weight":
-                    qkv, proj = qkv[:, :, None, None], proj[:, :, None, None]
-                out[f"{ours}.qkv.{suffix}"], out[f"{ours}.proj.{suffix}"] = qkv, proj
-    if left:
-        raise NoEquivalent(f"diffusers weights with no difflab place: {', '.join(sorted(left))}")
-    return out
+    return _convert(state, u, to_theirs=False)
