@@ -12,7 +12,7 @@ from difflab.config import (
 from difflab.samplers import SAMPLERS
 
 # Options every sampler shares; each sampler's own (--eta, --churn, ...) come from the registry.
-SAMPLE_FLAGS = ("sampler", "steps", "spacing", "t_end", "n", "seed", "guidance")
+SAMPLE_FLAGS = ("sampler", "steps", "spacing", "t_end", "n", "seed", "guidance", "shift")
 
 
 def _option_flags() -> dict[str, tuple]:
@@ -46,6 +46,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     )
     for flag, (dest, kind, text) in _option_flags().items():
         p.add_argument(flag, dest=dest, type=kind, help=text)
+    p.add_argument(
+        "--shift", type=float, help="time shift s of the grid (flow models; SD3 uses 3): > 0"
+    )
     p.add_argument(  # torchrun's own parser takes a bare --n for its --nnodes, --nproc-...
         "--n",
         "--num-samples",
