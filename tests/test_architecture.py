@@ -57,9 +57,10 @@ ALLOWED = {
         "training.checkpoint",
     },
     "cli": {
-        "benchmark", "build", "config", "evaluation", "files", "report", "runs", "samplers",
-        "share", "training",
+        "benchmark", "build", "config", "evaluation", "files", "flow", "report", "runs",
+        "samplers", "share", "training",
     },
+    "flow": {"config", "data.pairs", "files", "samplers"},
     "__init__": {
         "diffusion.objectives", "diffusion.prediction", "diffusion.schedules", "training.ema"
     },

@@ -14,6 +14,7 @@ from difflab.conditioners import ClassLabels, Unconditional
 from difflab.config import ConfigError, RunConfig
 from difflab.data.folders import DatasetMissingError
 from difflab.data.images import DEFAULT_FLIP, load_image_dataset
+from difflab.data.pairs import PairStream
 from difflab.data.stream import ImageStream, ToyStream
 from difflab.data.toy2d import TOY2D
 from difflab.devices import memory_format
@@ -152,7 +153,9 @@ def _flip(cfg: config.DataConfig, default: bool) -> bool:
 def build_data(cfg: RunConfig, seed: int, split: str = "train") -> ToyStream | ImageStream:
     """The training batch stream the config names (2-D toy set or image data set)."""
     d = cfg.data
-    if d.name in TOY2D:
+    if d.pairs:  # reflow: the named data set's (noise, endpoint) pairs from a trained flow
+        stream = PairStream(d.pairs, seed)
+    elif d.name in TOY2D:
         stream = ToyStream(d.name, seed)
     elif d.name in IMAGE_DATASETS:
         try:
@@ -209,7 +212,7 @@ LOSSES = {
         build_loss_spec(cfg.diffusion, schedule),
         schedule,
         check_coupling(
-            cfg.diffusion.coupling, cfg.train.batch_size // cfg.train.grad_accum, cfg.data.name
+            cfg.diffusion.coupling, cfg.train.batch_size // cfg.train.grad_accum, cfg.data.pairs
         ),
     )
 }

@@ -30,6 +30,7 @@ class DataConfig:
     channels: int = 3  # imagefolder only: 1 or 3
     class_conditional: bool = False  # feed labels to the network (with train.label_dropout)
     workers: int = 0  # threads decoding image files per batch (folders, CelebA); 0 = up to 8
+    pairs: str = ""  # reflow: train on this folder of (noise, endpoint) pairs (difflab reflow)
 
 
 @dataclass
@@ -130,6 +131,7 @@ class TrainConfig:
     eval_reference: str = ""  # images: "" = the data set's test split; a split, folder or .npz
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (with advice) | skip the update
     nonfinite_max_skips: int = 10  # skip: stop after this many skipped updates in a row
+    init_from: str = ""  # a checkpoint folder whose EMA weights start a fresh run (reflow)
 
 
 @dataclass

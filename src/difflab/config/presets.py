@@ -123,6 +123,33 @@ def imagefolder() -> RunConfig:
     )
 
 
+def toy2d_flow() -> RunConfig:
+    """The toy2d preset's network, data and budget as a rectified flow (Liu et al. 2023): the
+    path alpha = 1 - t, sigma = t, velocity prediction, the plain flow-matching loss."""
+    return RunConfig(
+        preset="toy2d-flow",
+        diffusion=DiffusionConfig(
+            schedule="rectified", num_steps=0, prediction="velocity", t_sampling="stratified"
+        ),
+        sample=SampleConfig(sampler="heun", steps=10, spacing="uniform"),
+    )
+
+
+def mnist_flow() -> RunConfig:
+    """The mnist preset's U-Net, data, budget and guidance as a class-conditional rectified flow
+    with SD3's logit-normal time sampling (Esser et al. 2024, Sec. 3.1)."""
+    cfg = mnist()
+    return dataclasses.replace(
+        cfg,
+        preset="mnist-flow",
+        diffusion=DiffusionConfig(
+            schedule="rectified", num_steps=0, prediction="velocity", t_sampling="logit_normal",
+            clip_x0=1.0,
+        ),
+        sample=dataclasses.replace(cfg.sample, sampler="heun", steps=5, spacing="uniform"),
+    )  # fmt: skip
+
+
 PRESETS = {
     "toy2d": toy2d,
     "mnist": mnist,
@@ -130,6 +157,8 @@ PRESETS = {
     "cifar10": cifar10,
     "celeba64": celeba64,
     "imagefolder": imagefolder,
+    "toy2d-flow": toy2d_flow,
+    "mnist-flow": mnist_flow,
 }
 
 

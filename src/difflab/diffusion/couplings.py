@@ -30,15 +30,15 @@ COUPLINGS = ("independent", "ot", "reflow")
 OT_MAX_BATCH = 2048
 
 
-def check_coupling(name: str, batch: int, data: str = "") -> str:
+def check_coupling(name: str, batch: int, pairs: str = "") -> str:
     """Refuse an unknown coupling, an OT batch too large for an exact assignment per step, or
-    reflow's stored pairs without a pairs data set (`data` is data.name)."""
+    reflow's stored pairs without a pairs folder (`pairs` is data.pairs) and the reverse."""
     if name not in COUPLINGS:
         raise ValueError(f"unknown coupling {name!r}; choose one of {', '.join(COUPLINGS)}")
-    if (name == "reflow") != (data == "pairs"):
+    if (name == "reflow") != bool(pairs):
         raise ValueError(
-            "diffusion.coupling=reflow and data.name=pairs go together (the pairs' noise is the "
-            "coupling): `difflab reflow RUN` sets both"
+            "diffusion.coupling=reflow and data.pairs=FOLDER go together (the stored pairs' "
+            "noise is the coupling): `difflab reflow RUN` sets both"
         )
     if name == "ot" and batch > OT_MAX_BATCH:
         raise ValueError(

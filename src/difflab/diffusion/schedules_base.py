@@ -34,7 +34,10 @@ def _derivative(fn, t: Tensor | float) -> Tensor:
     """d fn / dt elementwise at t, by autograd in float64 (fn acts elementwise)."""
     with torch.enable_grad():
         t = _as_t(t).detach().clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(fn(t).sum(), t)
+        out = fn(t)
+        if not out.requires_grad:  # a constant (alpha = 1 of VE schedules)
+            return torch.zeros_like(t.detach())
+        (grad,) = torch.autograd.grad(out.sum(), t)
     return grad.detach()
 
 
