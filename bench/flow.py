@@ -12,7 +12,7 @@ the reflow's cost (pairs, seconds).
 --mnist FLOW_RUN DIFFUSION_RUN: 1,000 class-balanced samples of each at 10 evaluations (each
 run's sampler at steps for 10 NFE), judge accuracy and judge FD to the test split.
 
-    python bench/flow.py --work /tmp/flow [--steps 8000] [--threads 1] [--out bench/results/flow.json]
+    python bench/flow.py --work /tmp/flow [--steps 8000] [--threads 1] [--out OUT.json]
     python bench/flow.py --mnist RUN_FLOW RUN_MNIST --root ../shared/data --judge J.safetensors
 """
 
@@ -93,11 +93,12 @@ def reflow_part(args, flow_dir: Path, flow_best: dict) -> dict:
     folder = draw_pairs(flow, scfg, args.pairs, chunk=10000)
     pairs_s = time.perf_counter() - t0
     overrides = [f"train.steps={args.reflow_steps}", f"train.threads={args.threads}"]
-    cfg = reflow_config(flow.cfg, folder, flow.ckpt, overrides)
+    cfg = reflow_config(flow.cfg, folder, flow.checkpoint, overrides)
     reflow_dir, train_s = trained("toy2d-flow-reflow", cfg, Path(args.work))
     reflow = load_run(reflow_dir)
     out = {"pairs": args.pairs, "pairs_s": pairs_s, "pair_sampler": scfg.sampler,
-           "pair_steps": scfg.steps, "train_steps": args.reflow_steps, "train_s": train_s}  # fmt: skip
+           "pair_steps": scfg.steps, "train_steps": args.reflow_steps,
+           "train_s": train_s}  # fmt: skip
     for label, run in (("1-rectified", flow), ("2-rectified", reflow)):
         s = straightness(run.model, run.cfg.sample, n=2000)[0]
         rows = {nfe: at_nfe(run, "euler", "uniform", nfe, args.n) for nfe in (1, 2, 4)}
@@ -111,11 +112,10 @@ def reflow_part(args, flow_dir: Path, flow_best: dict) -> dict:
 
 def mnist_part(args) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
-    from mnist import balanced_images_of, images_of, judge_for, to_judge_size
-
     from difflab.evaluation.classifier import judge_features, judge_predict
     from difflab.evaluation.frechet import feature_statistics, frechet_distance
     from difflab.runs import sample_labels
+    from mnist import balanced_images_of, images_of, judge_for, to_judge_size
 
     judge = judge_for(args.root, Path(args.judge))
     test_stats = feature_statistics(judge_features(judge, images_of(args.root, "test")))

@@ -21,7 +21,7 @@ from difflab.samplers import (
     sample_pc,
     timesteps,
 )
-from gaussian import ALL_SCHEDULES, MU, S, GaussianDenoiser, pf_solution
+from gaussian import ALL_SCHEDULES, MU, GaussianDenoiser, S, pf_solution
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FLOW = {"rectified": schedules.RectifiedFlowSchedule(), "trig": schedules.TrigFlowSchedule()}
@@ -66,7 +66,9 @@ def test_velocity_conversions_round_trip_on_every_schedule(name):
     schedule = ALL_SCHEDULES[name]
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(64, 3, generator=g).double(), torch.randn(64, 3, generator=g).double()
-    t = schedule.t_min + (schedule.t_max - schedule.t_min) * (0.05 + 0.9 * torch.rand(64, generator=g))
+    t = schedule.t_min + (schedule.t_max - schedule.t_min) * (
+        0.05 + 0.9 * torch.rand(64, generator=g)
+    )
     t = t.double()
     alpha, sigma = schedule.alpha(t)[:, None], schedule.sigma(t)[:, None]
     rates = _rates(schedule, t, x0)
@@ -96,7 +98,9 @@ def test_rectified_velocity_is_eps_minus_x0_and_exact_at_both_ends():
         alpha, sigma, rates = s.alpha(t)[:, None], s.sigma(t)[:, None], _rates(s, t, x0)
         u = target_of("velocity", x0, eps, alpha, sigma, rates=rates)
         assert torch.equal(u, eps - x0)
-        x0_hat, eps_hat = split_raw(u, alpha * x0 + sigma * eps, alpha, sigma, "velocity", rates=rates)
+        x0_hat, eps_hat = split_raw(
+            u, alpha * x0 + sigma * eps, alpha, sigma, "velocity", rates=rates
+        )
         assert torch.allclose(x0_hat, x0, atol=1e-12) and torch.allclose(eps_hat, eps, atol=1e-12)
 
 
@@ -115,7 +119,7 @@ def test_a_flow_path_is_never_rescaled_like_a_ve_schedule():
 
 
 def test_v_on_a_flow_path_is_refused_with_the_fix():
-    with pytest.raises(ValueError, match="affine flow path.*velocity"):
+    with pytest.raises(ValueError, match=r"affine flow path.*velocity"):
         Denoiser(lambda x, t, y: x, FLOW["rectified"], "v")
     Denoiser(lambda x, t, y: x, FLOW["trig"], "v")  # trig is variance preserving: v is defined
 
@@ -139,9 +143,7 @@ def _velocity_denoiser(schedule):
     return Denoiser(net, schedule, "velocity")
 
 
-@pytest.mark.parametrize(
-    "sampler, order", [(sample_ddim, 1), (sample_euler, 1), (sample_heun, 2)]
-)
+@pytest.mark.parametrize("sampler, order", [(sample_ddim, 1), (sample_euler, 1), (sample_heun, 2)])
 def test_samplers_reach_the_exact_flow_endpoint_at_their_order(sampler, order):
     # The rectified path's ODE dx/dt = u*(x, t) moves Gaussian quantiles: the endpoint at t_end
     # is pf_solution. Stop above 0 so the last step is a regular ODE step.

@@ -28,7 +28,7 @@ def cmd_reflow(args: argparse.Namespace) -> int:
     name = args.name or f"{run.run_dir.name}-reflow"
     out_dir = Path(args.runs) / name if args.runs else run.run_dir.parent / name
     if not args.pairs_only:
-        cfg = reflow_config(run.cfg, out_dir, None if args.no_init else run.ckpt, args.set)
+        cfg = reflow_config(run.cfg, out_dir, None if args.no_init else run.checkpoint, args.set)
         if (out_dir / "checkpoints").is_dir():
             raise ConfigError(
                 f"{out_dir} is already a run; pass --name for a new one, or continue it with "
@@ -40,7 +40,7 @@ def cmd_reflow(args: argparse.Namespace) -> int:
     print(f"difflab: {args.pairs} pairs in {folder} ({pair_s:.0f} s)")
     if args.pairs_only:
         return 0
-    cfg = reflow_config(run.cfg, folder, None if args.no_init else run.ckpt, args.set)
+    cfg = reflow_config(run.cfg, folder, None if args.no_init else run.checkpoint, args.set)
     start = time.perf_counter()
     ckpt = _train(cfg, out_dir, quiet=args.quiet)
     train_s = time.perf_counter() - start
@@ -48,7 +48,7 @@ def cmd_reflow(args: argparse.Namespace) -> int:
     after_run = load_run(out_dir, device=args.device)
     after = straightness(after_run.model, dataclasses.replace(scfg))[0]
     summary = {
-        "source": str(run.ckpt), "pairs": str(folder), "n_pairs": args.pairs,
+        "source": str(run.checkpoint), "pairs": str(folder), "n_pairs": args.pairs,
         "pairs_seconds": pair_s, "train_seconds": train_s, "checkpoint": str(ckpt),
         "straightness": {"source": before, "reflow": after},
         "sampler": scfg.sampler, "steps": scfg.steps,

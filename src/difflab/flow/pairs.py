@@ -73,7 +73,7 @@ def draw_pairs(run, scfg: SampleConfig, n: int, chunk: int = 5000, progress: boo
     key = pairs_key(scfg, n, chunk)
     folder = pairs_folder(run.run_dir, key)
     meta = {
-        **key, "chunks": -(-n // chunk), "source": str(run.ckpt),
+        **key, "chunks": -(-n // chunk), "source": str(run.checkpoint),
         "shape": list(model.kind.shape), "num_classes": model.kind.num_classes,
         "class_names": list(model.kind.class_names),
     }  # fmt: skip
@@ -82,8 +82,8 @@ def draw_pairs(run, scfg: SampleConfig, n: int, chunk: int = 5000, progress: boo
         old = json.loads(meta_path.read_text())
         if old.get("source") != meta["source"]:
             raise ConfigError(
-                f"{folder} holds pairs of {old.get('source')}, not of {run.ckpt}; move it away "
-                "to draw new pairs"
+                f"{folder} holds pairs of {old.get('source')}, not of {run.checkpoint}; move it "
+                "away to draw new pairs"
             )
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomically(meta_path, json.dumps(meta, indent=2) + "\n")
