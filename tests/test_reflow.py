@@ -125,3 +125,35 @@ def test_ot_coupling_makes_a_trained_flow_straighter(tmp_path):
         run = load_run(tmp_path / coupling)
         values[coupling] = straightness(run.model, run.cfg.sample, n=500, steps=50)[0]
     assert values["ot"] < 0.5 * values["independent"], values
+
+
+@pytest.mark.slow  # ~30 s: every figure's sampling
+def test_every_2d_figure_and_eval_compare_work_for_a_flow_run(runs, tmp_path):
+    run_dir = runs / "flow"
+    assert main(["plot", str(run_dir), "--resample", "--quiet"]) == 0
+    for name in ("scatter.png", "reverse.gif", "trajectories.png", "forward.png", "loss.png"):
+        assert (run_dir / "plots" / name).stat().st_size > 0, name
+    out = tmp_path / "compare.json"
+    args = ["eval", str(run_dir), "--compare", "--nfe", "2,4", "--samplers", "euler,heun,unipc"]
+    assert main([*args, "--n", "300", "--quiet", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["spacing"] for r in rows} == {"uniform"} and len(rows) == 6
+    assert (run_dir / "plots" / "compare.png").exists()
+
+
+@pytest.mark.slow
+def test_a_class_conditional_flow_run_draws_its_class_grid_and_guides(shared_data, tmp_path):
+    sets = [
+        f"data.root={shared_data}", "model.unet.base_channels=8", "model.unet.channel_mults=1,2",
+        "model.unet.attention_levels=1", "model.unet.norm_groups=4", "train.steps=3",
+        "train.batch_size=8", "train.checkpoint_every=3", "train.log_every=1", "sample.n=20",
+        "sample.steps=2", "train.threads=1", "sample.batch_size=20",
+    ]  # fmt: skip
+    argv = ["train", "--preset", "mnist-flow", "--runs", str(tmp_path), "--name", "m", "--quiet"]
+    assert main([*argv, "--set", *sets]) == 0
+    plots = tmp_path / "m" / "plots"
+    assert (plots / "samples.png").exists() and (plots / "denoising.gif").exists()
+    out = tmp_path / "x.npz"
+    argv = ["sample", str(tmp_path / "m"), "--out", str(out), "--per-class", "--n", "20"]
+    assert main([*argv, "--guidance", "2", "--quiet"]) == 0
+    assert np.load(out)["samples"].shape == (20, 1, 32, 32)
