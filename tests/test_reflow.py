@@ -13,7 +13,7 @@ from difflab.data.pairs import PairStream, read_pairs
 from difflab.flow.pairs import draw_pairs
 from difflab.flow.straightness import straightness
 from difflab.runs import load_run
-from difflab.samplers import sample_heun, timesteps
+from difflab.samplers import sample_dpmpp_2m, timesteps
 from difflab.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,9 +51,9 @@ def test_pairs_are_reproducible_and_resume_after_a_kill(runs):
     assert _pairs_bytes(folder) == first
     # each pair is (x_T, the sampler's endpoint from it)
     noise, x, labels, meta = read_pairs(folder)
-    assert noise.shape == x.shape == (250, 2) and labels is None and meta["sampler"] == "heun"
+    assert noise.shape == x.shape == (250, 2) and labels is None and meta["sampler"] == "dpmpp_2m"
     ts = timesteps(run.model.schedule, run.cfg.sample.steps, run.cfg.sample.spacing)
-    torch.testing.assert_close(sample_heun(run.model.denoiser, noise, ts), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sample_dpmpp_2m(run.model.denoiser, noise, ts), x, atol=1e-5, rtol=0)
     stream = PairStream(folder, seed=0)
     xb, _ = stream.next_batch(7)
     idx = [int(np.flatnonzero((x == row).all(dim=1))[0]) for row in xb]
@@ -111,14 +111,14 @@ def test_bad_flow_training_config_is_refused_and_writes_nothing(tmp_path, capsys
 
 def test_ot_coupling_makes_a_trained_flow_straighter(tmp_path):
     # Tong et al. 2023: mini-batch OT pairs make the learned paths nearly straight. Same data,
-    # seed, network and budget; straightness on the same 500 paths (measured at 150 steps:
+    # seed, network and budget; straightness on the same 500 paths (measured:
     # 0.173 independent, 0.017 OT).
     values = {}
     for coupling in ("independent", "ot"):
         cfg = apply_overrides(
             preset("toy2d-flow"),
-            [*TINY, "train.steps=60", "train.batch_size=256", "model.mlp.width=64",
-             "train.checkpoint_every=60", f"diffusion.coupling={coupling}",
+            [*TINY, "train.steps=150", "train.batch_size=256", "model.mlp.width=64",
+             "train.checkpoint_every=150", f"diffusion.coupling={coupling}",
              "data.name=gaussians8"],
         )  # fmt: skip
         train(cfg, tmp_path / coupling, progress=False)
