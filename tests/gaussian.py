@@ -24,6 +24,8 @@ ALL_SCHEDULES = {
     "vp": schedules.VPSDESchedule(),
     "ve": schedules.VESchedule(),
     "edm": schedules.EDMSchedule(),
+    "rectified": schedules.RectifiedFlowSchedule(),  # affine flow paths (issue 12)
+    "trig": schedules.TrigFlowSchedule(),
 }
 
 

@@ -66,7 +66,7 @@ def test_adapter_refuses_ambiguous_or_unknown_input():
     with pytest.raises(ValueError, match="exactly one"):
         foreign_denoiser(eps_model)
     with pytest.raises(ValueError, match="prediction_type"):
-        foreign_denoiser(eps_model, scheduler_config={"prediction_type": "flow"})
+        foreign_denoiser(eps_model, scheduler_config={"prediction_type": "banana"})
     den = foreign_denoiser(eps_model, betas=LINEAR.betas)
     with pytest.raises(ValueError, match="class_labels"):
         den(X_T, torch.full((64,), 0.5), torch.zeros(64, dtype=torch.long))

@@ -25,10 +25,12 @@ ALLOWED = {
     "devices": {"config"},
     "diffusion": set(),  # diffusion/__init__.py; every other module of diffusion/ has its own
     "diffusion.schedules_base": set(),
-    "diffusion.schedules": {"diffusion.schedules_base"},
+    "diffusion.schedules": {"diffusion.paths", "diffusion.schedules_base"},
+    "diffusion.paths": {"diffusion.schedules_base"},
+    "diffusion.couplings": set(),
     "diffusion.prediction": {"diffusion.schedules"},
     "diffusion.objectives": {"diffusion.schedules", "diffusion.prediction"},
-    "diffusion.losses": {"diffusion.objectives"},
+    "diffusion.losses": {"diffusion.couplings", "diffusion.objectives"},
     "diffusion.guidance": {"diffusion.prediction"},
     "diffusion.adapters": {"diffusion.prediction", "diffusion.schedules"},
     "samplers": {"diffusion.schedules"},
@@ -55,9 +57,10 @@ ALLOWED = {
         "training.checkpoint",
     },
     "cli": {
-        "benchmark", "build", "config", "evaluation", "files", "report", "runs", "samplers",
-        "share", "training",
+        "benchmark", "build", "config", "evaluation", "files", "flow", "report", "runs",
+        "samplers", "share", "training",
     },
+    "flow": {"config", "data.pairs", "files", "samplers"},
     "__init__": {
         "diffusion.objectives", "diffusion.prediction", "diffusion.schedules", "training.ema"
     },

@@ -14,13 +14,15 @@ from difflab.conditioners import ClassLabels, Unconditional
 from difflab.config import ConfigError, RunConfig
 from difflab.data.folders import DatasetMissingError
 from difflab.data.images import DEFAULT_FLIP, load_image_dataset
+from difflab.data.pairs import PairStream
 from difflab.data.stream import ImageStream, ToyStream
 from difflab.data.toy2d import TOY2D
 from difflab.devices import memory_format
 from difflab.diffusion import schedules
+from difflab.diffusion.couplings import check_coupling
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.objectives import LossSpec
-from difflab.diffusion.prediction import Denoiser
+from difflab.diffusion.prediction import Denoiser, v_refusal
 from difflab.model import DataKind, Model
 from difflab.nets.mlp import MLP
 from difflab.nets.unet import UNet
@@ -33,6 +35,8 @@ SCHEDULES = {
     "vp": lambda cfg: schedules.VPSDESchedule(),
     "ve": lambda cfg: schedules.VESchedule(cfg.sigma_min or 0.01, cfg.sigma_max or 50.0),
     "edm": lambda cfg: schedules.EDMSchedule(cfg.sigma_min or 0.002, cfg.sigma_max or 80.0),
+    "rectified": lambda cfg: schedules.RectifiedFlowSchedule(),
+    "trig": lambda cfg: schedules.TrigFlowSchedule(),
 }
 
 NETS = {"mlp": MLP, "unet": UNet}
@@ -78,10 +82,7 @@ def build_schedule(cfg: config.DiffusionConfig) -> schedules.Schedule:
 @_checked
 def build_loss_spec(cfg: config.DiffusionConfig, schedule: schedules.Schedule) -> LossSpec:
     if cfg.target == "v" and not schedule.variance_preserving:
-        raise ConfigError(
-            f"a v-space loss needs a variance-preserving schedule, not {schedule.name}; "
-            "use diffusion.target=eps, x0 or edm"
-        )
+        raise ConfigError(v_refusal(schedule, "space loss"))
     return LossSpec(
         target=cfg.target or None,
         loss=cfg.loss,
@@ -92,6 +93,9 @@ def build_loss_spec(cfg: config.DiffusionConfig, schedule: schedules.Schedule) -
         lognormal_mean=cfg.lognormal_mean,
         lognormal_std=cfg.lognormal_std,
         sigma_data=cfg.sigma_data,
+        logit_loc=cfg.logit_loc,
+        logit_scale=cfg.logit_scale,
+        mode_scale=cfg.mode_scale,
     )
 
 
@@ -149,7 +153,9 @@ def _flip(cfg: config.DataConfig, default: bool) -> bool:
 def build_data(cfg: RunConfig, seed: int, split: str = "train") -> ToyStream | ImageStream:
     """The training batch stream the config names (2-D toy set or image data set)."""
     d = cfg.data
-    if d.name in TOY2D:
+    if d.pairs:  # reflow: the named data set's (noise, endpoint) pairs from a trained flow
+        stream = PairStream(d.pairs, seed)
+    elif d.name in TOY2D:
         stream = ToyStream(d.name, seed)
     elif d.name in IMAGE_DATASETS:
         try:
@@ -203,7 +209,11 @@ def build_model(cfg: RunConfig, kind: DataKind, device: torch.device | str = "cp
 
 LOSSES = {
     "diffusion": lambda cfg, schedule: DiffusionLoss(
-        build_loss_spec(cfg.diffusion, schedule), schedule
+        build_loss_spec(cfg.diffusion, schedule),
+        schedule,
+        check_coupling(
+            cfg.diffusion.coupling, cfg.train.batch_size // cfg.train.grad_accum, cfg.data.pairs
+        ),
     )
 }
 
@@ -233,5 +243,5 @@ def build_sampler(cfg: config.SampleConfig, schedule: schedules.Schedule):
     return (
         info.fn,
         info.options_from(cfg),
-        timesteps(schedule, cfg.steps, cfg.spacing, cfg.t_end or None),
+        timesteps(schedule, cfg.steps, cfg.spacing, cfg.t_end or None, cfg.shift),
     )

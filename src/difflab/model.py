@@ -88,7 +88,7 @@ class Model:
         """
         try:
             info = sampler_info(scfg.sampler)
-            ts = timesteps(self.schedule, scfg.steps, scfg.spacing, scfg.t_end or None)
+            ts = timesteps(self.schedule, scfg.steps, scfg.spacing, scfg.t_end or None, scfg.shift)
             if scfg.n < 1:
                 raise ConfigError(f"--n must be >= 1, got {scfg.n}")
             self.conditioner.check_guidance(scfg.guidance)

@@ -1,4 +1,4 @@
-"""difflab train | sample | eval | plot | report | export | import | bench.
+"""difflab train | sample | eval | plot | report | export | import | bench | reflow.
 
 Every user error ends in one line `difflab: error: <problem and fix>` and exit code 2.
 """
@@ -11,6 +11,7 @@ import warnings
 
 from difflab.cli.evaluate import cmd_eval, cmd_train_classifier
 from difflab.cli.parsers import classifier_parser, parser, sample_changes, sample_config
+from difflab.cli.reflow import cmd_reflow
 from difflab.cli.sample import cmd_bench, cmd_plot, cmd_sample
 from difflab.cli.share import cmd_export, cmd_import, cmd_report
 from difflab.cli.train import cmd_train
@@ -29,6 +30,7 @@ COMMANDS = {
     "report": cmd_report,
     "export": cmd_export,
     "import": cmd_import,
+    "reflow": cmd_reflow,
 }
 
 

@@ -12,7 +12,7 @@ from difflab.config import (
 from difflab.samplers import SAMPLERS
 
 # Options every sampler shares; each sampler's own (--eta, --churn, ...) come from the registry.
-SAMPLE_FLAGS = ("sampler", "steps", "spacing", "t_end", "n", "seed", "guidance")
+SAMPLE_FLAGS = ("sampler", "steps", "spacing", "t_end", "n", "seed", "guidance", "shift")
 
 
 def _option_flags() -> dict[str, tuple]:
@@ -46,6 +46,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     )
     for flag, (dest, kind, text) in _option_flags().items():
         p.add_argument(flag, dest=dest, type=kind, help=text)
+    p.add_argument(
+        "--shift", type=float, help="time shift s of the grid (flow models; SD3 uses 3): > 0"
+    )
     p.add_argument(  # torchrun's own parser takes a bare --n for its --nnodes, --nproc-...
         "--n",
         "--num-samples",
@@ -212,7 +215,28 @@ def parser() -> argparse.ArgumentParser:
         "and .md and prints the Markdown.",
     )
     add_bench_arguments(p)
+    _add_reflow_parser(sub)
     return ap
+
+
+def _add_reflow_parser(sub) -> None:
+    p = sub.add_parser(
+        "reflow", help="draw (noise, ODE endpoint) pairs of a flow run and train its reflow"
+    )
+    p.add_argument("run", help="a flow run (diffusion.prediction=velocity)")
+    p.add_argument("--pairs", type=int, default=50_000, help="pairs to draw (default 50,000)")
+    p.add_argument("--chunk", type=int, default=5000, help="pairs per resumable file")
+    p.add_argument("--name", help="the reflow run's name (default: RUN's name + '-reflow')")
+    p.add_argument("--runs", help="folder for the reflow run (default: beside RUN)")
+    p.add_argument("--no-init", action="store_true", help="train from scratch, not from RUN")
+    p.add_argument("--pairs-only", action="store_true", help="draw the pairs, train nothing")
+    p.add_argument(
+        "--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+        help="override the reflow run's config, e.g. train.steps=4000",
+    )  # fmt: skip
+    p.add_argument("--no-finish", action="store_true", help="skip the final figures")
+    p.add_argument("--quiet", action="store_true")
+    _add_sampler_flags(p)
 
 
 def _add_share_parsers(sub) -> None:

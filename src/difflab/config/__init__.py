@@ -30,6 +30,7 @@ class DataConfig:
     channels: int = 3  # imagefolder only: 1 or 3
     class_conditional: bool = False  # feed labels to the network (with train.label_dropout)
     workers: int = 0  # threads decoding image files per batch (folders, CelebA); 0 = up to 8
+    pairs: str = ""  # reflow: train on this folder of (noise, endpoint) pairs (difflab reflow)
 
 
 @dataclass
@@ -68,13 +69,13 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "linear"  # linear | cosine | sigmoid | vp (VP SDE) | ve (NCSN) | edm
+    schedule: str = "linear"  # linear | cosine | sigmoid | vp | ve | edm | rectified | trig
     num_steps: int = 1000  # T of the discrete table; 0 trains in continuous time (vp, ve, edm: 0)
     beta_start: float = 1e-4  # linear schedule only
     beta_end: float = 0.02
     sigma_min: float = 0.0  # ve / edm noise range; 0 = the schedule's default
     sigma_max: float = 0.0  # (ve: 0.01 .. 50, edm: 0.002 .. 80)
-    prediction: str = "v"  # what the network outputs: eps | x0 | v | edm (EDM preconditioning)
+    prediction: str = "v"  # what the net outputs: eps | x0 | v | edm | velocity (flow matching)
     sigma_data: float = 0.5  # data standard deviation for edm preconditioning and weighting
     target: str = ""  # space the loss is measured in; "" = same as prediction
     loss: str = "mse"  # mse | l1 | huber
@@ -87,6 +88,12 @@ class DiffusionConfig:
     clip_x0: float = (
         0.0  # clamp x0_hat to [-c, c] while sampling; 0 = off (images in [-1, 1] use 1)
     )
+    # flow matching (schedule=rectified | trig, prediction=velocity): t_sampling=logit_normal
+    # draws logit(t) ~ N(loc, scale^2), mode uses mode_scale (SD3, Esser et al. 2024, Sec. 3.1)
+    logit_loc: float = 0.0
+    logit_scale: float = 1.0
+    mode_scale: float = 1.29
+    coupling: str = "independent"  # independent | ot (mini-batch OT, Tong et al. 2023) | reflow
 
 
 @dataclass
@@ -124,6 +131,7 @@ class TrainConfig:
     eval_reference: str = ""  # images: "" = the data set's test split; a split, folder or .npz
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (with advice) | skip the update
     nonfinite_max_skips: int = 10  # skip: stop after this many skipped updates in a row
+    init_from: str = ""  # a checkpoint folder whose EMA weights start a fresh run (reflow)
 
 
 @dataclass
@@ -150,6 +158,7 @@ class SampleConfig:
     guidance: float = 1.0  # classifier-free guidance scale (0 = unconditional, 1 = conditional)
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for the network while sampling
     compile: bool = False  # torch.compile the network for sampling
+    shift: float = 1.0  # time shift t' = s t / (1 + (s - 1) t) of the grid (SD3); 1 = none
 
 
 @dataclass

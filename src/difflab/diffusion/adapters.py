@@ -14,6 +14,13 @@ guidance option works on it unchanged:
     den = foreign_denoiser(unet, scheduler_config=config)
     x = generate(sample_dpmpp_2m, den, 16, (3, 32, 32), timesteps(den.schedule, 20, "logsnr"))
 
+A flow model trained elsewhere (diffusers' `FlowMatchEulerDiscreteScheduler` config, or any
+config whose prediction_type is flow, flow_prediction or velocity) predicts the rectified-flow
+velocity u = eps - x0 at timestep sigma T, sigma = t on the path alpha = 1 - t, sigma = t: it
+becomes a velocity-kind denoiser on `RectifiedFlowSchedule`, so every difflab solver drives it;
+DDIM on the scheduler's own sigmas is its Euler step exactly, and
+`timesteps(den.schedule, n, "uniform", shift=config["shift"])` is difflab's shifted grid.
+
 Timesteps: difflab puts step i = 1..T at t = i / T; diffusers numbers the same steps 0..T-1, so
 the model is called with timestep t T - 1. Between the table's steps (Karras or log-SNR grids)
 that is a fractional timestep, which sinusoidal time embeddings accept; `round_timesteps=True`
@@ -30,11 +37,25 @@ import torch
 from torch import Tensor
 
 from difflab.diffusion.prediction import Denoiser
-from difflab.diffusion.schedules import DiscreteSchedule
+from difflab.diffusion.schedules import DiscreteSchedule, RectifiedFlowSchedule
 
 # diffusers' names for what a model predicts -> difflab's prediction kinds
 DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+FLOW_PREDICTIONS = ("flow", "flow_prediction", "velocity")
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+
+
+def is_flow_config(config: Mapping) -> bool:
+    """Whether a diffusers-style scheduler config describes a flow-matching model: its class
+    name (a saved scheduler_config.json), its prediction_type, or a `shift` and no betas (the
+    config of a FlowMatchEulerDiscreteScheduler made in code)."""
+    no_betas = not any(k in config for k in ("beta_schedule", "trained_betas", "beta_start"))
+    return (
+        config.get("_class_name") in FLOW_SCHEDULERS
+        or config.get("prediction_type") in FLOW_PREDICTIONS
+        or ("shift" in config and no_betas)
+    )
 
 
 def betas_from_config(config: Mapping) -> Tensor:
@@ -71,8 +92,11 @@ class ForeignNet:
         round_timesteps: call it only at trained steps (nearest), never in between.
     """
 
-    def __init__(self, model: Callable, num_steps: int, round_timesteps: bool = False):
+    def __init__(
+        self, model: Callable, num_steps: int, round_timesteps: bool = False, flow: bool = False
+    ):
         self.model, self.num_steps, self.round_timesteps = model, num_steps, round_timesteps
+        self.offset = 0 if flow else 1  # a flow model sees sigma T; a table's step i as i - 1
         forward = getattr(model, "forward", model)
         try:
             self.takes_labels = "class_labels" in inspect.signature(forward).parameters
@@ -80,9 +104,9 @@ class ForeignNet:
             self.takes_labels = False
 
     def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        timestep = t * self.num_steps - 1
+        timestep = t * self.num_steps - self.offset
         if self.round_timesteps:
-            timestep = timestep.round().clamp(0, self.num_steps - 1)
+            timestep = timestep.round().clamp(0, self.num_steps - self.offset)
         if y is not None and not self.takes_labels:
             raise ValueError(
                 "class labels were given but the foreign model takes no class_labels argument"
@@ -112,11 +136,25 @@ def foreign_denoiser(
         scheduler_config: a mapping with diffusers' keys (num_train_timesteps, beta_schedule,
             beta_start, beta_end, trained_betas, prediction_type).
         prediction: "eps", "x0" or "v"; default: the config's prediction_type, else "eps".
+            A flow config (module docstring) makes a velocity denoiser on the rectified path.
         clip_x0: clamp x0_hat while sampling (1.0 for images in [-1, 1]).
         round_timesteps: see ForeignNet.
     """
     if (betas is None) == (scheduler_config is None):
         raise ValueError("give exactly one of betas= or scheduler_config=")
+    if scheduler_config is not None and is_flow_config(scheduler_config):
+        if prediction not in (None, "velocity"):
+            raise ValueError(
+                f"a flow-matching scheduler's model predicts the velocity, not {prediction!r}"
+            )
+        if scheduler_config.get("use_dynamic_shifting") or scheduler_config.get("invert_sigmas"):
+            raise ValueError(
+                "dynamic (resolution-dependent) shifting and inverted sigmas are not supported; "
+                "pass a config with a fixed `shift` and sample with timesteps(..., shift=shift)"
+            )
+        T = int(scheduler_config.get("num_train_timesteps", 1000))
+        net = ForeignNet(model, T, round_timesteps, flow=True)
+        return Denoiser(net, RectifiedFlowSchedule(), "velocity", clip_x0)
     if scheduler_config is not None:
         betas = betas_from_config(scheduler_config)
         if prediction is None:

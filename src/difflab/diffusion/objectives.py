@@ -16,6 +16,11 @@ loss in those spaces already carries x0-space weight SNR or SNR + 1.
 | snr_plus_one | SNR + 1               | = v-MSE (Salimans & Ho 2022)            |
 | edm       | SNR + 1 / sigma_data^2   | = edm-MSE; EDM's lambda (Karras et al. 2022, Table 1) |
 
+In velocity space (flow matching, u = alpha' x0 + sigma' eps) an error d in x0_hat is an error
+(D / sigma) d in u_hat (D = alpha sigma' - sigma alpha', prediction.py note 3), so the plain
+flow-matching loss (Lipman et al. 2023, eq. 23; weighting none) carries x0-space weight
+D^2 / sigma^2 = 1 / t^2 on the rectified path; any x0-space weighting above converts to it.
+
 EDM-preconditioned networks ("edm" kind) carry x0-space weight 1 / c_out^2 = SNR + 1 / sd^2 in
 their own space, which is EDM's loss weighting; their natural t-sampling is "lognormal"
 (ln(sigma / alpha) ~ N(P_mean, P_std^2), EDM Table 1: -1.2 and 1.2).
@@ -30,11 +35,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from difflab.diffusion.prediction import Denoiser, check_kind, split_raw
-from difflab.diffusion.schedules import DiscreteSchedule, Schedule
+from difflab.diffusion.schedules import DiscreteSchedule, Schedule, _broadcast
 
 LOSS_TYPES = ("mse", "l1", "huber")
 WEIGHTINGS = ("none", "snr", "min_snr", "snr_plus_one", "edm")
-T_SAMPLINGS = ("uniform", "stratified", "lognormal")
+T_SAMPLINGS = ("uniform", "stratified", "lognormal", "logit_normal", "mode")
 
 
 @dataclass
@@ -49,7 +54,10 @@ class LossSpec:
         huber_delta: the Huber loss is quadratic below delta, linear above.
         t_sampling: "uniform" draws t i.i.d.; "stratified" spreads the batch over [0, 1]
             (one draw per 1/B slice, in random order): the same distribution with less variance;
-            "lognormal" draws ln(sigma / alpha) ~ N(lognormal_mean, lognormal_std^2) (EDM).
+            "lognormal" draws ln(sigma / alpha) ~ N(lognormal_mean, lognormal_std^2) (EDM);
+            "logit_normal" draws logit(u) ~ N(logit_loc, logit_scale^2) and "mode" draws
+            u = 1 - w - mode_scale (cos^2(pi w / 2) - 1 + w), w uniform (SD3: Esser et al.
+            2024, Sec. 3.1, eqs. 19 and 20); u in [0, 1] is then placed on [t_min, t_max].
         sigma_data: the data's standard deviation in the "edm" weighting.
     """
 
@@ -62,6 +70,9 @@ class LossSpec:
     lognormal_mean: float = -1.2
     lognormal_std: float = 1.2
     sigma_data: float = 0.5
+    logit_loc: float = 0.0
+    logit_scale: float = 1.0
+    mode_scale: float = 1.29
 
     def __post_init__(self):
         if self.target is not None:
@@ -75,6 +86,13 @@ class LossSpec:
                 raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
         if min(self.min_snr_gamma, self.huber_delta, self.lognormal_std, self.sigma_data) <= 0:
             raise ValueError("min_snr_gamma, huber_delta, lognormal_std and sigma_data must be > 0")
+        if self.logit_scale <= 0:
+            raise ValueError(f"logit_scale must be > 0 (SD3 uses 1.0), got {self.logit_scale}")
+        if not -1 <= self.mode_scale <= 2 / (torch.pi - 2):  # keeps the density non-negative
+            raise ValueError(
+                f"mode_scale must lie in [-1, {2 / (torch.pi - 2):.3f}] for a valid density "
+                f"(SD3 uses 1.29), got {self.mode_scale}"
+            )
 
 
 def sample_t(
@@ -84,11 +102,12 @@ def sample_t(
     generator=None,
     device=None,
     lognormal: tuple[float, float] = (-1.2, 1.2),
+    spec: LossSpec | None = None,
 ) -> Tensor:
     """Draw training times (B,): on the grid i / T for a discrete schedule, else in [t_min, t_max].
 
-    `lognormal` is (mean, std) of ln(sigma / alpha) for method "lognormal". Returns float32
-    times on `device`.
+    `lognormal` is (mean, std) of ln(sigma / alpha) for method "lognormal"; `spec` gives the
+    logit_normal and mode parameters. Returns float32 times on `device`.
     """
     if method == "lognormal":
         log_s = lognormal[0] + lognormal[1] * torch.randn(batch, generator=generator)
@@ -99,6 +118,15 @@ def sample_t(
     if method == "stratified":
         u = (torch.arange(batch) + torch.rand(batch, generator=generator)) / batch
         u = u[torch.randperm(batch, generator=generator)]
+    elif method == "logit_normal":
+        spec = spec or LossSpec()
+        u = torch.sigmoid(
+            spec.logit_loc + spec.logit_scale * torch.randn(batch, generator=generator)
+        )
+    elif method == "mode":
+        w = torch.rand(batch, generator=generator)
+        scale = (spec or LossSpec()).mode_scale
+        u = 1 - w - scale * (torch.cos(torch.pi / 2 * w) ** 2 - 1 + w)
     else:
         u = torch.rand(batch, generator=generator)
     if isinstance(schedule, DiscreteSchedule):
@@ -111,8 +139,11 @@ def sample_t(
     return t.to(device=device, dtype=torch.float32)
 
 
-def space_weight(spec: LossSpec, target: str, snr: Tensor) -> Tensor:
-    """The weight to put on a squared loss in `target` space for the x0-space weighting `spec`."""
+def space_weight(
+    spec: LossSpec, target: str, snr: Tensor, velocity_gain: Tensor | None = None
+) -> Tensor:
+    """The weight to put on a squared loss in `target` space for the x0-space weighting `spec`;
+    `velocity_gain` is D^2 / sigma^2 (module docstring), needed for the velocity target."""
     if spec.weighting == "none":
         return torch.ones_like(snr)
     edm = snr + 1 / spec.sigma_data**2
@@ -122,6 +153,8 @@ def space_weight(spec: LossSpec, target: str, snr: Tensor) -> Tensor:
         "snr_plus_one": snr + 1,
         "edm": edm,
     }[spec.weighting]
+    if target == "velocity":
+        return x0_weight / velocity_gain
     carried = {"x0": torch.ones_like(snr), "eps": snr, "v": snr + 1, "edm": edm}[target]
     return x0_weight / carried
 
@@ -146,7 +179,7 @@ def draw_noise(
         t float32 (B,) and eps (B, ...), drawn in that order from `generator`.
     """
     lognormal = (spec.lognormal_mean, spec.lognormal_std)
-    t = sample_t(schedule, shape[0], spec.t_sampling, generator, None, lognormal)
+    t = sample_t(schedule, shape[0], spec.t_sampling, generator, None, lognormal, spec)
     return t, torch.randn(shape, generator=generator)
 
 
@@ -177,15 +210,24 @@ def diffusion_loss(
     x_t = alpha * x0 + sigma * eps
     raw = denoiser.raw(x_t, t, y, alpha, sigma)
     target_space = spec.target or denoiser.kind
+    rates = None
+    if "velocity" in (target_space, denoiser.kind):
+        rates = _broadcast(schedule.d_alpha(t), x0), _broadcast(schedule.d_sigma(t), x0)
     if target_space == denoiser.kind:
         pred = raw  # measure the network's own output directly: no division by alpha or sigma
     else:
         x0_hat, eps_hat = split_raw(  # never clipped in training
-            raw, x_t, alpha, sigma, denoiser.kind, denoiser.sigma_data
+            raw, x_t, alpha, sigma, denoiser.kind, denoiser.sigma_data, rates
         )
-        pred = denoiser.target(target_space, x0_hat, eps_hat, alpha, sigma)
-    target = denoiser.target(target_space, x0, eps, alpha, sigma)
+        pred = denoiser.target(target_space, x0_hat, eps_hat, alpha, sigma, rates)
+    target = denoiser.target(target_space, x0, eps, alpha, sigma, rates)
     per_elem = elementwise_loss(spec, pred.float(), target.float())
     per_example = per_elem.reshape(x0.shape[0], -1).mean(dim=1)
+    if spec.weighting == "none":  # no SNR needed (it is infinite at t = 0 on a flow path)
+        return per_example, t
     snr = schedule.log_snr(t).exp().float()
-    return per_example * space_weight(spec, target_space, snr), t
+    gain = None
+    if target_space == "velocity":
+        det = schedule.alpha(t) * schedule.d_sigma(t) - schedule.sigma(t) * schedule.d_alpha(t)
+        gain = (det / schedule.sigma(t)).pow(2).float()
+    return per_example * space_weight(spec, target_space, snr, gain), t

@@ -9,6 +9,8 @@ sigma, lam and its inverse, so they run on every schedule here.
 - Variance exploding (VE, alpha = 1): the NCSN geometric sigma(t) of Song et al. 2021 (t in
   [0, 1]) and EDM's schedule where the time is sigma itself (Karras et al. 2022, t = sigma in
   [0, sigma_max]). Both have sigma(0) = 0, so a sampler's last step lands on clean data.
+- Affine flow paths (neither, paths.py): rectified flow alpha = 1 - t, sigma = t, and the
+  trigonometric path; they expose d alpha/dt and d sigma/dt for the velocity prediction kind.
 
 Discrete-time models (DDPM, Ho et al. 2020) are trained on T steps; step i (1..T) sits at
 t = i / T and the network sees that t. A `DiscreteSchedule` interpolates log alpha_bar linearly in
@@ -34,6 +36,11 @@ import math
 import torch
 from torch import Tensor
 
+from difflab.diffusion.paths import (  # noqa: F401  (re-exported: every schedule is here)
+    AffineSchedule,
+    RectifiedFlowSchedule,
+    TrigFlowSchedule,
+)
 from difflab.diffusion.schedules_base import (  # noqa: F401  (re-exported: they lived here)
     _DTYPE,
     DiscreteSchedule,
@@ -165,6 +172,8 @@ class VPSDESchedule(VPSchedule):
 
 class _ExplodingSchedule(Schedule):
     """alpha = 1; subclasses define sigma(t) > 0 for t > 0 and its inverse; sigma(0) = 0."""
+
+    variance_exploding = True
 
     def alpha(self, t: Tensor | float) -> Tensor:
         return torch.ones_like(_as_t(t))

@@ -30,11 +30,25 @@ def _broadcast(values: Tensor, like: Tensor) -> Tensor:
     return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def _derivative(fn, t: Tensor | float) -> Tensor:
+    """d fn / dt elementwise at t, by autograd in float64 (fn acts elementwise)."""
+    with torch.enable_grad():
+        t = _as_t(t).detach().clone().requires_grad_(True)
+        out = fn(t)
+        if not out.requires_grad:  # a constant (alpha = 1 of VE schedules)
+            return torch.zeros_like(t.detach())
+        (grad,) = torch.autograd.grad(out.sum(), t)
+    return grad.detach()
+
+
 class Schedule:
     """x_t = alpha(t) x0 + sigma(t) eps on t in [0, t_max]; subclasses define alpha and sigma."""
 
     name = "schedule"
     variance_preserving = False
+    # alpha = 1 (NCSN, EDM): the only family whose network input is rescaled to unit size. A
+    # schedule that is neither (an affine flow path) is never treated as either.
+    variance_exploding = False
     # The largest and smallest t a sampler should start from / a loss should draw.
     t_min = 0.0
     t_max = 1.0
@@ -47,6 +61,14 @@ class Schedule:
 
     def log_snr(self, t: Tensor | float) -> Tensor:
         return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
+
+    def d_alpha(self, t: Tensor | float) -> Tensor:
+        """d alpha / dt at t (float64), by autograd through `alpha`; closed forms override."""
+        return _derivative(self.alpha, t)
+
+    def d_sigma(self, t: Tensor | float) -> Tensor:
+        """d sigma / dt at t (float64), by autograd through `sigma`; closed forms override."""
+        return _derivative(self.sigma, t)
 
     def prior_std(self, t: Tensor | float) -> float:
         """Standard deviation of x_t for unit-variance data: where a sampler starts x_T."""

@@ -7,6 +7,11 @@
 | x0_hat     | "predicted x0"                                                      |
 | direction  | "direction pointing to x_t": sqrt(1 - a_s - sigma_eta^2) eps_hat    |
 
+On an affine flow path sigma_eta is eta times the DDPM posterior std (ddpm.py), which on a VP
+schedule is the formula above; VE keeps the formula as written (alpha_t / alpha_s = 1 there).
+On the rectified path (alpha = 1 - t, sigma = t) the eta = 0 step alpha_s x0_hat + sigma_s eps_hat
+equals x_t + (s - t) u_hat: DDIM is Euler's method on the flow ODE dx/dt = u.
+
 With eta = 0 this is the first-order (Euler) step of the probability-flow ODE in log-SNR
 (Lu et al. 2022, DPM-Solver-1), and run on increasing times it is DDIM inversion.
 """
@@ -49,7 +54,11 @@ def sample_ddim(
         sigma_eta = 0.0
         if eta > 0 and s > 0 and s < t:
             alpha_t, sigma_t = schedule_at(denoiser, t)
-            sigma_eta = eta * (sigma_s / sigma_t) * (1 - (alpha_t / alpha_s) ** 2) ** 0.5
+            if denoiser.schedule.variance_preserving or denoiser.schedule.variance_exploding:
+                sigma_eta = eta * (sigma_s / sigma_t) * (1 - (alpha_t / alpha_s) ** 2) ** 0.5
+            else:  # DDIM's sigma_t(eta) for any affine path: eta times the DDPM posterior std
+                var_ts = max(sigma_t**2 - (alpha_t / alpha_s * sigma_s) ** 2, 0.0)
+                sigma_eta = eta * (sigma_s / sigma_t) * var_ts**0.5
         x_next = alpha_s * x0_hat + max(sigma_s**2 - sigma_eta**2, 0.0) ** 0.5 * eps_hat
         if sigma_eta > 0:
             x_next = x_next + sigma_eta * noise.randn(x.shape, i + 1, x.device, x.dtype)

@@ -25,6 +25,12 @@ x_t = alpha(t) x~ at the schedule's own time t. Below, `sigma` always means EDM'
 | s_churn, s_noise  | S_churn, S_noise                                                        |
 | s_tmin, s_tmax    | S_tmin, S_tmax: a window of noise levels sigma (not of times t)         |
 
+On an affine flow path (neither VP nor VE, e.g. rectified flow) sigma~ = t / (1 - t) runs to 999
+at t_max = 0.999, and a trapezoid over [999, 9] multiplies the change of D between its ends by
+the step's length in sigma~ (5 Heun steps: error 2.2 on the tests' Gaussian, Euler's 0.18), so
+there Heun's correction is taken in the flow's own bounded time t, on dx/dt = u = alpha' x0_hat +
+sigma' eps_hat (Euler's predictor is the same step in both variables on the rectified path).
+
 Churn raises the level to sigma_hat, turns it back into a time with the schedule's inverse
 log-SNR (lam = -2 log sigma_hat) clamped to [t_min, t_max], and adds noise of variance
 sigma_hat^2 - sigma^2 at that time's exact level. Step i draws its churn noise from stream i + 1
@@ -68,6 +74,20 @@ def _raised(denoiser, t: float, sigma_hat: float) -> tuple[float, float, float]:
     return t_hat, *_level(denoiser, t_hat)
 
 
+def _velocity(denoiser, t: float, x0_hat: Tensor, eps_hat: Tensor) -> Tensor:
+    """u = alpha'(t) x0_hat + sigma'(t) eps_hat: the flow ODE's dx/dt (prediction.py, note 3)."""
+    schedule = denoiser.schedule
+    return float(schedule.d_alpha(t)) * x0_hat + float(schedule.d_sigma(t)) * eps_hat
+
+
+def _heun_in_t(denoiser, x, t, t_next, y, i, x0_hat, eps_hat) -> Tensor:
+    """Heun's step of dx/dt = u(x, t) in the flow's own time t (module note)."""
+    u = _velocity(denoiser, t, x0_hat, eps_hat)
+    x_euler = x + (t_next - t) * u
+    x0_next, eps_next = denoise(denoiser, x_euler, t_next, y, i)
+    return x + (t_next - t) * 0.5 * (u + _velocity(denoiser, t_next, x0_next, eps_next))
+
+
 def _check_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> None:
     if not s_churn >= 0:
         raise ValueError(f"s_churn must be >= 0 (0 = deterministic), got {s_churn}")
@@ -93,6 +113,8 @@ def _sample(
     """Algorithm 2 with (heun=True) or without Heun's correction; see the module docstring."""
     _check_churn(*churn)
     s_churn, s_tmin, s_tmax, s_noise = churn
+    schedule = denoiser.schedule
+    flow_time = not (schedule.variance_preserving or schedule.variance_exploding)
     noise = as_noise(generator)
     num_steps = len(ts) - 1
     x = x_T  # (B, ...)
@@ -110,12 +132,17 @@ def _sample(
             z = noise.randn(x.shape, i + 1, x.device, x.dtype)
             x_scaled = x_scaled + s_noise * max(sigma_hat**2 - sigma**2, 0.0) ** 0.5 * z
         # 2. Euler step from sigma_hat to sigma_next; it lands on x0_hat when sigma_next = 0.
-        x0_hat, _ = denoise(denoiser, alpha_hat * x_scaled, t_hat, y, i)
+        x0_hat, eps_hat = denoise(denoiser, alpha_hat * x_scaled, t_hat, y, i)
         d = (x_scaled - x0_hat) / sigma_hat
         x_next_scaled = x_scaled + (sigma_next - sigma_hat) * d
         # 3. Heun: average the slopes at both ends (trapezoid rule). At sigma_next = 0 the slope
         # is undefined and EDM keeps the Euler step.
-        if heun and sigma_next > 0:
+        if heun and sigma_next > 0 and flow_time:
+            x_next = _heun_in_t(
+                denoiser, alpha_hat * x_scaled, t_hat, t_next, y, i, x0_hat, eps_hat
+            )
+            x_next_scaled = x_next / alpha_next
+        elif heun and sigma_next > 0:
             x0_next, _ = denoise(denoiser, alpha_next * x_next_scaled, t_next, y, i)
             d_next = (x_next_scaled - x0_next) / sigma_next
             x_next_scaled = x_scaled + (sigma_next - sigma_hat) * 0.5 * (d + d_next)

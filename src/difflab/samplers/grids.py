@@ -60,7 +60,11 @@ def discrete_timesteps(num_train_steps: int, num_steps: int, spacing: str = "tra
 
 
 def timesteps(
-    schedule: Schedule, num_steps: int, spacing: str = "trailing", t_end: float | None = None
+    schedule: Schedule,
+    num_steps: int,
+    spacing: str = "trailing",
+    t_end: float | None = None,
+    shift: float = 1.0,
 ) -> Tensor:
     """The (num_steps + 1,) float64 grid of times for `schedule`, from its start down to 0.
 
@@ -72,7 +76,13 @@ def timesteps(
     t_end moves the last nonzero time of the logsnr and karras grids up from t_min: at few steps
     a last interval spent between tiny noise levels is wasted, and the final step to 0 (x0_hat)
     is nearly exact from a small noise level (bench/RESULTS.md, samplers).
+
+    shift s != 1 maps every time by t' = s t / (1 + (s - 1) t) on u = t / t_max (SD3, Esser et
+    al. 2024, Sec. 5.3.2; diffusers' FlowMatchEulerDiscreteScheduler `shift`), which keeps both
+    ends: s > 1 spends more steps at high noise. Continuous schedules on t in [0, 1] only.
     """
+    if not shift > 0:
+        raise ValueError(f"sample.shift must be > 0 (1 = no shift; SD3 uses 3.0), got {shift}")
     if t_end is not None and not (schedule.t_min <= t_end < schedule.t_max):
         raise ValueError(f"t_end must lie in [{schedule.t_min:g}, {schedule.t_max:g}), got {t_end}")
     discrete = isinstance(schedule, DiscreteSchedule)
@@ -90,7 +100,8 @@ def timesteps(
         elif spacing == "quadratic":
             t = t_min + (t_max - t_min) * u**2
         elif spacing in ("logsnr", "karras"):
-            t_low = max(t_min, 1e-4) if schedule.variance_preserving else t_min
+            # lam is infinite at t = 0 except for VE schedules, whose t_min is above 0
+            t_low = t_min if schedule.variance_exploding else max(t_min, 1e-4)
             if t_end is not None:
                 t_low = t_end
             lam_hi, lam_lo = schedule.log_snr(t_low), schedule.log_snr(t_max)
@@ -110,4 +121,19 @@ def timesteps(
                 f"unknown timestep spacing {spacing!r} for a continuous schedule; "
                 f"choose one of {', '.join(CONTINUOUS_SPACINGS)}"
             )
+    if shift != 1.0:
+        t = shifted(schedule, t, shift)
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+def shifted(schedule: Schedule, t: Tensor, shift: float) -> Tensor:
+    """t_max u' with u' = s u / (1 + (s - 1) u), u = t / t_max (the time shift, see timesteps)."""
+    if isinstance(schedule, DiscreteSchedule) or schedule.t_max > 1:
+        raise ValueError(
+            f"sample.shift applies to continuous schedules on t in [0, 1] (rectified, trig, "
+            f"cosine, ...), not the {schedule.name} schedule; leave sample.shift=1"
+        )
+    u = t / schedule.t_max
+    return (schedule.t_max * shift * u / (1 + (shift - 1) * u)).clamp(
+        schedule.t_min, schedule.t_max
+    )

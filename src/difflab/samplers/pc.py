@@ -2,7 +2,8 @@
 Stochastic Differential Equations", Sec. 4.2 and App. G, Algorithms 2-5): a reverse-diffusion
 predictor followed by Langevin corrector steps at each noise level.
 
-Written once for VP and VE schedules in terms of (alpha, sigma) at consecutive grid times t > s.
+Written once for VP and VE schedules in terms of (alpha, sigma) at consecutive grid times t > s
+(an affine flow path, which is neither, is refused).
 Between them the forward process is x_t = a x_s + b z with (as in ddpm.py)
 
     a = alpha_t / alpha_s,        b^2 = sigma_t^2 - a^2 sigma_s^2.
@@ -158,6 +159,13 @@ def sample_pc(
         The state at ts[-1] (B, ...).
     """
     _check_options(snr, n_corrector, step_size)
+    schedule = denoiser.schedule
+    if not (schedule.variance_preserving or schedule.variance_exploding):
+        raise ValueError(
+            f"pc's reverse-diffusion predictor discretises the VP or VE SDE (Song et al. 2021, "
+            f"App. G); the {schedule.name} flow path is neither: for stochastic sampling use "
+            "ddpm, ddim with --eta, euler/heun with --churn or dpmpp_2m_sde"
+        )
     noise = as_noise(generator)
     x = x_T  # (B, ...)
     for i in range(len(ts) - 1):

@@ -145,6 +145,8 @@ def build_parts(
     data = build.build_data(cfg, seed=cfg.train.seed)
     model = build.build_model(cfg, build.data_kind(cfg, data), device)
     data = devices.place_data(data, device)
+    if cfg.train.init_from:  # reflow: start from a trained model's EMA weights
+        load_weights(Path(cfg.train.init_from), model.net, "ema")
     loss = build.build_loss(cfg, model.schedule)
     ema = EMA(model.net, cfg.train.ema_decay, cfg.train.ema_warmup)
     optimizer = devices.adamw(model.net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)

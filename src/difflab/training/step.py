@@ -62,6 +62,8 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
         cond = model.conditioner.train_condition(y, parts.loss_generator, parts.device)
         shape = (len(x0), *model.codec.latent_shape(tuple(x0.shape[1:])))
         noise = parts.loss.draw(shape, parts.loss_generator)
+        if hasattr(parts.loss, "couple"):  # OT or reflow pairing, on the global batch
+            noise = parts.loss.couple(x0, noise, parts.data)
         # Every rank draws the global micro-batch and its noise and keeps its slice, so N ranks
         # equal one process and the stream state stays global (distributed.py says more).
         x0, cond, *noise = parts.world.shard(x0, cond, *noise)
