@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from difflab.config.consistency import ConsistencyConfig
+
 
 class ConfigError(ValueError):
     """A user-facing problem with the config or command line; the message says the fix."""
@@ -150,6 +152,7 @@ class SampleConfig:
     guidance: float = 1.0  # classifier-free guidance scale (0 = unconditional, 1 = conditional)
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for the network while sampling
     compile: bool = False  # torch.compile the network for sampling
+    cm_sigmas: str = ""  # consistency: noise levels (sigma / alpha) after the first; "" = grid's
 
 
 @dataclass
@@ -160,6 +163,7 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -277,6 +281,7 @@ from difflab.config.presets import PRESETS, preset  # noqa: E402
 __all__ = [
     "PRESETS",
     "ConfigError",
+    "ConsistencyConfig",
     "DataConfig",
     "DiffusionConfig",
     "MLPConfig",
