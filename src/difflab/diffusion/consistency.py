@@ -125,7 +125,9 @@ def pseudo_huber(diff: Tensor, c: float) -> Tensor:
     ||.|| over every element of an example): ||d||^2 / (2 c) for ||d|| << c, ||d|| - c for
     ||d|| >> c, and the L2 distance ||d|| at c = 0."""
     squared = diff.float().reshape(diff.shape[0], -1).pow(2).sum(dim=1)
-    return torch.sqrt(squared + c**2) - c
+    if c == 0:
+        return torch.sqrt(squared)
+    return squared / (torch.sqrt(squared + c**2) + c)  # = sqrt(.) - c, without cancellation
 
 
 def huber_c(dims: int, c: float) -> float:
