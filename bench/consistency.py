@@ -72,13 +72,16 @@ def toy_part(args, work: Path) -> dict:
     if not args.teacher:
         out["teacher_train"] = train_timed(apply_overrides(preset("toy2d"), args.set), teacher_dir)
     teacher = load_run(teacher_dir)
-    base = dataclasses.replace(teacher.cfg.sample, n=args.n, batch_size=args.n)
+    base = teacher.cfg.sample
     rows = {}
-    for name, sampler, steps in (("teacher_ddim50", "ddim", 50), ("teacher_default", None, None)):
-        scfg = dataclasses.replace(base, sampler=sampler or base.sampler, steps=steps or base.steps)
+    for name, sampler, steps, n in (
+        ("teacher_ddim50", "ddim", 50, args.n),
+        ("teacher_default", base.sampler, base.steps, args.n_default),  # DDPM-1000: fewer
+    ):
+        scfg = dataclasses.replace(base, sampler=sampler, steps=steps, n=n, batch_size=n)
         samples, wall = timed(teacher, scfg)
         rows[name] = {**evaluate_toy(samples.numpy(), "checkerboard"), "sampler": scfg.sampler,
-                      "nfe": scfg.steps, "ms_per_sample": 1e3 * wall / args.n}  # fmt: skip
+                      "nfe": scfg.steps, "ms_per_sample": 1e3 * wall / n}  # fmt: skip
         print(name, json.dumps(rows[name]))
     for loss in args.only:
         cfg = apply_overrides(preset(TOY_RECIPES[loss]), [f"consistency.teacher={teacher_dir}"])
@@ -157,6 +160,7 @@ def main() -> None:
     ap.add_argument("--work", help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--only", default="ect,cd,ict", help="which students: ect, cd, ict")
     ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--n-default", type=int, default=2000, help="teacher default-sampler samples")
     ap.add_argument("--set", nargs="*", default=[], help="overrides of the toy2d teacher")
     ap.add_argument("--set-student", nargs="*", default=[], help="overrides of every student")
     ap.add_argument("--mnist-teacher", help="a trained mnist run (runs the MNIST part)")
