@@ -32,6 +32,9 @@ ALLOWED = {
     "diffusion.objectives": {"diffusion.schedules", "diffusion.prediction"},
     "diffusion.losses": {"diffusion.couplings", "diffusion.objectives"},
     "diffusion.guidance": {"diffusion.prediction"},
+    "diffusion.consistency": {"diffusion.prediction", "diffusion.schedules"},
+    "diffusion.curriculum": set(),
+    "diffusion.consistency_losses": {"diffusion.consistency", "diffusion.curriculum"},
     "diffusion.adapters": {"diffusion.prediction", "diffusion.schedules"},
     "samplers": {"diffusion.schedules"},
     "model": {"config", "devices", "diffusion.guidance", "diffusion.prediction", "samplers"},
@@ -39,7 +42,9 @@ ALLOWED = {
         "codecs", "conditioners", "config", "data", "devices", "diffusion", "model", "nets",
         "samplers",
     },
-    "training": {"build", "config", "devices", "files", "model"},
+    "training": {
+        "build", "config", "devices", "diffusion.guidance", "files", "model", "samplers",
+    },
     "runs": {
         "build", "config", "devices", "diffusion.prediction", "files", "model", "samplers",
         "training.checkpoint",

@@ -20,6 +20,8 @@ from difflab.data.toy2d import TOY2D
 from difflab.devices import memory_format
 from difflab.diffusion import schedules
 from difflab.diffusion.couplings import check_coupling
+from difflab.diffusion.consistency import ConsistencyDenoiser
+from difflab.diffusion.consistency_losses import CONSISTENCY_LOSSES
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.objectives import LossSpec
 from difflab.diffusion.prediction import Denoiser, v_refusal
@@ -214,7 +216,8 @@ LOSSES = {
         check_coupling(
             cfg.diffusion.coupling, cfg.train.batch_size // cfg.train.grad_accum, cfg.data.pairs
         ),
-    )
+    ),
+    **CONSISTENCY_LOSSES,  # ct, ict, ect, cd: the model is then a ConsistencyDenoiser
 }
 
 
@@ -233,7 +236,8 @@ def build_denoiser(cfg: RunConfig, net: nn.Module, schedule: schedules.Schedule)
     if cfg.diffusion.clip_x0 < 0:
         raise ConfigError(f"diffusion.clip_x0 must be >= 0 (0 = off), got {cfg.diffusion.clip_x0}")
     d = cfg.diffusion
-    return Denoiser(net, schedule, d.prediction, d.clip_x0 or None, d.sigma_data)
+    denoiser = Denoiser(net, schedule, d.prediction, d.clip_x0 or None, d.sigma_data)
+    return ConsistencyDenoiser(denoiser) if cfg.train.loss in CONSISTENCY_LOSSES else denoiser
 
 
 @_checked

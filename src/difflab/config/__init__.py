@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from difflab.config.consistency import ConsistencyConfig
+
 
 class ConfigError(ValueError):
     """A user-facing problem with the config or command line; the message says the fix."""
@@ -159,6 +161,7 @@ class SampleConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for the network while sampling
     compile: bool = False  # torch.compile the network for sampling
     shift: float = 1.0  # time shift t' = s t / (1 + (s - 1) t) of the grid (SD3); 1 = none
+    cm_sigmas: str = ""  # consistency: noise levels (sigma / alpha) after the first; "" = grid's
 
 
 @dataclass
@@ -169,6 +172,7 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -286,6 +290,7 @@ from difflab.config.presets import PRESETS, preset  # noqa: E402
 __all__ = [
     "PRESETS",
     "ConfigError",
+    "ConsistencyConfig",
     "DataConfig",
     "DiffusionConfig",
     "MLPConfig",

@@ -15,6 +15,7 @@ from difflab.config import (
     TrainConfig,
     UNetConfig,
 )
+from difflab.config.consistency import ConsistencyConfig
 
 
 def toy2d() -> RunConfig:
@@ -153,6 +154,81 @@ def mnist_flow() -> RunConfig:
     )  # fmt: skip
 
 
+def _consistency_sampling(n: int, batch_size: int, t_end: float, guidance: float = 1.0):
+    # Two steps, the second from the noise level at t_end (karras: steps > 2 spread between).
+    return SampleConfig(
+        sampler="consistency", steps=2, spacing="karras", t_end=t_end, n=n,
+        batch_size=batch_size, guidance=guidance,
+    )  # fmt: skip
+
+
+def toy2d_ct() -> RunConfig:
+    """iCT from scratch on the checkerboard (Song & Dhariwal 2023): EDM's sigma in [0.002, 80],
+    EDM preconditioning inside the consistency parameterisation, the doubling N(k) 10 -> 1280."""
+    return RunConfig(
+        preset="toy2d-ct",
+        diffusion=DiffusionConfig(schedule="edm", num_steps=0, prediction="edm", sigma_data=1.0),
+        train=TrainConfig(
+            loss="ict", steps=5000, lr=1e-3, lr_schedule="constant", warmup_steps=100,
+            log_every=50, checkpoint_every=1000,
+        ),
+        sample=_consistency_sampling(20000, 20000, t_end=0.8),
+        consistency=ConsistencyConfig(s0=10, s1=1280),
+    )  # fmt: skip
+
+
+def _tuned(base: RunConfig, name: str, loss: str, teacher: str, train: dict, **consistency):
+    """A consistency recipe that starts from the trained `base`-preset run at `teacher`."""
+    return dataclasses.replace(
+        base,
+        preset=name,
+        train=dataclasses.replace(base.train, loss=loss, **train),
+        consistency=ConsistencyConfig(teacher=teacher, **consistency),
+    )
+
+
+def toy2d_ect() -> RunConfig:
+    """ECT (Geng et al. 2024) of a trained toy2d run (consistency.teacher=runs/toy2d)."""
+    cfg = _tuned(
+        toy2d(), "toy2d-ect", "ect", "runs/toy2d",
+        dict(steps=2000, lr=2e-4, lr_schedule="constant", warmup_steps=0, log_every=50,
+             checkpoint_every=500),
+    )  # fmt: skip
+    return dataclasses.replace(cfg, sample=_consistency_sampling(20000, 20000, t_end=0.22))
+
+
+def toy2d_cd() -> RunConfig:
+    """CD (Song et al. 2023) of a trained toy2d run: one Heun step of the teacher per pair."""
+    cfg = _tuned(
+        toy2d(), "toy2d-cd", "cd", "runs/toy2d",
+        dict(steps=1500, lr=2e-4, lr_schedule="constant", warmup_steps=0, log_every=50,
+             checkpoint_every=500),
+    )  # fmt: skip
+    return dataclasses.replace(cfg, sample=_consistency_sampling(20000, 20000, t_end=0.22))
+
+
+def mnist_ect() -> RunConfig:
+    """ECT of a trained mnist run (consistency.teacher=runs/mnist), 10 CPU minutes."""
+    cfg = _tuned(
+        mnist(), "mnist-ect", "ect", "runs/mnist",
+        dict(steps=600, lr=1e-4, lr_schedule="constant", warmup_steps=0, log_every=25,
+             checkpoint_every=200, time_limit_minutes=10.0),
+    )  # fmt: skip
+    return dataclasses.replace(cfg, sample=_consistency_sampling(100, 100, t_end=0.2))
+
+
+def mnist_cd() -> RunConfig:
+    """CD of a trained mnist run, its guided teacher (scale 1.25, the mnist preset's) distilled
+    so the student samples with one undoubled batch (guidance 1)."""
+    cfg = _tuned(
+        mnist(), "mnist-cd", "cd", "runs/mnist",
+        dict(steps=400, lr=1e-4, lr_schedule="constant", warmup_steps=0, log_every=25,
+             checkpoint_every=200, time_limit_minutes=10.0),
+        teacher_guidance=1.25,
+    )  # fmt: skip
+    return dataclasses.replace(cfg, sample=_consistency_sampling(100, 100, t_end=0.2))
+
+
 PRESETS = {
     "toy2d": toy2d,
     "mnist": mnist,
@@ -162,6 +238,11 @@ PRESETS = {
     "imagefolder": imagefolder,
     "toy2d-flow": toy2d_flow,
     "mnist-flow": mnist_flow,
+    "toy2d-ct": toy2d_ct,
+    "toy2d-ect": toy2d_ect,
+    "toy2d-cd": toy2d_cd,
+    "mnist-ect": mnist_ect,
+    "mnist-cd": mnist_cd,
 }
 
 

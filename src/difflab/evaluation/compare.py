@@ -45,7 +45,8 @@ def compare_samplers(
     if not toy and image_eval is None:
         raise ConfigError("--compare on an image run needs image metrics (image_eval)")
     base = dataclasses.replace(run.cfg.sample, **changes)
-    names = list(samplers or deterministic_samplers())  # SDEs need many more steps
+    consistency = getattr(run.model.denoiser, "consistency", False)  # 1 and 2 steps suffice
+    names = list(samplers or (["consistency"] if consistency else deterministic_samplers()))
     unknown = [name for name in names if name not in SAMPLERS]
     if unknown:
         raise ConfigError(

@@ -15,6 +15,7 @@ from difflab.evaluation.sampled import TrainingEvaluator
 from difflab.evaluation.toy2d import evaluate_toy
 from difflab.files import write_text_atomically
 from difflab.report import charts, grids
+from difflab.report.consistency import consistency_figures
 from difflab.report.html import write_report
 from difflab.report.images import make_image_artefacts, plot_image_run
 from difflab.report.toy import plot_toy_run, record_trajectories
@@ -100,6 +101,7 @@ def plot_run(
     history = charts.eval_history(run_dir / "metrics.jsonl", plots / "eval_history.png")
     if history:
         paths.append(history)
+    paths += consistency_figures(run_dir, cfg, resample)  # curriculum, student beside teacher
     if report:
         paths.append(write_report(run_dir))
     return paths

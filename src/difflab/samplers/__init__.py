@@ -29,6 +29,7 @@ from difflab.samplers.dpm_solver import (  # isort: skip
 )
 from difflab.samplers.unipc import sample_unipc  # isort: skip
 from difflab.samplers.pc import sample_pc  # isort: skip
+from difflab.samplers.consistency import sample_consistency  # isort: skip
 from difflab.samplers.grids import discrete_timesteps, timesteps
 from difflab.samplers.noise import SampleNoise
 from difflab.samplers.registry import (
@@ -54,6 +55,7 @@ __all__ = [
     "discrete_timesteps",
     "generate",
     "nfe_of",
+    "sample_consistency",
     "sample_ddim",
     "sample_ddpm",
     "sample_dpm_2s",

@@ -14,7 +14,7 @@ import torch
 from difflab import build, devices
 from difflab.config import ConfigError, RunConfig
 from difflab.model import Model
-from difflab.training import distributed
+from difflab.training import distributed, teacher
 from difflab.training.checkpoint import (
     CheckpointError,
     latest_good_checkpoint,
@@ -148,6 +148,8 @@ def build_parts(
     if cfg.train.init_from:  # reflow: start from a trained model's EMA weights
         load_weights(Path(cfg.train.init_from), model.net, "ema")
     loss = build.build_loss(cfg, model.schedule)
+    if getattr(loss, "needs_teacher", False):  # ECT / CD: start from (and distil) a trained run
+        teacher.attach(loss, cfg, model)
     ema = EMA(model.net, cfg.train.ema_decay, cfg.train.ema_warmup)
     optimizer = devices.adamw(model.net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     loss_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # t, eps, label dropout

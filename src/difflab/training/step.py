@@ -126,6 +126,7 @@ def log_interval(
         param_norm=float(params.norm()),
         peak_memory_mb=devices.peak_memory_mb(parts.device),
         **parts.monitor.row(),
+        **getattr(parts.loss, "log_row", lambda step: {})(step),  # e.g. a curriculum's N(k)
     )
     log.write(row)
     stats.reset()

@@ -1,0 +1,252 @@
+"""Consistency losses through the loss seam (losses.py): CT, iCT, ECT and CD.
+
+Each compares the model f at a noisier point of a trajectory with a target network's f at a
+less noisy point of the same trajectory:
+
+    loss = lambda(sigma_hi, sigma_lo) d(f_theta(x_hi, sigma_hi), f_target(x_lo, sigma_lo))
+
+| loss | x_lo from                     | target network         | schedule           | d, lambda |
+|------|-------------------------------|------------------------|--------------------|-----------|
+| ct   | the same eps (x0 + s_lo eps)  | EMA at mu(k)           | N(k), square root  | l2, 1     |
+| ict  | the same eps                  | stop-gradient copy     | N(k), doubling     | p-H, A    |
+| ect  | the same eps, at r(t)         | stop-gradient copy     | r(t) by stage      | p-H, B    |
+| cd   | one teacher solver step       | consistency.target_ema | N fixed            | p-H, 1    |
+p-H: pseudo-Huber; A = 1 / (s_hi - s_lo); B = 1 / (t - r).
+
+Points are drawn on EDM's noise level s = sigma / alpha and mapped to schedule times, so every
+loss runs on any schedule (curriculum.py and consistency.py say how). Both points use one
+dropout draw (`same_dropout`). `draw` returns uniforms or normals (B,) and eps, so the curriculum
+(which depends on the step) is applied in `__call__` and N processes still equal one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from difflab.diffusion.consistency import (
+    huber_c,
+    noise_range,
+    pseudo_huber,
+    same_dropout,
+    sigma_of,
+    t_of_sigma,
+)
+from difflab.diffusion.curriculum import (
+    check_curriculum,
+    check_ect,
+    ct_decay,
+    ct_steps,
+    ect_r,
+    ict_steps,
+    interval_index,
+    karras,
+    lognormal_weights,
+)
+
+DISTANCES = ("pseudo_huber", "l2")
+
+
+class _ConsistencyLoss:
+    """What the four losses share: the draw, the two points, the distance, the log row."""
+
+    needs_teacher = False  # True: training.teacher attaches a run (init weights, solver step)
+
+    def __init__(self, cfg, schedule):
+        c = cfg.consistency
+        if c.distance not in DISTANCES:
+            raise ValueError(
+                f"unknown consistency.distance {c.distance!r}; choose one of {', '.join(DISTANCES)}"
+            )
+        if cfg.diffusion.prediction == "v" and not schedule.variance_preserving:
+            raise ValueError("v-prediction needs a variance-preserving schedule")
+        self.c, self.schedule, self.steps, self.seed = c, schedule, cfg.train.steps, cfg.train.seed
+        self.sigma_min, self.sigma_max = noise_range(schedule)
+
+    def draw(self, shape: tuple[int, ...], generator) -> tuple[Tensor, Tensor]:
+        """(u (B,) uniform in [0, 1), eps (B, ...)) for a global batch of `shape`."""
+        return torch.rand(shape[0], generator=generator), torch.randn(shape, generator=generator)
+
+    def distance(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.c.distance == "l2":
+            return (a.float() - b.float()).pow(2).reshape(a.shape[0], -1).mean(dim=1)
+        return pseudo_huber(a - b, huber_c(a[0].numel(), self.c.huber_c))
+
+    def point(self, x0: Tensor, eps: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        """x_t = alpha x0 + sigma eps at the times (B,) float32 whose noise level is s (B,)."""
+        t = t_of_sigma(self.schedule, s.cpu()).float()
+        alpha = self.schedule.alpha(t.double()).to(x0.device, x0.dtype)
+        sigma = self.schedule.sigma(t.double()).to(x0.device, x0.dtype)
+        shape = (-1, *([1] * (x0.dim() - 1)))
+        return alpha.reshape(shape) * x0 + sigma.reshape(shape) * eps, t.to(x0.device)
+
+    def position(self, t: Tensor) -> Tensor:
+        """Where t lies in [0, 1] in log noise level: the loss-by-t buckets of the log."""
+        lo, hi = torch.log(torch.tensor([self.sigma_min, self.sigma_max], dtype=torch.float64))
+        s = sigma_of(self.schedule, t.double().cpu())
+        return ((torch.log(s) - lo) / (hi - lo)).clamp(0, 1).float().to(t.device)
+
+    def pair(self, model, x0, cond, eps, s_hi, s_lo, target, step, x_lo=None):
+        """(d(f(x_hi), f_target(x_lo)) (B,), t_hi (B,)); x_lo defaults to the same eps at s_lo."""
+        x_hi, t_hi = self.point(x0, eps, s_hi)
+        seed = (self.seed * 1_000_003 + step) % (2**63)
+        with same_dropout(seed, x0.device):
+            f_hi, _ = model.denoiser(x_hi, t_hi, cond)
+        t_lo = t_of_sigma(self.schedule, s_lo.cpu()).float().to(x0.device)
+        if x_lo is None:
+            x_lo, _ = self.point(x0, eps, s_lo)
+        frozen = model.denoiser.with_net(target if target is not None else model.net)
+        with torch.no_grad(), same_dropout(seed, x0.device):
+            f_lo, _ = frozen(x_lo, t_lo, cond)
+        return self.distance(f_hi, f_lo.detach()), t_hi
+
+    def log_row(self, step: int) -> dict:
+        return {}
+
+
+class ConsistencyTraining(_ConsistencyLoss):
+    """Consistency training, CT (Song et al. 2023, Algorithm 3 and eq. 10): n ~ U{1..N(k)-1},
+    lambda = 1, target network an EMA at rate mu(k) (App. C; curriculum.py)."""
+
+    def __init__(self, cfg, schedule):
+        super().__init__(cfg, schedule)
+        check_curriculum(self.c.s0, self.c.s1)
+        if not 0 < self.c.mu0 < 1:
+            raise ValueError(f"consistency.mu0 must be in (0, 1), got {self.c.mu0}")
+
+    def num_levels(self, step: int) -> int:
+        return ct_steps(step, self.steps, self.c.s0, self.c.s1)
+
+    def target_decay(self, step: int) -> float:
+        return ct_decay(step, self.steps, self.c.s0, self.c.s1, self.c.mu0)
+
+    def index(self, u: Tensor, sigmas: Tensor) -> Tensor:
+        return (u.double() * (len(sigmas) - 1)).floor().long().clamp(max=len(sigmas) - 2)
+
+    def weight(self, s_hi: Tensor, s_lo: Tensor) -> Tensor:
+        return torch.ones_like(s_hi)
+
+    def __call__(self, model, x0: Tensor, cond, *, noise, step: int, target=None):
+        u, eps = noise
+        sigmas = karras(self.num_levels(step), self.sigma_min, self.sigma_max, self.c.rho)
+        i = self.index(u, sigmas)
+        s_lo, s_hi = sigmas[i], sigmas[i + 1]
+        loss, t = self.pair(model, x0, cond, eps.to(x0), s_hi, s_lo, target, step)
+        return loss * self.weight(s_hi, s_lo).to(loss), self.position(t)
+
+    def log_row(self, step: int) -> dict:
+        decay = self.target_decay(step)
+        return {"consistency_N": self.num_levels(step), "target_decay": decay}
+
+
+class ImprovedConsistencyTraining(ConsistencyTraining):
+    """Improved CT, iCT (Song & Dhariwal 2023): a stop-gradient target (Sec. 3.2), the
+    pseudo-Huber distance with c = 0.00054 sqrt(d) (eq. 7), the doubling N(k) (eq. 9), levels
+    drawn by the discretised log-normal (eq. 10) and lambda = 1 / (sigma_i+1 - sigma_i)
+    (Sec. 3.3)."""
+
+    def num_levels(self, step: int) -> int:
+        return ict_steps(step, self.steps, self.c.s0, self.c.s1)
+
+    def target_decay(self, step: int) -> float:
+        return 0.0
+
+    def index(self, u: Tensor, sigmas: Tensor) -> Tensor:
+        return interval_index(u, lognormal_weights(sigmas, self.c.p_mean, self.c.p_std))
+
+    def weight(self, s_hi: Tensor, s_lo: Tensor) -> Tensor:
+        return 1.0 / (s_hi - s_lo)
+
+
+class EasyConsistencyTuning(_ConsistencyLoss):
+    """Easy Consistency Tuning, ECT (Geng et al. 2024, eq. 6-10): start from a trained diffusion
+    run (consistency.teacher), draw ln t ~ N(p_mean, p_std^2), r = r(t) of the stage (a stage
+    every consistency.stage_steps steps), target the stop-gradient f at r (the data itself where
+    r < sigma_min: there the loss is the denoising loss), weight 1 / (t - r), pseudo-Huber d."""
+
+    def __init__(self, cfg, schedule):
+        super().__init__(cfg, schedule)
+        self.stage_steps = self.c.stage_steps or max(cfg.train.steps // 4, 1)
+        check_ect(self.c.ect_q, self.stage_steps)
+        self.needs_teacher = self.c.init_from_teacher
+
+    def target_decay(self, step: int) -> float:
+        return 0.0
+
+    def draw(self, shape: tuple[int, ...], generator) -> tuple[Tensor, Tensor]:
+        """(n (B,) standard normal for ln t, eps (B, ...))."""
+        return torch.randn(shape[0], generator=generator), torch.randn(shape, generator=generator)
+
+    def stage(self, step: int) -> int:
+        return step // self.stage_steps
+
+    def __call__(self, model, x0: Tensor, cond, *, noise, step: int, target=None):
+        n, eps = noise
+        eps = eps.to(x0)
+        s_t = torch.exp(self.c.p_mean + self.c.p_std * n.double())
+        s_t = s_t.clamp(self.sigma_min, self.sigma_max)
+        r = ect_r(s_t, self.stage(step), self.c.ect_q, self.c.ect_k, self.c.ect_b)
+        data = (r < self.sigma_min).to(x0.device).reshape(-1, *([1] * (x0.dim() - 1)))
+        x_r, _ = self.point(x0, eps, r.clamp_min(self.sigma_min))
+        # where r < sigma_min the target is x0: f(x, sigma_min) = x~ at the end of the ODE
+        x_r = torch.where(data, x0 * self.schedule.alpha(self.schedule.t_min).item(), x_r)
+        loss, t = self.pair(
+            model, x0, cond, eps, s_t, r.clamp_min(self.sigma_min), target, step, x_lo=x_r
+        )
+        return loss / (s_t - r).to(loss), self.position(t)
+
+    def log_row(self, step: int) -> dict:
+        return {"ect_stage": self.stage(step), "target_decay": 0.0}
+
+
+class ConsistencyDistillation(ConsistencyTraining):
+    """Consistency distillation, CD (Song et al. 2023, Algorithm 2 and eq. 7): x_lo is one step
+    of a teacher's solver (consistency.solver, any registered sampler; a class-conditional
+    teacher guided at consistency.teacher_guidance, so the student needs no doubled batch) from
+    x_hi = x0 + sigma_n+1 eps to sigma_n, on a fixed grid of N = consistency.num_levels levels;
+    the target network is an EMA at consistency.target_ema (0: a stop-gradient copy)."""
+
+    needs_teacher = True
+    teacher_step = None  # (x, t, t_next, cond, seed) -> x at t_next; set by training.teacher
+
+    def __init__(self, cfg, schedule):
+        _ConsistencyLoss.__init__(self, cfg, schedule)
+        if self.c.num_levels < 2:
+            raise ValueError(f"consistency.num_levels must be >= 2, got {self.c.num_levels}")
+        if not 0 <= self.c.target_ema < 1:
+            raise ValueError(f"consistency.target_ema must be in [0, 1), got {self.c.target_ema}")
+
+    def num_levels(self, step: int) -> int:
+        return self.c.num_levels
+
+    def target_decay(self, step: int) -> float:
+        return self.c.target_ema
+
+    def __call__(self, model, x0: Tensor, cond, *, noise, step: int, target=None):
+        if self.teacher_step is None:
+            raise ValueError("train.loss=cd needs a teacher: --set consistency.teacher=RUN")
+        u, eps = noise
+        eps = eps.to(x0)
+        sigmas = karras(self.c.num_levels, self.sigma_min, self.sigma_max, self.c.rho)
+        i = self.index(u, sigmas)
+        s_lo, s_hi = sigmas[i], sigmas[i + 1]
+        x_hi, t_hi = self.point(x0, eps, s_hi)
+        t_lo = t_of_sigma(self.schedule, s_lo).float()
+        x_lo = torch.empty_like(x_hi)
+        with torch.no_grad():  # one solver step per level pair present in the batch
+            for j in torch.unique(i).tolist():
+                rows = (i == j).nonzero().flatten().to(x0.device)
+                sub = None if cond is None else cond[rows]
+                t_a, t_b = float(t_hi[rows[0]]), float(t_lo[rows[0].cpu()])
+                seed = (self.seed * 1_000_003 + step) * 4096 + j
+                x_lo[rows] = self.teacher_step(x_hi[rows], t_a, t_b, sub, seed).to(x_hi)
+        loss, t = self.pair(model, x0, cond, eps, s_hi, s_lo, target, step, x_lo=x_lo)
+        return loss, self.position(t)
+
+
+CONSISTENCY_LOSSES = {
+    "ct": ConsistencyTraining,
+    "ict": ImprovedConsistencyTraining,
+    "ect": EasyConsistencyTuning,
+    "cd": ConsistencyDistillation,
+}

@@ -1,0 +1,107 @@
+"""The figures of a consistency run (train.loss = ct, ict, ect or cd): the loss and curriculum
+(N(k), the target's EMA rate mu(k), ECT's stage) against step, from metrics.jsonl; and one- and
+two-step samples beside the teacher's many-step samples from the same noise (the teacher named by
+consistency.teacher), drawn once into samples/teacher_compare.npz and plotted from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from difflab.config import RunConfig
+from difflab.files import savez_atomically
+from difflab.report import charts, grids
+from difflab.runs import draw_samples, load_run, sample_labels
+from difflab.training.logging import read_metrics
+
+CURRICULUM_KEYS = {
+    "consistency_N": "N(k): discretisation steps",
+    "target_decay": "mu(k): target EMA rate",
+    "ect_stage": "ECT stage",
+}
+
+
+def curriculum_figure(metrics_path: Path, path: Path) -> Path | None:
+    """Loss and every logged curriculum quantity against step; None when nothing is logged."""
+    rows = [r for r in read_metrics(metrics_path) if r.get("loss") is not None]
+    keys = [k for k in CURRICULUM_KEYS if any(k in r for r in rows)]
+    if not rows or not keys:
+        return None
+    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3.2))
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows], dtype=float)
+    axes[0].plot(steps, loss, lw=0.8, alpha=0.4, color="C0")
+    axes[0].plot(steps, charts.smooth(loss), lw=1.5, color="C0")
+    charts.log_axis(axes[0], loss)
+    axes[0].set(xlabel="step", title="consistency loss")
+    for ax, key in zip(axes[1:], keys, strict=True):
+        ax.plot(steps, [r.get(key, np.nan) for r in rows], color="C1", drawstyle="steps-post")
+        ax.set(xlabel="step", title=CURRICULUM_KEYS[key])
+    fig.tight_layout()
+    return charts._save(fig, path)
+
+
+def teacher_samples(run_dir: Path, cfg: RunConfig, n: int) -> Path | None:
+    """samples/teacher_compare.npz: the student's 1- and 2-step samples and the teacher's with
+    its own sampler, all from seed cfg.sample.seed (the same x_T), with the same labels."""
+    teacher_dir = Path(cfg.consistency.teacher)
+    if not cfg.consistency.teacher or not (teacher_dir / "config.json").is_file():
+        return None
+    student, teacher = load_run(run_dir), load_run(teacher_dir)
+    labels = sample_labels(student, n, per_class=True) if student.num_classes else None
+    arrays, names = {}, []
+    for key, run, scfg in (
+        ("one_step", student, dataclasses.replace(student.cfg.sample, steps=1)),
+        ("two_step", student, dataclasses.replace(student.cfg.sample, steps=2)),
+        ("teacher", teacher, teacher.cfg.sample),
+    ):
+        scfg = dataclasses.replace(
+            scfg, n=n, batch_size=min(n, scfg.batch_size), seed=cfg.sample.seed
+        )
+        arrays[key] = draw_samples(run, scfg, labels=labels, progress=False).numpy()
+        names.append(f"{scfg.sampler}-{scfg.steps}")
+    path = run_dir / "samples" / "teacher_compare.npz"
+    savez_atomically(path, **arrays, names=np.array(names))
+    return path
+
+
+def teacher_figure(npz: Path, path: Path) -> Path:
+    with np.load(npz, allow_pickle=False) as f:
+        names = [str(s) for s in f["names"]]
+        panels = {
+            f"{title} ({name})": f[key]
+            for key, title, name in zip(
+                ("one_step", "two_step", "teacher"), ("1 step", "2 steps", "teacher"), names,
+                strict=True,
+            )
+        }  # fmt: skip
+    first = next(iter(panels.values()))
+    if first.ndim == 4:
+        return grids.comparison_figure(panels, path)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    for ax, (title, points) in zip(axes, panels.items(), strict=True):
+        charts._scatter(ax, points, "C0")
+        charts._square_axes(ax, title)
+    return charts._save(fig, path)
+
+
+def consistency_figures(run_dir: Path, cfg: RunConfig, resample: bool = False) -> list[Path]:
+    """plots/curriculum.png and plots/teacher_compare.png of a consistency run ([] otherwise)."""
+    if cfg.train.loss not in ("ct", "ict", "ect", "cd"):
+        return []
+    paths = []
+    curve = curriculum_figure(run_dir / "metrics.jsonl", run_dir / "plots" / "curriculum.png")
+    if curve:
+        paths.append(curve)
+    npz = run_dir / "samples" / "teacher_compare.npz"
+    if resample or not npz.exists():
+        npz = teacher_samples(run_dir, cfg, 40 if cfg.model.name == "unet" else 4000)
+    if npz is not None:
+        paths.append(teacher_figure(npz, run_dir / "plots" / "teacher_compare.png"))
+    return paths

@@ -1,0 +1,115 @@
+"""A teacher run for consistency tuning and distillation (`--set consistency.teacher=RUN`): its
+EMA weights start the student (ECT, CD) and its solver gives CD's lower point. The teacher must
+be a diffusion run on the student's schedule and data; to start the student from it, also with
+its network and prediction kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from difflab import build
+from difflab.config import ConfigError, RunConfig
+from difflab.diffusion.guidance import guided
+from difflab.model import DataKind, Model
+from difflab.samplers import SampleNoise, sampler_info
+from difflab.training.checkpoint import (
+    CheckpointError,
+    latest_good_checkpoint,
+    load_data_info,
+    load_weights,
+)
+
+# What must agree between teacher and student: the path and the data always, the network to
+# start from the teacher's weights.
+SCHEDULE_KEYS = ("schedule", "num_steps", "beta_start", "beta_end", "sigma_min", "sigma_max")
+DATA_KEYS = ("name", "image_size", "channels", "class_conditional")
+INIT_KEYS = ("prediction", "sigma_data")
+
+
+def _differences(student: RunConfig, teacher: RunConfig, init: bool) -> list[str]:
+    pairs = [(f"diffusion.{k}", student.diffusion, teacher.diffusion) for k in SCHEDULE_KEYS]
+    pairs += [(f"data.{k}", student.data, teacher.data) for k in DATA_KEYS]
+    if init:
+        pairs += [(f"diffusion.{k}", student.diffusion, teacher.diffusion) for k in INIT_KEYS]
+    found = [
+        f"{key} ({getattr(a, key.split('.')[1])!r} here, {getattr(b, key.split('.')[1])!r} in the "
+        "teacher)"
+        for key, a, b in pairs
+        if getattr(a, key.split(".")[1]) != getattr(b, key.split(".")[1])
+    ]
+    if init and student.model != teacher.model:
+        found.append("model.* (the student starts from the teacher's weights: same network)")
+    return found
+
+
+def load_teacher(cfg: RunConfig, student: Model) -> Model:
+    """The teacher run's model (EMA weights, eval mode, frozen) on the student's device;
+    ConfigError naming the problem when the run is missing, corrupt or does not match."""
+    path = cfg.consistency.teacher
+    if not path:
+        raise ConfigError(
+            f"train.loss={cfg.train.loss} starts from a trained diffusion run: "
+            "--set consistency.teacher=RUN (e.g. runs/toy2d, trained by `difflab train "
+            "--preset toy2d --name toy2d`)"
+        )
+    run_dir = Path(path)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(
+            f"consistency.teacher={path} is not a difflab run directory (no config.json); "
+            "train the teacher first or fix the path"
+        )
+    try:
+        ckpt = latest_good_checkpoint(run_dir / "checkpoints")
+        tcfg = RunConfig.load(ckpt / "config.json")
+        kind = DataKind.from_info(load_data_info(ckpt))
+    except (CheckpointError, OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"consistency.teacher={path} cannot be read: {e}") from None
+    problems = _differences(cfg, tcfg, cfg.consistency.init_from_teacher)
+    if tcfg.train.loss != "diffusion":
+        problems.append(f"it was trained with train.loss={tcfg.train.loss}, not diffusion")
+    if kind != student.kind:
+        problems.append(f"its data are {kind.info()}, the student's {student.kind.info()}")
+    if problems:
+        raise ConfigError(f"consistency.teacher={path} does not match: {'; '.join(problems)}")
+    with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays as without one
+        teacher = build.build_model(tcfg, kind, student.device)
+    try:
+        load_weights(ckpt, teacher.net, "ema")
+    except CheckpointError as e:
+        raise ConfigError(f"consistency.teacher={path}: {e}") from None
+    teacher.net.eval().requires_grad_(False)
+    teacher.cfg = tcfg
+    return teacher
+
+
+def solver_step(teacher: Model, solver: str, guidance: float, sample_cfg):
+    """(x, t, t_next, cond, seed) -> x at t_next: one step of the registered sampler `solver`
+    (with the teacher's sample options) of the teacher, guided at `guidance` when conditional."""
+    try:
+        info = sampler_info(solver)
+        denoiser = teacher.denoiser
+        if teacher.conditioner.conditional:
+            teacher.conditioner.check_guidance(guidance)
+            denoiser = guided(denoiser, guidance, teacher.conditioner)
+    except ValueError as e:
+        raise ConfigError(f"consistency.solver / teacher_guidance: {e}") from None
+    options = info.options_from(sample_cfg)
+
+    def step(x, t: float, t_next: float, cond, seed: int):
+        ts = torch.tensor([t, t_next], dtype=torch.float64)
+        return info.fn(denoiser, x, ts, y=cond, generator=SampleNoise(seed), **options)
+
+    return step
+
+
+def attach(loss, cfg: RunConfig, model: Model) -> None:
+    """Give a loss that declares `needs_teacher` its teacher: the student's weights start from
+    the teacher's (consistency.init_from_teacher) and a distillation loss gets its solver."""
+    teacher = load_teacher(cfg, model)
+    if cfg.consistency.init_from_teacher:
+        model.net.load_state_dict(teacher.net.state_dict())
+    if hasattr(loss, "teacher_step"):
+        c = cfg.consistency
+        loss.teacher_step = solver_step(teacher, c.solver, c.teacher_guidance, teacher.cfg.sample)
