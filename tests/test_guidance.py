@@ -5,6 +5,7 @@ from difflab import build
 from difflab.conditioners import ClassLabels, Unconditional
 from difflab.config import SampleConfig
 from difflab.diffusion import schedules
+from difflab.diffusion.consistency import ConsistencyDenoiser
 from difflab.diffusion.guidance import GuidedNet, guided
 from difflab.diffusion.prediction import Denoiser
 from difflab.samplers import SAMPLERS
@@ -77,9 +78,11 @@ def test_every_sampler_runs_guided_with_one_call_per_evaluation(name):
     scfg = SampleConfig(sampler=name, steps=4, spacing="logsnr")
     fn, options, ts = build.build_sampler(scfg, schedule)
     x_T, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
-    den = Denoiser(counting, schedule, "v")
+    # the consistency sampler takes consistency models only: the same net, parameterised so
+    wrap = ConsistencyDenoiser if name == "consistency" else (lambda den: den)
+    den = wrap(Denoiser(counting, schedule, "v"))
     out = fn(guided(den, 2.5, LABELS), x_T, ts, y=y, generator=0, **options)
     assert torch.isfinite(out).all() and set(calls) == {12}
-    cond = fn(Denoiser(_net, schedule, "v"), x_T, ts, y=y, generator=0, **options)
-    plain = guided(Denoiser(_net, schedule, "v"), 1.0, LABELS)
+    cond = fn(wrap(Denoiser(_net, schedule, "v")), x_T, ts, y=y, generator=0, **options)
+    plain = guided(wrap(Denoiser(_net, schedule, "v")), 1.0, LABELS)
     torch.testing.assert_close(fn(plain, x_T, ts, y=y, generator=0, **options), cond)
