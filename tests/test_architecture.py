@@ -19,7 +19,7 @@ ALLOWED = {
     "files": set(),
     "config": set(),
     "conditioners": set(),
-    "codecs": set(),
+    "codecs": {"config", "data", "files", "nets"},
     "nets": set(),
     "data": set(),
     "devices": {"config"},
@@ -29,6 +29,7 @@ ALLOWED = {
     "diffusion.prediction": {"diffusion.schedules"},
     "diffusion.objectives": {"diffusion.schedules", "diffusion.prediction"},
     "diffusion.losses": {"diffusion.objectives"},
+    "diffusion.autoencoder_loss": set(),
     "diffusion.guidance": {"diffusion.prediction"},
     "diffusion.adapters": {"diffusion.prediction", "diffusion.schedules"},
     "samplers": {"diffusion.schedules"},
@@ -46,8 +47,8 @@ ALLOWED = {
         "config", "data", "devices", "files", "model", "runs", "samplers", "training.distributed",
     },
     "report": {
-        "build", "config", "data", "evaluation", "files", "runs", "samplers", "training.hooks",
-        "training.logging",
+        "build", "codecs", "config", "data", "evaluation", "files", "runs", "samplers",
+        "training.hooks", "training.logging",
     },
     "benchmark": {"build", "config", "devices", "model", "samplers", "share.mapping"},
     "share": {

@@ -24,7 +24,6 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from difflab.config import AutoencoderConfig, ConfigError
-from difflab.data.stream import ImageStream
 from difflab.files import replace_atomically, sha256_file
 from difflab.nets.autoencoder import AutoencoderKL
 

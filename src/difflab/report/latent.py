@@ -106,3 +106,41 @@ def plot_autoencoder_run(run_dir: Path) -> list[Path]:
     channels = (2 * (z - lo) / np.maximum(hi - lo, 1e-8) - 1).reshape(-1, 1, *z.shape[2:])
     paths.append(grids.save_grid(channels, plots / "latents.png", nrow=z.shape[1]))
     return paths
+
+
+def latent_tiles(z: np.ndarray) -> np.ndarray:
+    """Latents (..., c, h, w) of unit variance as grey images (..., 1, h, c w) in [-1, 1]: the
+    c channels side by side, +-3 standard deviations mapped to black and white."""
+    tiles = np.concatenate([z[..., k : k + 1, :, :] for k in range(z.shape[-3])], axis=-1)
+    return np.clip(tiles / 3.0, -1.0, 1.0)
+
+
+@torch.no_grad()
+def decoded_states(codec, states: dict) -> dict:
+    """A latent run's recorded states: xs and x0_hats decoded into images (every image figure
+    then works as for pixel runs), the latents kept as channel tiles (latent_xs, latent_x0_hats)
+    for the latent denoising GIF."""
+    def decode(a: np.ndarray) -> np.ndarray:
+        flat = torch.from_numpy(a.reshape(-1, *a.shape[2:]))
+        return codec.decode(flat).numpy().reshape(*a.shape[:2], *codec.image_shape)
+
+    return {
+        **states, "xs": decode(states["xs"]), "x0_hats": decode(states["x0_hats"]),
+        "latent_xs": latent_tiles(states["xs"]), "latent_x0_hats": latent_tiles(states["x0_hats"]),
+    }  # fmt: skip
+
+
+def latent_gif(traj: dict, plots: Path, names, lams) -> list[Path]:
+    """plots/latent_denoising.gif (x_t over x0_hat in the latent space, channels side by side)
+    of a latent run, beside denoising.gif of the same states decoded; [] for pixel runs."""
+    from difflab.report import gifs
+
+    if "latent_xs" not in traj:
+        return []
+    labels = traj["labels"] if len(traj["labels"]) else None
+    return [
+        gifs.denoising_gif(
+            traj["ts"], traj["latent_xs"], traj["latent_x0_hats"], plots / "latent_denoising.gif",
+            labels, names, lams=lams, steps=traj.get("steps"),
+        )
+    ]  # fmt: skip
