@@ -58,7 +58,7 @@ def stage_ae(args, report: dict) -> None:
     t1 = time.perf_counter()
     make_autoencoder_artefacts(run_dir, judge=args.judge, n=10_000)
     rows = json.loads((run_dir / "evals" / "reconstruction.json").read_text())["rows"]
-    values = {f"{r['metric']}_{r['of']}": r["value"] for r in rows}
+    values = {f"{r['metric']}_{r['of']}": r["value"] for r in rows}  # psnr_reconstructions, ...
     codec = read_meta(run_dir / "codec.safetensors")
     report["ae"] = {
         "run_dir": str(run_dir), "train_s": train_s, "train_steps": load_run(run_dir).step,

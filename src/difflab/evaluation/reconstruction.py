@@ -101,13 +101,15 @@ def evaluate_reconstructions(
         rows.append({
             "metric": name, "label": protocol.label(name, len(images)),
             "value": float(values.mean()), "std": float(values.std()),
-            "n_generated": len(images), "of": "reconstructions", **provenance,
+            "n_generated": len(images), "extractor": "pixels", "reference": None,
+            "of": "reconstructions", **provenance,
         })  # fmt: skip
     for of, x in (("reconstructions", x_hat), ("originals", images)):
-        found = protocol.evaluate_images(
+        rows += protocol.evaluate_images(
             x, labels, metrics, reference, extractors, {**provenance, "of": of}, cache=cache
         )
-        rows += found
+    for row in rows:  # the table says which set a value is of: fd_judge10k/recon, .../orig
+        row["label"] += "/recon" if row["of"] == "reconstructions" else "/orig"
     return rows
 
 
@@ -121,3 +123,29 @@ def feature_judge(cfg):
             f"train.autoencoder.feature_weight > 0 needs a judge for {cfg.data.name}: {e}; "
             "train one with `difflab eval train-classifier` or set feature_judge=FILE"
         ) from None
+
+
+def evaluate_autoencoder_run(args, source: Path) -> list[dict]:
+    """`difflab eval RUN` of an autoencoder run: reconstructions of the first --n test images
+    (default: all) against --reference (default: the training split), with --metric (default
+    fd_judge, accuracy; fid, kid, pr for rFID and friends), --judge, --checkpoint, --raw."""
+    from difflab.evaluation.references import open_reference
+    from difflab.evaluation.sampled import extractors_for
+    from difflab.runs import load_run
+
+    run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
+    images, labels = held_out_images(run, args.n or 10**9, args.root)
+    metrics = (args.metric or "fd_judge,accuracy").split(",")
+    metrics = [m.strip() for m in metrics if m.strip() and (labels is not None or m != "accuracy")]
+    reference = open_reference(
+        args.reference or f"{run.cfg.data.name}:train", tuple(run.shape),
+        root=args.root or run.cfg.data.root, n=args.n_reference,
+    )  # fmt: skip
+    extractors = extractors_for(
+        metrics, dataset=run.cfg.data.name, judge=args.judge,
+        inception_weights=args.inception_weights, inception_sha256=args.inception_sha256,
+        device=run.device,
+    )  # fmt: skip
+    return evaluate_reconstructions(
+        run, images, labels, metrics, reference, extractors, cache=not args.no_cache
+    )

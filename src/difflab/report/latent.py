@@ -86,7 +86,7 @@ def make_autoencoder_artefacts(
     (run_dir / "evals").mkdir(exist_ok=True)
     out = run_dir / "evals" / "reconstruction.json"
     write_text_atomically(out, json.dumps({"rows": rows}, indent=2) + "\n")
-    result = {f"{r['label']}_{r['of']}": r["value"] for r in rows}
+    result = {r["label"]: r["value"] for r in rows}
     return {**result, "latent_scale": info["scale"], "latent_shift": info["shift"]}
 
 
