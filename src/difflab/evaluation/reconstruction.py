@@ -36,7 +36,8 @@ def psnr(x: Tensor, x_hat: Tensor) -> Tensor:
 def ssim(x: Tensor, x_hat: Tensor) -> Tensor:
     """Per-image SSIM (N,) of x_hat against x, both (N, C, H, W) in [-1, 1] (Wang et al. 2004,
     eq. 13, with Gaussian-weighted local statistics over 'valid' windows)."""
-    c = x.shape[1]
+    c, dtype = x.shape[1], x.dtype
+    x, x_hat = x.double(), x_hat.double()  # local variances are differences of squares
     k = torch.arange(SSIM_WINDOW, dtype=torch.float64) - (SSIM_WINDOW - 1) / 2
     g = torch.exp(-(k**2) / (2 * SSIM_SIGMA**2))
     g = (g / g.sum())[:, None] * (g / g.sum())[None, :]
@@ -52,7 +53,7 @@ def ssim(x: Tensor, x_hat: Tensor) -> Tensor:
     cov = blur(x * x_hat) - mu_x * mu_y
     num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
     den = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
-    return (num / den).flatten(1).mean(1)
+    return (num / den).flatten(1).mean(1).to(dtype)
 
 
 @torch.no_grad()
