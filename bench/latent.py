@@ -31,17 +31,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mnist import images_of, judge_for  # noqa: E402 (the pixel benchmark's helpers)
-
-from difflab.codecs.latent import read_meta  # noqa: E402
-from difflab.config import apply_overrides, preset  # noqa: E402
-from difflab.evaluation.classifier import judge_features, judge_predict  # noqa: E402
-from difflab.evaluation.frechet import feature_statistics, frechet_distance  # noqa: E402
-from difflab.report.latent import make_autoencoder_artefacts  # noqa: E402
-from difflab.report.run import training_hooks  # noqa: E402
-from difflab.runs import draw_samples, load_run, sample_labels  # noqa: E402
-from difflab.training.logging import read_metrics  # noqa: E402
-from difflab.training.loop import train  # noqa: E402
+from difflab.codecs.latent import read_meta
+from difflab.config import apply_overrides, preset
+from difflab.evaluation.classifier import judge_features, judge_predict
+from difflab.evaluation.frechet import feature_statistics, frechet_distance
+from difflab.report.latent import make_autoencoder_artefacts
+from difflab.report.run import training_hooks
+from difflab.runs import draw_samples, load_run, sample_labels
+from difflab.training.logging import read_metrics
+from difflab.training.loop import train
+from mnist import images_of, judge_for
 
 
 def _save(out: Path, report: dict) -> None:
@@ -63,9 +62,12 @@ def stage_ae(args, report: dict) -> None:
     report["ae"] = {
         "run_dir": str(run_dir), "train_s": train_s, "train_steps": load_run(run_dir).step,
         "finish_s": time.perf_counter() - t1, **values,
-        "accuracy_gap_points": 100 * (values["accuracy_originals"] - values["accuracy_reconstructions"]),
+        "accuracy_gap_points": 100
+        * (values["accuracy_originals"] - values["accuracy_reconstructions"]),
         "fd_ratio": values["fd_judge_reconstructions"] / values["fd_judge_originals"],
-        "s_per_step": [r["s_per_step"] for r in read_metrics(run_dir / "metrics.jsonl") if "s_per_step" in r],
+        "s_per_step": [
+            r["s_per_step"] for r in read_metrics(run_dir / "metrics.jsonl") if "s_per_step" in r
+        ],
         "codec": codec,
     }  # fmt: skip
     print(json.dumps({k: v for k, v in report["ae"].items() if k != "s_per_step"}, indent=2))

@@ -101,7 +101,7 @@ def _is_image_source(source: Path) -> bool:
 def _eval_images(args: argparse.Namespace, source: Path, world) -> int:
     """Image metrics of a run (sampled now), a samples .npz or a folder, against --reference."""
     from difflab.evaluation import protocol
-    from difflab.evaluation.sampled import evaluate_images_of, format_rows
+    from difflab.evaluation.sampled import evaluate_images_of
     from difflab.evaluation.sharded import Sharded, agree
 
     if (source / "config.json").is_file() and _is_autoencoder(source):  # reconstructions

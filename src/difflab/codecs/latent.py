@@ -47,17 +47,17 @@ def codec_file(source: str | Path) -> Path:
                     raise CodecError(
                         f"model.codec={source} is a {name} run, not an autoencoder run; train "
                         "one with `difflab train --preset mnist-ae` and name that"
-                    )
+                    ) from None
             raise CodecError(
                 f"model.codec={source} has no {CODEC_FILE}: an autoencoder run writes it when "
                 f"`difflab train` finishes; finish it with `difflab plot {source}`"
-            )
+            ) from None
         path = path / CODEC_FILE
     if not path.is_file():
         raise CodecError(
             f"model.codec={source} does not exist; train an autoencoder with "
             "`difflab train --preset mnist-ae --name mnist-ae` and set model.codec=runs/mnist-ae"
-        )
+        ) from None
     return path
 
 
@@ -67,9 +67,11 @@ def read_meta(path: Path) -> dict:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CodecError(f"codec file {path} is unreadable ({e}); retrain or re-finish its run")
+        raise CodecError(
+            f"codec file {path} is unreadable ({e}); retrain or re-finish its run"
+        ) from None
     if META_KEY not in meta:
-        raise CodecError(f"{path} is not an autoencoder codec (no {META_KEY} metadata)")
+        raise CodecError(f"{path} is not an autoencoder codec (no {META_KEY} metadata)") from None
     return json.loads(meta[META_KEY])
 
 
@@ -122,13 +124,17 @@ class LatentCodec:
         self.shift, self.scale = float(info["shift"]), float(info["scale"])
 
     def latent_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        return self.shape if tuple(shape) in (self.image_shape, self.moments_shape) else (
-            self.ae.latent_shape(tuple(shape))
+        return (
+            self.shape
+            if tuple(shape) in (self.image_shape, self.moments_shape)
+            else (self.ae.latent_shape(tuple(shape)))
         )
 
     def draw(self, n: int, generator) -> tuple:
         """Posterior noise for a global batch of n (mode "sample"), drawn before sharding."""
-        return (torch.randn((n, *self.shape), generator=generator),) if self.mode == "sample" else ()
+        return (
+            (torch.randn((n, *self.shape), generator=generator),) if self.mode == "sample" else ()
+        )
 
     @torch.no_grad()
     def encode(self, x: Tensor, eps: Tensor | None = None) -> Tensor:
@@ -161,7 +167,9 @@ def load_codec(cfg, kind, device) -> LatentCodec:
     """The codec cfg.model.codec names, checked against its pin, the data and the U-Net."""
     m = cfg.model
     if m.codec_encode not in ENCODE_MODES:
-        raise CodecError(f"model.codec_encode must be mean or sample, got {m.codec_encode!r}")
+        raise CodecError(
+            f"model.codec_encode must be mean or sample, got {m.codec_encode!r}"
+        ) from None
     path = codec_file(m.codec)
     info = read_meta(path)
     digest = sha256_file(path)
@@ -170,19 +178,21 @@ def load_codec(cfg, kind, device) -> LatentCodec:
             f"the autoencoder {path} changed since this run pinned it (SHA-256 "
             f"{m.codec_sha256[:12]}..., now {digest[:12]}...): a latent model only decodes "
             "through the autoencoder it was trained with; restore that file, or train a new run"
-        )
+        ) from None
     if tuple(kind.shape) != tuple(info["image_shape"]):
         raise CodecError(
             f"the autoencoder {m.codec} was trained on images of shape "
             f"{tuple(info['image_shape'])} ({info['data']}), but this run's data are "
             f"{tuple(kind.shape)}: use an autoencoder trained on this data set, or set "
             "data.image_size / data.channels to match"
-        )
+        ) from None
     ae = AutoencoderKL(kind.shape[0], **_ae_config(info))
     try:
         ae.load_state_dict(load_file(str(path)))
     except (RuntimeError, SafetensorError) as e:
-        raise CodecError(f"codec file {path} does not hold its autoencoder's weights: {e}")
+        raise CodecError(
+            f"codec file {path} does not hold its autoencoder's weights: {e}"
+        ) from None
     codec = LatentCodec(ae.to(device), info, m.codec_encode, digest, path)
     _check_latent_size(cfg, codec.shape)
     return codec
@@ -202,4 +212,4 @@ def _check_latent_size(cfg, shape: tuple[int, ...]) -> None:
             f"the autoencoder's latents are {shape[1]}x{shape[2]}, which a U-Net with {downs} "
             f"downsamplings cannot halve {downs} times; use fewer model.unet.channel_mults, or "
             "an autoencoder with a smaller f"
-        )
+        ) from None

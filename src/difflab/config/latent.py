@@ -18,7 +18,6 @@ class AutoencoderConfig:  # model.name=autoencoder: LDM's AutoencoderKL (nets/au
     dropout: float = 0.0
 
 
-
 @dataclass
 class AutoencoderLossConfig:  # train.loss=autoencoder (diffusion/autoencoder_loss.py)
     pixel: str = "l1"  # l1 | l2: the reconstruction term

@@ -108,8 +108,9 @@ class AutoencoderLoss:
         d.requires_grad_(False)
 
     def _adaptive_weight(self, net: nn.Module, rec: Tensor, g: Tensor) -> Tensor:
-        """disc_weight |grad rec| (rec: the loss without its adversarial term) / (|grad g| + 1e-4) at the last decoder layer, clamped to
-        [0, 1e4] and detached (Esser et al. 2021, eq. 7)."""
+        """disc_weight |grad rec| / (|grad g| + 1e-4) at the last decoder layer, clamped to
+        [0, 1e4] and detached (Esser et al. 2021, eq. 7); rec: the loss without its
+        adversarial term."""
         last = getattr(net, "module", net).conv_out.weight  # through a DDP wrapper
         if not torch.is_grad_enabled():
             return torch.tensor(self.cfg.disc_weight, device=g.device)

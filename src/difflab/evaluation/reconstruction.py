@@ -12,6 +12,7 @@ loss of the autoencoder alone reads off one table. Rows carry the provenance of 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -19,9 +20,9 @@ from torch.nn import functional as F
 
 from difflab.config import ConfigError
 from difflab.evaluation import protocol
+from difflab.evaluation.classifier import load_judge
 from difflab.evaluation.references import dataset_images
 from difflab.evaluation.sampled import default_judge_path
-from difflab.evaluation.classifier import load_judge
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K = 11, 1.5, (0.01, 0.03)
 DATA_RANGE = 2.0  # images in [-1, 1]
@@ -77,7 +78,7 @@ def held_out_images(run, n: int, root: str | None = None) -> tuple[Tensor, Tenso
             d.name, root or d.root, "test", image_size=d.image_size or None, channels=d.channels
         )
     except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"reconstruction metrics need the test split of {d.name}: {e}")
+        raise ConfigError(f"reconstruction metrics need the test split of {d.name}: {e}") from None
     idx = torch.arange(min(n, len(dataset)))
     labels = getattr(dataset, "labels", None)
     return dataset_images(dataset, idx), None if labels is None else labels[idx]

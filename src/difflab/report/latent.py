@@ -19,8 +19,7 @@ import torch
 from difflab import build
 from difflab.codecs.latent import CODEC_FILE, measure_scale, save_codec
 from difflab.evaluation import references
-from difflab.evaluation.reconstruction import evaluate_reconstructions, held_out_images
-from difflab.evaluation.reconstruction import reconstruct
+from difflab.evaluation.reconstruction import evaluate_reconstructions, held_out_images, reconstruct
 from difflab.evaluation.sampled import default_judge_path, extractors_for
 from difflab.files import savez_atomically, write_text_atomically
 from difflab.report import grids
@@ -120,6 +119,7 @@ def decoded_states(codec, states: dict) -> dict:
     """A latent run's recorded states: xs and x0_hats decoded into images (every image figure
     then works as for pixel runs), the latents kept as channel tiles (latent_xs, latent_x0_hats)
     for the latent denoising GIF."""
+
     def decode(a: np.ndarray) -> np.ndarray:
         flat = torch.from_numpy(a.reshape(-1, *a.shape[2:]))
         return codec.decode(flat).numpy().reshape(*a.shape[:2], *codec.image_shape)

@@ -41,10 +41,10 @@ def check_hooks(cfg, hooks: Hooks) -> list[str]:
                 "train(..., hooks=difflab.report.run.training_hooks()) as `difflab train` does, "
                 f"or set train.{key}=0"
             )
-    if cfg.train.loss == "autoencoder" and cfg.train.autoencoder.feature_weight > 0:
-        if hooks.judge is None:
-            problems.append(
-                "train.autoencoder.feature_weight > 0 needs the report's hooks (the judge): "
-                "train(..., hooks=difflab.report.run.training_hooks()), or set it to 0"
-            )
+    feature_loss = cfg.train.loss == "autoencoder" and cfg.train.autoencoder.feature_weight > 0
+    if feature_loss and hooks.judge is None:
+        problems.append(
+            "train.autoencoder.feature_weight > 0 needs the report's hooks (the judge): "
+            "train(..., hooks=difflab.report.run.training_hooks()), or set it to 0"
+        )
     return problems
