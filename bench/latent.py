@@ -126,7 +126,8 @@ def stage_speed(args, report: dict) -> None:
     ae_dir = Path(args.work) / "mnist-ae"
     pixel_cfg = apply_overrides(preset("mnist"), [f"data.root={args.root}"])
     latent_cfg = apply_overrides(
-        preset("mnist-latent"), [f"data.root={args.root}", f"model.codec={ae_dir}"]
+        preset("mnist-latent"),
+        [f"data.root={args.root}", f"model.codec={ae_dir}", *args.set_latent],
     )
     rows = {"pixel_examples_per_s": [], "latent_examples_per_s": []}
     for rep in range(args.repeats):  # interleaved, so both see the same load
