@@ -222,3 +222,13 @@ def test_a_latent_run_trains_samples_and_refuses_a_changed_autoencoder(tmp_path,
     )
     with pytest.raises(CodecError, match="changed"):
         load_run(tmp_path / "latent")
+
+
+def test_bad_autoencoder_loss_settings_are_refused_in_one_message():
+    cfg = apply_overrides(
+        preset("mnist-ae"), ["train.autoencoder.pixel=l3", "train.autoencoder.kl_weight=-1"]
+    )
+    with pytest.raises(ConfigError, match=r"pixel must be l1 or l2.*kl_weight must be >= 0"):
+        build.build_loss(cfg, None)
+    with pytest.raises(ConfigError, match=r"cannot train model\.name=unet"):
+        build.build_loss(apply_overrides(preset("mnist"), ["train.loss=autoencoder"]), None)

@@ -43,6 +43,14 @@ class AutoencoderLoss:
     """
 
     def __init__(self, cfg, make_discriminator):
+        problems = [f"train.autoencoder.pixel must be l1 or l2, got {cfg.pixel!r}"] * (
+            cfg.pixel not in ("l1", "l2")
+        )
+        for key in ("kl_weight", "disc_start", "disc_weight", "feature_weight"):
+            if getattr(cfg, key) < 0:
+                problems.append(f"train.autoencoder.{key} must be >= 0, got {getattr(cfg, key)}")
+        if problems:  # build turns this into one ConfigError
+            raise ValueError("; ".join(problems))
         self.cfg, self.make_discriminator = cfg, make_discriminator
         self.latent_shape = None  # image shape (C, H, W) -> latent shape (c, h, w)
         self.discriminator: nn.Module | None = None
