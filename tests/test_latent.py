@@ -232,3 +232,5 @@ def test_bad_autoencoder_loss_settings_are_refused_in_one_message():
         build.build_loss(cfg, None)
     with pytest.raises(ConfigError, match=r"cannot train model\.name=unet"):
         build.build_loss(apply_overrides(preset("mnist"), ["train.loss=autoencoder"]), None)
+    with pytest.raises(ConfigError, match="draws no samples"):
+        build.build_loss(apply_overrides(preset("mnist-ae"), ["train.sample_every=10"]), None)

@@ -230,6 +230,11 @@ def build_loss(cfg: RunConfig, schedule: schedules.Schedule):
             f"train.loss={cfg.train.loss} cannot train model.name={cfg.model.name}: an "
             "autoencoder trains with train.loss=autoencoder (the *-ae presets), and only it does"
         )
+    if cfg.train.loss == "autoencoder" and (cfg.train.sample_every or cfg.train.eval_every):
+        raise ConfigError(
+            "an autoencoder run draws no samples: set train.sample_every=0 and "
+            "train.eval_every=0 (its reconstructions are measured when it ends)"
+        )
     return LOSSES[cfg.train.loss](cfg, schedule)
 
 
