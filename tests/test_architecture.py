@@ -19,7 +19,7 @@ ALLOWED = {
     "files": set(),
     "config": set(),
     "conditioners": set(),
-    "codecs": set(),
+    "codecs": {"config", "data", "files", "nets"},
     "nets": set(),
     "data": set(),
     "devices": {"config"},
@@ -31,6 +31,7 @@ ALLOWED = {
     "diffusion.prediction": {"diffusion.schedules"},
     "diffusion.objectives": {"diffusion.schedules", "diffusion.prediction"},
     "diffusion.losses": {"diffusion.couplings", "diffusion.objectives"},
+    "diffusion.autoencoder_loss": set(),
     "diffusion.guidance": {"diffusion.prediction"},
     "diffusion.consistency": {"diffusion.prediction", "diffusion.schedules"},
     "diffusion.curriculum": set(),
@@ -53,8 +54,8 @@ ALLOWED = {
         "config", "data", "devices", "files", "model", "runs", "samplers", "training.distributed",
     },
     "report": {
-        "build", "config", "data", "evaluation", "files", "runs", "samplers", "training.hooks",
-        "training.logging",
+        "build", "codecs", "config", "data", "evaluation", "files", "runs", "samplers",
+        "training.hooks", "training.logging",
     },
     "benchmark": {"build", "config", "devices", "model", "samplers", "share.mapping"},
     "share": {

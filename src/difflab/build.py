@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from difflab import config
-from difflab.codecs import Identity
+from difflab.codecs import build_codec, pin_codec  # noqa: F401 (training pins through build)
 from difflab.conditioners import ClassLabels, Unconditional
 from difflab.config import ConfigError, RunConfig
 from difflab.data.folders import DatasetMissingError
@@ -22,10 +22,12 @@ from difflab.diffusion import schedules
 from difflab.diffusion.couplings import check_coupling
 from difflab.diffusion.consistency import ConsistencyDenoiser
 from difflab.diffusion.consistency_losses import CONSISTENCY_LOSSES
+from difflab.diffusion.autoencoder_loss import AutoencoderLoss
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.objectives import LossSpec
 from difflab.diffusion.prediction import Denoiser, v_refusal
 from difflab.model import DataKind, Model
+from difflab.nets.autoencoder import AutoencoderKL, PatchDiscriminator
 from difflab.nets.mlp import MLP
 from difflab.nets.unet import UNet
 from difflab.samplers import sampler_info, timesteps
@@ -41,7 +43,7 @@ SCHEDULES = {
     "trig": lambda cfg: schedules.TrigFlowSchedule(),
 }
 
-NETS = {"mlp": MLP, "unet": UNet}
+NETS = {"mlp": MLP, "unet": UNet, "autoencoder": AutoencoderKL}
 IMAGE_DATASETS = tuple(DEFAULT_FLIP)
 
 
@@ -124,8 +126,10 @@ def build_net(
         return MLP(dim=data_shape[0], num_classes=num_classes, **dataclasses.asdict(m))
     if len(data_shape) != 3:
         raise ConfigError(
-            f"model.name=unet is for images (C, H, W), the data has shape {data_shape}"
+            f"model.name={cfg.name} is for images (C, H, W), the data has shape {data_shape}"
         )
+    if cfg.name == "autoencoder":  # AutoencoderConfig's fields are its keyword arguments
+        return AutoencoderKL(in_channels=data_shape[0], **dataclasses.asdict(cfg.autoencoder))
     # UNetConfig's fields are UNet's keyword arguments, one to one
     return UNet(in_channels=data_shape[0], num_classes=num_classes, **dataclasses.asdict(cfg.unet))
 
@@ -199,7 +203,7 @@ def build_model(cfg: RunConfig, kind: DataKind, device: torch.device | str = "cp
     """The run's model for data of `kind`, on `device` (weights freshly initialised from the
     global torch RNG; a caller that loads a checkpoint loads into model.net)."""
     device = torch.device(device)
-    codec, conditioner = Identity(), build_conditioner(cfg, kind)
+    codec, conditioner = build_codec(cfg, kind, device), build_conditioner(cfg, kind)
     # the network embeds what the conditioner makes (its classes and their null label)
     net = build_net(cfg.model, codec.latent_shape(kind.shape), conditioner.num_classes)
     layout = memory_format(cfg.train.channels_last, kind.shape)
@@ -218,6 +222,12 @@ LOSSES = {
         ),
     ),
     **CONSISTENCY_LOSSES,  # ct, ict, ect, cd: the model is then a ConsistencyDenoiser
+    "autoencoder": lambda cfg, schedule: AutoencoderLoss(
+        cfg.train.autoencoder,
+        lambda channels: PatchDiscriminator(
+            channels, cfg.train.autoencoder.disc_width, cfg.train.autoencoder.disc_layers
+        ),
+    ),
 }
 
 
@@ -227,6 +237,16 @@ def build_loss(cfg: RunConfig, schedule: schedules.Schedule):
     if cfg.train.loss not in LOSSES:
         raise ConfigError(
             f"unknown train.loss {cfg.train.loss!r}; choose one of {', '.join(LOSSES)}"
+        )
+    if (cfg.train.loss == "autoencoder") != (cfg.model.name == "autoencoder"):
+        raise ConfigError(
+            f"train.loss={cfg.train.loss} cannot train model.name={cfg.model.name}: an "
+            "autoencoder trains with train.loss=autoencoder (the *-ae presets), and only it does"
+        )
+    if cfg.train.loss == "autoencoder" and (cfg.train.sample_every or cfg.train.eval_every):
+        raise ConfigError(
+            "an autoencoder run draws no samples: set train.sample_every=0 and "
+            "train.eval_every=0 (its reconstructions are measured when it ends)"
         )
     return LOSSES[cfg.train.loss](cfg, schedule)
 

@@ -13,6 +13,7 @@ from difflab.cli.parsers import sample_changes, sample_config
 from difflab.cli.processes import everywhere, peers, relaunch
 from difflab.config import (
     ConfigError,
+    RunConfig,
 )
 from difflab.files import write_text_atomically
 
@@ -100,9 +101,11 @@ def _is_image_source(source: Path) -> bool:
 def _eval_images(args: argparse.Namespace, source: Path, world) -> int:
     """Image metrics of a run (sampled now), a samples .npz or a folder, against --reference."""
     from difflab.evaluation import protocol
-    from difflab.evaluation.sampled import evaluate_images_of, format_rows
+    from difflab.evaluation.sampled import evaluate_images_of
     from difflab.evaluation.sharded import Sharded, agree
 
+    if (source / "config.json").is_file() and _is_autoencoder(source):  # reconstructions
+        return _write_rows(args, source, _autoencoder_rows(args, source, world), True)
     run, images, labels, meta, reference, metrics, extractors = agree(
         world, lambda: _image_eval_setup(args, source, world)
     )
@@ -126,13 +129,31 @@ def _eval_images(args: argparse.Namespace, source: Path, world) -> int:
         )
     if not world.is_main:  # rank 0 alone writes and prints
         return 0
+    return _write_rows(args, source, rows, run is not None)
+
+
+def _write_rows(args: argparse.Namespace, source: Path, rows: list[dict], is_run: bool) -> int:
+    from difflab.evaluation.sampled import format_rows
+
     result = {"rows": rows}
-    out = Path(args.out) if args.out else _default_eval_path(source, run is not None)
+    out = Path(args.out) if args.out else _default_eval_path(source, is_run)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_rows(rows))
     print(f"difflab: wrote {out}", file=sys.stderr)  # stdout stays the table or the JSON
     return 0
+
+
+def _is_autoencoder(source: Path) -> bool:
+    return RunConfig.load(source / "config.json").model.name == "autoencoder"
+
+
+def _autoencoder_rows(args: argparse.Namespace, source: Path, world) -> list[dict]:
+    from difflab.evaluation.reconstruction import evaluate_autoencoder_run
+
+    if world.size > 1 or args.compare:
+        raise everywhere("an autoencoder run is evaluated in one process, without --compare")
+    return evaluate_autoencoder_run(args, source)
 
 
 def _image_eval_setup(args: argparse.Namespace, source: Path, world) -> tuple:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from difflab.config.consistency import ConsistencyConfig
+from difflab.config.latent import AutoencoderConfig, AutoencoderLossConfig
 
 
 class ConfigError(ValueError):
@@ -64,9 +65,14 @@ class UNetConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # mlp (2-D data) | unet (images)
+    name: str = "mlp"  # mlp (2-D data) | unet (images) | autoencoder (a latent codec's run)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    codec: str = ""  # "" = pixels; an autoencoder run directory: diffuse in its latent space
+    codec_sha256: str = ""  # the autoencoder's codec.safetensors, pinned when training starts
+    codec_encode: str = "mean"  # mean | sample: the posterior's mean, or a draw from it
+    codec_cache: bool = False  # encode the whole training set once (kept in the codec's run)
 
 
 @dataclass
@@ -101,6 +107,7 @@ class DiffusionConfig:
 @dataclass
 class TrainConfig:
     loss: str = "diffusion"  # the loss object the trainer calls (build.LOSSES)
+    autoencoder: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
     steps: int = 8000  # optimizer steps
     batch_size: int = 1024
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size is split across them)
@@ -289,6 +296,8 @@ from difflab.config.presets import PRESETS, preset  # noqa: E402
 
 __all__ = [
     "PRESETS",
+    "AutoencoderConfig",
+    "AutoencoderLossConfig",
     "ConfigError",
     "ConsistencyConfig",
     "DataConfig",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from difflab.config import (
+    AutoencoderConfig,
+    AutoencoderLossConfig,
     ConfigError,
     DataConfig,
     DiffusionConfig,
@@ -227,6 +229,75 @@ def mnist_cd() -> RunConfig:
         teacher_guidance=1.25,
     )  # fmt: skip
     return dataclasses.replace(cfg, sample=_consistency_sampling(100, 100, t_end=0.2))
+def mnist_ae() -> RunConfig:
+    """The first stage of latent diffusion on MNIST (Rombach et al. 2022): a KL autoencoder
+    with f = 4 and c = 4 (32x32x1 -> 8x8x4), L1 + 1e-6 KL, sized for 10 CPU minutes."""
+    return _autoencoder("mnist-ae", "mnist", AutoencoderConfig())
+
+
+def fashion_ae() -> RunConfig:
+    """mnist-ae's recipe on Fashion-MNIST (f = 4, c = 4 at 32x32)."""
+    return _autoencoder("fashion-ae", "fashion", AutoencoderConfig())
+
+
+def cifar10_ae() -> RunConfig:
+    """CIFAR-10 at f = 4, c = 4 (32x32x3 -> 8x8x4), wider, with LDM's patch discriminator from
+    step 5000 (its recipe starts the GAN once reconstructions are good)."""
+    cfg = _autoencoder("cifar10-ae", "cifar10", AutoencoderConfig(base_channels=64))
+    loss = AutoencoderLossConfig(discriminator=True, disc_start=5000, disc_layers=2)
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, steps=40_000, autoencoder=loss)
+    )
+
+
+def celeba_ae() -> RunConfig:
+    """CelebA 64x64 at f = 8, c = 4 (64x64x3 -> 8x8x4), with the patch discriminator."""
+    ae = AutoencoderConfig(base_channels=64, channel_mults=(1, 2, 2, 4))
+    cfg = _autoencoder("celeba-ae", "celeba64", ae)
+    loss = AutoencoderLossConfig(discriminator=True, disc_start=10_000, disc_layers=3)
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, steps=100_000, autoencoder=loss)
+    )
+
+
+def _autoencoder(name: str, data: str, ae: AutoencoderConfig) -> RunConfig:
+    return RunConfig(
+        preset=name,
+        data=DataConfig(name=data),
+        model=ModelConfig(name="autoencoder", autoencoder=ae),
+        train=TrainConfig(
+            loss="autoencoder", steps=1200, batch_size=64, lr=1e-3, warmup_steps=100,
+            ema_decay=0.999, log_every=50, checkpoint_every=400, time_limit_minutes=10.0,
+        ),
+    )  # fmt: skip
+
+
+def mnist_latent() -> RunConfig:
+    """Class-conditional latent diffusion on mnist-ae's 8x8x4 latents (set model.codec to the
+    autoencoder run): a U-Net 8 -> 4 pixels, 16x fewer pixels per convolution than mnist's."""
+    cfg = mnist()
+    unet = UNetConfig(
+        base_channels=64, channel_mults=(1, 2), num_res_blocks=2, attention_levels=(1,),
+        num_heads=4, dropout=0.0, norm_groups=8,
+    )  # fmt: skip
+    return dataclasses.replace(
+        cfg,
+        preset="mnist-latent",
+        model=ModelConfig(name="unet", unet=unet, codec="runs/mnist-ae", codec_cache=True),
+        diffusion=DiffusionConfig(prediction="v", clip_x0=0.0),  # latents are not in [-1, 1]
+        train=dataclasses.replace(cfg.train, steps=3000, time_limit_minutes=10.0),
+    )
+
+
+def fashion_latent() -> RunConfig:
+    """mnist-latent on Fashion-MNIST, through fashion-ae."""
+    cfg = mnist_latent()
+    return dataclasses.replace(
+        cfg,
+        preset="fashion-latent",
+        data=dataclasses.replace(cfg.data, name="fashion"),
+        model=dataclasses.replace(cfg.model, codec="runs/fashion-ae"),
+    )
 
 
 PRESETS = {
@@ -243,6 +314,12 @@ PRESETS = {
     "toy2d-cd": toy2d_cd,
     "mnist-ect": mnist_ect,
     "mnist-cd": mnist_cd,
+    "mnist-ae": mnist_ae,
+    "fashion-ae": fashion_ae,
+    "cifar10-ae": cifar10_ae,
+    "celeba-ae": celeba_ae,
+    "mnist-latent": mnist_latent,
+    "fashion-latent": fashion_latent,
 }
 
 

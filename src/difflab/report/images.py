@@ -22,6 +22,7 @@ from difflab import build
 from difflab.config import RunConfig, SampleConfig
 from difflab.files import savez_atomically
 from difflab.report import charts, gifs, grids
+from difflab.report.latent import decoded_states, latent_gif
 from difflab.runs import LoadedRun, draw_samples, load_run, sample_labels, save_run_samples
 from difflab.samplers import Recorder
 
@@ -133,13 +134,14 @@ def record_states(
     "x0_hats" (F, n, ...), "sampler"}."""
     recorder = frame_recorder(run, scfg, max_frames or GIF_FRAMES)
     draw_samples(run, scfg, labels=labels, progress=False, recorder=recorder)
-    return {
+    states = {
         "ts": np.array(recorder.ts),
         "steps": recorder.steps(),
         "xs": recorder.trajectory().numpy(),
         "x0_hats": torch.stack(recorder.x0_hats).numpy(),
         "sampler": scfg.sampler,
     }
+    return decoded_states(run.model.codec, states) if run.cfg.model.codec else states
 
 
 def save_trajectory(run_dir: Path, states: dict, **extra) -> Path:
@@ -192,6 +194,7 @@ def plot_image_run(run_dir: Path, cfg: RunConfig) -> list[Path]:
             lams=state_lams(cfg, traj["ts"]),
             steps=traj.get("steps"),  # absent in runs made before issue 19
         ),
+        *latent_gif(traj, plots, names, state_lams(cfg, traj["ts"])),
         grids.trajectory_strip(traj["xs"], plots / "trajectory_strip.png"),
         grids.comparison_figure(
             {"EMA weights": compare["ema"], "raw weights": compare["raw"]}, plots / "raw_vs_ema.png"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from difflab.config import RunConfig
 from difflab.evaluation.compare import quality_keys
+from difflab.evaluation.reconstruction import feature_judge
 from difflab.evaluation.sampled import TrainingEvaluator
 from difflab.evaluation.toy2d import evaluate_toy
 from difflab.files import write_text_atomically
@@ -18,6 +19,7 @@ from difflab.report import charts, grids
 from difflab.report.consistency import consistency_figures
 from difflab.report.html import write_report
 from difflab.report.images import make_image_artefacts, plot_image_run
+from difflab.report.latent import is_autoencoder, make_autoencoder_artefacts, plot_autoencoder_run
 from difflab.report.toy import plot_toy_run, record_trajectories
 from difflab.runs import check_run_dir, draw_samples, load_run, run_kind, save_run_samples
 from difflab.training.hooks import Hooks
@@ -26,7 +28,7 @@ from difflab.training.logging import MetricsLog, read_metrics
 
 def training_hooks() -> Hooks:
     """difflab's training-time evaluator and sample grids, for train(..., hooks=...)."""
-    return Hooks(evaluator=TrainingEvaluator, grid=draw_grid)
+    return Hooks(evaluator=TrainingEvaluator, grid=draw_grid, judge=feature_judge)
 
 
 def draw_grid(samples, path: Path, model) -> Path:
@@ -53,6 +55,10 @@ def format_table(result: dict) -> str:
 
 def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
     """Draw the run's sample artefacts and log its evaluation row; returns the evaluation."""
+    if is_autoencoder(RunConfig.load(run_dir / "config.json")):  # codec, reconstructions
+        result = make_autoencoder_artefacts(run_dir, progress)
+        MetricsLog(run_dir / "metrics.jsonl").write({"eval": result})
+        return result
     if run_kind(run_dir).is_image:
         result = make_image_artefacts(run_dir, progress)
         MetricsLog(run_dir / "metrics.jsonl").write({"eval": result})
@@ -83,14 +89,15 @@ def plot_run(
     and with `report` the page RUN/report.html that holds them all."""
     run_dir = check_run_dir(run_dir)
     cfg = RunConfig.load(run_dir / "config.json")
-    if (
-        resample
-        or not (run_dir / "samples" / "samples.npz").exists()
-        or not (run_dir / "samples" / "trajectory.npz").exists()
-    ):
+    wanted = ["reconstructions.npz"] if is_autoencoder(cfg) else ["samples.npz", "trajectory.npz"]
+    if resample or not all((run_dir / "samples" / name).exists() for name in wanted):
         make_artefacts(run_dir, progress)
-    image = run_kind(run_dir).is_image
-    paths = plot_image_run(run_dir, cfg) if image else plot_toy_run(run_dir, cfg)
+    if is_autoencoder(cfg):
+        paths = plot_autoencoder_run(run_dir)
+    elif run_kind(run_dir).is_image:
+        paths = plot_image_run(run_dir, cfg)
+    else:
+        paths = plot_toy_run(run_dir, cfg)
     plots = run_dir / "plots"
     if any(r.get("loss") is not None for r in read_metrics(run_dir / "metrics.jsonl")):
         label = loss_label(cfg)

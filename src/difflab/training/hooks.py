@@ -20,10 +20,12 @@ class Hooks:
         judge stops the run then): a callable model -> {"metric", "label", <metric>: value, ...}
         with an attribute `higher_is_better`.
     grid: (samples (N, ...), path, model) -> path: draws samples/grid-step-N.png.
+    judge: cfg -> the judge network whose features an autoencoder's feature loss compares.
     """
 
     evaluator: Callable | None = None
     grid: Callable[[np.ndarray, Path, object], Path] | None = None
+    judge: Callable | None = None
 
 
 NO_HOOKS = Hooks()  # a bare train(): no grids, no training-time evaluation
@@ -39,4 +41,10 @@ def check_hooks(cfg, hooks: Hooks) -> list[str]:
                 "train(..., hooks=difflab.report.run.training_hooks()) as `difflab train` does, "
                 f"or set train.{key}=0"
             )
+    feature_loss = cfg.train.loss == "autoencoder" and cfg.train.autoencoder.feature_weight > 0
+    if feature_loss and hooks.judge is None:
+        problems.append(
+            "train.autoencoder.feature_weight > 0 needs the report's hooks (the judge): "
+            "train(..., hooks=difflab.report.run.training_hooks()), or set it to 0"
+        )
     return problems

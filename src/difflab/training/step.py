@@ -64,10 +64,14 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
         noise = parts.loss.draw(shape, parts.loss_generator)
         if hasattr(parts.loss, "couple"):  # OT or reflow pairing, on the global batch
             noise = parts.loss.couple(x0, noise, parts.data)
+        posterior = model.codec.draw(len(x0), parts.loss_generator)  # () unless z is sampled
         # Every rank draws the global micro-batch and its noise and keeps its slice, so N ranks
         # equal one process and the stream state stays global (distributed.py says more).
-        x0, cond, *noise = parts.world.shard(x0, cond, *noise)
-        z = model.codec.encode(x0.to(parts.device, memory_format=model.memory_format))
+        x0, cond, *noise = parts.world.shard(x0, cond, *noise, *posterior)
+        k = len(noise) - len(posterior)
+        noise, posterior = noise[:k], noise[k:]
+        x0 = x0.to(parts.device, memory_format=model.memory_format)
+        z = model.codec.encode(x0, *(e.to(parts.device) for e in posterior))
         with torch.autocast(
             parts.device.type,
             parts.autocast_dtype or torch.float32,
