@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from difflab.config.text import TextConfig
+
 
 class ConfigError(ValueError):
     """A user-facing problem with the config or command line; the message says the fix."""
@@ -30,6 +32,7 @@ class DataConfig:
     channels: int = 3  # imagefolder only: 1 or 3
     class_conditional: bool = False  # feed labels to the network (with train.label_dropout)
     workers: int = 0  # threads decoding image files per batch (folders, CelebA); 0 = up to 8
+    text_conditional: bool = False  # captions as conditions (data/captions.py; model.text)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class UNetConfig:
     upsample: str = "nearest"  # nearest | bilinear
     norm_groups: int = 32
     checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more time
+    cross_attention_levels: tuple[int, ...] = ()  # levels attending to the text (and the middle)
 
 
 @dataclass
@@ -64,6 +68,7 @@ class ModelConfig:
     name: str = "mlp"  # mlp (2-D data) | unet (images)
     mlp: MLPConfig = field(default_factory=MLPConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
@@ -283,6 +288,7 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "SampleConfig",
+    "TextConfig",
     "TrainConfig",
     "UNetConfig",
     "apply_overrides",

@@ -144,6 +144,8 @@ def build_parts(
     torch.manual_seed(cfg.train.seed)  # weight init, dropout
     data = build.build_data(cfg, seed=cfg.train.seed)
     model = build.build_model(cfg, build.data_kind(cfg, data), device)
+    if cfg.data.text_conditional:  # the captions' conditions, computed once (cached)
+        model.conditioner.fit(data.captions)
     data = devices.place_data(data, device)
     loss = build.build_loss(cfg, model.schedule)
     ema = EMA(model.net, cfg.train.ema_decay, cfg.train.ema_warmup)
