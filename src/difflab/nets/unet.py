@@ -192,9 +192,8 @@ class UNet(nn.Module):
         mid = [make["res"](ch, ch)]
         for _ in range(bottleneck_blocks - 1):
             mid += [make["attn"](ch)] if mid_attention else []
-            mid += make["cross"](ch, -1)
             mid += [make["res"](ch, ch)]
-        self.mid = _Stage(mid)
+        self.mid = _Stage(mid + make["cross"](ch, -1))  # last: the other indices stay
         self.up = _up_path(base, mults, num_res_blocks, attn, make, skip_chs)
         out_conv = _zero_(nn.Conv2d(base, out_channels or in_channels, 3, padding=1))
         self.out = nn.Sequential(nn.GroupNorm(norm_groups, base), nn.SiLU(), out_conv)
