@@ -8,7 +8,7 @@ from pathlib import Path
 
 from difflab.cli.parsers import sample_config
 from difflab.cli.processes import peers, relaunch
-from difflab.cli.text import prompt_conditions, read_prompts
+from difflab.cli.text import default_prompts_of, prompt_conditions, read_prompts
 from difflab.config import ConfigError
 
 
@@ -41,6 +41,7 @@ def _sample(args: argparse.Namespace, world) -> None:
         if prompts is not None:  # a text model: --n samples of each prompt
             scfg, labels, prompts = prompt_conditions(run, prompts, scfg, *classes)
         else:
+            prompts = default_prompts_of(run, scfg.n, args.per_class)
             labels = sample_labels(run, scfg.n, *classes, scfg.seed)
         blocks(scfg.n, world.size)
         return run, scfg, labels, prompts

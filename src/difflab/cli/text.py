@@ -51,3 +51,14 @@ def prompt_conditions(run, prompts: list[str], scfg, class_label, per_class):
         raise ConfigError("--class and --per-class do not go with prompts; leave them out")
     each = [p for p in prompts for _ in range(scfg.n)]
     return dataclasses.replace(scfg, n=len(each)), conditioner.prompts(each), each
+
+
+def default_prompts_of(run, n: int, per_class: bool) -> list[str] | None:
+    """A text model sampled without prompts: its default prompts (`balanced`'s), one per
+    sample; None for a model that reads no text."""
+    conditioner = run.model.conditioner
+    if not hasattr(conditioner, "prompts"):
+        return None
+    if per_class:
+        raise ConfigError("--per-class needs class labels; give a text model --prompts-file")
+    return conditioner.default_prompts(n)

@@ -115,6 +115,10 @@ class TextConditioner:
         """Every class's prompt equally often (arange(n) % classes), as ClassLabels.balanced."""
         return self.prompts(self.default_prompts(n))
 
+    def balanced_classes(self, n: int) -> Tensor | None:
+        """The classes `balanced(n)`'s prompts name (n,), or None without classes."""
+        return torch.arange(n) % len(self.class_names) if self.class_names else None
+
     def check_guidance(self, guidance_scale: float) -> None:
         if guidance_scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
