@@ -283,12 +283,17 @@ def test_the_frozen_minilm_path_end_to_end(tmp_path):
     assert np.isfinite(np.load(out)["samples"]).all()
 
 
-def test_without_the_extra_the_error_names_it(monkeypatch):
+def test_without_the_extra_the_error_names_it(monkeypatch, tmp_path, capsys):
     from difflab.conditioners import encoders
 
     monkeypatch.setattr(encoders, "_installed", lambda module: False)
     with pytest.raises(ValueError, match=r"pip install 'difflab\[text\]'"):
         encoders.MiniLMEncoder(8)
+    root, runs = _folder(tmp_path / "f", "txt"), tmp_path / "runs"
+    argv = ["train", "--preset", "imagefolder", "--runs", str(runs), "--name", "x", "--quiet"]
+    assert main([*argv, *_args(root, "model.text.encoder=minilm")]) == 2
+    assert "pip install 'difflab[text]'" in capsys.readouterr().err
+    assert not (runs / "x").exists()
 
 
 @pytest.mark.slow
