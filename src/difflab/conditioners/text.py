@@ -73,6 +73,7 @@ class TextConditioner:
         made the empty prompt (both drawn from `generator`)."""
         if self.table is None:
             raise RuntimeError("TextConditioner.fit(captions) must come before training")
+        y = y.cpu()  # GPU-resident data: the caption tables stay on the CPU
         cond = self.table[self.captions.draw(y, generator)]
         if self.dropout > 0:
             drop = torch.rand(y.shape, generator=generator) < self.dropout
