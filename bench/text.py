@@ -31,7 +31,8 @@ from difflab.config import apply_overrides, preset
 from difflab.data.images import load_image_dataset
 from difflab.evaluation.classifier import judge_features, judge_predict, load_judge, train_judge
 from difflab.evaluation.frechet import feature_statistics, frechet_distance
-from difflab.evaluation.text import judged_prompts
+from difflab.evaluation.text import judged_prompts, prompt_set
+from difflab.report.text import prompt_grid
 from difflab.runs import draw_samples, load_run, sample_labels
 from difflab.training.loop import train
 
@@ -122,6 +123,8 @@ def main() -> None:
             row = judged_prompts(run, scfg, judge, which, per_class, stats, progress=True)
             rows[which] = {k: v for k, v in row.items() if k not in ("images", "classes")}
             print(f"{which} templates: {rows[which]}")
+            prompts, _ = prompt_set(args.dataset, which, per_class)
+            prompt_grid(row["images"].numpy(), prompts, out.with_name(f"{out.stem}-{which}.png"))
     report = {
         "benchmark": f"{args.dataset}-text",
         "encoder": args.encoder,
@@ -134,7 +137,7 @@ def main() -> None:
     if args.reference_run:
         ref = reference_row(Path(args.reference_run), scfg, args.per_class, judge, stats)
         report["reference"] = ref
-        report["fd_ratio"] = rows["held_out"]["fd_judge"] / ref["fd_judge"]
+        report["fd_ratio"] = rows["held_out"].get("fd_judge", float("nan")) / ref["fd_judge"]
         print(f"class-label reference: {ref}; FD ratio {report['fd_ratio']:.2f} (target <= 1.5)")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"trained {run.step} steps in {report['train_s']:.0f} s; wrote {out}")

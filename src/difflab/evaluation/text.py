@@ -68,7 +68,7 @@ def judged_prompts(
         "guidance": scfg.guidance,
         "sample_s": seconds,
     }
-    if real_stats is not None:
-        stats = feature_statistics(judge_features(judge, images))
-        row["fd_judge"] = frechet_distance(*stats, *real_stats)
+    features = judge_features(judge, images)
+    if real_stats is not None and len(images) > features.shape[1]:  # a covariance needs n > dim
+        row["fd_judge"] = frechet_distance(*feature_statistics(features), *real_stats)
     return {**row, "images": images, "classes": classes}
