@@ -311,3 +311,26 @@ def test_a_text_run_resumes_bit_for_bit(tmp_path):
         b = load_file(tmp_path / "halves" / "checkpoints" / "step-4" / f"{which}.safetensors")
         assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
         assert all(torch.equal(a[k], b[k]) for k in a), which
+
+
+def test_held_out_prompt_sets_name_their_classes():
+    from difflab.data.captions import DIGIT_WORDS
+    from difflab.evaluation.text import prompt_set
+
+    prompts, classes = prompt_set("mnist", "held_out", 5)
+    assert classes.tolist() == [k for k in range(10) for _ in range(5)]
+    held_out = templates("mnist", "held_out")
+    for i, (prompt, k) in enumerate(zip(prompts, classes.tolist(), strict=True)):
+        assert prompt == label_caption("mnist", held_out[i % 5 % len(held_out)], k)
+        assert DIGIT_WORDS[k] in prompt or str(k) in prompt
+    assert len(set(prompts)) == 10 * len(held_out)  # every held-out template of every digit
+
+
+def test_prompts_naming_classes_need_a_captioned_label_set(text_run):
+    from difflab.config import ConfigError
+    from difflab.evaluation.text import judged_prompts
+    from difflab.runs import load_run
+
+    run = load_run(text_run)
+    with pytest.raises(ConfigError, match="captioned mnist or fashion"):
+        judged_prompts(run, run.cfg.sample, judge=None, which="held_out", per_class=1)
