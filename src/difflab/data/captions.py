@@ -30,16 +30,16 @@ FASHION_WORDS = (
 )  # fmt: skip
 
 # {word}: the class word ("seven"), {digit}: its numeral (MNIST only), {alt}: a paraphrase
-# (Fashion), {a}: "a" or "an" before the word that follows it.
+# (Fashion), {a}: "a" or "an" before the word that follows it ("an eight", "an 8").
 MNIST_TEMPLATES = {
     "seen": (
         "a handwritten {word}", "the digit {digit}, written by hand", "{word}",
-        "the number {word}", "a {digit}", "a picture of the digit {word}",
+        "the number {word}", "{a} {digit}", "a picture of the digit {word}",
         "handwritten digit {digit}", "an image of a handwritten {digit}",
     ),
     "held_out": (
         "a scan of the number {digit}", "someone wrote the digit {word}",
-        "a drawing of a {word}", "the handwritten numeral {digit}",
+        "a drawing of {a} {word}", "the handwritten numeral {digit}",
     ),
 }  # fmt: skip
 FASHION_TEMPLATES = {
@@ -65,8 +65,8 @@ def _article(text: str) -> str:
 
 def label_caption(dataset: str, template: str, k: int) -> str:
     """The caption of class k of `dataset` (mnist or fashion) in `template`."""
-    if dataset == "mnist":
-        return template.format(word=DIGIT_WORDS[k], digit=k)
+    if dataset == "mnist":  # {a} before a digit reads as its word: "an 8"
+        return template.format(word=DIGIT_WORDS[k], digit=k, a=_article(DIGIT_WORDS[k]))
     word, alt = FASHION_WORDS[k]
     # {a} stands before {word} or {alt}; which of them follows decides "a" or "an"
     head = template.split("{a}", 1)[1][:7] if "{a}" in template else ""
