@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "difflab"
 ALLOWED = {
     "files": set(),
     "config": set(),
-    "conditioners": set(),
+    "conditioners": {"data", "files"},
     "codecs": {"config", "data", "files", "nets"},
     "nets": set(),
     "data": set(),

@@ -11,7 +11,9 @@ from torch import nn
 from difflab import config
 from difflab.codecs import build_codec, pin_codec  # noqa: F401 (training pins through build)
 from difflab.conditioners import ClassLabels, Unconditional
+from difflab.conditioners.text import text_conditioner
 from difflab.config import ConfigError, RunConfig
+from difflab.data.captions import captioned
 from difflab.data.folders import DatasetMissingError
 from difflab.data.images import DEFAULT_FLIP, load_image_dataset
 from difflab.data.pairs import PairStream
@@ -29,6 +31,7 @@ from difflab.diffusion.prediction import Denoiser, v_refusal
 from difflab.model import DataKind, Model
 from difflab.nets.autoencoder import AutoencoderKL, PatchDiscriminator
 from difflab.nets.mlp import MLP
+from difflab.nets.text import text_encoder
 from difflab.nets.unet import UNet
 from difflab.samplers import sampler_info, timesteps
 
@@ -105,9 +108,10 @@ def build_loss_spec(cfg: config.DiffusionConfig, schedule: schedules.Schedule) -
 
 @_checked
 def build_net(
-    cfg: config.ModelConfig, data_shape: tuple[int, ...], num_classes: int = 0
+    cfg: config.ModelConfig, data_shape: tuple[int, ...], num_classes: int = 0, text=None
 ) -> nn.Module:
-    """The network for data of `data_shape` (one example); num_classes > 0 adds labels."""
+    """The network for data of `data_shape` (one example); num_classes > 0 adds labels, a
+    text encoder module (nets/text.py) adds cross-attention."""
     if cfg.name not in NETS:
         raise ConfigError(f"unknown model {cfg.name!r}; choose one of {', '.join(NETS)}")
     if cfg.name == "mlp":
@@ -116,6 +120,8 @@ def build_net(
                 f"model.name=mlp is for vectors, the data has shape {data_shape}; "
                 "use model.name=unet for images"
             )
+        if text is not None:
+            raise ConfigError("text conditioning needs model.name=unet (cross-attention)")
         m = cfg.mlp
         for key in ("width", "depth", "emb_dim", "expansion"):
             if getattr(m, key) < 1:
@@ -131,7 +137,8 @@ def build_net(
     if cfg.name == "autoencoder":  # AutoencoderConfig's fields are its keyword arguments
         return AutoencoderKL(in_channels=data_shape[0], **dataclasses.asdict(cfg.autoencoder))
     # UNetConfig's fields are UNet's keyword arguments, one to one
-    return UNet(in_channels=data_shape[0], num_classes=num_classes, **dataclasses.asdict(cfg.unet))
+    kwargs = dataclasses.asdict(cfg.unet) | ({"text_encoder": text} if text is not None else {})
+    return UNet(in_channels=data_shape[0], num_classes=num_classes, **kwargs)
 
 
 @_checked
@@ -170,15 +177,20 @@ def build_data(cfg: RunConfig, seed: int, split: str = "train") -> ToyStream | I
             )
         except DatasetMissingError as e:
             raise ConfigError(str(e)) from None
+        if d.text_conditional:  # captions: from the labels' templates, or beside the images
+            dataset, captions = captioned(d.name, dataset, info.class_names, d.root)
         if d.name == "imagefolder":
             dataset.verify()  # a user's folder: find unreadable files now, not mid-training
         stream = ImageStream(dataset, seed, _flip(d, info.flip), workers=d.workers)
         stream.class_names = info.class_names
+        stream.captions = captions if d.text_conditional else None
         check_image_size(cfg, stream.shape)
     else:
         raise ConfigError(
             f"unknown dataset {d.name!r}; choose one of {', '.join((*TOY2D, *IMAGE_DATASETS))}"
         )
+    if d.text_conditional and d.class_conditional:
+        raise ConfigError("choose data.text_conditional or data.class_conditional, not both")
     if d.class_conditional and stream.num_classes < 1:
         raise ConfigError(f"data.class_conditional=true but {d.name} has no class labels")
     return stream
@@ -193,7 +205,10 @@ def data_kind(cfg: RunConfig, data) -> DataKind:
 
 
 def build_conditioner(cfg: RunConfig, kind: DataKind):
-    """Class labels (null label num_classes, train.label_dropout) or none."""
+    """Text (data.text_conditional), class labels (null label num_classes, train.label_dropout)
+    or none."""
+    if cfg.data.text_conditional:
+        return text_conditioner(cfg.model.text, cfg.train.label_dropout, cfg.data.name)
     if kind.num_classes:
         return ClassLabels(kind.num_classes, kind.class_names, cfg.train.label_dropout)
     return Unconditional()
@@ -205,7 +220,8 @@ def build_model(cfg: RunConfig, kind: DataKind, device: torch.device | str = "cp
     device = torch.device(device)
     codec, conditioner = build_codec(cfg, kind, device), build_conditioner(cfg, kind)
     # the network embeds what the conditioner makes (its classes and their null label)
-    net = build_net(cfg.model, codec.latent_shape(kind.shape), conditioner.num_classes)
+    text = text_encoder(cfg.model.text, conditioner.encoder) if cfg.data.text_conditional else None
+    net = build_net(cfg.model, codec.latent_shape(kind.shape), conditioner.num_classes, text)
     layout = memory_format(cfg.train.channels_last, kind.shape)
     net = net.to(device).to(memory_format=layout)
     schedule = build_schedule(cfg.diffusion)

@@ -188,7 +188,8 @@ def _image_eval_setup(args: argparse.Namespace, source: Path, world) -> tuple:
     root = args.root or (run.cfg.data.root if run else "data")
     shape = tuple(run.shape if run else images.shape[1:])
     reference = references.open_reference(ref_spec, shape, root=root, n=args.n_reference)
-    metrics = _metric_list(args.metric, run.num_classes > 0 if run else labels is not None)
+    # accuracy by default where samples name classes (labels, or a text model's prompts)
+    metrics = _metric_list(args.metric, bool(run.class_names) if run else labels is not None)
     extractors = extractors_for(
         metrics,
         dataset=dataset,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from difflab.cli.parsers import sample_config
 from difflab.cli.processes import peers, relaunch
+from difflab.cli.text import default_prompts_of, prompt_conditions, read_prompts
 from difflab.config import ConfigError
 
 
@@ -36,12 +37,17 @@ def _sample(args: argparse.Namespace, world) -> None:
             raise ConfigError(f"--out must end in .npz, got {args.out}")
         device = rank_device(world, args.device)
         run = load_run(args.run, checkpoint=args.checkpoint, use_ema=not args.raw, device=device)
-        scfg = sample_config(run.cfg.sample, args)
-        labels = sample_labels(run, scfg.n, args.class_label, args.per_class, scfg.seed)
+        scfg, prompts = sample_config(run.cfg.sample, args), read_prompts(args)
+        if prompts is not None:  # a text model: --n samples of each prompt
+            scfg, labels, prompts = prompt_conditions(run, prompts, scfg, *classes)
+        else:
+            prompts = default_prompts_of(run, scfg.n, args.per_class)
+            labels = sample_labels(run, scfg.n, *classes, scfg.seed)
         blocks(scfg.n, world.size)
-        return run, scfg, labels
+        return run, scfg, labels, prompts
 
-    run, scfg, labels = agree(world, prepare)
+    classes = (args.class_label, args.per_class)
+    run, scfg, labels, prompts = agree(world, prepare)
     start = time.perf_counter()
     batch, advice = f"--batch-size {scfg.batch_size}", "a smaller --batch-size (same samples)"
     with out_of_memory("sampling", batch, advice):
@@ -57,6 +63,8 @@ def _sample(args: argparse.Namespace, world) -> None:
     )
     if labels is not None:
         meta["guidance"] = scfg.guidance
+    if prompts is not None:  # the prompts, not their token conditions, go into the file
+        labels, meta["prompts"] = None, prompts
     path = save_samples(args.out, samples, labels, **meta)
     many = f" by {world.size} processes" if world.size > 1 else ""
     print(
@@ -67,7 +75,14 @@ def _sample(args: argparse.Namespace, world) -> None:
         from difflab.report.grids import class_grid, save_grid
 
         png = path.with_suffix(".png")
-        if labels is not None:
+        if prompts is not None:
+            from difflab.report.text import prompt_gifs, prompt_grid
+
+            prompt_grid(samples.numpy(), prompts, png)
+            distinct = list(dict.fromkeys(prompts))
+            for gif in prompt_gifs(run, scfg, distinct, path.parent, path.stem) if args.gif else []:
+                print(f"difflab: denoising GIF -> {gif}")
+        elif labels is not None:
             class_grid(samples.numpy(), labels.numpy(), png, run.class_names)
         else:
             save_grid(samples[:100].numpy(), png)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from difflab.config.consistency import ConsistencyConfig
 from difflab.config.latent import AutoencoderConfig, AutoencoderLossConfig
+from difflab.config.text import TextConfig
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,7 @@ class DataConfig:
     class_conditional: bool = False  # feed labels to the network (with train.label_dropout)
     workers: int = 0  # threads decoding image files per batch (folders, CelebA); 0 = up to 8
     pairs: str = ""  # reflow: train on this folder of (noise, endpoint) pairs (difflab reflow)
+    text_conditional: bool = False  # captions as conditions (data/captions.py; model.text)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class UNetConfig:
     upsample: str = "nearest"  # nearest | bilinear
     norm_groups: int = 32
     checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more time
+    cross_attention_levels: tuple[int, ...] = ()  # levels attending to the text (and the middle)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class ModelConfig:
     codec_sha256: str = ""  # the autoencoder's codec.safetensors, pinned when training starts
     codec_encode: str = "mean"  # mean | sample: the posterior's mean, or a draw from it
     codec_cache: bool = False  # encode the whole training set once (kept in the codec's run)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass
@@ -306,6 +310,7 @@ __all__ = [
     "ModelConfig",
     "RunConfig",
     "SampleConfig",
+    "TextConfig",
     "TrainConfig",
     "UNetConfig",
     "apply_overrides",

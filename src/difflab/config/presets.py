@@ -14,6 +14,7 @@ from difflab.config import (
     ModelConfig,
     RunConfig,
     SampleConfig,
+    TextConfig,
     TrainConfig,
     UNetConfig,
 )
@@ -300,6 +301,30 @@ def fashion_latent() -> RunConfig:
     )
 
 
+def mnist_text() -> RunConfig:
+    """MNIST from sentences ("a handwritten seven"): the mnist U-Net with cross-attention at
+    8x8 and in the middle to the frozen all-MiniLM-L6-v2's token states (difflab[text]);
+    --set model.text.encoder=char trains the built-in encoder with it instead."""
+    cfg = mnist()
+    unet = dataclasses.replace(cfg.model.unet, cross_attention_levels=(2,))
+    return dataclasses.replace(
+        cfg,
+        preset="mnist-text",
+        data=DataConfig(name="mnist", text_conditional=True),
+        model=dataclasses.replace(cfg.model, unet=unet, text=TextConfig(encoder="minilm")),
+        sample=_image_sampling(100, guidance=1.5),
+    )
+
+
+def fashion_text() -> RunConfig:
+    """Fashion-MNIST from sentences ("an ankle boot", "a photo of a sneaker"): mnist-text's
+    recipe."""
+    cfg = mnist_text()
+    return dataclasses.replace(
+        cfg, preset="fashion-text", data=dataclasses.replace(cfg.data, name="fashion")
+    )
+
+
 PRESETS = {
     "toy2d": toy2d,
     "mnist": mnist,
@@ -320,6 +345,8 @@ PRESETS = {
     "celeba-ae": celeba_ae,
     "mnist-latent": mnist_latent,
     "fashion-latent": fashion_latent,
+    "mnist-text": mnist_text,
+    "fashion-text": fashion_text,
 }
 
 

@@ -138,6 +138,7 @@ def evaluate_images_of(
     dims = {kind: e.feature_dim for kind, e in extractors.items()}
     protocol.check_metrics(metrics, scfg.n, dims, conditional)  # before any sampling
     labels = run.model.conditioner.balanced(scfg.n)  # every class equally often
+    classes = judged_classes(run.model.conditioner, scfg.n, labels)
     samples, timing = timed_samples(run, scfg, labels, progress, world)
     if world.size > 1:
         extractors = {kind: Sharded(e, world) for kind, e in extractors.items()}
@@ -145,8 +146,14 @@ def evaluate_images_of(
     if conditional:
         provenance["labels"] = "balanced"
     return protocol.evaluate_images(
-        samples, labels, metrics, reference, extractors, provenance, cache=cache
+        samples, classes, metrics, reference, extractors, provenance, cache=cache
     )
+
+
+def judged_classes(conditioner, n: int, conditions):
+    """The classes of `balanced(n)`'s conditions: the labels themselves, or for a text model
+    the classes its default prompts name (None without classes)."""
+    return conditioner.balanced_classes(n) if hasattr(conditioner, "prompts") else conditions
 
 
 def _drawn_with(r: dict) -> str:
@@ -228,8 +235,9 @@ class TrainingEvaluator:
         if self.reference is None:
             value = evaluate_toy(x.numpy(), self.cfg.data.name)[self.metric]
         else:
+            classes = judged_classes(model.conditioner, self.n, labels)
             rows = protocol.evaluate_images(
-                x, labels, [self.metric], self.reference, self.extractors, {}
+                x, classes, [self.metric], self.reference, self.extractors, {}
             )
             value = rows[0]["value"]
         return {

@@ -28,18 +28,21 @@ from difflab.nets.blocks import (
     upsample_layer,
 )
 from difflab.nets.layers import TimeEmbedding
+from difflab.nets.text import CrossAttentionBlock, pooled
 
 
 class _Stage(nn.ModuleList):
-    """Layers run in order; only ResBlocks see the embedding. With `checkpointing` (set by the
-    UNet) each block's activations are recomputed in the backward pass instead of stored."""
+    """Layers run in order; only ResBlocks see the embedding, only cross-attention the text
+    (context, mask). With `checkpointing` (set by the UNet) each block's activations are
+    recomputed in the backward pass instead of stored."""
 
     checkpointing = False
 
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, h: Tensor, emb: Tensor, text: tuple | None = None) -> Tensor:
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for layer in self:
             args = (h, emb) if isinstance(layer, ResBlock) else (h,)
+            args = (h, *text) if isinstance(layer, CrossAttentionBlock) else args
             h = checkpoint(layer, *args, use_reentrant=False) if recompute else layer(*args)
         return h
 
@@ -77,7 +80,8 @@ def _down_path(base, mults, num_res_blocks, attn, make) -> tuple[nn.ModuleList, 
         for _ in range(num_res_blocks):
             stage = [make["res"](ch, base * mult)]
             ch = base * mult
-            stages.append(_Stage(stage + ([make["attn"](ch)] if level in attn else [])))
+            stage += [make["attn"](ch)] if level in attn else []
+            stages.append(_Stage(stage + make["cross"](ch, level)))
             skip_chs.append(ch)
         if level < len(mults) - 1:
             stages.append(_Stage([make["down"](ch)]))
@@ -93,6 +97,7 @@ def _up_path(base, mults, num_res_blocks, attn, make, skip_chs) -> nn.ModuleList
             stage = [make["res"](ch + skip_chs.pop(), base * mults[level])]
             ch = base * mults[level]
             stage += [make["attn"](ch)] if level in attn else []
+            stage += make["cross"](ch, level)
             stage += [make["up"](ch)] if level > 0 and i == num_res_blocks else []
             stages.append(_Stage(stage))
     return stages
@@ -125,6 +130,11 @@ class UNet(nn.Module):
         checkpointing: recompute each block's activations in the backward pass (activation
             checkpointing; Chen et al. 2016): much less memory for about a third more compute.
             Training only; results are the same.
+        cross_attention_levels: levels whose blocks are each followed by cross-attention to the
+            text (nets/text.py); the middle then attends too. Needs `text_encoder`.
+        text_encoder: a text net's condition -> (context (B, L, D), mask (B, L)): a CharEncoder
+            (trained with the net) or FrozenContext. Its pooled context is also added to the
+            time embedding (Saharia et al. 2022, Imagen, Sec. 2.2 / App. F). None: no text.
 
     The output conv is zero-initialised (DDPM's was not; guided-diffusion's is): the untrained
     net returns 0, the mean of eps, and every block starts as the identity.
@@ -148,6 +158,8 @@ class UNet(nn.Module):
         upsample: str = "nearest",
         norm_groups: int = 32,
         checkpointing: bool = False,
+        cross_attention_levels: tuple[int, ...] = (),
+        text_encoder: nn.Module | None = None,
     ):
         super().__init__()
         base, mults, attn = base_channels, tuple(channel_mults), tuple(attention_levels)
@@ -159,12 +171,20 @@ class UNet(nn.Module):
         self.num_levels, self.num_classes, emb_dim = len(mults), num_classes, 4 * base
         self.time_emb = TimeEmbedding(emb_dim, sinusoid_dim=base)
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
+        cross = _text_modules(self, text_encoder, tuple(cross_attention_levels), mults, emb_dim)
+        for ch in {base * mults[level] for level in self.cross}:
+            if ch % num_heads:
+                raise ValueError(f"num_heads={num_heads} must divide the channels {ch}")
         make = {
             "res": partial(ResBlock, emb_dim=emb_dim, dropout=dropout, groups=norm_groups,
                            ws=weight_standardization),
             "attn": partial(AttentionBlock, num_heads=num_heads, groups=norm_groups),
             "down": partial(downsample_layer, kind=downsample),
             "up": partial(upsample_layer, mode=upsample),
+            "cross": lambda ch, level: (
+                [CrossAttentionBlock(ch, cross, num_heads, norm_groups)] if level in self.cross
+                else []
+            ),
         }  # fmt: skip
         self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
         self.down, skip_chs = _down_path(base, mults, num_res_blocks, attn, make)
@@ -173,7 +193,7 @@ class UNet(nn.Module):
         for _ in range(bottleneck_blocks - 1):
             mid += [make["attn"](ch)] if mid_attention else []
             mid += [make["res"](ch, ch)]
-        self.mid = _Stage(mid)
+        self.mid = _Stage(mid + make["cross"](ch, -1))  # last: the other indices stay
         self.up = _up_path(base, mults, num_res_blocks, attn, make, skip_chs)
         out_conv = _zero_(nn.Conv2d(base, out_channels or in_channels, 3, padding=1))
         self.out = nn.Sequential(nn.GroupNorm(norm_groups, base), nn.SiLU(), out_conv)
@@ -219,16 +239,39 @@ class UNet(nn.Module):
                 f"image size {H}x{W} is not divisible by 2^{k} = {2**k} required by a U-Net with "
                 f"{k} downsamplings; resize/pad the images or use fewer levels"
             )
-        emb = self._embed(t, y, x_t.shape[0])  # (B, emb_dim)
+        text = None
+        if self.text_encoder is None:
+            emb = self._embed(t, y, x_t.shape[0])  # (B, emb_dim)
+        else:
+            if y is None:
+                raise ValueError("a text net needs its condition (token ids or token states)")
+            text = self.text_encoder(y)  # context (B, L, D), mask (B, L)
+            emb = self.time_emb(t) + self.text_pool(pooled(*text))
         h = self.conv_in(x_t)  # (B, base, H, W)
         skips = [h]
         for stage in self.down:
-            h = stage(h, emb)
+            h = stage(h, emb, text)
             skips.append(h)
-        h = self.mid(h, emb)  # (B, base * mults[-1], H / 2^k, W / 2^k)
+        h = self.mid(h, emb, text)  # (B, base * mults[-1], H / 2^k, W / 2^k)
         for stage in self.up:
-            h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+            h = stage(torch.cat([h, skips.pop()], dim=1), emb, text)
         return self.out(h)
+
+
+def _text_modules(net, encoder, levels, mults, emb_dim) -> int:
+    """Attach a text net's encoder and pooled projection; returns the context dimension (0 and
+    nothing attached without text). The middle (level -1) attends whenever a level does."""
+    net.text_encoder, net.cross = encoder, (*levels, -1) if levels else ()
+    for level in levels:
+        if not 0 <= level < len(mults):
+            raise ValueError(f"cross-attention level {level} is out of range 0..{len(mults) - 1}")
+    if (encoder is None) != (not levels):
+        raise ValueError("model.unet.cross_attention_levels and a text encoder come together")
+    if encoder is None:
+        return 0
+    # no bias: a row without text adds exactly nothing to the time embedding
+    net.text_pool = _zero_(nn.Linear(encoder.context_dim, emb_dim, bias=False))
+    return encoder.context_dim
 
 
 def ddpm_cifar10(**overrides) -> UNet:

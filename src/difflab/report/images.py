@@ -121,7 +121,8 @@ def _trajectory(run: LoadedRun, run_dir: Path, scfg: SampleConfig) -> None:
     save_trajectory(
         run_dir,
         states,
-        labels=labels.numpy() if labels is not None else np.zeros(0, dtype=np.int64),
+        # a text model's conditions are prompts, not classes: no names under the columns
+        labels=labels.numpy() if labels is not None and labels.dim() == 1 else np.zeros(0, int),
         class_names=np.array(run.class_names),
     )
 
