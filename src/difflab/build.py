@@ -21,10 +21,10 @@ from difflab.data.stream import ImageStream, ToyStream
 from difflab.data.toy2d import TOY2D
 from difflab.devices import memory_format
 from difflab.diffusion import schedules
-from difflab.diffusion.couplings import check_coupling
+from difflab.diffusion.autoencoder_loss import AutoencoderLoss
 from difflab.diffusion.consistency import ConsistencyDenoiser
 from difflab.diffusion.consistency_losses import CONSISTENCY_LOSSES
-from difflab.diffusion.autoencoder_loss import AutoencoderLoss
+from difflab.diffusion.couplings import check_coupling
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.objectives import LossSpec
 from difflab.diffusion.prediction import Denoiser, v_refusal

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from difflab.config.consistency import ConsistencyConfig
 from difflab.config.latent import AutoencoderConfig, AutoencoderLossConfig
+from difflab.config.sampling import SampleConfig
 from difflab.config.text import TextConfig
 
 
@@ -145,34 +146,6 @@ class TrainConfig:
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (with advice) | skip the update
     nonfinite_max_skips: int = 10  # skip: stop after this many skipped updates in a row
     init_from: str = ""  # a checkpoint folder whose EMA weights start a fresh run (reflow)
-
-
-@dataclass
-class SampleConfig:
-    # ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_3m | dpmpp_2m_sde | dpm_2s | unipc | pc
-    sampler: str = "ddpm"
-    steps: int = 1000
-    # discrete only: linspace | leading | trailing | quadratic; any: uniform | logsnr | karras
-    spacing: str = "quadratic"
-    t_end: float = 0.0  # last nonzero time of logsnr / karras grids; 0 = the schedule's t_min
-    eta: float = 0.0  # DDIM only
-    order: int = 2  # UniPC's order (1..3)
-    s_churn: float = 0.0  # euler / heun: EDM's stochastic churn (0 = deterministic ODE)
-    s_tmin: float = 0.0  # churn only between these noise levels (sigma / alpha)
-    s_tmax: float = 0.0  # 0 = no upper limit
-    s_noise: float = 1.0
-    snr: float = 0.16  # pc: Langevin corrector signal-to-noise ratio
-    n_corrector: int = 1  # pc: corrector steps per predictor step
-    variance: str = "small"  # DDPM only: small (beta-tilde) | large (beta)
-    n: int = 20000  # samples drawn for the run's figures and evaluation
-    batch_size: int = 20000
-    seed: int = 1
-    use_ema: bool = True
-    guidance: float = 1.0  # classifier-free guidance scale (0 = unconditional, 1 = conditional)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for the network while sampling
-    compile: bool = False  # torch.compile the network for sampling
-    shift: float = 1.0  # time shift t' = s t / (1 + (s - 1) t) of the grid (SD3); 1 = none
-    cm_sigmas: str = ""  # consistency: noise levels (sigma / alpha) after the first; "" = grid's
 
 
 @dataclass
