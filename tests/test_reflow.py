@@ -109,6 +109,16 @@ def test_bad_flow_training_config_is_refused_and_writes_nothing(tmp_path, capsys
     assert not (tmp_path / "r").exists()
 
 
+def test_a_latent_run_refuses_data_dependent_couplings():
+    # OT and reflow pair the stream's batch (pixels) with noise of the latents' shape
+    from difflab.diffusion.couplings import check_coupling
+
+    for name in ("ot", "reflow"):
+        with pytest.raises(ValueError, match="coupling=independent with model.codec"):
+            check_coupling(name, 64, "pairs" if name == "reflow" else "", latent=True)
+    assert check_coupling("independent", 64, latent=True) == "independent"
+
+
 def test_ot_coupling_makes_a_trained_flow_straighter(tmp_path):
     # Tong et al. 2023: mini-batch OT pairs make the learned paths nearly straight. Same data,
     # seed, network and budget; straightness on the same 500 paths (measured:

@@ -234,7 +234,10 @@ LOSSES = {
         build_loss_spec(cfg.diffusion, schedule),
         schedule,
         check_coupling(
-            cfg.diffusion.coupling, cfg.train.batch_size // cfg.train.grad_accum, cfg.data.pairs
+            cfg.diffusion.coupling,
+            cfg.train.batch_size // cfg.train.grad_accum,
+            cfg.data.pairs,
+            latent=bool(cfg.model.codec),
         ),
     ),
     **CONSISTENCY_LOSSES,  # ct, ict, ect, cd: the model is then a ConsistencyDenoiser

@@ -30,11 +30,20 @@ COUPLINGS = ("independent", "ot", "reflow")
 OT_MAX_BATCH = 2048
 
 
-def check_coupling(name: str, batch: int, pairs: str = "") -> str:
-    """Refuse an unknown coupling, an OT batch too large for an exact assignment per step, or
-    reflow's stored pairs without a pairs folder (`pairs` is data.pairs) and the reverse."""
+def check_coupling(name: str, batch: int, pairs: str = "", latent: bool = False) -> str:
+    """Refuse an unknown coupling, an OT batch too large for an exact assignment per step,
+    reflow's stored pairs without a pairs folder (`pairs` is data.pairs) and the reverse, and a
+    data-dependent coupling in a latent run (`latent`: model.codec is set)."""
     if name not in COUPLINGS:
         raise ValueError(f"unknown coupling {name!r}; choose one of {', '.join(COUPLINGS)}")
+    if latent and name != "independent":
+        # the coupling sees the batch before the codec encodes it (pixels, or cached moments),
+        # while the noise has the latents' shape: pairing them would mean nothing
+        raise ValueError(
+            f"diffusion.coupling={name} pairs noise with the data as the stream gives it, and "
+            "a latent run's noise lives in the autoencoder's latent space; use "
+            "diffusion.coupling=independent with model.codec"
+        )
     if (name == "reflow") != bool(pairs):
         raise ValueError(
             "diffusion.coupling=reflow and data.pairs=FOLDER go together (the stored pairs' "
