@@ -65,24 +65,24 @@ def _tuned(base: RunConfig, name: str, loss: str, teacher: str, train: dict, **c
     )
 
 
-def toy2d_ect() -> RunConfig:
-    """ECT (Geng et al. 2024) of a trained toy2d run (consistency.teacher=runs/toy2d)."""
+def _toy2d_student(name: str, loss: str, steps: int) -> RunConfig:
+    """A consistency student of the trained toy2d run at runs/toy2d, sampled in two steps."""
     cfg = _tuned(
-        toy2d(), "toy2d-ect", "ect", "runs/toy2d",
-        dict(steps=2000, lr=2e-4, lr_schedule="constant", warmup_steps=0, log_every=50,
+        toy2d(), name, loss, "runs/toy2d",
+        dict(steps=steps, lr=2e-4, lr_schedule="constant", warmup_steps=0, log_every=50,
              checkpoint_every=500),
     )  # fmt: skip
     return dataclasses.replace(cfg, sample=_consistency_sampling(20000, 20000, t_end=0.22))
+
+
+def toy2d_ect() -> RunConfig:
+    """ECT (Geng et al. 2024) of a trained toy2d run (consistency.teacher=runs/toy2d)."""
+    return _toy2d_student("toy2d-ect", "ect", 2000)
 
 
 def toy2d_cd() -> RunConfig:
     """CD (Song et al. 2023) of a trained toy2d run: one Heun step of the teacher per pair."""
-    cfg = _tuned(
-        toy2d(), "toy2d-cd", "cd", "runs/toy2d",
-        dict(steps=1500, lr=2e-4, lr_schedule="constant", warmup_steps=0, log_every=50,
-             checkpoint_every=500),
-    )  # fmt: skip
-    return dataclasses.replace(cfg, sample=_consistency_sampling(20000, 20000, t_end=0.22))
+    return _toy2d_student("toy2d-cd", "cd", 1500)
 
 
 def mnist_ect() -> RunConfig:
