@@ -17,7 +17,7 @@ in-square >= 0.95, one-step >= 0.90; iCT two-step in-square >= 0.90; MNIST two-s
 accuracy >= 0.97 with judge FD <= 2x the teacher's DDPM-50; 1 and 2 forwards per sample.
 
     python bench/consistency.py [--teacher runs/toy2d] [--work DIR] [--only ect,cd,ict]
-        [--mnist-teacher /work/runs/mnist --root ../shared/data --judge judge.safetensors]
+        [--mnist-teacher runs/mnist --root ../shared/data --judge judge.safetensors]
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def main() -> None:
     ap.add_argument("--mnist-loss", default="ect", choices=("ect", "cd"))
     ap.add_argument("--set-mnist", nargs="*", default=[])
     ap.add_argument("--root", default="../shared/data")
-    ap.add_argument("--judge", default="/work/runs/bench/judge-mnist.safetensors")
+    ap.add_argument("--judge", default="bench/results/judge-mnist.safetensors")
     ap.add_argument("--skip-toy", action="store_true")
     ap.add_argument("--out", default="bench/results/consistency.json")
     args = ap.parse_args()

@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="train.threads")
     ap.add_argument("--mnist", nargs=2, metavar=("FLOW_RUN", "MNIST_RUN"))
     ap.add_argument("--root", default="../shared/data")
-    ap.add_argument("--judge", default="/work/runs/bench/judge-mnist.safetensors")
+    ap.add_argument("--judge", default="bench/results/judge-mnist.safetensors")
     ap.add_argument("--out", default="bench/results/flow.json")
     args = ap.parse_args()
     args.reflow_steps = args.reflow_steps or args.steps
