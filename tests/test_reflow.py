@@ -114,7 +114,7 @@ def test_a_latent_run_refuses_data_dependent_couplings():
     from difflab.diffusion.couplings import check_coupling
 
     for name in ("ot", "reflow"):
-        with pytest.raises(ValueError, match="coupling=independent with model.codec"):
+        with pytest.raises(ValueError, match=r"coupling=independent with model\.codec"):
             check_coupling(name, 64, "pairs" if name == "reflow" else "", latent=True)
     assert check_coupling("independent", 64, latent=True) == "independent"
 
