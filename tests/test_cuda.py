@@ -5,17 +5,15 @@ Marked `cuda`; `bench/gpu_check.sh` runs them with `pytest -m cuda` when a GPU i
 one they skip (CI never has a GPU), so nothing here may be needed for a CPU-only machine.
 """
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from difflab.build import build_model
-from difflab.config import apply_overrides, preset
 from difflab.data.stream import ImageStream
 from difflab.devices import peak_memory_mb, place_data
 from difflab.training.parts import build_parts
 from difflab.training.step import IntervalStats, train_step
+from test_speed import _image_cfg
 
 pytestmark = [
     pytest.mark.cuda,
@@ -24,19 +22,8 @@ pytestmark = [
 
 
 def _cfg(tmp_path, device: str, *extra):
-    folder = tmp_path / "imgs"
-    folder.mkdir(exist_ok=True)
-    g = np.random.default_rng(0)
-    for k in range(16):
-        Image.fromarray(g.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{k}.png")
-    sets = [
-        "data.name=imagefolder", f"data.root={folder}", "data.image_size=16", "data.channels=1",
-        "model.unet.base_channels=16", "model.unet.channel_mults=1,2",
-        "model.unet.num_res_blocks=1", "model.unet.attention_levels=1",
-        "model.unet.norm_groups=8", "model.unet.dropout=0.0", "train.batch_size=8",
-        f"train.device={device}", *extra,
-    ]  # fmt: skip
-    return apply_overrides(preset("imagefolder"), sets)
+    """test_speed's tiny image run, on `device`."""
+    return _image_cfg(tmp_path, f"train.device={device}", "train.batch_size=8", *extra)
 
 
 def _train(cfg, steps=3):
