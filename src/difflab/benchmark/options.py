@@ -16,6 +16,7 @@ import torch
 
 from difflab.build import check_image_size
 from difflab.config import ConfigError, RunConfig, preset
+from difflab.devices import cpu_has_bf16
 from difflab.samplers import SAMPLERS
 
 # name -> (preset, shape of one example, classes the network is conditioned on)
@@ -79,13 +80,6 @@ class Setup:
     def warn(self, message: str) -> None:
         self.notes.append(message)
         warnings.warn(message, stacklevel=3)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); without it bf16 is emulated
-    and a benchmark would measure the emulation."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def _check_numbers(o: BenchOptions) -> None:

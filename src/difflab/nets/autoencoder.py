@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from difflab.nets.blocks import AttentionBlock, downsample_layer, upsample_layer
+from difflab.nets.layers import GroupNorm
 
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's DiagonalGaussianDistribution clamps the log-variance here
 
@@ -28,9 +29,9 @@ class AEResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, groups: int, dropout: float = 0.0):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = GroupNorm(groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -93,7 +94,7 @@ class AutoencoderKL(nn.Module):
                 ch = w
             if i < len(widths) - 1:
                 down.append(downsample_layer(ch, "conv"))
-        down += [_middle(ch, g, mid_attention, dropout), nn.GroupNorm(g, ch), nn.SiLU()]
+        down += [_middle(ch, g, mid_attention, dropout), GroupNorm(g, ch), nn.SiLU()]
         down.append(nn.Conv2d(ch, 2 * latent_channels, 3, padding=1))
         self.encoder = nn.Sequential(*down)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
@@ -106,7 +107,7 @@ class AutoencoderKL(nn.Module):
                 ch = w
             if i > 0:
                 up.append(upsample_layer(ch, "nearest"))
-        up += [nn.GroupNorm(g, ch), nn.SiLU()]
+        up += [GroupNorm(g, ch), nn.SiLU()]
         self.decoder = nn.Sequential(*up)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)  # the adaptive weight's layer
 
@@ -154,7 +155,7 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, layers + 1):
             out = width * min(2**n, 8)
             stride = 2 if n < layers else 1
-            seq += [nn.Conv2d(ch, out, 4, stride, 1), nn.GroupNorm(8, out), nn.LeakyReLU(0.2)]
+            seq += [nn.Conv2d(ch, out, 4, stride, 1), GroupNorm(8, out), nn.LeakyReLU(0.2)]
             ch = out
         seq.append(nn.Conv2d(ch, 1, 4, 1, 1))
         self.net = nn.Sequential(*seq)

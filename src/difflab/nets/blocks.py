@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from difflab.nets.layers import GroupNorm, attention
+
 DOWNSAMPLE_CHOICES = ("conv", "avgpool", "space_to_depth")
 UPSAMPLE_CHOICES = ("nearest", "bilinear")
 
@@ -59,10 +61,10 @@ class ResBlock(nn.Module):
     ):
         super().__init__()
         conv = WSConv2d if ws else nn.Conv2d
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = GroupNorm(groups, in_ch)
         self.conv1 = conv(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = GroupNorm(groups, out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero_(conv(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -82,7 +84,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int, groups: int):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero_(nn.Conv2d(channels, channels, 1))
 
@@ -90,7 +92,7 @@ class AttentionBlock(nn.Module):
         B, C, H, W = h.shape
         qkv = self.qkv(self.norm(h)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
         q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each (B, heads, HW, C // heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C // heads)
+        out = attention(q, k, v)  # (B, heads, HW, C // heads)
         return h + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
 
 

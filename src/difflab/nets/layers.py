@@ -1,4 +1,5 @@
-"""Building blocks shared by the networks: sinusoidal embeddings of time and of coordinates."""
+"""Building blocks shared by the networks: sinusoidal embeddings of time and of coordinates, and
+the two kernels that need a reduced-precision path on a CPU (GroupNorm and attention)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,73 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+
+REDUCED = (torch.bfloat16, torch.float16)
+ATEN = torch.ops.aten
+
+
+class _NCHWGroupNorm(torch.autograd.Function):
+    """GroupNorm of a channels-last tensor by torch's NCHW kernels (statistics in fp32), with
+    its output and its input gradient handed back channels-last: a gradient in the other layout
+    would make every add it meets a slow strided one."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups: int, eps: float):
+        n, c = x.shape[:2]
+        nchw = x.contiguous()
+        y, mean, rstd = ATEN.native_group_norm(nchw, weight, bias, n, c, nchw[0, 0].numel(),
+                                               groups, eps)  # fmt: skip
+        ctx.save_for_backward(nchw, weight, mean, rstd)
+        ctx.groups = groups
+        return y.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        nchw, weight, mean, rstd = ctx.saved_tensors
+        n, c = nchw.shape[:2]
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        gx, gw, gb = ATEN.native_group_norm_backward(
+            grad.contiguous(), nchw, mean, rstd, weight, n, c, nchw[0, 0].numel(), ctx.groups,
+            wanted,
+        )  # fmt: skip
+        if gx is not None:
+            gx = gx.contiguous(memory_format=torch.channels_last)
+        return gx, gw, gb, None, None
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (the same parameters, state and fp32 results) that stays fast in bf16 on a
+    CPU. Torch's CPU kernels for channels-last bf16 input run several times slower than for the
+    same tensor in NCHW, which helped make autocast training slower than fp32 (issue 18). A
+    channels-last reduced-precision input with affine parameters is therefore normalised by the
+    NCHW kernels (_NCHWGroupNorm); every other input takes nn.GroupNorm's own path.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.device.type == "cpu" and x.dtype in REDUCED and x.dim() == 4 and self.affine
+            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        ):  # fmt: skip
+            return _NCHWGroupNorm.apply(x, self.weight, self.bias, self.num_groups, self.eps)
+        return super().forward(x)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over the last two dims (q (..., T, d), k, v (..., L, d); mask
+    broadcastable to (..., T, L), True = attend) -> (..., T, d).
+
+    torch's scaled_dot_product_attention everywhere except for bf16/fp16 on a CPU, where its
+    flash kernel is slow (its backward 15x the fp32 one at head dim 16) and the plain product
+    runs on the matrix units: the scores are multiplied in the input's precision and the softmax
+    taken in fp32.
+    """
+    if q.device.type != "cpu" or q.dtype not in REDUCED:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v
 
 
 def sinusoidal_embedding(

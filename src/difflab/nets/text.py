@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+
+from difflab.nets.layers import GroupNorm, attention
 
 
 class CharEncoder(nn.Module):
@@ -82,7 +83,7 @@ class CrossAttentionBlock(nn.Module):
     def __init__(self, channels: int, context_dim: int, num_heads: int, groups: int):
         super().__init__()
         self.num_heads = num_heads
-        self.norm = nn.GroupNorm(groups, channels)
+        self.norm = GroupNorm(groups, channels)
         self.context_norm = nn.LayerNorm(context_dim)
         self.q = nn.Conv2d(channels, channels, 1)
         self.kv = nn.Linear(context_dim, 2 * channels, bias=False)
@@ -97,7 +98,7 @@ class CrossAttentionBlock(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, C // heads)
         some = mask.any(dim=1)  # (B,): rows with at least one real token
         attend = (mask | ~some[:, None])[:, None, None, :]  # (B, 1, 1, L): no all-masked row
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attend)
+        out = attention(q, k.to(q.dtype), v.to(q.dtype), attend)
         out = out * some[:, None, None, None].to(out.dtype)  # (B, heads, HW, C // heads)
         return h + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
 

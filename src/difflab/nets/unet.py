@@ -27,7 +27,7 @@ from difflab.nets.blocks import (
     downsample_layer,
     upsample_layer,
 )
-from difflab.nets.layers import TimeEmbedding
+from difflab.nets.layers import GroupNorm, TimeEmbedding
 from difflab.nets.text import CrossAttentionBlock, pooled
 
 
@@ -196,7 +196,7 @@ class UNet(nn.Module):
         self.mid = _Stage(mid + make["cross"](ch, -1))  # last: the other indices stay
         self.up = _up_path(base, mults, num_res_blocks, attn, make, skip_chs)
         out_conv = _zero_(nn.Conv2d(base, out_channels or in_channels, 3, padding=1))
-        self.out = nn.Sequential(nn.GroupNorm(norm_groups, base), nn.SiLU(), out_conv)
+        self.out = nn.Sequential(GroupNorm(norm_groups, base), nn.SiLU(), out_conv)
         for stage in self.modules():
             if isinstance(stage, _Stage):
                 stage.checkpointing = checkpointing

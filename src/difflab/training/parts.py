@@ -157,7 +157,8 @@ def build_parts(
     ema = EMA(model.net, cfg.train.ema_decay, cfg.train.ema_warmup)
     optimizer = devices.adamw(model.net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     loss_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # t, eps, label dropout
-    dtype = devices.resolve_precision(cfg.train.precision, device, "train.precision")
+    say = (lambda message: print(f"difflab: {message}")) if world.is_main else None
+    dtype = devices.resolve_precision(cfg.train.precision, device, "train.precision", say)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     forward = model.with_net(devices.maybe_compile(model.net, cfg.train.compile, "train.compile"))
     target = None
