@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from difflab import benchmark
+from difflab import benchmark, devices
 from difflab.benchmark import BenchOptions, NoEquivalent, count_flops, resolve, unet2d_config
 from difflab.benchmark import options as bench_options
 from difflab.cli import main
 from difflab.config import ConfigError, preset
 
 TINY = ["--batch-size", "4", "--steps", "2", "--warmup", "1", "--samplers", "ddim", "--nfe", "2",
-        "--matmul-size", "64", "--threads", "1"]  # fmt: skip
+        "--matmul-size", "64", "--threads", "1", "--precision", "fp32"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,48 @@ def test_bad_options_raise_config_errors(changes, message):
     with pytest.raises(ConfigError) as info:
         resolve(BenchOptions(**{"name": "toy2d", **changes}))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_fp32_and_bf16_side_by_side_in_one_run(tmp_path, monkeypatch):
+    """--precision fp32,bf16 (auto's choice on bf16 hardware): each precision measured in full,
+    its own peak in its own dtype, and the comparison built from exactly those figures."""
+    monkeypatch.setattr(bench_options, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    assert benchmark.precisions_of("auto", "cpu") == ("fp32", "bf16")
+    tiny = [a for a in TINY if a not in ("--precision", "fp32")]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*above the measured matmul peak")
+        assert main(["bench", "mnist", *tiny, "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "bench-mnist-cpu.json").read_text())
+    assert r["precisions"] == ["fp32", "bf16"] and set(r["runs"]) == {"fp32", "bf16"}
+    runs, c = r["runs"], r["comparison"]
+    assert [runs[p]["peak"]["measured"]["dtype"] for p in ("fp32", "bf16")] == [
+        "float32", "bfloat16"]  # fmt: skip
+    assert runs["bf16"]["settings"]["precision"]["used"] == "bf16"
+    speed = {(lib, p): runs[p]["training"][lib]["images_per_s"]
+             for lib in ("difflab", "diffusers") for p in ("fp32", "bf16")}  # fmt: skip
+    assert c["images_per_s"]["difflab bf16"] == speed["difflab", "bf16"]
+    assert c["ratios"]["difflab bf16 / difflab fp32"] == pytest.approx(
+        speed["difflab", "bf16"] / speed["difflab", "fp32"])  # fmt: skip
+    assert c["ratios"]["difflab bf16 / diffusers fp32"] == pytest.approx(
+        speed["difflab", "bf16"] / speed["diffusers", "fp32"])  # fmt: skip
+    assert c["peak_flop_per_s"]["bf16"] == runs["bf16"]["peak"]["measured"]["flop_per_s"]
+    (row,) = c["sampling_ms_per_image"]
+    assert row["difflab bf16"] == runs["bf16"]["sampling"][0]["difflab"]["ms_per_image"]
+    md = (tmp_path / "bench-mnist-cpu.md").read_text()
+    assert md.startswith("## difflab bench mnist — cpu, fp32 and bf16 side by side")
+    assert "| difflab bf16 / diffusers fp32 | **" in md
+    for p in ("fp32", "bf16"):
+        assert f"### difflab bench mnist — cpu, {p}" in md
+    monkeypatch.setattr(bench_options, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    assert benchmark.precisions_of("auto", "cpu") == ("fp32",)
+
+
+@pytest.mark.parametrize("text", ["fp8", "fp32,fp32", "", "bf16,fp4"])
+def test_bad_precision_lists_are_refused_in_one_line(text):
+    with pytest.raises(ConfigError, match="--precision takes auto or distinct names from fp32"):
+        benchmark.precisions_of(text, "cpu")
 
 
 def test_cli_reports_bad_input_in_one_line(capsys):

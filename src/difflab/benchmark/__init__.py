@@ -8,7 +8,9 @@ One run measures, on one device (CUDA when present, else the CPU):
 - sampling: ms per image for each sampler and NFE budget, difflab through `samplers.generate`,
   diffusers through its scheduler loop;
 - the ratios difflab / diffusers. The libraries take turns, step by step, so that load changes
-  on a shared machine hit both.
+  on a shared machine hit both;
+- with several precisions (`--precision fp32,bf16`, the default where the device has bf16
+  units), all of the above once per precision and the comparison across them (precisions.py).
 
     from difflab.benchmark import BenchOptions, run_benchmark, write_results
     result = run_benchmark(BenchOptions("cifar10-ddpm", batch_size=16, steps=6, warmup=2))
@@ -26,8 +28,10 @@ from difflab.benchmark.options import (
     BenchOptions,
     add_arguments,
     options_from_args,
+    precisions_of,
     resolve,
 )
+from difflab.benchmark.precisions import run_precisions
 from difflab.benchmark.report import markdown, write_results
 from difflab.benchmark.run import run_benchmark
 from difflab.share.mapping import NoEquivalent, unet2d_config
@@ -36,7 +40,9 @@ from difflab.share.mapping import NoEquivalent, unet2d_config
 def bench_main(args: argparse.Namespace) -> tuple[str, Path, Path]:
     """What `difflab bench` and bench/bench.py do: run, write both files, return the Markdown
     and the paths."""
-    result = run_benchmark(options_from_args(args))
+    opts = options_from_args(args)
+    precisions = precisions_of(args.precision, args.device)
+    result = run_precisions(opts, precisions) if len(precisions) > 1 else run_benchmark(opts)
     json_path, md_path = write_results(result, args.out)
     return markdown(result), json_path, md_path
 
@@ -51,8 +57,10 @@ __all__ = [
     "markdown",
     "matmul_peak",
     "options_from_args",
+    "precisions_of",
     "resolve",
     "run_benchmark",
+    "run_precisions",
     "unet2d_config",
     "write_results",
 ]

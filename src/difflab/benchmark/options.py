@@ -16,7 +16,7 @@ import torch
 
 from difflab.build import check_image_size
 from difflab.config import ConfigError, RunConfig, preset
-from difflab.devices import cpu_has_bf16
+from difflab.devices import cpu_has_bf16, native_bf16
 from difflab.samplers import SAMPLERS
 
 # name -> (preset, shape of one example, classes the network is conditioned on)
@@ -177,7 +177,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `difflab bench` flags (shared with bench/bench.py)."""
     p.add_argument("name", help=f"configuration: {', '.join(CONFIGS)}")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
-    p.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast, both libraries)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="fp32, bf16 (autocast, both libraries) or fp32,bf16 side by side; auto (default): "
+        "fp32,bf16 where the device has bf16 units, else fp32",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile both networks")
     p.add_argument(
         "--channels-last",
@@ -199,9 +204,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results", help="folder for the JSON and Markdown")
 
 
+def precisions_of(text: str, device_name: str) -> tuple[str, ...]:
+    """The precisions `--precision` asks for, in order: "auto" is fp32 and bf16 where the
+    device has bf16 units (native_bf16), else fp32 alone."""
+    if text == "auto":
+        return ("fp32", "bf16") if native_bf16(_device(device_name)) else ("fp32",)
+    asked = _names(text)
+    bad = [p for p in asked if p not in PRECISIONS]
+    if bad or not asked or len(set(asked)) != len(asked):
+        raise ConfigError(
+            f"--precision takes auto or distinct names from {', '.join(PRECISIONS)} "
+            f"(e.g. fp32,bf16), got {text!r}"
+        )
+    return asked
+
+
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
-    fields = {f.name for f in dataclasses.fields(BenchOptions)} - {"samplers", "nfe", "diffusers"}
+    """The options of one run; its precision is the first of --precision's (precisions_of)."""
+    fields = {f.name for f in dataclasses.fields(BenchOptions)}
+    fields -= {"samplers", "nfe", "diffusers", "precision"}
     return BenchOptions(
+        precision=precisions_of(args.precision, args.device)[0],
         samplers=_names(args.samplers),
         nfe=_ints(args.nfe, "--nfe"),
         diffusers=not args.no_diffusers,

@@ -87,7 +87,14 @@ def _load(env: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    """The result as Markdown: a header line, the training table, the sampling table, notes."""
+    """The result as Markdown: a header line, the training table, the sampling table, notes;
+    a several-precision result: the comparison, then each precision's own section."""
+    if "runs" in result:
+        from difflab.benchmark.precisions import comparison_markdown
+
+        parts = ["\n".join(comparison_markdown(result)) + "\n"]
+        parts += [markdown(run).replace("## ", "### ", 1) for run in result["runs"].values()]
+        return "\n".join(parts)
     env, s = result["environment"], result["settings"]
     libs = f"torch {env['torch']}"
     libs += f", diffusers {env['diffusers']}" if "diffusers" in env else ""
