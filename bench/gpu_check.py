@@ -126,7 +126,7 @@ def stages(args: argparse.Namespace, out: Path) -> list[Stage]:
                                       "--quiet"], 240))  # fmt: skip
     result.append(Stage("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p",
                                        "no:cacheprovider", "tests/test_cuda.py"], 120))  # fmt: skip
-    for label, extra in (("fp32", []), ("bf16", ["--precision", "bf16"])):
+    for label, extra in (("fp32", ["--precision", "fp32"]), ("bf16", ["--precision", "bf16"])):
         result.append(Stage(f"bench-{label}", [py, "-m", "difflab", "bench", bench_name,
                                                "--device", device, *bench_size, *extra,
                                                "--out", str(out / f"bench-{label}")],

@@ -15,10 +15,12 @@ recipe's 7.4 in at most 10.5 minutes of wall time (the old recipe: 20 min 52 s o
 
 With --flow, `mnist-flow` (the mnist recipe as a rectified flow, issue 12) is trained on the
 same machine too and judged with its own sampler (DPM-Solver++(2M), 10 steps); its wall time
-must not exceed the `mnist` preset's.
+must not exceed the `mnist` preset's. With --same, the old recipe is trained once more with
+only train.precision=bf16: the same run in the other precision, whose judged figures must
+agree with the fp32 run's within their noise.
 
     python bench/mnist_time.py --root ../shared/data [--judge J] [--work DIR] [--only NAME]
-        [--flow]
+        [--flow] [--same]
 """
 
 from __future__ import annotations
@@ -44,8 +46,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from mnist import balanced_images_of, images_of, judge_for, to_judge_size
 
 OLD_RECIPE = ["train.precision=fp32", "train.steps=2600", "train.lr_schedule=constant"]
-# name -> (preset, overrides); "flow" (with --flow) is mnist-flow on the same budget (issue 12)
-RECIPES = {"old": ("mnist", OLD_RECIPE), "new": ("mnist", []), "flow": ("mnist-flow", [])}
+# name -> (preset, overrides); "flow" (--flow) is mnist-flow on the same budget (issue 12);
+# "old-bf16" (--same) is the old recipe with only the precision changed: quality must not move
+RECIPES = {
+    "old": ("mnist", OLD_RECIPE),
+    "new": ("mnist", []),
+    "flow": ("mnist-flow", []),
+    "old-bf16": ("mnist", [*OLD_RECIPE, "train.precision=bf16"]),  # the old run, only in bf16
+}
 
 
 def trained(name: str, args) -> tuple[Path, float]:
@@ -93,6 +101,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/difflab-mnist-time", help="run directories")
     ap.add_argument("--only", choices=sorted(RECIPES), help="one recipe (default: old, new)")
     ap.add_argument("--flow", action="store_true", help="also mnist-flow (its own sampler)")
+    ap.add_argument("--same", action="store_true", help="also the old recipe in bf16")
     ap.add_argument("--out", default="bench/results/mnist_time.json")
     args = ap.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -105,15 +114,28 @@ def main() -> None:
         "fd_train_vs_test": frechet_distance(
             *feature_statistics(judge_features(judge, real)), *test_stats),
     }  # fmt: skip
-    names = [args.only] if args.only else ["old", "new"] + ["flow"] * args.flow
+    names = (
+        [args.only]
+        if args.only
+        else (["old", "new"] + ["flow"] * args.flow + ["old-bf16"] * args.same)
+    )
     for name in names:
         run_dir, wall = trained(name, args)
-        row = judged(run_dir, judge, test_stats, own_sampler=name == "flow")
+        judged_file = run_dir / "bench_judged.json"  # seeded: judging again gives the same
+        if judged_file.exists():
+            row = json.loads(judged_file.read_text())
+        else:
+            row = judged(run_dir, judge, test_stats, own_sampler=name == "flow")
+            judged_file.write_text(json.dumps(row) + "\n")
         row = {"run": str(run_dir), "train_wall_s": wall, **row}
         result[name] = row
         print(f"{name}: {row['steps']} steps, {row['precision']}, trained in {wall:.0f} s; "
               f"{row['sampler']} g{row['guidance']}: accuracy {row['accuracy']:.4f}, "
               f"FD {row['fd']:.2f}")  # fmt: skip
+    if "old" in result and "old-bf16" in result:
+        result["same_run_bf16_minus_fp32"] = {
+            k: result["old-bf16"][k] - result["old"][k] for k in ("accuracy", "fd")
+        }
     if "old" in result and "new" in result:
         result["wall_ratio"] = result["new"]["train_wall_s"] / result["old"]["train_wall_s"]
         new = result["new"]

@@ -134,7 +134,7 @@ class TrainConfig:
     best_metric: str = "loss_smoothed"  # loss_smoothed | loss | grad_norm | eval (eval_metric)
     tensorboard: bool = False  # mirror metrics.jsonl to RUN/tensorboard (pip install tensorboard)
     label_dropout: float = 0.1  # class-conditional: share of labels replaced by the null label
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler) | auto
     compile: bool = False  # torch.compile the network for training
     channels_last: str = "auto"  # auto (on for images) | on | off: NHWC convolutions
     sample_every: int = 0  # a grid (2-D: scatter) from fixed noise every N steps; 0 = off

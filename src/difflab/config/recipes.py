@@ -50,9 +50,9 @@ def mnist() -> RunConfig:
         diffusion=DiffusionConfig(prediction="v", clip_x0=1.0),
         # 2600 fp32 steps took 20 min 52 s on 2 CPU cores (issue 6). bf16 where the CPU has bf16
         # units (issue 18: 2-2.5x the fp32 step with the bf16 GroupNorm and attention paths),
-        # 2400 steps and a cosine decay: half that wall time (bench/mnist_time.py)
+        # 2000 steps and a cosine decay: half that wall time (bench/mnist_time.py)
         train=TrainConfig(
-            steps=2400,
+            steps=2000,
             batch_size=64,
             lr=1e-3,
             lr_schedule="cosine",
