@@ -5,7 +5,8 @@ Checkerboard, teacher = a `toy2d` preset run (trained here, or reused with --tea
 2. ECT and CD of the teacher (`toy2d-ect`, `toy2d-cd`), iCT from scratch (`toy2d-ct`), each
    trained by its preset's step count (sized for 3, 3 and 5 quiet-machine minutes);
 3. each student's 20,000 two-step and one-step samples: sliced W2 against the data and the
-   in-square fraction; the teacher's at 50 NFE beside them;
+   in-square fraction; the teacher's at 50 NFE beside them; two steps also with the second
+   from the noise levels --two-step-sigmas (the preset's own level is what the targets read);
 4. sampling cost: network forwards of 1 and 2 steps (counted), and ms per sample against the
    teacher's default sampler and DDIM-50 (the speed-up).
 MNIST (--mnist-teacher RUN --root DATA): `mnist-ect` (or --mnist-loss cd) of that run, 1,000
@@ -99,6 +100,11 @@ def toy_part(args, work: Path) -> dict:
                 **evaluate_toy(samples.numpy(), "checkerboard"),
                 "forwards_per_batch": len(calls), "ms_per_sample": 1e3 * wall / args.n,
             }  # fmt: skip
+        for level in args.two_step_sigmas:  # the second step from other noise levels
+            scfg = dataclasses.replace(student.cfg.sample, steps=2, n=args.n, batch_size=args.n,
+                                       cm_sigmas=str(level))  # fmt: skip
+            samples, _ = timed(student, scfg)
+            info[f"2step_sigma{level:g}"] = evaluate_toy(samples.numpy(), "checkerboard")
         two = info["2step"]
         info["w2_vs_teacher50"] = two["sliced_w2"] / rows["teacher_ddim50"]["sliced_w2"]
         info["speedup_vs_default"] = rows["teacher_default"]["ms_per_sample"] / two["ms_per_sample"]
@@ -161,6 +167,9 @@ def main() -> None:
     ap.add_argument("--only", default="ect,cd,ict", help="which students: ect, cd, ict")
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--n-default", type=int, default=2000, help="teacher default-sampler samples")
+    ap.add_argument(
+        "--two-step-sigmas", default="0.3,0.5,0.8", help="also two steps from these levels"
+    )
     ap.add_argument("--set", nargs="*", default=[], help="overrides of the toy2d teacher")
     ap.add_argument("--set-student", nargs="*", default=[], help="overrides of every student")
     ap.add_argument("--mnist-teacher", help="a trained mnist run (runs the MNIST part)")
@@ -172,6 +181,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/consistency.json")
     args = ap.parse_args()
     args.only = [s for s in args.only.split(",") if s]
+    args.two_step_sigmas = [float(s) for s in args.two_step_sigmas.split(",") if s]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp())
     result = {"machine": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads()}  # fmt: skip

@@ -57,14 +57,19 @@ def test_the_boundary_holds_to_float_precision(name):
     assert torch.equal(f, x / torch.tensor(alpha, dtype=torch.float32))  # c_out = 0 exactly
     if name in ("edm", "ve"):
         assert torch.equal(f, x)  # alpha = 1: f(x, sigma_min) = x
-    # away from sigma_min f is the wrapped denoiser's x0_hat, up to c_skip's share of x~
+    # away from sigma_min f is the wrapped denoiser's x0_hat (ECT's start): F is the EDM raw
+    # output x0_hat implies, so f = c_skip x~ + (s - sigma_min) / s (x0_hat - c_skip' x~)
     t = torch.full((64,), 0.5 * cm.schedule.t_max)
     x0_hat, _ = cm.inner(x, t)
     s = float(sigma_of(cm.schedule, 0.5 * cm.schedule.t_max))
-    c_skip = cm.sigma_data**2 / ((s - cm.sigma_min) ** 2 + cm.sigma_data**2)
+    sd, lo = cm.sigma_data, cm.sigma_min
+    c_skip, c_skip_edm = sd**2 / ((s - lo) ** 2 + sd**2), sd**2 / (s**2 + sd**2)
     a = float(cm.schedule.alpha(0.5 * cm.schedule.t_max))
-    want = c_skip * x / a + (1 - c_skip) * x0_hat
+    want = c_skip * x / a + (s - lo) / s * (x0_hat - c_skip_edm * x / a)
     torch.testing.assert_close(cm(x, t)[0], want, rtol=1e-5, atol=1e-5)
+    # ... which is x0_hat up to O(sigma_min / s) times |x~|
+    gap = (cm(x, t)[0] - x0_hat).abs().max()
+    assert gap <= 4 * lo / s * (x / a).abs().max() + 1e-5, (gap, lo, s)
 
 
 def _gaussian_denoiser(schedule, mu, std):

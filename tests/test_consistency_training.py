@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from difflab import build, cli
 from difflab.config import apply_overrides, preset
-from difflab.diffusion.consistency import gaussian_consistency, noise_range, sigma_of
+from difflab.diffusion.consistency import gaussian_consistency, noise_range, sigma_of, t_of_sigma
+from difflab.diffusion.curriculum import karras
 from difflab.model import DataKind
 from difflab.samplers import SampleNoise, sample_heun
 from difflab.training.checkpoint import load_state
@@ -68,6 +69,7 @@ def _same(a, b):
         ("toy2d-ct", []),  # iCT: stop-gradient target
         ("toy2d-ect", ["consistency.stage_steps=2"]),  # stages 0..2, across the resume
         ("toy2d-cd", ["consistency.target_ema=0.9", "consistency.solver=ddim"]),
+        ("toy2d-cd", []),  # Heun, batched over the levels
     ],
 )
 def test_resume_is_bitwise_exact_with_a_target_network(tmp_path, teacher, name, extra):
@@ -102,6 +104,31 @@ def test_ect_starts_from_the_teacher_and_cd_distils_it(tmp_path, teacher):
         assert torch.equal(v, ema[k]), k
     for k, v in parts.target.state_dict().items():  # the target starts there too
         assert torch.equal(v, ema[k]), k
+
+
+def test_cd_teacher_step_batched_equals_one_solver_call_per_level(teacher):
+    # Heun on a VP table runs as one batched step (two teacher calls); the registered sampler,
+    # called once per level pair present in the batch, is the reference
+    threads = torch.get_num_threads()
+    try:
+        from difflab.training.parts import build_parts
+
+        loss = build_parts(_cfg("toy2d-cd", f"consistency.teacher={teacher}")).loss
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.teacher_batch_step is not None
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(256, 2, generator=g) * 2 - 1
+    u, eps = loss.draw(x0.shape, g)
+    sigmas = karras(loss.c.num_levels, loss.sigma_min, loss.sigma_max, loss.c.rho)
+    i = loss.index(u, sigmas)
+    x_hi, t_hi = loss.point(x0, eps, sigmas[i + 1])
+    t_lo = t_of_sigma(loss.schedule, sigmas[i]).float()
+    with torch.no_grad():
+        batched = loss.lower_point(x_hi, t_hi, t_lo, i, None, 0)
+        loss.teacher_batch_step = None
+        grouped = loss.lower_point(x_hi, t_hi, t_lo, i, None, 0)
+    torch.testing.assert_close(batched, grouped, rtol=1e-5, atol=1e-5)
 
 
 def _main(argv, capsys):

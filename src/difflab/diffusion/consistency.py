@@ -12,14 +12,23 @@ The consistency function lives on those variables:
 | s             | sigma (EDM's noise level, t in CM)   | sigma(t) / alpha(t)                 |
 | sigma_min     | epsilon                              | s(t_min): where the trajectory ends |
 | c_skip        | c_skip(t) (CM, App. C)               | sd^2 / ((s - sigma_min)^2 + sd^2)   |
-| c_out         | c_out(t)                             | 1 - c_skip                          |
-| F             | F_theta(x, t)                        | the wrapped denoiser's x0_hat       |
+| c_out         | c_out(t)                             | sd (s - sigma_min) / sqrt(sd^2+s^2) |
+| F             | F_theta(x, t)                        | (x0_hat - c_skip' x~) / c_out'      |
 | f             | f_theta(x, t) = c_skip x + c_out F   | returned as x0_hat                  |
 
-F is the x0 estimate of the run's own prediction kind (eps, x0, v or EDM-preconditioned), so a
-trained diffusion run is, unchanged, a consistency model away from sigma_min (what ECT and CD
-start from), and c_skip(sigma_min) = 1, c_out(sigma_min) = 0 hold exactly in float arithmetic:
-f(x_t, t_min) = x_t / alpha(t_min), which is x_t itself on VE and EDM.
+c_skip' = sd^2 / (s^2 + sd^2) and c_out' = sd s / sqrt(sd^2 + s^2) are EDM's (Karras et al. 2022,
+Table 1): F is the EDM-preconditioned raw output that the wrapped denoiser's x0_hat implies,
+whatever the run's prediction kind (eps, x0, v or edm), as in ECT (Geng et al. 2024), whose
+consistency model is the EDM network with only sigma_min shifted into c_skip and c_out. As
+c_out / c_out' = (s - sigma_min) / s,
+
+    f = c_skip x~ + (s - sigma_min) / s (x0_hat - c_skip' x~),
+
+so f = x0_hat up to O(sigma_min / s): a trained diffusion run is, unchanged, a consistency model
+away from sigma_min (the r = 0 end of ECT's curriculum, what ECT and CD start from), and
+c_skip(sigma_min) = 1, c_out(sigma_min) = 0 hold exactly in float arithmetic: f(x_t, t_min) =
+x_t / alpha(t_min), which is x_t itself on VE and EDM. (Mixing c_skip x~ + (1 - c_skip) x0_hat
+instead keeps half of x~ at s = sd, so a teacher's weights start far from its own denoiser.)
 """
 
 from __future__ import annotations
@@ -59,6 +68,16 @@ def c_skip_of(s: Tensor, sigma_min: float, sigma_data: float) -> Tensor:
     return sigma_data**2 / (gap**2 + sigma_data**2)
 
 
+def consistency_coefficients(
+    s: Tensor, sigma_min: float, sigma_data: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(c_skip, (s - sigma_min) / s, EDM's c_skip') at noise levels s (float64), for f = c_skip
+    x~ + ratio (x0_hat - c_skip' x~); ratio is 0 at and below sigma_min, exactly."""
+    gap = (s - sigma_min).clamp_min(0.0)
+    ratio = torch.where(gap > 0, gap / s.clamp_min(1e-300), torch.zeros_like(s))  # s = 0 at t_min
+    return c_skip_of(s, sigma_min, sigma_data), ratio, sigma_data**2 / (s**2 + sigma_data**2)
+
+
 class ConsistencyDenoiser:
     """f(x_t, t) = c_skip x~ + c_out F(x_t, t) around a Denoiser, itself a denoiser:
     `(x0_hat, eps_hat) = cm(x_t, t, y)` with x0_hat = f, so every sampler, guidance and loss
@@ -89,8 +108,12 @@ class ConsistencyDenoiser:
         raw = self.inner.raw(x_t, t, y, alpha, sigma).to(x_t.dtype)
         x0_inner, _ = split_raw(raw, x_t, alpha, sigma, self.kind, self.sigma_data)
         s = sigma_of(self.schedule, t.detach().double().cpu())
-        c_skip = _broadcast(c_skip_of(s, self.sigma_min, self.sigma_data).to(x_t.device), x_t)
-        f = c_skip * (x_t / alpha) + (1 - c_skip) * x0_inner
+        c_skip, ratio, c_skip_edm = (
+            _broadcast(c.to(x_t.device), x_t)
+            for c in consistency_coefficients(s, self.sigma_min, self.sigma_data)
+        )
+        x_scaled = x_t / alpha
+        f = c_skip * x_scaled + ratio * (x0_inner - c_skip_edm * x_scaled)
         if self.clip_x0 is not None:
             f = f.clamp(-self.clip_x0, self.clip_x0)
         return f, eps_from_x0(x_t, f, alpha, sigma.clamp_min(1e-12))

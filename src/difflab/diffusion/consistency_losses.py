@@ -208,6 +208,7 @@ class ConsistencyDistillation(ConsistencyTraining):
 
     needs_teacher = True
     teacher_step = None  # (x, t, t_next, cond, seed) -> x at t_next; set by training.teacher
+    teacher_batch_step = None  # (x, t (B,), t_next (B,), cond) -> x: euler / heun, batched
 
     def __init__(self, cfg, schedule):
         _ConsistencyLoss.__init__(self, cfg, schedule)
@@ -232,16 +233,24 @@ class ConsistencyDistillation(ConsistencyTraining):
         s_lo, s_hi = sigmas[i], sigmas[i + 1]
         x_hi, t_hi = self.point(x0, eps, s_hi)
         t_lo = t_of_sigma(self.schedule, s_lo).float()
-        x_lo = torch.empty_like(x_hi)
-        with torch.no_grad():  # one solver step per level pair present in the batch
-            for j in torch.unique(i).tolist():
-                rows = (i == j).nonzero().flatten().to(x0.device)
-                sub = None if cond is None else cond[rows]
-                t_a, t_b = float(t_hi[rows[0]]), float(t_lo[rows[0].cpu()])
-                seed = (self.seed * 1_000_003 + step) * 4096 + j
-                x_lo[rows] = self.teacher_step(x_hi[rows], t_a, t_b, sub, seed).to(x_hi)
+        with torch.no_grad():
+            x_lo = self.lower_point(x_hi, t_hi, t_lo, i, cond, step)
         loss, t = self.pair(model, x0, cond, eps, s_hi, s_lo, target, step, x_lo=x_lo)
         return loss, self.position(t)
+
+    def lower_point(self, x_hi: Tensor, t_hi: Tensor, t_lo: Tensor, i: Tensor, cond, step: int):
+        """x_lo (B, ...): the teacher's step from t_hi to t_lo (B,): batched where the solver
+        allows, else one solver step per level pair i present in the batch."""
+        if self.teacher_batch_step is not None:
+            return self.teacher_batch_step(x_hi, t_hi, t_lo.to(x_hi.device), cond).to(x_hi)
+        x_lo = torch.empty_like(x_hi)
+        for j in torch.unique(i).tolist():
+            rows = (i == j).nonzero().flatten().to(x_hi.device)
+            sub = None if cond is None else cond[rows]
+            t_a, t_b = float(t_hi[rows[0]]), float(t_lo[rows[0].cpu()])
+            seed = (self.seed * 1_000_003 + step) * 4096 + j
+            x_lo[rows] = self.teacher_step(x_hi[rows], t_a, t_b, sub, seed).to(x_hi)
+        return x_lo
 
 
 CONSISTENCY_LOSSES = {

@@ -89,10 +89,7 @@ def solver_step(teacher: Model, solver: str, guidance: float, sample_cfg):
     (with the teacher's sample options) of the teacher, guided at `guidance` when conditional."""
     try:
         info = sampler_info(solver)
-        denoiser = teacher.denoiser
-        if teacher.conditioner.conditional:
-            teacher.conditioner.check_guidance(guidance)
-            denoiser = guided(denoiser, guidance, teacher.conditioner)
+        denoiser = guided_teacher(teacher, guidance)
     except ValueError as e:
         raise ConfigError(f"consistency.solver / teacher_guidance: {e}") from None
     options = info.options_from(sample_cfg)
@@ -104,6 +101,37 @@ def solver_step(teacher: Model, solver: str, guidance: float, sample_cfg):
     return step
 
 
+def batched_ode_step(denoiser, heun: bool):
+    """(x (B, ...), t (B,), t_next (B,), cond) -> x at t_next: one Euler or Heun step of the
+    probability-flow ODE in EDM's scaled variables (samplers/edm.py, Karras et al. 2022,
+    Algorithm 1), each example at its own times, so a batch costs one or two teacher calls
+    whatever levels it holds. VP and VE schedules only (samplers/edm.py steps flow paths in t).
+    """
+
+    def step(x, t, t_next, cond):
+        alpha, sigma = denoiser.alpha_sigma(t, x)
+        alpha_next, sigma_next = denoiser.alpha_sigma(t_next, x)
+        s, s_next = sigma / alpha, sigma_next / alpha_next
+        x_scaled = x / alpha
+        x0_hat, _ = denoiser(x, t, cond)
+        d = (x_scaled - x0_hat) / s
+        x_next = x_scaled + (s_next - s) * d
+        if heun:  # the trapezoid: average the slopes at both ends
+            x0_next, _ = denoiser(alpha_next * x_next, t_next, cond)
+            x_next = x_scaled + (s_next - s) * 0.5 * (d + (x_next - x0_next) / s_next)
+        return alpha_next * x_next
+
+    return step
+
+
+def guided_teacher(teacher: Model, guidance: float):
+    """The teacher's denoiser, guided at `guidance` when it is class-conditional."""
+    if not teacher.conditioner.conditional:
+        return teacher.denoiser
+    teacher.conditioner.check_guidance(guidance)
+    return guided(teacher.denoiser, guidance, teacher.conditioner)
+
+
 def attach(loss, cfg: RunConfig, model: Model) -> None:
     """Give a loss that declares `needs_teacher` its teacher: the student's weights start from
     the teacher's (consistency.init_from_teacher) and a distillation loss gets its solver."""
@@ -113,3 +141,9 @@ def attach(loss, cfg: RunConfig, model: Model) -> None:
     if hasattr(loss, "teacher_step"):
         c = cfg.consistency
         loss.teacher_step = solver_step(teacher, c.solver, c.teacher_guidance, teacher.cfg.sample)
+        schedule = teacher.schedule
+        if c.solver in ("euler", "heun") and (
+            schedule.variance_preserving or schedule.variance_exploding
+        ):  # the deterministic ODE steps: one batched call instead of one per level pair
+            denoiser = guided_teacher(teacher, c.teacher_guidance)
+            loss.teacher_batch_step = batched_ode_step(denoiser, heun=c.solver == "heun")
