@@ -132,15 +132,29 @@ def test_references_refuse_other_shapes_and_unknown_specs(tmp_path):
 
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory):
-    """The judge, trained through `difflab eval train-classifier` into the default cache path."""
+    """A one-epoch judge, trained through `difflab eval train-classifier` into the default cache
+    path: 0.990 on MNIST's test split in a third of the default's time (the default three epochs
+    are tested, slow, in test_the_default_judge_reaches_99_percent)."""
     from conftest import SHARED_DATA
 
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent (CI always has it)")
     argv = ["eval", "train-classifier", "--dataset", "mnist", "--root", str(SHARED_DATA)]
-    assert main([*argv, "--quiet"]) == 0
+    assert main([*argv, "--epochs", "1", "--quiet"]) == 0
     path = default_judge_path("mnist")
     return JudgeExtractor(path), SHARED_DATA
+
+
+@pytest.mark.slow
+def test_the_default_judge_reaches_99_percent(tmp_path):
+    from conftest import SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (CI always has it)")
+    out = tmp_path / "judge.safetensors"
+    argv = ["eval", "train-classifier", "--dataset", "mnist", "--root", str(SHARED_DATA)]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    assert JudgeExtractor(out).test_accuracy >= 0.99
 
 
 def _blur(x, sigma):
@@ -161,9 +175,9 @@ def halves(judge):
     return x[perm[:5000]], x[perm[5000:]], test.labels[perm[5000:]]
 
 
-def test_judge_reaches_99_percent_and_its_fd_ranks_corruption_severity(judge, halves, tmp_path):
+def test_judge_reaches_98_5_percent_and_its_fd_ranks_corruption_severity(judge, halves, tmp_path):
     extractor, _ = judge
-    assert extractor.test_accuracy >= 0.99
+    assert extractor.test_accuracy >= 0.985  # one epoch (0.990 measured)
     half_a, half_b, labels_b = halves
     ref = open_reference(str(_npz(tmp_path / "a.npz", half_a)), (1, 32, 32))
 

@@ -430,8 +430,8 @@ def test_eval_cli_uses_the_given_weights_and_records_them(random_weights, tmp_pa
     from difflab.cli import main
 
     weights, sha = random_weights
-    fake = _npz_of(tmp_path / "fake.npz", _pixels(24, seed=1))
-    real = _npz_of(tmp_path / "real.npz", _pixels(24, seed=2, shift=0.2))
+    fake = _npz_of(tmp_path / "fake.npz", _pixels(12, seed=1))
+    real = _npz_of(tmp_path / "real.npz", _pixels(12, seed=2, shift=0.2))
     argv = ["eval", str(fake), "--reference", str(real), "--metric", "kid,is,pr", "--json"]
     argv += ["--inception-weights", str(weights), "--inception-sha256", sha]
     assert main(argv) == 0
@@ -439,14 +439,14 @@ def test_eval_cli_uses_the_given_weights_and_records_them(random_weights, tmp_pa
     assert set(rows) == {"kid", "is", "precision", "recall"}
     for r in rows.values():
         assert r["extractor"] == "inception-v3-tf" and r["extractor_sha256"] == sha
-        assert r["extractor_standard"] is False and r["n_generated"] == 24
-        assert r["label"] == r["metric"] + "0.024k"
+        assert r["extractor_standard"] is False and r["n_generated"] == 12
+        assert r["label"] == r["metric"] + "0.012k"
     ours = InceptionExtractor(weights, sha256=sha)
-    f_fake = ours.features(_signed(_pixels(24, seed=1)))
-    f_real = ours.features(_signed(_pixels(24, seed=2, shift=0.2)))
+    f_fake = ours.features(_signed(_pixels(12, seed=1)))
+    f_real = ours.features(_signed(_pixels(12, seed=2, shift=0.2)))
     assert rows["kid"]["value"] == pytest.approx(kernel_inception_distance(f_fake, f_real)[0])
     assert rows["is"]["value"] == pytest.approx(
-        inception_score(ours.logits(_signed(_pixels(24, seed=1))))[0]
+        inception_score(ours.logits(_signed(_pixels(12, seed=1))))[0]
     )
 
 
