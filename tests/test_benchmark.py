@@ -10,7 +10,6 @@ from torch import nn
 
 from difflab import benchmark, devices
 from difflab.benchmark import BenchOptions, NoEquivalent, count_flops, resolve, unet2d_config
-from difflab.benchmark import options as bench_options
 from difflab.cli import main
 from difflab.config import ConfigError, preset
 
@@ -146,7 +145,6 @@ def test_bad_options_raise_config_errors(changes, message):
 def test_fp32_and_bf16_side_by_side_in_one_run(tmp_path, monkeypatch):
     """--precision fp32,bf16 (auto's choice on bf16 hardware): each precision measured in full,
     its own peak in its own dtype, and the comparison built from exactly those figures."""
-    monkeypatch.setattr(bench_options, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
     assert benchmark.precisions_of("auto", "cpu") == ("fp32", "bf16")
     tiny = [a for a in TINY if a not in ("--precision", "fp32")]
@@ -174,7 +172,6 @@ def test_fp32_and_bf16_side_by_side_in_one_run(tmp_path, monkeypatch):
     assert "| difflab bf16 / diffusers fp32 | **" in md
     for p in ("fp32", "bf16"):
         assert f"### difflab bench mnist — cpu, {p}" in md
-    monkeypatch.setattr(bench_options, "cpu_has_bf16", lambda: False)
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     assert benchmark.precisions_of("auto", "cpu") == ("fp32",)
 
@@ -211,7 +208,7 @@ def test_fallbacks_warn_and_are_recorded(monkeypatch):
 
         return fails
 
-    monkeypatch.setattr(bench_options, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     monkeypatch.setattr(torch, "compile", broken_compile)
     opts = BenchOptions("toy2d", device="cpu", precision="bf16", compile=True, batch_size=4,
                         steps=2, warmup=1, samplers=("ddim",), nfe=(2,), matmul_size=64,

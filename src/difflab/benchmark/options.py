@@ -16,7 +16,7 @@ import torch
 
 from difflab.build import check_image_size
 from difflab.config import ConfigError, RunConfig, preset
-from difflab.devices import cpu_has_bf16, native_bf16
+from difflab.devices import native_bf16
 from difflab.samplers import SAMPLERS
 
 # name -> (preset, shape of one example, classes the network is conditioned on)
@@ -115,12 +115,11 @@ def _device(name: str) -> torch.device:
 
 
 def _dtype(setup_notes: list[str], precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 where the device computes it natively; otherwise a warning and float32."""
+    """bf16 where the device computes it natively (devices.native_bf16); otherwise a warning and
+    float32."""
     if precision == "fp32":
         return None
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu" and cpu_has_bf16():
+    if native_bf16(device):
         return torch.bfloat16
     what = "this GPU" if device.type == "cuda" else "this CPU (no AVX512-BF16 or AMX)"
     setup_notes.append(f"--precision bf16: {what} has no native bf16; measuring fp32 instead")
