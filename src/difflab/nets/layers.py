@@ -32,7 +32,7 @@ class _NCHWGroupNorm(torch.autograd.Function):
     def backward(ctx, grad):
         nchw, weight, mean, rstd = ctx.saved_tensors
         n, c = nchw.shape[:2]
-        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        wanted = list(ctx.needs_input_grad[:3])  # x, weight, bias
         gx, gw, gb = ATEN.native_group_norm_backward(
             grad.contiguous(), nchw, mean, rstd, weight, n, c, nchw[0, 0].numel(), ctx.groups,
             wanted,
