@@ -2,6 +2,7 @@
 teachers (ECT starts from one, CD distils one), the CLI's refusals, and tiny models trained by
 CT, iCT and CD on 1-D Gaussian data approaching the closed-form consistency function."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from difflab import build, cli
 from difflab.config import apply_overrides, preset
+from difflab.diffusion import schedules
 from difflab.diffusion.consistency import gaussian_consistency, noise_range, sigma_of, t_of_sigma
 from difflab.diffusion.curriculum import karras
 from difflab.model import DataKind
@@ -21,6 +23,8 @@ from difflab.samplers import SampleNoise, sample_heun
 from difflab.training.checkpoint import load_state
 from difflab.training.logging import read_metrics
 from difflab.training.loop import train
+from difflab.training.teacher import batched_ode_step, substep_times
+from gaussian import MU, GaussianDenoiser, S, pf_solution
 
 SMALL = [
     "model.mlp.width=32",
@@ -106,14 +110,16 @@ def test_ect_starts_from_the_teacher_and_cd_distils_it(tmp_path, teacher):
         assert torch.equal(v, ema[k]), k
 
 
-def test_cd_teacher_step_batched_equals_one_solver_call_per_level(teacher):
-    # Heun on a VP table runs as one batched step (two teacher calls); the registered sampler,
-    # called once per level pair present in the batch, is the reference
+@pytest.mark.parametrize("substeps", [1, 3])
+def test_cd_teacher_step_batched_equals_one_solver_call_per_level(teacher, substeps):
+    # Heun on a VP table runs as one batched step (two teacher calls a sub-step); the registered
+    # sampler, called once per level pair present in the batch, is the reference
     threads = torch.get_num_threads()
     try:
         from difflab.training.parts import build_parts
 
-        loss = build_parts(_cfg("toy2d-cd", f"consistency.teacher={teacher}")).loss
+        sets = [f"consistency.teacher={teacher}", f"consistency.solver_substeps={substeps}"]
+        loss = build_parts(_cfg("toy2d-cd", *sets)).loss
     finally:
         torch.set_num_threads(threads)
     assert loss.teacher_batch_step is not None
@@ -129,6 +135,35 @@ def test_cd_teacher_step_batched_equals_one_solver_call_per_level(teacher):
         loss.teacher_batch_step = None
         grouped = loss.lower_point(x_hi, t_hi, t_lo, i, None, 0)
     torch.testing.assert_close(batched, grouped, rtol=1e-5, atol=1e-5)
+
+
+class _ExactTeacher(GaussianDenoiser):
+    """The closed-form Gaussian denoiser with the alpha_sigma of a difflab Denoiser."""
+
+    def alpha_sigma(self, t, like):
+        t = t.double()
+        return self.schedule.alpha(t)[:, None].to(like), self.schedule.sigma(t)[:, None].to(like)
+
+
+def test_cd_sub_steps_converge_to_the_exact_flow_at_second_order():
+    # consistency.solver_substeps: k Heun steps between two levels; on Gaussian data the flow
+    # is exact (tests/gaussian.py), and Heun's error falls ~4x each time k doubles
+    schedule = schedules.linear()
+    step = {
+        k: batched_ode_step(_ExactTeacher(schedule, MU, S), True, schedule, k) for k in (1, 2, 4, 8)
+    }
+    t_hi, t_lo = (t_of_sigma(schedule, torch.tensor(v)).double() for v in (20.0, 0.05))
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = float(schedule.alpha(t_hi)) * MU.double() + x * 3.0
+    exact = pf_solution(schedule, MU, S, x, float(t_hi), float(t_lo))
+    ts = t_hi.expand(256), t_lo.expand(256)
+    errors = [float((step[k](x, *ts, None) - exact).abs().max()) for k in (1, 2, 4, 8)]
+    assert all(a > 3 * b for a, b in itertools.pairwise(errors)), errors
+    sub = substep_times(schedule, *ts, 4)
+    levels = torch.stack([sigma_of(schedule, t) for t in sub])[:, 0]
+    ratios = levels[1:] / levels[:-1]  # geometric in sigma / alpha, ends exact
+    torch.testing.assert_close(ratios, ratios[:1].expand(4), rtol=1e-9, atol=0)
+    assert torch.equal(sub[0], ts[0]) and torch.equal(sub[-1], ts[1])
 
 
 def _main(argv, capsys):

@@ -12,6 +12,7 @@ class ConsistencyConfig:
     teacher: str = ""  # ect / cd: a trained difflab diffusion run directory
     init_from_teacher: bool = True  # ect / cd: the student starts from the teacher's EMA weights
     solver: str = "heun"  # cd: the teacher's one step, any registered sampler
+    solver_substeps: int = 1  # cd: solver steps between two levels (geometric in sigma / alpha)
     teacher_guidance: float = 1.0  # cd, class-conditional teacher: distil it guided at this scale
     distance: str = "pseudo_huber"  # pseudo_huber | l2 (squared, mean over elements)
     huber_c: float = -1.0  # pseudo-Huber c; < 0 = 0.00054 sqrt(d) (Song & Dhariwal 2023)

@@ -214,6 +214,10 @@ class ConsistencyDistillation(ConsistencyTraining):
         _ConsistencyLoss.__init__(self, cfg, schedule)
         if self.c.num_levels < 2:
             raise ValueError(f"consistency.num_levels must be >= 2, got {self.c.num_levels}")
+        if self.c.solver_substeps < 1:
+            raise ValueError(
+                f"consistency.solver_substeps must be >= 1, got {self.c.solver_substeps}"
+            )
         if not 0 <= self.c.target_ema < 1:
             raise ValueError(f"consistency.target_ema must be in [0, 1), got {self.c.target_ema}")
 

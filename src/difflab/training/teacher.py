@@ -5,9 +5,11 @@ its network and prediction kind."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from difflab import build
 from difflab.config import ConfigError, RunConfig
@@ -84,9 +86,10 @@ def load_teacher(cfg: RunConfig, student: Model) -> Model:
     return teacher
 
 
-def solver_step(teacher: Model, solver: str, guidance: float, sample_cfg):
-    """(x, t, t_next, cond, seed) -> x at t_next: one step of the registered sampler `solver`
-    (with the teacher's sample options) of the teacher, guided at `guidance` when conditional."""
+def solver_step(teacher: Model, solver: str, guidance: float, sample_cfg, substeps: int = 1):
+    """(x, t, t_next, cond, seed) -> x at t_next: `substeps` steps of the registered sampler
+    `solver` (with the teacher's sample options) of the teacher, guided at `guidance` when
+    conditional, on levels spaced geometrically in s = sigma / alpha between t and t_next."""
     try:
         info = sampler_info(solver)
         denoiser = guided_teacher(teacher, guidance)
@@ -95,20 +98,42 @@ def solver_step(teacher: Model, solver: str, guidance: float, sample_cfg):
     options = info.options_from(sample_cfg)
 
     def step(x, t: float, t_next: float, cond, seed: int):
-        ts = torch.tensor([t, t_next], dtype=torch.float64)
+        ends = torch.tensor([t], dtype=torch.float64), torch.tensor([t_next], dtype=torch.float64)
+        ts = torch.cat(substep_times(teacher.schedule, *ends, substeps))
         return info.fn(denoiser, x, ts, y=cond, generator=SampleNoise(seed), **options)
 
     return step
 
 
-def batched_ode_step(denoiser, heun: bool):
-    """(x (B, ...), t (B,), t_next (B,), cond) -> x at t_next: one Euler or Heun step of the
-    probability-flow ODE in EDM's scaled variables (samplers/edm.py, Karras et al. 2022,
-    Algorithm 1), each example at its own times, so a batch costs one or two teacher calls
-    whatever levels it holds. VP and VE schedules only (samplers/edm.py steps flow paths in t).
+def substep_times(schedule, t: Tensor, t_next: Tensor, substeps: int) -> list[Tensor]:
+    """[t, ..., t_next]: substeps + 1 times (each (B,), t's dtype) spaced evenly in log-SNR, i.e.
+    geometrically in the noise level s = sigma / alpha (log-SNR = -2 ln s): the teacher's
+    sub-steps of one pair of levels (consistency.solver_substeps)."""
+    if substeps == 1:
+        return [t, t_next]
+    lam, lam_next = (schedule.log_snr(u.double().cpu()) for u in (t, t_next))
+    inner = []
+    for j in range(1, substeps):
+        u = schedule.t_from_log_snr(lam + (lam_next - lam) * (j / substeps))
+        inner.append(u.clamp(schedule.t_min, schedule.t_max).to(t.device, t.dtype))
+    return [t, *inner, t_next]
+
+
+def batched_ode_step(denoiser, heun: bool, schedule=None, substeps: int = 1):
+    """(x (B, ...), t (B,), t_next (B,), cond) -> x at t_next: `substeps` Euler or Heun steps
+    (substep_times; `schedule` needed for more than one) of the probability-flow ODE in EDM's
+    scaled variables (samplers/edm.py, Karras et al. 2022, Algorithm 1), each example at its own
+    times, so a batch costs one or two teacher calls a sub-step whatever levels it holds. VP and
+    VE schedules only (samplers/edm.py steps flow paths in t).
     """
 
     def step(x, t, t_next, cond):
+        ts = substep_times(schedule, t, t_next, substeps)
+        for t_a, t_b in itertools.pairwise(ts):
+            x = one(x, t_a, t_b, cond)
+        return x
+
+    def one(x, t, t_next, cond):
         alpha, sigma = denoiser.alpha_sigma(t, x)
         alpha_next, sigma_next = denoiser.alpha_sigma(t_next, x)
         s, s_next = sigma / alpha, sigma_next / alpha_next
@@ -140,10 +165,14 @@ def attach(loss, cfg: RunConfig, model: Model) -> None:
         model.net.load_state_dict(teacher.net.state_dict())
     if hasattr(loss, "teacher_step"):
         c = cfg.consistency
-        loss.teacher_step = solver_step(teacher, c.solver, c.teacher_guidance, teacher.cfg.sample)
+        loss.teacher_step = solver_step(
+            teacher, c.solver, c.teacher_guidance, teacher.cfg.sample, c.solver_substeps
+        )
         schedule = teacher.schedule
         if c.solver in ("euler", "heun") and (
             schedule.variance_preserving or schedule.variance_exploding
         ):  # the deterministic ODE steps: one batched call instead of one per level pair
             denoiser = guided_teacher(teacher, c.teacher_guidance)
-            loss.teacher_batch_step = batched_ode_step(denoiser, heun=c.solver == "heun")
+            loss.teacher_batch_step = batched_ode_step(
+                denoiser, c.solver == "heun", schedule, c.solver_substeps
+            )
