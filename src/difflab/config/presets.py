@@ -20,7 +20,6 @@ from difflab.config import (
 )
 from difflab.config.consistency import ConsistencyConfig
 from difflab.config.recipes import (
-    _image_sampling,
     celeba64,
     cifar10,
     fashion,
