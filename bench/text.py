@@ -1,8 +1,9 @@
 """Benchmark: `mnist-text` / `fashion-text`, judged offline against the class-label preset.
 
 1. Train (or reuse) the judge: difflab's classifier of the data set, on its training split.
-2. Train (or reuse, --run-dir) the text preset with the encoder asked for (minilm: the frozen
-   all-MiniLM-L6-v2, difflab[text]; char: the built-in encoder trained with the U-Net).
+2. Train (or reuse, or finish if interrupted: --run-dir) the text preset with the encoder asked
+   for (minilm: the frozen all-MiniLM-L6-v2, difflab[text]; char: the built-in encoder trained
+   with the U-Net).
 3. Draw --per-class samples per class from HELD-OUT prompt templates (never trained on), and
    --seen-per-class from the seen ones, with the run's sampler (or --sampler/--steps).
 4. Report the judge's accuracy against the class each prompt names (held-out and seen apart),
@@ -113,6 +114,8 @@ def main() -> None:
     run_dir = Path(args.run_dir)
     if not (run_dir / "checkpoints").exists():
         train(cfg, run_dir, progress=True)
+    elif load_run(run_dir).step < cfg.train.steps:  # an interrupted run: finish it first
+        train(cfg, run_dir, resume=True, progress=True)
     run = load_run(run_dir)
     scfg = run.cfg.sample
     changes = {"guidance": args.guidance, "sampler": args.sampler, "steps": args.steps}
