@@ -84,6 +84,17 @@ def judged(run, judge, test_stats, labels) -> dict:
             "steps": scfg.steps, "guidance": scfg.guidance, "n": len(labels)}  # fmt: skip
 
 
+def recorded_train_s(report: dict) -> float:
+    """The pixel run's training wall seconds from bench/mnist.py's JSON ("train_s") or from
+    bench/mnist_time.py's ("new" or "old" -> "train_wall_s", the new preset's preferred)."""
+    if "train_s" in report:
+        return report["train_s"]
+    for key in ("new", "old"):
+        if "train_wall_s" in report.get(key, {}):
+            return report[key]["train_wall_s"]
+    raise SystemExit("--pixel-json holds no train_s (bench/mnist.py) or train_wall_s (mnist_time)")
+
+
 def stage_latent(args, report: dict) -> None:
     ae_dir = Path(args.work) / "mnist-ae"
     run_dir = Path(args.work) / "mnist-latent"
@@ -103,7 +114,7 @@ def stage_latent(args, report: dict) -> None:
         pixel = judged(load_run(args.pixel_run), judge, test_stats, labels)
     pixel_train_s = None
     if args.pixel_json and Path(args.pixel_json).exists():
-        pixel_train_s = json.loads(Path(args.pixel_json).read_text())["train_s"]
+        pixel_train_s = recorded_train_s(json.loads(Path(args.pixel_json).read_text()))
     ae_s = report.get("ae", {}).get("train_s")
     report["latent"] = {
         "run_dir": str(run_dir), "train_s": train_s, "train_steps": run.step,
@@ -159,7 +170,9 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/difflab-latent", help="where the runs live")
     ap.add_argument("--judge", default="bench/results/judge-mnist.safetensors")
     ap.add_argument("--pixel-run", default="", help="the pixel mnist run to compare against")
-    ap.add_argument("--pixel-json", default="", help="its bench/mnist.py JSON (train_s)")
+    ap.add_argument(
+        "--pixel-json", default="", help="its bench/mnist.py or bench/mnist_time.py JSON"
+    )
     ap.add_argument("--set-ae", action="append", default=[])
     ap.add_argument("--set-latent", action="append", default=[])
     ap.add_argument("--steps", type=int, default=20, help="speed stage: steps per run")

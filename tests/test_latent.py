@@ -234,3 +234,26 @@ def test_bad_autoencoder_loss_settings_are_refused_in_one_message():
         build.build_loss(apply_overrides(preset("mnist"), ["train.loss=autoencoder"]), None)
     with pytest.raises(ConfigError, match="draws no samples"):
         build.build_loss(apply_overrides(preset("mnist-ae"), ["train.sample_every=10"]), None)
+
+
+def test_the_benchmark_reads_either_pixel_json(monkeypatch):
+    # bench/latent.py --pixel-json takes bench/mnist.py's JSON or bench/mnist_time.py's
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_latent", bench / "latent.py")
+    module = importlib.util.module_from_spec(spec)
+    had_mnist = "mnist" in sys.modules
+    spec.loader.exec_module(module)  # imports bench/mnist.py as `mnist`
+    if not had_mnist:
+        sys.modules.pop("mnist", None)
+    assert module.recorded_train_s({"train_s": 12.5}) == 12.5
+    assert (
+        module.recorded_train_s({"old": {"train_wall_s": 9.0}, "new": {"train_wall_s": 4.0}}) == 4.0
+    )
+    assert module.recorded_train_s({"old": {"train_wall_s": 9.0}}) == 9.0
+    with pytest.raises(SystemExit, match="train_wall_s"):
+        module.recorded_train_s({"new": {}})
