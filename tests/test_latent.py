@@ -2,8 +2,11 @@
 refusals, and the first-stage metrics."""
 
 import dataclasses
+import importlib.util
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,10 +241,6 @@ def test_bad_autoencoder_loss_settings_are_refused_in_one_message():
 
 def test_the_benchmark_reads_either_pixel_json(monkeypatch):
     # bench/latent.py --pixel-json takes bench/mnist.py's JSON or bench/mnist_time.py's
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     bench = Path(__file__).resolve().parents[1] / "bench"
     monkeypatch.syspath_prepend(str(bench))
     spec = importlib.util.spec_from_file_location("bench_latent", bench / "latent.py")
