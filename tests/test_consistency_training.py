@@ -137,6 +137,38 @@ def test_cd_teacher_step_batched_equals_one_solver_call_per_level(teacher, subst
     torch.testing.assert_close(batched, grouped, rtol=1e-5, atol=1e-5)
 
 
+def test_jittered_cd_levels_are_one_grid_interval_at_a_uniform_offset(teacher):
+    # consistency.levels=jitter: u = 0 gives the grid's lowest interval, u -> 1 its highest, and
+    # every pair lies one grid step apart in sigma^(1/rho), at levels between the grid's
+    threads = torch.get_num_threads()
+    try:
+        from difflab.training.parts import build_parts
+
+        sets = [f"consistency.teacher={teacher}", "consistency.levels=jitter"]
+        loss = build_parts(_cfg("toy2d-cd", *sets)).loss
+    finally:
+        torch.set_num_threads(threads)
+    c = loss.c
+    grid = karras(c.num_levels, loss.sigma_min, loss.sigma_max, c.rho)
+    s_lo, s_hi = loss.jittered_pair(torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(s_lo, grid[[0, -2]])
+    torch.testing.assert_close(s_hi, grid[[1, -1]])
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    s_lo, s_hi = loss.jittered_pair(u)
+    step = (loss.sigma_max ** (1 / c.rho) - loss.sigma_min ** (1 / c.rho)) / (c.num_levels - 1)
+    torch.testing.assert_close(
+        s_hi ** (1 / c.rho) - s_lo ** (1 / c.rho), torch.full_like(s_hi, step)
+    )
+    off_grid = (s_hi[:, None] - grid[None]).abs().min(dim=1).values > 1e-6 * s_hi
+    assert off_grid.float().mean() > 0.99
+    # one training step runs, its teacher step batched over rows with their own levels
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(64, 2, generator=g) * 2 - 1
+    model = build_parts(_cfg("toy2d-cd", *sets)).model
+    value, _ = loss(model, x0, None, noise=loss.draw(x0.shape, g), step=0)
+    assert value.shape == (64,) and torch.isfinite(value).all()
+
+
 class _ExactTeacher(GaussianDenoiser):
     """The closed-form Gaussian denoiser with the alpha_sigma of a difflab Denoiser."""
 
@@ -180,6 +212,8 @@ def _main(argv, capsys):
         (["diffusion.schedule=cosine", "diffusion.num_steps=0"], "does not match: diffusion"),
         (["model.mlp.width=48"], "model.* (the student starts from"),
         (["train.loss=ect", "consistency.ect_q=1"], "ECT's curriculum must increase"),
+        (["consistency.levels=random"], "unknown consistency.levels 'random'"),
+        (["consistency.levels=jitter", "consistency.solver=ddim"], "needs a batched teacher"),
     ],
 )
 def test_bad_consistency_input_exits_2_and_writes_nothing(tmp_path, teacher, capsys, sets, message):
@@ -244,6 +278,8 @@ def _gaussian_fit(loss_name, steps, *extra):
         loss.teacher_step = lambda x, t, t_next, cond, seed: sample_heun(
             exact, x, torch.tensor([t, t_next], dtype=torch.float64), generator=SampleNoise(seed)
         )
+        if loss.c.levels == "jitter":  # every row at its own levels: the batched step
+            loss.teacher_batch_step = batched_ode_step(exact, True, model.schedule)
     target = build.build_model(cfg, DataKind((1,))).net.requires_grad_(False)
     target.load_state_dict(model.net.state_dict())
     opt = torch.optim.Adam(model.net.parameters(), lr=2e-3)
@@ -278,12 +314,20 @@ class _ExactGaussian:
         x0 = self.mu + self.std**2 / (self.std**2 + s**2) * (x_t - self.mu)
         return x0, (x_t - x0) / s
 
+    def alpha_sigma(self, t, like):  # what batched_ode_step reads
+        t = torch.as_tensor(t).double().reshape(-1)
+        return self.schedule.alpha(t)[:, None].to(like), self.schedule.sigma(t)[:, None].to(like)
+
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_name,share", [("ct", 0.25), ("ict", 0.1), ("cd", 0.1)])
-def test_tiny_models_approach_the_closed_form_consistency_function(loss_name, share):
+@pytest.mark.parametrize(
+    "loss_name,share,levels",
+    [("ct", 0.25, "grid"), ("ict", 0.1, "grid"), ("cd", 0.1, "grid"), ("cd", 0.1, "jitter")],
+)
+def test_tiny_models_approach_the_closed_form_consistency_function(loss_name, share, levels):
     # measured (200 steps, 1 thread): |f - f*| / |x~ - f*| = 0.16 (CT), 0.04 (iCT), 0.035 (CD)
-    error, baseline = _gaussian_fit(loss_name, 200, "consistency.target_ema=0.9")
+    sets = ("consistency.target_ema=0.9", f"consistency.levels={levels}")
+    error, baseline = _gaussian_fit(loss_name, 200, *sets)
     assert error < share * baseline, (error, baseline)
 
 

@@ -20,6 +20,7 @@ class ConsistencyConfig:
     s1: int = 1280  # ct / ict: final number
     mu0: float = 0.9  # ct: initial target EMA rate
     num_levels: int = 18  # cd: discretisation steps N (fixed)
+    levels: str = "grid"  # cd: grid (the N Karras levels) | jitter (the grid at a random offset)
     target_ema: float = 0.0  # cd: target EMA rate (0 = a stop-gradient copy)
     rho: float = 7.0  # Karras grid of noise levels
     p_mean: float = -1.1  # ict / ect: ln sigma ~ N(p_mean, p_std^2)

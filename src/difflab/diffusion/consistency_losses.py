@@ -10,7 +10,7 @@ less noisy point of the same trajectory:
 | ct   | the same eps (x0 + s_lo eps)  | EMA at mu(k)           | N(k), square root  | l2, 1     |
 | ict  | the same eps                  | stop-gradient copy     | N(k), doubling     | p-H, A    |
 | ect  | the same eps, at r(t)         | stop-gradient copy     | r(t) by stage      | p-H, B    |
-| cd   | one teacher solver step       | consistency.target_ema | N fixed            | p-H, 1    |
+| cd   | one teacher solver step       | consistency.target_ema | N fixed, or jitter | p-H, 1    |
 p-H: pseudo-Huber; A = 1 / (s_hi - s_lo); B = 1 / (t - r).
 
 Points are drawn on EDM's noise level s = sigma / alpha and mapped to schedule times, so every
@@ -45,6 +45,7 @@ from difflab.diffusion.curriculum import (
 )
 
 DISTANCES = ("pseudo_huber", "l2")
+LEVELS = ("grid", "jitter")
 
 
 class _ConsistencyLoss:
@@ -203,8 +204,10 @@ class ConsistencyDistillation(ConsistencyTraining):
     """Consistency distillation, CD (Song et al. 2023, Algorithm 2 and eq. 7): x_lo is one step
     of a teacher's solver (consistency.solver, any registered sampler; a class-conditional
     teacher guided at consistency.teacher_guidance, so the student needs no doubled batch) from
-    x_hi = x0 + sigma_n+1 eps to sigma_n, on a fixed grid of N = consistency.num_levels levels;
-    the target network is an EMA at consistency.target_ema (0: a stop-gradient copy)."""
+    x_hi = x0 + sigma_n+1 eps to sigma_n, on a fixed grid of N = consistency.num_levels levels
+    (consistency.levels=jitter: that grid moved by a uniform offset per example, so the pairs
+    keep the grid's spacing but cover every level; needs the batched euler / heun step); the
+    target network is an EMA at consistency.target_ema (0: a stop-gradient copy)."""
 
     needs_teacher = True
     teacher_step = None  # (x, t, t_next, cond, seed) -> x at t_next; set by training.teacher
@@ -220,6 +223,10 @@ class ConsistencyDistillation(ConsistencyTraining):
             )
         if not 0 <= self.c.target_ema < 1:
             raise ValueError(f"consistency.target_ema must be in [0, 1), got {self.c.target_ema}")
+        if self.c.levels not in LEVELS:
+            raise ValueError(
+                f"unknown consistency.levels {self.c.levels!r}; choose one of {', '.join(LEVELS)}"
+            )
 
     def num_levels(self, step: int) -> int:
         return self.c.num_levels
@@ -232,15 +239,29 @@ class ConsistencyDistillation(ConsistencyTraining):
             raise ValueError("train.loss=cd needs a teacher: --set consistency.teacher=RUN")
         u, eps = noise
         eps = eps.to(x0)
-        sigmas = karras(self.c.num_levels, self.sigma_min, self.sigma_max, self.c.rho)
-        i = self.index(u, sigmas)
-        s_lo, s_hi = sigmas[i], sigmas[i + 1]
+        if self.c.levels == "jitter":
+            s_lo, s_hi = self.jittered_pair(u)
+            i = torch.zeros_like(u, dtype=torch.long)
+        else:
+            sigmas = karras(self.c.num_levels, self.sigma_min, self.sigma_max, self.c.rho)
+            i = self.index(u, sigmas)
+            s_lo, s_hi = sigmas[i], sigmas[i + 1]
         x_hi, t_hi = self.point(x0, eps, s_hi)
         t_lo = t_of_sigma(self.schedule, s_lo).float()
         with torch.no_grad():
             x_lo = self.lower_point(x_hi, t_hi, t_lo, i, cond, step)
         loss, t = self.pair(model, x0, cond, eps, s_hi, s_lo, target, step, x_lo=x_lo)
         return loss, self.position(t)
+
+    def jittered_pair(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """(s_lo, s_hi) (B,) float64: one interval of the Karras grid of N levels moved by a
+        uniform offset, p_hi = h + u (1 - h) and p_lo = p_hi - h in the grid's sigma^(1/rho)
+        coordinate (h = 1 / (N - 1)), so f is trained at every noise level, not N of them."""
+        h = 1.0 / (self.c.num_levels - 1)
+        lo, hi = self.sigma_min ** (1 / self.c.rho), self.sigma_max ** (1 / self.c.rho)
+        p_hi = h + u.double() * (1 - h)
+        level = lambda p: (lo + p * (hi - lo)) ** self.c.rho  # noqa: E731
+        return level(p_hi - h).clamp_min(self.sigma_min), level(p_hi)
 
     def lower_point(self, x_hi: Tensor, t_hi: Tensor, t_lo: Tensor, i: Tensor, cond, step: int):
         """x_lo (B, ...): the teacher's step from t_hi to t_lo (B,): batched where the solver

@@ -176,3 +176,9 @@ def attach(loss, cfg: RunConfig, model: Model) -> None:
             loss.teacher_batch_step = batched_ode_step(
                 denoiser, c.solver == "heun", schedule, c.solver_substeps
             )
+        elif c.levels == "jitter":  # every row has its own pair of levels
+            raise ConfigError(
+                f"consistency.levels=jitter needs a batched teacher step (consistency.solver "
+                f"euler or heun on a VP or VE schedule), got solver {c.solver!r}: use "
+                "consistency.solver=heun, or consistency.levels=grid"
+            )
