@@ -72,8 +72,11 @@ def _same(a, b):
         ("toy2d-ct", ["train.loss=ct", "consistency.s0=2", "consistency.s1=150"]),  # EMA target
         ("toy2d-ct", []),  # iCT: stop-gradient target
         ("toy2d-ect", ["consistency.stage_steps=2"]),  # stages 0..2, across the resume
-        ("toy2d-cd", ["consistency.target_ema=0.9", "consistency.solver=ddim"]),
-        ("toy2d-cd", []),  # Heun, batched over the levels
+        (
+            "toy2d-cd",
+            ["consistency.target_ema=0.9", "consistency.solver=ddim", "consistency.levels=grid"],
+        ),
+        ("toy2d-cd", []),  # Heun sub-steps, batched over jittered levels
     ],
 )
 def test_resume_is_bitwise_exact_with_a_target_network(tmp_path, teacher, name, extra):
