@@ -282,7 +282,8 @@ def _gaussian_fit(loss_name, steps, *extra):
             exact, x, torch.tensor([t, t_next], dtype=torch.float64), generator=SampleNoise(seed)
         )
         if loss.c.levels == "jitter":  # every row at its own levels: the batched step
-            loss.teacher_batch_step = batched_ode_step(exact, True, model.schedule)
+            gaussian = _ExactTeacher(model.schedule, torch.tensor(mu), torch.tensor(std))
+            loss.teacher_batch_step = batched_ode_step(gaussian, True, model.schedule)
     target = build.build_model(cfg, DataKind((1,))).net.requires_grad_(False)
     target.load_state_dict(model.net.state_dict())
     opt = torch.optim.Adam(model.net.parameters(), lr=2e-3)
@@ -316,10 +317,6 @@ class _ExactGaussian:
         s = sigma_of(self.schedule, torch.as_tensor(t).double()).reshape(-1, 1).to(x_t)
         x0 = self.mu + self.std**2 / (self.std**2 + s**2) * (x_t - self.mu)
         return x0, (x_t - x0) / s
-
-    def alpha_sigma(self, t, like):  # what batched_ode_step reads
-        t = torch.as_tensor(t).double().reshape(-1)
-        return self.schedule.alpha(t)[:, None].to(like), self.schedule.sigma(t)[:, None].to(like)
 
 
 @pytest.mark.slow

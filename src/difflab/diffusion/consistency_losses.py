@@ -41,6 +41,7 @@ from difflab.diffusion.curriculum import (
     ict_steps,
     interval_index,
     karras,
+    karras_at,
     lognormal_weights,
 )
 
@@ -241,7 +242,7 @@ class ConsistencyDistillation(ConsistencyTraining):
         eps = eps.to(x0)
         if self.c.levels == "jitter":
             s_lo, s_hi = self.jittered_pair(u)
-            i = torch.zeros_like(u, dtype=torch.long)
+            i = None  # no level index: the batched teacher step (training.teacher.attach)
         else:
             sigmas = karras(self.c.num_levels, self.sigma_min, self.sigma_max, self.c.rho)
             i = self.index(u, sigmas)
@@ -258,12 +259,15 @@ class ConsistencyDistillation(ConsistencyTraining):
         uniform offset, p_hi = h + u (1 - h) and p_lo = p_hi - h in the grid's sigma^(1/rho)
         coordinate (h = 1 / (N - 1)), so f is trained at every noise level, not N of them."""
         h = 1.0 / (self.c.num_levels - 1)
-        lo, hi = self.sigma_min ** (1 / self.c.rho), self.sigma_max ** (1 / self.c.rho)
         p_hi = h + u.double() * (1 - h)
-        level = lambda p: (lo + p * (hi - lo)) ** self.c.rho  # noqa: E731
-        return level(p_hi - h).clamp_min(self.sigma_min), level(p_hi)
+        s_lo, s_hi = (
+            karras_at(p, self.sigma_min, self.sigma_max, self.c.rho) for p in (p_hi - h, p_hi)
+        )
+        return s_lo.clamp_min(self.sigma_min), s_hi
 
-    def lower_point(self, x_hi: Tensor, t_hi: Tensor, t_lo: Tensor, i: Tensor, cond, step: int):
+    def lower_point(
+        self, x_hi: Tensor, t_hi: Tensor, t_lo: Tensor, i: Tensor | None, cond, step: int
+    ):
         """x_lo (B, ...): the teacher's step from t_hi to t_lo (B,): batched where the solver
         allows, else one solver step per level pair i present in the batch."""
         if self.teacher_batch_step is not None:

@@ -10,6 +10,7 @@ levels, the discretised log-normal over its intervals and ECT's r(t) by stage.
 | ct_decay  | mu(k)        | same: exp(s0 log mu0 / N(k))                            |
 | ict_steps | N(k)         | Song & Dhariwal 2023, eq. 9, note 2                     |
 | karras    | sigma_i      | Karras et al. 2022, eq. 5 (rho = 7), i = 1..N           |
+| karras_at | sigma(p)     | the same grid at any position p in [0, 1]               |
 | lognormal_weights | p(sigma_i) | Song & Dhariwal 2023, eq. 10: erf differences of ln sigma |
 | ect_r     | r(t)         | Geng et al. 2024, eq. 10, note 3                        |
 Note 1: N(k) = ceil(sqrt(k / K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1.
@@ -53,9 +54,15 @@ def ict_steps(k: int, K: int, s0: int, s1: int) -> int:
 
 def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
     """(n,) increasing float64 levels sigma_1 = sigma_min .. sigma_n = sigma_max."""
-    i = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+    return karras_at(
+        torch.arange(n, dtype=torch.float64) / max(n - 1, 1), sigma_min, sigma_max, rho
+    )
+
+
+def karras_at(p: Tensor, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """The level at positions p in [0, 1] of the Karras grid (float64): linear in sigma^(1/rho)."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (lo + i * (hi - lo)) ** rho
+    return (lo + p.double() * (hi - lo)) ** rho
 
 
 def lognormal_weights(sigmas: Tensor, p_mean: float, p_std: float) -> Tensor:
