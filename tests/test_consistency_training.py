@@ -172,6 +172,34 @@ def test_jittered_cd_levels_are_one_grid_interval_at_a_uniform_offset(teacher):
     assert value.shape == (64,) and torch.isfinite(value).all()
 
 
+@pytest.mark.parametrize("levels", ["grid", "jitter"])
+def test_cd_inverse_gap_weighting_is_icts_lambda_with_mean_one(teacher, levels):
+    # consistency.weighting=inverse_gap: lambda = 1 / (s_hi - s_lo) divided by its mean under the
+    # level draw, so over many draws the weights average 1 and their ratios are iCT's
+    threads = torch.get_num_threads()
+    try:
+        from difflab.training.parts import build_parts
+
+        sets = [f"consistency.teacher={teacher}", f"consistency.levels={levels}"]
+        one = build_parts(_cfg("toy2d-cd", *sets)).loss
+        loss = build_parts(_cfg("toy2d-cd", *sets, "consistency.weighting=inverse_gap")).loss
+    finally:
+        torch.set_num_threads(threads)
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    if levels == "jitter":
+        s_lo, s_hi = loss.jittered_pair(u)
+    else:
+        sigmas = karras(loss.c.num_levels, loss.sigma_min, loss.sigma_max, loss.c.rho)
+        i = loss.index(u, sigmas)
+        s_lo, s_hi = sigmas[i], sigmas[i + 1]
+    w = loss.weight(s_hi, s_lo)
+    assert abs(float(w.mean()) - 1.0) < 0.02
+    torch.testing.assert_close(w * (s_hi - s_lo), torch.full_like(w, 1 / loss.mean_weight))
+    assert torch.equal(one.weight(s_hi, s_lo), torch.ones_like(s_hi))
+    # the lowest interval outweighs the highest by their gaps' ratio
+    assert float(w.max() / w.min()) > 100
+
+
 class _ExactTeacher(GaussianDenoiser):
     """The closed-form Gaussian denoiser with the alpha_sigma of a difflab Denoiser."""
 
@@ -217,6 +245,7 @@ def _main(argv, capsys):
         (["train.loss=ect", "consistency.ect_q=1"], "ECT's curriculum must increase"),
         (["consistency.levels=random"], "unknown consistency.levels 'random'"),
         (["consistency.levels=jitter", "consistency.solver=ddim"], "needs a batched teacher"),
+        (["consistency.weighting=snr"], "unknown consistency.weighting 'snr'"),
     ],
 )
 def test_bad_consistency_input_exits_2_and_writes_nothing(tmp_path, teacher, capsys, sets, message):
@@ -321,12 +350,24 @@ class _ExactGaussian:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "loss_name,share,levels",
-    [("ct", 0.25, "grid"), ("ict", 0.1, "grid"), ("cd", 0.1, "grid"), ("cd", 0.1, "jitter")],
+    "loss_name,share,levels,weighting",
+    [
+        ("ct", 0.25, "grid", "one"),
+        ("ict", 0.1, "grid", "one"),
+        ("cd", 0.1, "grid", "one"),
+        ("cd", 0.1, "jitter", "one"),
+        ("cd", 0.1, "jitter", "inverse_gap"),
+    ],
 )
-def test_tiny_models_approach_the_closed_form_consistency_function(loss_name, share, levels):
+def test_tiny_models_approach_the_closed_form_consistency_function(
+    loss_name, share, levels, weighting
+):
     # measured (200 steps, 1 thread): |f - f*| / |x~ - f*| = 0.16 (CT), 0.04 (iCT), 0.035 (CD)
-    sets = ("consistency.target_ema=0.9", f"consistency.levels={levels}")
+    sets = (
+        "consistency.target_ema=0.9",
+        f"consistency.levels={levels}",
+        f"consistency.weighting={weighting}",
+    )
     error, baseline = _gaussian_fit(loss_name, 200, *sets)
     assert error < share * baseline, (error, baseline)
 

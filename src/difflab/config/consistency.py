@@ -22,6 +22,7 @@ class ConsistencyConfig:
     num_levels: int = 18  # cd: discretisation steps N (fixed)
     levels: str = "grid"  # cd: grid (the N Karras levels) | jitter (the grid at a random offset)
     target_ema: float = 0.0  # cd: target EMA rate (0 = a stop-gradient copy)
+    weighting: str = "one"  # cd: lambda = 1 (Song et al. 2023) | inverse_gap (iCT's lambda)
     rho: float = 7.0  # Karras grid of noise levels
     p_mean: float = -1.1  # ict / ect: ln sigma ~ N(p_mean, p_std^2)
     p_std: float = 2.0

@@ -5,13 +5,13 @@ less noisy point of the same trajectory:
 
     loss = lambda(sigma_hi, sigma_lo) d(f_theta(x_hi, sigma_hi), f_target(x_lo, sigma_lo))
 
-| loss | x_lo from                     | target network         | schedule           | d, lambda |
-|------|-------------------------------|------------------------|--------------------|-----------|
-| ct   | the same eps (x0 + s_lo eps)  | EMA at mu(k)           | N(k), square root  | l2, 1     |
-| ict  | the same eps                  | stop-gradient copy     | N(k), doubling     | p-H, A    |
-| ect  | the same eps, at r(t)         | stop-gradient copy     | r(t) by stage      | p-H, B    |
-| cd   | one teacher solver step       | consistency.target_ema | N fixed, or jitter | p-H, 1    |
-p-H: pseudo-Huber; A = 1 / (s_hi - s_lo); B = 1 / (t - r).
+| loss | x_lo from                     | target network         | schedule           | d, lambda  |
+|------|-------------------------------|------------------------|--------------------|------------|
+| ct   | the same eps (x0 + s_lo eps)  | EMA at mu(k)           | N(k), square root  | l2, 1      |
+| ict  | the same eps                  | stop-gradient copy     | N(k), doubling     | p-H, A     |
+| ect  | the same eps, at r(t)         | stop-gradient copy     | r(t) by stage      | p-H, B     |
+| cd   | one solver step of a teacher  | consistency.target_ema | N fixed, or jitter | p-H, 1, A' |
+p-H: pseudo-Huber; A = 1 / (s_hi - s_lo); B = 1 / (t - r); A' = A / E[A] (consistency.weighting).
 
 Points are drawn on EDM's noise level s = sigma / alpha and mapped to schedule times, so every
 loss runs on any schedule (curriculum.py and consistency.py say how). Both points use one
@@ -47,6 +47,7 @@ from difflab.diffusion.curriculum import (
 
 DISTANCES = ("pseudo_huber", "l2")
 LEVELS = ("grid", "jitter")
+WEIGHTINGS = ("one", "inverse_gap")
 
 
 class _ConsistencyLoss:
@@ -208,7 +209,11 @@ class ConsistencyDistillation(ConsistencyTraining):
     x_hi = x0 + sigma_n+1 eps to sigma_n, on a fixed grid of N = consistency.num_levels levels
     (consistency.levels=jitter: that grid moved by a uniform offset per example, so the pairs
     keep the grid's spacing but cover every level; needs the batched euler / heun step); the
-    target network is an EMA at consistency.target_ema (0: a stop-gradient copy)."""
+    target network is an EMA at consistency.target_ema (0: a stop-gradient copy).
+    consistency.weighting=inverse_gap weights a pair by iCT's lambda = 1 / (s_hi - s_lo) (Song &
+    Dhariwal 2023, Sec. 3.3) divided by its mean over the level draw, so the loss keeps its
+    scale: the low levels, whose f must be sharpest for a second step, stop being drowned by the
+    many high ones, where f barely changes."""
 
     needs_teacher = True
     teacher_step = None  # (x, t, t_next, cond, seed) -> x at t_next; set by training.teacher
@@ -228,6 +233,12 @@ class ConsistencyDistillation(ConsistencyTraining):
             raise ValueError(
                 f"unknown consistency.levels {self.c.levels!r}; choose one of {', '.join(LEVELS)}"
             )
+        if self.c.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"unknown consistency.weighting {self.c.weighting!r}; choose one of "
+                f"{', '.join(WEIGHTINGS)}"
+            )
+        self.mean_weight = self.expected_gap_weight() if self.c.weighting == "inverse_gap" else 1.0
 
     def num_levels(self, step: int) -> int:
         return self.c.num_levels
@@ -252,7 +263,22 @@ class ConsistencyDistillation(ConsistencyTraining):
         with torch.no_grad():
             x_lo = self.lower_point(x_hi, t_hi, t_lo, i, cond, step)
         loss, t = self.pair(model, x0, cond, eps, s_hi, s_lo, target, step, x_lo=x_lo)
-        return loss, self.position(t)
+        return loss * self.weight(s_hi, s_lo).to(loss), self.position(t)
+
+    def weight(self, s_hi: Tensor, s_lo: Tensor) -> Tensor:
+        if self.c.weighting == "one":
+            return torch.ones_like(s_hi)
+        return 1.0 / ((s_hi - s_lo) * self.mean_weight)
+
+    def expected_gap_weight(self) -> float:
+        """E[1 / (s_hi - s_lo)] under the level draw: the N - 1 grid intervals uniformly, or
+        jittered pairs at 4,096 midpoints of u (a constant, so N processes weight as one)."""
+        if self.c.levels == "jitter":
+            s_lo, s_hi = self.jittered_pair((torch.arange(4096, dtype=torch.float64) + 0.5) / 4096)
+        else:
+            sigmas = karras(self.c.num_levels, self.sigma_min, self.sigma_max, self.c.rho)
+            s_lo, s_hi = sigmas[:-1], sigmas[1:]
+        return float((1.0 / (s_hi - s_lo)).mean())
 
     def jittered_pair(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """(s_lo, s_hi) (B,) float64: one interval of the Karras grid of N levels moved by a
