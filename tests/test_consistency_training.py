@@ -181,7 +181,7 @@ def test_cd_inverse_gap_weighting_is_icts_lambda_with_mean_one(teacher, levels):
         from difflab.training.parts import build_parts
 
         sets = [f"consistency.teacher={teacher}", f"consistency.levels={levels}"]
-        one = build_parts(_cfg("toy2d-cd", *sets)).loss
+        one = build_parts(_cfg("toy2d-cd", *sets, "consistency.weighting=one")).loss
         loss = build_parts(_cfg("toy2d-cd", *sets, "consistency.weighting=inverse_gap")).loss
     finally:
         torch.set_num_threads(threads)
