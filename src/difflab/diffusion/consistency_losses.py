@@ -40,14 +40,21 @@ from difflab.diffusion.curriculum import (
     ect_r,
     ict_steps,
     interval_index,
+    jittered_pair,
     karras,
-    karras_at,
     lognormal_weights,
+    mean_gap_weight,
 )
 
 DISTANCES = ("pseudo_huber", "l2")
 LEVELS = ("grid", "jitter")
 WEIGHTINGS = ("one", "inverse_gap")
+
+
+def _choose(c, key: str, allowed: tuple[str, ...]) -> None:
+    if getattr(c, key) not in allowed:
+        raise ValueError(f"unknown consistency.{key} {getattr(c, key)!r}; choose one of "
+                         f"{', '.join(allowed)}")  # fmt: skip
 
 
 class _ConsistencyLoss:
@@ -57,10 +64,7 @@ class _ConsistencyLoss:
 
     def __init__(self, cfg, schedule):
         c = cfg.consistency
-        if c.distance not in DISTANCES:
-            raise ValueError(
-                f"unknown consistency.distance {c.distance!r}; choose one of {', '.join(DISTANCES)}"
-            )
+        _choose(c, "distance", DISTANCES)
         if cfg.diffusion.prediction == "v" and not schedule.variance_preserving:
             raise ValueError("v-prediction needs a variance-preserving schedule")
         self.c, self.schedule, self.steps, self.seed = c, schedule, cfg.train.steps, cfg.train.seed
@@ -210,10 +214,8 @@ class ConsistencyDistillation(ConsistencyTraining):
     (consistency.levels=jitter: that grid moved by a uniform offset per example, so the pairs
     keep the grid's spacing but cover every level; needs the batched euler / heun step); the
     target network is an EMA at consistency.target_ema (0: a stop-gradient copy).
-    consistency.weighting=inverse_gap weights a pair by iCT's lambda = 1 / (s_hi - s_lo) (Song &
-    Dhariwal 2023, Sec. 3.3) divided by its mean over the level draw, so the loss keeps its
-    scale: the low levels, whose f must be sharpest for a second step, stop being drowned by the
-    many high ones, where f barely changes."""
+    consistency.weighting=inverse_gap: iCT's lambda = 1 / (s_hi - s_lo) (Song & Dhariwal 2023,
+    Sec. 3.3) over its mean under the draw, so the sharp low levels count (bench/RESULTS.md)."""
 
     needs_teacher = True
     teacher_step = None  # (x, t, t_next, cond, seed) -> x at t_next; set by training.teacher
@@ -229,16 +231,13 @@ class ConsistencyDistillation(ConsistencyTraining):
             )
         if not 0 <= self.c.target_ema < 1:
             raise ValueError(f"consistency.target_ema must be in [0, 1), got {self.c.target_ema}")
-        if self.c.levels not in LEVELS:
-            raise ValueError(
-                f"unknown consistency.levels {self.c.levels!r}; choose one of {', '.join(LEVELS)}"
-            )
-        if self.c.weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"unknown consistency.weighting {self.c.weighting!r}; choose one of "
-                f"{', '.join(WEIGHTINGS)}"
-            )
-        self.mean_weight = self.expected_gap_weight() if self.c.weighting == "inverse_gap" else 1.0
+        _choose(self.c, "levels", LEVELS)
+        _choose(self.c, "weighting", WEIGHTINGS)
+        self.mean_weight = 1.0
+        if self.c.weighting == "inverse_gap":
+            jitter = self.jittered_pair if self.c.levels == "jitter" else None
+            self.mean_weight = mean_gap_weight(self.c.num_levels, self.sigma_min,
+                                               self.sigma_max, self.c.rho, jitter)  # fmt: skip
 
     def num_levels(self, step: int) -> int:
         return self.c.num_levels
@@ -270,26 +269,8 @@ class ConsistencyDistillation(ConsistencyTraining):
             return torch.ones_like(s_hi)
         return 1.0 / ((s_hi - s_lo) * self.mean_weight)
 
-    def expected_gap_weight(self) -> float:
-        """E[1 / (s_hi - s_lo)] under the level draw: the N - 1 grid intervals uniformly, or
-        jittered pairs at 4,096 midpoints of u (a constant, so N processes weight as one)."""
-        if self.c.levels == "jitter":
-            s_lo, s_hi = self.jittered_pair((torch.arange(4096, dtype=torch.float64) + 0.5) / 4096)
-        else:
-            sigmas = karras(self.c.num_levels, self.sigma_min, self.sigma_max, self.c.rho)
-            s_lo, s_hi = sigmas[:-1], sigmas[1:]
-        return float((1.0 / (s_hi - s_lo)).mean())
-
     def jittered_pair(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """(s_lo, s_hi) (B,) float64: one interval of the Karras grid of N levels moved by a
-        uniform offset, p_hi = h + u (1 - h) and p_lo = p_hi - h in the grid's sigma^(1/rho)
-        coordinate (h = 1 / (N - 1)), so f is trained at every noise level, not N of them."""
-        h = 1.0 / (self.c.num_levels - 1)
-        p_hi = h + u.double() * (1 - h)
-        s_lo, s_hi = (
-            karras_at(p, self.sigma_min, self.sigma_max, self.c.rho) for p in (p_hi - h, p_hi)
-        )
-        return s_lo.clamp_min(self.sigma_min), s_hi
+        return jittered_pair(u, self.c.num_levels, self.sigma_min, self.sigma_max, self.c.rho)
 
     def lower_point(
         self, x_hi: Tensor, t_hi: Tensor, t_lo: Tensor, i: Tensor | None, cond, step: int
