@@ -186,12 +186,7 @@ def test_cd_inverse_gap_weighting_is_icts_lambda_with_mean_one(teacher, levels):
     finally:
         torch.set_num_threads(threads)
     u = torch.rand(200_000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    if levels == "jitter":
-        s_lo, s_hi = loss.jittered_pair(u)
-    else:
-        sigmas = karras(loss.c.num_levels, loss.sigma_min, loss.sigma_max, loss.c.rho)
-        i = loss.index(u, sigmas)
-        s_lo, s_hi = sigmas[i], sigmas[i + 1]
+    s_lo, s_hi, _ = loss.levels(u)
     w = loss.weight(s_hi, s_lo)
     assert abs(float(w.mean()) - 1.0) < 0.02
     torch.testing.assert_close(w * (s_hi - s_lo), torch.full_like(w, 1 / loss.mean_weight))

@@ -43,7 +43,6 @@ from difflab.diffusion.curriculum import (
     jittered_pair,
     karras,
     lognormal_weights,
-    mean_gap_weight,
 )
 
 DISTANCES = ("pseudo_huber", "l2")
@@ -233,11 +232,10 @@ class ConsistencyDistillation(ConsistencyTraining):
             raise ValueError(f"consistency.target_ema must be in [0, 1), got {self.c.target_ema}")
         _choose(self.c, "levels", LEVELS)
         _choose(self.c, "weighting", WEIGHTINGS)
-        self.mean_weight = 1.0
-        if self.c.weighting == "inverse_gap":
-            jitter = self.jittered_pair if self.c.levels == "jitter" else None
-            self.mean_weight = mean_gap_weight(self.c.num_levels, self.sigma_min,
-                                               self.sigma_max, self.c.rho, jitter)  # fmt: skip
+        # E[1 / (s_hi - s_lo)] over the draw at 4,096 midpoints of u: a constant, so N
+        # processes weight as one
+        s_lo, s_hi, _ = self.levels((torch.arange(4096, dtype=torch.float64) + 0.5) / 4096)
+        self.mean_weight = float((1.0 / (s_hi - s_lo)).mean())
 
     def num_levels(self, step: int) -> int:
         return self.c.num_levels
@@ -250,13 +248,7 @@ class ConsistencyDistillation(ConsistencyTraining):
             raise ValueError("train.loss=cd needs a teacher: --set consistency.teacher=RUN")
         u, eps = noise
         eps = eps.to(x0)
-        if self.c.levels == "jitter":
-            s_lo, s_hi = self.jittered_pair(u)
-            i = None  # no level index: the batched teacher step (training.teacher.attach)
-        else:
-            sigmas = karras(self.c.num_levels, self.sigma_min, self.sigma_max, self.c.rho)
-            i = self.index(u, sigmas)
-            s_lo, s_hi = sigmas[i], sigmas[i + 1]
+        s_lo, s_hi, i = self.levels(u)
         x_hi, t_hi = self.point(x0, eps, s_hi)
         t_lo = t_of_sigma(self.schedule, s_lo).float()
         with torch.no_grad():
@@ -268,6 +260,15 @@ class ConsistencyDistillation(ConsistencyTraining):
         if self.c.weighting == "one":
             return torch.ones_like(s_hi)
         return 1.0 / ((s_hi - s_lo) * self.mean_weight)
+
+    def levels(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(s_lo, s_hi, i) (B,) of uniforms u: grid interval i, or a jittered pair and no index
+        (the batched teacher step, training.teacher.attach)."""
+        if self.c.levels == "jitter":
+            return *self.jittered_pair(u), None
+        sigmas = karras(self.c.num_levels, self.sigma_min, self.sigma_max, self.c.rho)
+        i = self.index(u, sigmas)
+        return sigmas[i], sigmas[i + 1], i
 
     def jittered_pair(self, u: Tensor) -> tuple[Tensor, Tensor]:
         return jittered_pair(u, self.c.num_levels, self.sigma_min, self.sigma_max, self.c.rho)

@@ -104,14 +104,3 @@ def jittered_pair(
     p_hi = h + u.double() * (1 - h)
     s_lo, s_hi = (karras_at(p, sigma_min, sigma_max, rho) for p in (p_hi - h, p_hi))
     return s_lo.clamp_min(sigma_min), s_hi
-
-
-def mean_gap_weight(num_levels, sigma_min, sigma_max, rho=7.0, jitter=None) -> float:
-    """E[1 / (s_hi - s_lo)] under CD's level draw: the N - 1 grid intervals uniformly, or the
-    pairs `jitter(u)` gives at 4,096 midpoints of u (a constant, so N processes weight as one)."""
-    if jitter is not None:
-        s_lo, s_hi = jitter((torch.arange(4096, dtype=torch.float64) + 0.5) / 4096)
-    else:
-        sigmas = karras(num_levels, sigma_min, sigma_max, rho)
-        s_lo, s_hi = sigmas[:-1], sigmas[1:]
-    return float((1.0 / (s_hi - s_lo)).mean())
