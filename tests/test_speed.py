@@ -165,3 +165,50 @@ def test_sampling_precision_falls_back_or_stays_close():
     assert relative < 0.01 and not torch.equal(bf16, full)  # bf16 ran, and stayed close
     with pytest.raises(ConfigError, match=r"sample\.precision must be one of"):
         devices.resolve_precision("fp8", torch.device("cpu"), "sample.precision")
+
+
+CHURN = """
+import resource, sys, torch
+from difflab import devices
+if sys.argv[1] == "keep":
+    print(devices.keep_freed_memory(), file=sys.stderr)
+def step():  # a training step's pattern: activations of a few MiB each, all freed at the end
+    kept = [torch.ones(1 << 20) for _ in range(48)]  # 48 x 4 MiB
+    del kept
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(
+    not devices.keep_freed_memory().startswith("on"), reason="needs glibc's mallopt (Linux)"
+)
+def test_keeping_freed_memory_stops_the_per_step_page_faults():
+    """Five repeats of an allocate-and-free-192-MiB step: with glibc's defaults each repeat
+    faults its pages in again (trimmed heap, mmapped blocks); with keep_freed_memory they are
+    reused, as a training step's activations are (issue 18)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("DIFFLAB_KEEP_FREED_MEMORY", None)
+
+    def faults(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True,
+                             env=env, check=True)  # fmt: skip
+        return int(run.stdout.split()[-1])
+
+    pages = 5 * 48 * 4 * 2**20 // 4096  # what five steps touch
+    assert faults("default") > pages // 2  # the control: the pattern does fault by default
+    assert faults("keep") < pages // 100
+
+
+def test_keep_freed_memory_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(devices, "_KEPT", None)
+    monkeypatch.setenv("DIFFLAB_KEEP_FREED_MEMORY", "0")
+    assert devices.keep_freed_memory().startswith("off")
+    assert devices.keep_freed_memory().startswith("off")  # decided once per process

@@ -33,6 +33,7 @@ from difflab.benchmark.measure import (
 )
 from difflab.benchmark.options import BenchOptions, Setup, resolve
 from difflab.benchmark.sides import Side, difflab_side
+from difflab.devices import keep_freed_memory
 from difflab.samplers import steps_for_nfe
 from difflab.share.mapping import NoEquivalent
 
@@ -245,6 +246,7 @@ def run_benchmark(opts: BenchOptions) -> dict:
     try:
         setup = resolve(opts)
         env = environment(setup.device)
+        env["allocator"] = f"glibc keep_freed_memory: {keep_freed_memory()}"
         dtype = setup.dtype or torch.float32
         peak = MatmulPeak(setup.device, dtype, setup.matmul_size)
         for _ in range(3):
