@@ -113,15 +113,22 @@ def test_ect_starts_from_the_teacher_and_cd_distils_it(tmp_path, teacher):
         assert torch.equal(v, ema[k]), k
 
 
-@pytest.mark.parametrize("substeps", [1, 3])
-def test_cd_teacher_step_batched_equals_one_solver_call_per_level(teacher, substeps):
-    # Heun on a VP table runs as one batched step (two teacher calls a sub-step); the registered
-    # sampler, called once per level pair present in the batch, is the reference
+@pytest.mark.parametrize(
+    "solver,substeps", [("heun", 1), ("heun", 3), ("dpm_2s", 1), ("dpm_2s", 2)]
+)
+def test_cd_teacher_step_batched_equals_one_solver_call_per_level(teacher, solver, substeps):
+    # Heun or DPM-Solver++(2S) on a VP table runs as one batched step (two teacher calls a
+    # sub-step); the registered sampler, called once per level pair present in the batch, is the
+    # reference
     threads = torch.get_num_threads()
     try:
         from difflab.training.parts import build_parts
 
-        sets = [f"consistency.teacher={teacher}", f"consistency.solver_substeps={substeps}"]
+        sets = [
+            f"consistency.teacher={teacher}",
+            f"consistency.solver={solver}",
+            f"consistency.solver_substeps={substeps}",
+        ]
         loss = build_parts(_cfg("toy2d-cd", *sets)).loss
     finally:
         torch.set_num_threads(threads)
@@ -204,24 +211,55 @@ class _ExactTeacher(GaussianDenoiser):
 
 
 def test_cd_sub_steps_converge_to_the_exact_flow_at_second_order():
-    # consistency.solver_substeps: k Heun steps between two levels; on Gaussian data the flow
-    # is exact (tests/gaussian.py), and Heun's error falls ~4x each time k doubles
+    # consistency.solver_substeps: k Heun or DPM-Solver++(2S) steps between two levels; on
+    # Gaussian data the flow is exact (tests/gaussian.py), and the error falls ~4x each time k
+    # doubles. Heun is in its asymptotic range from k = 1 on sigma 20 -> 0.05; DPM-Solver++,
+    # exact on the linear part of the flow, starts 30x closer and falls >3x a doubling from k = 4
     schedule = schedules.linear()
-    step = {
-        k: batched_ode_step(_ExactTeacher(schedule, MU, S), True, schedule, k) for k in (1, 2, 4, 8)
-    }
+    teacher = _ExactTeacher(schedule, MU, S)
     t_hi, t_lo = (t_of_sigma(schedule, torch.tensor(v)).double() for v in (20.0, 0.05))
     x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = float(schedule.alpha(t_hi)) * MU.double() + x * 3.0
     exact = pf_solution(schedule, MU, S, x, float(t_hi), float(t_lo))
     ts = t_hi.expand(256), t_lo.expand(256)
-    errors = [float((step[k](x, *ts, None) - exact).abs().max()) for k in (1, 2, 4, 8)]
-    assert all(a > 3 * b for a, b in itertools.pairwise(errors)), errors
+    ks = (1, 2, 4, 8, 16)
+    steps = {s: [batched_ode_step(teacher, s, schedule, k) for k in ks] for s in ("heun", "dpm_2s")}
+    errors = {
+        s: [float((f(x, *ts, None) - exact).abs().max()) for f in fs] for s, fs in steps.items()
+    }
+    assert all(a > 3 * b for a, b in itertools.pairwise(errors["heun"])), errors
+    assert all(a > 3 * b for a, b in itertools.pairwise(errors["dpm_2s"][2:])), errors
+    assert all(d < h for d, h in zip(errors["dpm_2s"], errors["heun"], strict=True)), errors
     sub = substep_times(schedule, *ts, 4)
     levels = torch.stack([sigma_of(schedule, t) for t in sub])[:, 0]
     ratios = levels[1:] / levels[:-1]  # geometric in sigma / alpha, ends exact
     torch.testing.assert_close(ratios, ratios[:1].expand(4), rtol=1e-9, atol=0)
     assert torch.equal(sub[0], ts[0]) and torch.equal(sub[-1], ts[1])
+
+
+class _ConstantTeacher(_ExactTeacher):
+    """D(x, t) = mu whatever x and t: the flow's end is mu, and its path is known in closed form."""
+
+    def __call__(self, x, t, cond=None):
+        return self.mu.to(x).expand_as(x), None
+
+
+def test_dpm_2s_step_is_exact_for_a_constant_denoiser():
+    # with D = mu the flow is x~(s) = mu + (s / s_hi)(x~ - mu) in x~ = x / alpha; DPM-Solver++
+    # integrates the linear part exactly and its D_2 blends two equal D's into mu, so one step
+    # lands on it to float64 rounding, through the midpoint's own alpha and time
+    schedule = schedules.linear()
+    teacher = _ConstantTeacher(schedule, MU, S)
+    t_hi, t_lo = (t_of_sigma(schedule, torch.tensor(v)).double() for v in (20.0, 0.05))
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s_hi, s_lo = (float(sigma_of(schedule, t.reshape(1))[0]) for t in (t_hi, t_lo))
+    a_hi, a_lo = (float(schedule.alpha(t)) for t in (t_hi, t_lo))
+    mu = MU.double()
+    exact = a_lo * (mu + (s_lo / s_hi) * (x / a_hi - mu))
+    got = batched_ode_step(teacher, "dpm_2s", schedule)(x, t_hi.expand(64), t_lo.expand(64), None)
+    torch.testing.assert_close(got, exact, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="no batched step for solver 'ddpm'"):
+        batched_ode_step(teacher, "ddpm", schedule)
 
 
 def _main(argv, capsys):
@@ -307,7 +345,7 @@ def _gaussian_fit(loss_name, steps, *extra):
         )
         if loss.c.levels == "jitter":  # every row at its own levels: the batched step
             gaussian = _ExactTeacher(model.schedule, torch.tensor(mu), torch.tensor(std))
-            loss.teacher_batch_step = batched_ode_step(gaussian, True, model.schedule)
+            loss.teacher_batch_step = batched_ode_step(gaussian, "heun", model.schedule)
     target = build.build_model(cfg, DataKind((1,))).net.requires_grad_(False)
     target.load_state_dict(model.net.state_dict())
     opt = torch.optim.Adam(model.net.parameters(), lr=2e-3)

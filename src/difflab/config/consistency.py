@@ -11,7 +11,7 @@ class ConsistencyConfig:
 
     teacher: str = ""  # ect / cd: a trained difflab diffusion run directory
     init_from_teacher: bool = True  # ect / cd: the student starts from the teacher's EMA weights
-    solver: str = "heun"  # cd: the teacher's one step, any registered sampler
+    solver: str = "heun"  # cd: the teacher's step, any sampler (euler/heun/dpm_2s batched)
     solver_substeps: int = 1  # cd: solver steps between two levels (geometric in sigma / alpha)
     teacher_guidance: float = 1.0  # cd, class-conditional teacher: distil it guided at this scale
     distance: str = "pseudo_huber"  # pseudo_huber | l2 (squared, mean over elements)

@@ -119,13 +119,28 @@ def substep_times(schedule, t: Tensor, t_next: Tensor, substeps: int) -> list[Te
     return [t, *inner, t_next]
 
 
-def batched_ode_step(denoiser, heun: bool, schedule=None, substeps: int = 1):
-    """(x (B, ...), t (B,), t_next (B,), cond) -> x at t_next: `substeps` Euler or Heun steps
-    (substep_times; `schedule` needed for more than one) of the probability-flow ODE in EDM's
-    scaled variables (samplers/edm.py, Karras et al. 2022, Algorithm 1), each example at its own
-    times, so a batch costs one or two teacher calls a sub-step whatever levels it holds. VP and
-    VE schedules only (samplers/edm.py steps flow paths in t).
+BATCHED_SOLVERS = ("euler", "heun", "dpm_2s")  # what consistency.levels=jitter can use
+
+
+def batched_ode_step(denoiser, solver: str, schedule=None, substeps: int = 1):
+    """(x (B, ...), t (B,), t_next (B,), cond) -> x at t_next: `substeps` steps (substep_times;
+    `schedule` needed for more than one, and for dpm_2s) of the probability-flow ODE in EDM's
+    scaled variables x~ = x / alpha, s = sigma / alpha, each example at its own times, so a batch
+    costs one or two teacher calls a sub-step whatever levels it holds. VP and VE schedules only
+    (samplers/edm.py steps flow paths in t). `solver`:
+
+    | solver | calls | step from (x~, s) to s'                                             |
+    |--------|-------|---------------------------------------------------------------------|
+    | euler  | 1     | x~ + (s' - s) d, d = (x~ - D(x~, s)) / s (= DDIM)                    |
+    | heun   | 2     | the trapezoid of d at both ends (Karras et al. 2022, Algorithm 1)    |
+    | dpm_2s | 2     | DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1): D at the log-midpoint u |
+
+    dpm_2s: u = sqrt(s s') (r = 1/2 in log s), x~_u = (u/s) x~ + (1 - u/s) D(x~, s), then
+    x~' = (s'/s) x~ + (1 - s'/s) D_2 with D_2 = (1 - 1/(2r)) D(x~, s) + 1/(2r) D(x~_u, u) (r the
+    exact ln(s/u) / ln(s/s') of the float32 time of u): second order and exact for a constant D.
     """
+    if solver not in BATCHED_SOLVERS:
+        raise ValueError(f"no batched step for solver {solver!r}; one of {BATCHED_SOLVERS}")
 
     def step(x, t, t_next, cond):
         ts = substep_times(schedule, t, t_next, substeps)
@@ -139,14 +154,31 @@ def batched_ode_step(denoiser, heun: bool, schedule=None, substeps: int = 1):
         s, s_next = sigma / alpha, sigma_next / alpha_next
         x_scaled = x / alpha
         x0_hat, _ = denoiser(x, t, cond)
+        if solver == "dpm_2s":
+            return alpha_next * midpoint(x_scaled, x0_hat, s, s_next, t, cond)
         d = (x_scaled - x0_hat) / s
         x_next = x_scaled + (s_next - s) * d
-        if heun:  # the trapezoid: average the slopes at both ends
+        if solver == "heun":  # the trapezoid: average the slopes at both ends
             x0_next, _ = denoiser(alpha_next * x_next, t_next, cond)
             x_next = x_scaled + (s_next - s) * 0.5 * (d + (x_next - x0_next) / s_next)
         return alpha_next * x_next
 
+    def midpoint(x_scaled, x0_hat, s, s_next, t, cond):
+        s_u = torch.sqrt(s * s_next).flatten().double().cpu()
+        t_u = t_of_log_snr(schedule, -2 * torch.log(s_u)).to(t.device, t.dtype)
+        alpha_u, sigma_u = denoiser.alpha_sigma(t_u, x_scaled)
+        s_u = sigma_u / alpha_u
+        x0_u, _ = denoiser(alpha_u * ((s_u / s) * x_scaled + (1 - s_u / s) * x0_hat), t_u, cond)
+        r = torch.log(s / s_u) / torch.log(s / s_next)
+        d2 = (1 - 1 / (2 * r)) * x0_hat + 1 / (2 * r) * x0_u
+        return (s_next / s) * x_scaled + (1 - s_next / s) * d2
+
     return step
+
+
+def t_of_log_snr(schedule, lam: Tensor) -> Tensor:
+    """The schedule times (float64) at log-SNR lam, within [t_min, t_max]."""
+    return schedule.t_from_log_snr(lam).clamp(schedule.t_min, schedule.t_max)
 
 
 def guided_teacher(teacher: Model, guidance: float):
@@ -169,16 +201,16 @@ def attach(loss, cfg: RunConfig, model: Model) -> None:
             teacher, c.solver, c.teacher_guidance, teacher.cfg.sample, c.solver_substeps
         )
         schedule = teacher.schedule
-        if c.solver in ("euler", "heun") and (
+        if c.solver in BATCHED_SOLVERS and (
             schedule.variance_preserving or schedule.variance_exploding
         ):  # the deterministic ODE steps: one batched call instead of one per level pair
             denoiser = guided_teacher(teacher, c.teacher_guidance)
             loss.teacher_batch_step = batched_ode_step(
-                denoiser, c.solver == "heun", schedule, c.solver_substeps
+                denoiser, c.solver, schedule, c.solver_substeps
             )
         elif c.levels == "jitter":  # every row has its own pair of levels
             raise ConfigError(
                 f"consistency.levels=jitter needs a batched teacher step (consistency.solver "
-                f"euler or heun on a VP or VE schedule), got solver {c.solver!r}: use "
+                f"euler, heun or dpm_2s on a VP or VE schedule), got solver {c.solver!r}: use "
                 "consistency.solver=heun, or consistency.levels=grid"
             )
