@@ -164,8 +164,9 @@ def batched_ode_step(denoiser, solver: str, schedule=None, substeps: int = 1):
         return alpha_next * x_next
 
     def midpoint(x_scaled, x0_hat, s, s_next, t, cond):
-        s_u = torch.sqrt(s * s_next).flatten().double().cpu()
-        t_u = t_of_log_snr(schedule, -2 * torch.log(s_u)).to(t.device, t.dtype)
+        u = torch.sqrt(s * s_next).flatten().double().cpu()  # the level wanted; t is float32
+        t_u = schedule.t_from_log_snr(-2 * torch.log(u)).clamp(schedule.t_min, schedule.t_max)
+        t_u = t_u.to(t.device, t.dtype)
         alpha_u, sigma_u = denoiser.alpha_sigma(t_u, x_scaled)
         s_u = sigma_u / alpha_u
         x0_u, _ = denoiser(alpha_u * ((s_u / s) * x_scaled + (1 - s_u / s) * x0_hat), t_u, cond)
@@ -174,11 +175,6 @@ def batched_ode_step(denoiser, solver: str, schedule=None, substeps: int = 1):
         return (s_next / s) * x_scaled + (1 - s_next / s) * d2
 
     return step
-
-
-def t_of_log_snr(schedule, lam: Tensor) -> Tensor:
-    """The schedule times (float64) at log-SNR lam, within [t_min, t_max]."""
-    return schedule.t_from_log_snr(lam).clamp(schedule.t_min, schedule.t_max)
 
 
 def guided_teacher(teacher: Model, guidance: float):
