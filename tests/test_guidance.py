@@ -86,3 +86,80 @@ def test_every_sampler_runs_guided_with_one_call_per_evaluation(name):
     cond = fn(wrap(Denoiser(_net, schedule, "v")), x_T, ts, y=y, generator=0, **options)
     plain = guided(wrap(Denoiser(_net, schedule, "v")), 1.0, LABELS)
     torch.testing.assert_close(fn(plain, x_T, ts, y=y, generator=0, **options), cond)
+
+
+def _counting():
+    calls = []
+
+    def net(x, t, y):
+        calls.append(len(x))
+        return _net(x, t, y)
+
+    return net, calls
+
+
+def test_interval_guides_inside_and_is_conditional_outside_per_row():
+    # Kynkäänniemi et al. 2024: w inside (s_lo, s_hi] of s = sigma / alpha, w = 1 outside.
+    s = schedules.linear()
+    t = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.95])
+    level = s.sigma(t) / s.alpha(t)
+    s_lo, s_hi = float(level[1]), float(level[3])  # rows 2 and 3 inside; row 1 on the open end
+    x, y = torch.randn(5, 2), torch.tensor([0, 1, 2, 0, 1])
+    net, calls = _counting()
+    den = guided(Denoiser(net, s, "eps"), 2.0, LABELS, s_lo, s_hi)
+    x0, _ = den(x, t, y)
+    x0_c, _ = Denoiser(_net, s, "eps")(x, t, y)
+    x0_g, _ = guided(Denoiser(_net, s, "eps"), 2.0, LABELS)(x, t, y)
+    inside = torch.tensor([False, False, True, True, False])
+    torch.testing.assert_close(x0[inside], x0_g[inside])
+    torch.testing.assert_close(x0[~inside], x0_c[~inside])
+    assert not torch.allclose(x0_g[~inside], x0_c[~inside])  # the test can tell them apart
+    assert calls == [10]  # mixed rows: one doubled batch
+
+
+def test_interval_outside_costs_one_undoubled_call_and_no_limit_above():
+    s = schedules.linear()
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 0])
+    low, high = torch.full((4,), 0.02), torch.full((4,), 0.9)
+    net, calls = _counting()
+    den = guided(Denoiser(net, s, "v"), 3.0, LABELS, 1.0, 0.0)  # (1, inf): high noise only
+    out_low = den(x, low, y)
+    assert calls == [4]
+    for got, want in zip(out_low, Denoiser(_net, s, "v")(x, low, y), strict=True):
+        torch.testing.assert_close(got, want)
+    out_high = den(x, high, y)
+    assert calls == [4, 8]
+    plain = guided(Denoiser(_net, s, "v"), 3.0, LABELS)(x, high, y)
+    for got, want in zip(out_high, plain, strict=True):
+        torch.testing.assert_close(got, want)
+    # guidance 0 (unconditional) inside the interval, conditional outside, as for any w
+    uncond = guided(Denoiser(_net, s, "v"), 0.0, LABELS, 1.0, 0.0)
+    torch.testing.assert_close(uncond(x, low, y)[0], Denoiser(_net, s, "v")(x, low, y)[0])
+    null = torch.full_like(y, NUM_CLASSES)
+    torch.testing.assert_close(uncond(x, high, y)[0], Denoiser(_net, s, "v")(x, high, null)[0])
+
+
+@pytest.mark.parametrize("name", ["ddpm", "heun", "dpmpp_2m"])
+def test_an_interval_holding_every_level_is_plain_guidance(name):
+    # The same samples, bit for bit, as guidance everywhere, when (s_lo, s_hi] holds the grid.
+    schedule = schedules.linear()
+    scfg = SampleConfig(sampler=name, steps=6, spacing="logsnr")
+    fn, options, ts = build.build_sampler(scfg, schedule)
+    x_T, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
+    den = Denoiser(_net, schedule, "v")
+    plain = fn(guided(den, 2.5, LABELS), x_T, ts, y=y, generator=0, **options)
+    wide = fn(guided(den, 2.5, LABELS, 1e-6, 1e6), x_T, ts, y=y, generator=0, **options)
+    torch.testing.assert_close(wide, plain, rtol=0, atol=0)
+    none = fn(guided(den, 2.5, LABELS, 1e5, 1e6), x_T, ts, y=y, generator=0, **options)
+    cond = fn(den, x_T, ts, y=y, generator=0, **options)
+    torch.testing.assert_close(none, cond, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "match"),
+    [(-1.0, 0.0, ">= 0"), (2.0, 1.0, "above"), (1.0, 1.0, "above"), (float("nan"), 0.0, "finite")],
+)
+def test_bad_intervals_are_refused_with_the_fix(lo, hi, match):
+    den = Denoiser(_net, schedules.linear(), "eps")
+    with pytest.raises(ValueError, match=match):
+        guided(den, 2.0, LABELS, lo, hi)

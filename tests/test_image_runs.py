@@ -97,12 +97,32 @@ def test_sample_per_class_with_guidance(cond_run, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 100
 
 
+def test_guidance_interval_from_the_command_line(cond_run, tmp_path):
+    # An interval above every level of the grid leaves the conditional model (guidance 1), bit
+    # for bit; the file says which interval was asked for.
+    argv = ["sample", str(cond_run), "--n", "4", "--per-class", "--steps", "3", "--quiet"]
+    out = {}
+    for name, extra in (
+        ("cond", ["--guidance", "1"]),
+        ("above", ["--guidance", "3", "--guidance-tmin", "1e6"]),
+        ("guided", ["--guidance", "3"]),
+    ):
+        assert main([*argv, *extra, "--out", str(tmp_path / f"{name}.npz")]) == 0
+        with np.load(tmp_path / f"{name}.npz") as f:
+            out[name] = f["samples"]
+            if name == "above":
+                assert f["guidance_interval"].tolist() == [1e6, 0.0]
+    np.testing.assert_array_equal(out["above"], out["cond"])
+    assert not np.array_equal(out["guided"], out["cond"])
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--class", "5"], "out of range"),
         (["--per-class", "--n", "3"], "multiple of the 2 classes"),
         (["--guidance", "-1"], ">= 0"),
+        (["--guidance", "2", "--guidance-tmin", "2", "--guidance-tmax", "1"], "above"),
     ],
 )
 def test_bad_conditional_requests(cond_run, tmp_path, capsys, extra, message):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from difflab.config import ConfigError, SampleConfig
 from difflab.devices import maybe_compile
-from difflab.diffusion.guidance import guided
+from difflab.diffusion.guidance import check_interval, guided
 from difflab.diffusion.prediction import Denoiser
 from difflab.samplers import Recorder, generate, sampler_info, timesteps
 
@@ -92,6 +92,7 @@ class Model:
             if scfg.n < 1:
                 raise ConfigError(f"--n must be >= 1, got {scfg.n}")
             self.conditioner.check_guidance(scfg.guidance)
+            check_interval(scfg.guidance_tmin, scfg.guidance_tmax)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         denoiser = self.denoiser
@@ -100,7 +101,9 @@ class Model:
         if self.conditioner.conditional:
             if cond is None:
                 cond = self.conditioner.request(scfg.n, seed=scfg.seed)
-            denoiser = guided(denoiser, scfg.guidance, self.conditioner)
+            denoiser = guided(
+                denoiser, scfg.guidance, self.conditioner, scfg.guidance_tmin, scfg.guidance_tmax
+            )
         z = generate(
             info.fn,
             denoiser,

@@ -13,7 +13,10 @@ from difflab.config import (
 from difflab.samplers import SAMPLERS
 
 # Options every sampler shares; each sampler's own (--eta, --churn, ...) come from the registry.
-SAMPLE_FLAGS = ("sampler", "steps", "spacing", "t_end", "n", "seed", "guidance", "shift")
+SAMPLE_FLAGS = (
+    "sampler", "steps", "spacing", "t_end", "n", "seed", "guidance", "guidance_tmin",
+    "guidance_tmax", "shift",
+)  # fmt: skip
 
 
 def _option_flags() -> dict[str, tuple]:
@@ -72,6 +75,14 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--guidance", type=float, help="classifier-free guidance scale (conditional runs)"
     )
+    p.add_argument(
+        "--guidance-tmin", dest="guidance_tmin", type=float,
+        help="guide only above this noise level sigma / alpha (conditional below it)",
+    )  # fmt: skip
+    p.add_argument(
+        "--guidance-tmax", dest="guidance_tmax", type=float,
+        help="guide only up to this noise level (conditional above it; 0 = no limit)",
+    )  # fmt: skip
     p.add_argument("--class", dest="class_label", type=int, help="sample this class only")
     p.add_argument("--per-class", action="store_true", help="n / num_classes samples of each class")
 

@@ -63,6 +63,8 @@ def _sample(args: argparse.Namespace, world) -> None:
     )
     if labels is not None:
         meta["guidance"] = scfg.guidance
+        if scfg.guidance_tmin > 0 or scfg.guidance_tmax > 0:
+            meta["guidance_interval"] = [scfg.guidance_tmin, scfg.guidance_tmax]
     if prompts is not None:  # the prompts, not their token conditions, go into the file
         labels, meta["prompts"] = None, prompts
     path = save_samples(args.out, samples, labels, **meta)

@@ -29,6 +29,10 @@ class SampleConfig:
     seed: int = 1
     use_ema: bool = True
     guidance: float = 1.0  # classifier-free guidance scale (0 = unconditional, 1 = conditional)
+    # guidance only at noise levels (sigma / alpha) in (guidance_tmin, guidance_tmax], conditional
+    # elsewhere (Kynkäänniemi et al. 2024); guidance_tmax = 0 = no upper limit, 0 and 0 = everywhere
+    guidance_tmin: float = 0.0
+    guidance_tmax: float = 0.0
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for the network while sampling
     compile: bool = False  # torch.compile the network for sampling
     shift: float = 1.0  # time shift t' = s t / (1 + (s - 1) t) of the grid (SD3); 1 = none

@@ -107,7 +107,7 @@ def timed_samples(
 
 def sampling_provenance(run: LoadedRun, scfg: SampleConfig, conditional: bool) -> dict:
     """How samples were drawn, for every result row."""
-    return {
+    row = {
         "source": str(run.run_dir),
         "checkpoint": str(run.checkpoint),
         "step": run.step,
@@ -119,6 +119,9 @@ def sampling_provenance(run: LoadedRun, scfg: SampleConfig, conditional: bool) -
         "ema": scfg.use_ema,
         "seed": scfg.seed,
     }
+    if conditional and (scfg.guidance_tmin > 0 or scfg.guidance_tmax > 0):
+        row["guidance_interval"] = [scfg.guidance_tmin, scfg.guidance_tmax]
+    return row
 
 
 def evaluate_images_of(
