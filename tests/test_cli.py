@@ -162,6 +162,36 @@ def test_bad_input_is_one_clear_line_and_exit_2(argv, message, tmp_path, monkeyp
         assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("sample.sampler=ddimm", "unknown sampler 'ddimm'"),
+        ("sample.spacing=sideways", "unknown timestep spacing"),
+        ("sample.steps=0", "steps must be an integer >= 1"),
+        ("sample.n=0", "sample.n (--n) must be >= 1"),
+        ("sample.precision=fp8", "sample.precision must be one of"),
+        ("sample.guidance=2", "unconditional model"),
+        ("sample.variance=mid", "unknown DDPM variance"),  # checked by the sampler itself
+        ("sample.shift=0", "sample.shift must be > 0"),
+    ],
+)
+def test_sample_settings_are_checked_before_training(setting, message, tmp_path, capsys):
+    """A bad sample.* value stops `train` before step 1 (not after the whole run, in the
+    final sampling), with one line and nothing left in --runs."""
+    argv = ["train", "--runs", str(tmp_path / "runs"), "--name", "r", "--quiet"]
+    assert main([*argv, "--set", "train.steps=1000000", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.count("difflab: error:") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_every_sample_problem_in_one_message(tmp_path, capsys):
+    argv = ["train", "--runs", str(tmp_path), "--quiet", "--set", "sample.sampler=ddimm"]
+    assert main([*argv, "sample.n=0", "sample.precision=fp8"]) == 2
+    err = capsys.readouterr().err
+    assert all(m in err for m in ("unknown sampler", "sample.n", "sample.precision"))
+
+
 def test_bad_sampler_options(run_dir, tmp_path, capsys):
     for extra, message in (
         (["--sampler", "lms"], "unknown sampler"),

@@ -13,6 +13,7 @@ from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.prediction import Denoiser
 from difflab.diffusion.schedules import CosineSchedule
 from difflab.model import DataKind, Model
+from difflab.samplers import SAMPLERS
 from difflab.training.checkpoint import load_state, load_weights
 from difflab.training.loop import train
 from difflab.training.parts import build_parts
@@ -95,6 +96,21 @@ def test_build_model_is_the_one_place_a_model_is_made():
     assert isinstance(build.build_model(cfg, DataKind((2,))).conditioner, Unconditional)
     with pytest.raises(ConfigError, match=r"unknown train\.loss 'nope'; choose one of diffusion"):
         build_parts(apply_overrides(cfg, ["train.loss=nope"]))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "edm"])
+def test_the_dry_run_accepts_every_sampler_a_diffusion_model_can_use(schedule):
+    """check_sample's dry run must refuse nothing a real draw accepts: every registered
+    sampler but the consistency one, on a discrete table and in continuous EDM time."""
+    sets = ["diffusion.schedule=edm", "diffusion.num_steps=0", "diffusion.prediction=edm"]
+    cfg = apply_overrides(preset("toy2d"), SMALL + (sets if schedule == "edm" else []))
+    model = build.build_model(cfg, DataKind((2,)))
+    for name in SAMPLERS:
+        if name != "consistency":
+            spacing = "karras" if schedule == "edm" else "trailing"
+            model.check_sample(SampleConfig(sampler=name, steps=8, spacing=spacing), dry_run=True)
+    with pytest.raises(ConfigError, match="needs a consistency model"):
+        model.check_sample(SampleConfig(sampler="consistency", steps=1), dry_run=True)
 
 
 class CopyTargetLoss(DiffusionLoss):

@@ -6,6 +6,7 @@ and decoding.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -13,10 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from difflab.config import ConfigError, SampleConfig
-from difflab.devices import maybe_compile
+from difflab.devices import PRECISIONS, maybe_compile
 from difflab.diffusion.guidance import check_interval, guided
 from difflab.diffusion.prediction import Denoiser
-from difflab.samplers import Recorder, generate, sampler_info, timesteps
+from difflab.samplers import NonFiniteError, Recorder, generate, sampler_info, timesteps
 
 
 @dataclass(frozen=True)
@@ -86,15 +87,9 @@ class Model:
             recorder: receives every step of the first batch (trajectories).
             autocast: the network's precision (None: full).
         """
-        try:
-            info = sampler_info(scfg.sampler)
-            ts = timesteps(self.schedule, scfg.steps, scfg.spacing, scfg.t_end or None, scfg.shift)
-            if scfg.n < 1:
-                raise ConfigError(f"--n must be >= 1, got {scfg.n}")
-            self.conditioner.check_guidance(scfg.guidance)
-            check_interval(scfg.guidance_tmin, scfg.guidance_tmax)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        self.check_sample(scfg)
+        info = sampler_info(scfg.sampler)
+        ts = timesteps(self.schedule, scfg.steps, scfg.spacing, scfg.t_end or None, scfg.shift)
         denoiser = self.denoiser
         if scfg.compile:
             denoiser = denoiser.with_net(self._compiled())
@@ -121,6 +116,61 @@ class Model:
             **info.options_from(scfg),
         )
         return self.codec.decode(z)
+
+    def check_sample(self, scfg: SampleConfig, *, dry_run: bool = False) -> None:
+        """Every problem of `scfg` for this model in one ConfigError, before any work.
+
+        Args:
+            dry_run: also draw one example on the real grid with a network that predicts
+                zeros, so that every check a sampler makes of its own options and grid (eta,
+                order, variance, churn levels, corrector steps, consistency levels) runs too:
+                the sampler stays the one authority on what it accepts, and a new sampler
+                needs no validator of its own. It costs one network-free pass (milliseconds);
+                the trainer asks for it so that a typo in `sample.*` fails before step 1.
+        """
+        problems = []
+
+        def attempt(check, *args):
+            try:
+                return check(*args)
+            except ValueError as e:
+                problems.append(str(e))
+
+        info = attempt(sampler_info, scfg.sampler)
+        ts = attempt(
+            timesteps, self.schedule, scfg.steps, scfg.spacing, scfg.t_end or None, scfg.shift
+        )
+        if scfg.n < 1:
+            problems.append(f"sample.n (--n) must be >= 1, got {scfg.n}")
+        if scfg.batch_size < 1:
+            problems.append(f"sample.batch_size must be >= 1, got {scfg.batch_size}")
+        if scfg.precision not in PRECISIONS:
+            problems.append(
+                f"sample.precision must be one of {', '.join(PRECISIONS)}, got {scfg.precision!r}"
+            )
+        attempt(self.conditioner.check_guidance, scfg.guidance)
+        attempt(check_interval, scfg.guidance_tmin, scfg.guidance_tmax)
+        if dry_run and not problems:
+            attempt(self._dry_run, info, ts, scfg)
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def _dry_run(self, info, ts: Tensor, scfg: SampleConfig) -> None:
+        """One example through `info`'s sampler on `ts`, driven by a zero network."""
+        zeros = self.denoiser.with_net(lambda x_t, t, cond=None: torch.zeros_like(x_t))
+        shape = self.codec.latent_shape(self.kind.shape)
+        # a zero network may leave the data range: that is not a config problem
+        with contextlib.suppress(NonFiniteError):
+            generate(
+                info.fn,
+                zeros,
+                1,
+                shape,
+                ts,
+                seed=0,
+                device=self.device,
+                **info.options_from(scfg),
+            )
 
     def _compiled(self) -> nn.Module:
         if self.compiled is None:
