@@ -6,6 +6,9 @@ says which it may import. The data flow reads one way: config -> build -> model 
 """
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,7 +66,7 @@ ALLOWED = {
         "training.checkpoint",
     },
     "cli": {
-        "benchmark", "build", "config", "evaluation", "files", "flow", "report", "runs",
+        "benchmark", "build", "config", "devices", "evaluation", "files", "flow", "report", "runs",
         "samplers", "share", "training",
     },
     "flow": {"config", "data.pairs", "files", "samplers"},
@@ -187,3 +190,35 @@ def test_every_imported_name_counts(tmp_path):
     assert not _allowed("training.loop", "report.run") and _allowed("report.run", "report.grids")
     assert _allowed("diffusion.losses", "diffusion.objectives")
     assert not _allowed("diffusion.prediction", "diffusion.losses")  # schedules <- ... <- losses
+
+
+IMPORT_ALL = """
+import importlib, pkgutil, sys, tempfile
+from pathlib import Path
+import matplotlib, numpy as np, torch
+torch.set_num_threads(1)
+import difflab
+from difflab import devices
+for module in pkgutil.walk_packages(difflab.__path__, "difflab."):
+    if module.name != "difflab.__main__":
+        importlib.import_module(module.name)
+from difflab import build
+from difflab.config import preset
+from difflab.model import DataKind
+from difflab.report import charts
+build.build_model(preset("toy2d"), DataKind((2,)))  # the Python API's first steps
+points = np.random.default_rng(0).normal(size=(100, 2))
+charts.real_vs_generated(points, points, Path(tempfile.mkdtemp()) / "a.png", ("a", "b"))
+print(matplotlib.get_backend(), torch.get_num_threads(), devices._KEPT)
+"""
+
+
+def test_importing_difflab_changes_no_process_wide_state():
+    """Importing every module, building a model and drawing a figure leave matplotlib's
+    backend, torch's thread count and glibc's malloc settings as the user had them: those
+    belong to the CLI and the trainer, not to a library a notebook imports."""
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["svg", "1", "None"]

@@ -19,7 +19,7 @@ from difflab.data.images import DEFAULT_FLIP, load_image_dataset
 from difflab.data.pairs import PairStream
 from difflab.data.stream import ImageStream, ToyStream
 from difflab.data.toy2d import TOY2D
-from difflab.devices import keep_freed_memory, memory_format
+from difflab.devices import memory_format
 from difflab.diffusion import schedules
 from difflab.diffusion.autoencoder_loss import AutoencoderLoss
 from difflab.diffusion.consistency import ConsistencyDenoiser
@@ -218,7 +218,6 @@ def build_model(cfg: RunConfig, kind: DataKind, device: torch.device | str = "cp
     """The run's model for data of `kind`, on `device` (weights freshly initialised from the
     global torch RNG; a caller that loads a checkpoint loads into model.net)."""
     device = torch.device(device)
-    keep_freed_memory()  # training, sampling and eval reuse freed memory (devices.py says why)
     codec, conditioner = build_codec(cfg, kind, device), build_conditioner(cfg, kind)
     # the network embeds what the conditioner makes (its classes and their null label)
     text = text_encoder(cfg.model.text, conditioner.encoder) if cfg.data.text_conditional else None

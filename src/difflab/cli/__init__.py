@@ -16,6 +16,7 @@ from difflab.cli.sample import cmd_bench, cmd_plot, cmd_sample
 from difflab.cli.share import cmd_export, cmd_import, cmd_report
 from difflab.cli.train import cmd_train
 from difflab.config import ConfigError
+from difflab.devices import keep_freed_memory
 from difflab.samplers import NonFiniteError
 
 __all__ = ["classifier_parser", "main", "parser", "sample_changes", "sample_config"]
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
     args.argv = argv  # --nproc relaunches the command as given
     warnings.formatwarning = lambda msg, *a, **k: f"difflab: warning: {msg}\n"
+    keep_freed_memory()  # sampling and eval reuse freed memory too (devices.py says why)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # they name the bad input and fix

@@ -8,10 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib import ticker
@@ -19,6 +15,7 @@ from matplotlib.lines import Line2D
 
 from difflab.evaluation.protocol import HIGHER_IS_BETTER
 from difflab.files import replace_atomically
+from difflab.report.figure import subplots
 from difflab.training.logging import read_metrics
 
 LIMITS = (-1.5, 1.5)  # data panels
@@ -45,7 +42,6 @@ def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".") or "png"  # a crash leaves the old figure or the new one
     replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt))
-    plt.close(fig)
     return path
 
 
@@ -53,7 +49,7 @@ def real_vs_generated(
     real: np.ndarray, generated: np.ndarray, path: Path, titles: tuple[str, str]
 ) -> Path:
     """Two scatter panels: real points and generated points."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+    fig, axes = subplots(1, 2, figsize=(8, 4))
     for ax, pts, title, color in zip(axes, (real, generated), titles, ("C1", "C0"), strict=True):
         _scatter(ax, pts, color)
         _square_axes(ax, title)
@@ -62,7 +58,7 @@ def real_vs_generated(
 
 def scatter(points: np.ndarray, path: Path, title: str) -> Path:
     """One scatter panel of 2-D points (N, 2)."""
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = subplots(figsize=(4, 4))
     _scatter(ax, points, "C0")
     _square_axes(ax, title)
     return _save(fig, path)
@@ -71,7 +67,7 @@ def scatter(points: np.ndarray, path: Path, title: str) -> Path:
 def forward_process(real: np.ndarray, noisy: list[tuple[float, np.ndarray]], path: Path) -> Path:
     """The data diffused to several t: panels of q(x_t | x0) samples."""
     panels = [(0.0, real), *noisy]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
+    fig, axes = subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
     for ax, (t, pts) in zip(axes, panels, strict=True):
         _scatter(ax, pts, "C1")
         _square_axes(ax, f"t = {t:.2f}", NOISE_LIMITS)
@@ -114,7 +110,7 @@ def loss_curve(metrics_path: Path, path: Path, ylabel: str = "loss") -> Path:
         raise ValueError(f"{metrics_path} has no loss rows yet")
     steps = np.array([r["step"] for r in rows])
     loss = np.array([r["loss"] for r in rows])
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     ax.plot(steps, loss, color="C0", alpha=0.35, label="loss")
     ax.plot(steps, smooth(loss), color="C0", label="smoothed")
     log_axis(ax, loss)
@@ -131,7 +127,7 @@ def loss_by_t(metrics_path: Path, path: Path, curves: int = 4, ylabel: str = "lo
     if not rows:
         raise ValueError(f"{metrics_path} has no loss_by_t rows yet")
     picks = sorted({int(i) for i in np.linspace(0, len(rows) - 1, min(curves, len(rows)))})
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = subplots(figsize=(6, 3.5))
     shown = []
     for k, i in enumerate(picks):
         values = np.array([np.nan if v is None else v for v in rows[i]["loss_by_t"]], dtype=float)
@@ -141,7 +137,7 @@ def loss_by_t(metrics_path: Path, path: Path, curves: int = 4, ylabel: str = "lo
             centres,
             values,
             marker="o",
-            color=plt.cm.viridis(k / max(len(picks) - 1, 1)),
+            color=matplotlib.colormaps["viridis"](k / max(len(picks) - 1, 1)),
             label=f"training step {rows[i]['step']}",
         )
     log_axis(ax, np.concatenate(shown))
@@ -173,11 +169,12 @@ def trajectories(
         lw: line width (thinner for zig-zagging stochastic paths).
     """
     paths = np.asarray(paths, dtype=np.float32)
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig, ax = subplots(figsize=(5.5, 5.5))
     if background is not None:
         _scatter(ax, background, "0.6", size=1.0)
     starts = paths[0]
-    colours = plt.cm.hsv((np.arctan2(starts[:, 1], starts[:, 0]) / (2 * np.pi)) % 1.0)
+    angle = np.arctan2(starts[:, 1], starts[:, 0]) / (2 * np.pi)
+    colours = matplotlib.colormaps["hsv"](angle % 1.0)
     for k in range(paths.shape[1]):
         ax.plot(paths[:, k, 0], paths[:, k, 1], color=colours[k], lw=lw, alpha=0.85)
     ax.scatter(*starts.T, s=22, facecolors="white", edgecolors="k", linewidths=0.8, zorder=3)
@@ -225,7 +222,7 @@ def compare_plot(rows: list[dict], path: Path, keys: list[str]) -> Path:
         (key, f"{key} ({'higher' if key in HIGHER_IS_BETTER else 'lower'} is better)")
         for key in keys
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    fig, axes = subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     line_of = lambda r: (r["sampler"], r["spacing"], r.get("guidance"))  # noqa: E731
     lines = sorted({line_of(r) for r in rows}, key=str)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
@@ -257,7 +254,7 @@ def eval_history(metrics_path: Path, path: Path) -> Path | None:
     pts = [(r["step"], r["eval"][metric]) for r in rows if r["eval"]["metric"] == metric]
     steps, values = zip(*pts, strict=True)
     best = (max if metric in HIGHER_IS_BETTER else min)(range(len(values)), key=values.__getitem__)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     ax.plot(steps, values, marker="o", ms=3)
     ax.plot(
         steps[best], values[best], "r*", ms=12, label=f"best: {values[best]:.4g} at {steps[best]}"

@@ -8,15 +8,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
 from difflab.config import RunConfig
 from difflab.files import savez_atomically
 from difflab.report import charts, grids
+from difflab.report.figure import subplots
 from difflab.runs import draw_samples, load_run, sample_labels
 from difflab.training.logging import read_metrics
 
@@ -33,7 +30,7 @@ def curriculum_figure(metrics_path: Path, path: Path) -> Path | None:
     keys = [k for k in CURRICULUM_KEYS if any(k in r for r in rows)]
     if not rows or not keys:
         return None
-    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3.2))
+    fig, axes = subplots(1, 1 + len(keys), figsize=(4 * (1 + len(keys)), 3.2))
     steps = np.array([r["step"] for r in rows])
     loss = np.array([r["loss"] for r in rows], dtype=float)
     axes[0].plot(steps, loss, lw=0.8, alpha=0.4, color="C0")
@@ -84,7 +81,7 @@ def teacher_figure(npz: Path, path: Path) -> Path:
     first = next(iter(panels.values()))
     if first.ndim == 4:
         return grids.comparison_figure(panels, path)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
+    fig, axes = subplots(1, len(panels), figsize=(4 * len(panels), 4))
     for ax, (title, points) in zip(axes, panels.items(), strict=True):
         charts._scatter(ax, points, "C0")
         charts._square_axes(ax, title)

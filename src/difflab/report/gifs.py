@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from difflab.report.charts import plt  # matplotlib set to files only
+from difflab.report.figure import subplots
 from difflab.report.grids import PAD, check_images, image_grid
 
 FRAME_MS = 80  # per sampler step shown
@@ -185,7 +185,7 @@ def _follow(xs: np.ndarray, margin: float = 1.15) -> tuple[np.ndarray, np.ndarra
 
 
 def _cloud_frame(points: np.ndarray, title: str, centre: np.ndarray, half: float) -> Image.Image:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    fig, ax = subplots(figsize=(4.5, 4.5), dpi=100)
     size = float(np.clip(8000 / len(points), 2.0, 12.0))  # ~4 px^2 for 2,000 points
     ax.scatter(*points.T, s=size, c="C0", alpha=0.5, linewidths=0)
     ax.set_xlim(centre[0] - half, centre[0] + half)
@@ -197,7 +197,6 @@ def _cloud_frame(points: np.ndarray, title: str, centre: np.ndarray, half: float
     fig.tight_layout()
     fig.canvas.draw()
     image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
-    plt.close(fig)
     return image
 
 

@@ -11,16 +11,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-
-import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
 from difflab.files import replace_atomically
 from difflab.report.charts import _save  # one dpi and bbox for every figure
+from difflab.report.figure import subplots
 
 PAD = 2  # pixels between and around the images of a grid (as torchvision's make_grid)
 PAD_VALUE = 255  # white, so black-background digits stay visibly separate
@@ -140,7 +136,7 @@ def class_grid(images, labels, path: Path, class_names=None, per_class: int = 10
         raise ValueError(f"labels has {len(labels)} entries for {len(x)} images")
     cells, classes, per_class = _class_rows(x, labels, per_class)
     grid = image_grid(cells, per_class)
-    fig, ax = plt.subplots(figsize=_figsize(grid, (0.8, 0.0)))
+    fig, ax = subplots(figsize=_figsize(grid, (0.8, 0.0)))
     _show(ax, grid)
     names = [str(class_names[k]) if class_names is not None else str(k) for k in classes]
     ax.set_yticks(_centres(len(classes), x.shape[2]), names, fontsize=8)
@@ -161,7 +157,7 @@ def forward_process_images(x0, noisy: list[tuple[float, np.ndarray]], path: Path
         raise ValueError(f"every x_t must have the shape of x0 {x0.shape}")
     cells = np.stack([x_t for _, x_t in columns], axis=1)  # (K, T, C, H, W)
     grid = image_grid(cells.reshape(-1, *x0.shape[1:]), len(columns))
-    fig, ax = plt.subplots(figsize=_figsize(grid, (0.0, 0.4), min_width=0.8 * len(columns)))
+    fig, ax = subplots(figsize=_figsize(grid, (0.0, 0.4), min_width=0.8 * len(columns)))
     _show(ax, grid)
     ax.xaxis.tick_top()
     ax.set_xticks(_centres(len(columns), x0.shape[3]), [f"t = {t:.2f}" for t, _ in columns])
@@ -183,7 +179,7 @@ def trajectory_strip(xs, path: Path, columns: int = 10) -> Path:
     picks = sorted(set(np.linspace(0, last, min(columns, last + 1)).round().astype(int).tolist()))
     cells = check_images(xs[picks].swapaxes(0, 1).reshape(-1, *xs.shape[2:]), "xs")
     grid = image_grid(cells, len(picks))
-    fig, ax = plt.subplots(figsize=_figsize(grid, (0.0, 0.4), min_width=0.5 * len(picks)))
+    fig, ax = subplots(figsize=_figsize(grid, (0.0, 0.4), min_width=0.5 * len(picks)))
     _show(ax, grid)
     ax.xaxis.tick_top()
     ax.set_xticks(_centres(len(picks), xs.shape[4]), [f"{i}/{last}" for i in picks])
@@ -206,7 +202,7 @@ def comparison_figure(panels: dict[str, np.ndarray], path: Path, nrow: int | Non
         x = check_images(images, f"panel {title!r}")
         grids[title] = image_grid(x, nrow or math.ceil(math.sqrt(len(x))))
     w, h = _figsize(max(grids.values(), key=lambda g: g.size[0] * g.size[1]))
-    fig, axes = plt.subplots(1, len(grids), figsize=(w * len(grids), h + 0.4), squeeze=False)
+    fig, axes = subplots(1, len(grids), figsize=(w * len(grids), h + 0.4), squeeze=False)
     for ax, (title, grid) in zip(axes[0], grids.items(), strict=True):
         _show(ax, grid, title)
     return _save(fig, Path(path))
@@ -249,7 +245,7 @@ def diversity_figure(images, path: Path, labels=None) -> Path:
     vmax = max(max(float(v.max()) for _, v, _ in maps), 1e-8)
     cols = min(len(maps), 6)
     rows = math.ceil(len(maps) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 0.6, 2.4 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(2.2 * cols + 0.6, 2.4 * rows), squeeze=False)
     for ax in axes.flat[len(maps) :]:
         ax.axis("off")
     for ax, (name, variance, mean_std) in zip(axes.flat, maps, strict=False):
@@ -272,7 +268,7 @@ def grid_history(paths: list[tuple[int, Path]], path: Path, last: int = 6) -> Pa
     chosen = sorted(paths, key=lambda item: item[0])[-last:]
     cols = min(len(chosen), 3)
     rows = math.ceil(len(chosen) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (step, png) in zip(axes.flat, chosen, strict=False):

@@ -8,10 +8,10 @@ import re
 from pathlib import Path
 
 import numpy as np
-from matplotlib import pyplot as plt
 
 from difflab.config import SampleConfig
 from difflab.report import gifs, grids
+from difflab.report.figure import subplots
 from difflab.report.images import record_states, state_lams
 from difflab.runs import LoadedRun
 
@@ -35,7 +35,7 @@ def prompt_grid(images, prompts: list[str], path: Path) -> Path:
     )
     grid = grids.image_grid(cells, per_row)
     width = 0.07 * max(len(r) for r in rows)  # inches of caption to the left
-    fig, ax = plt.subplots(figsize=grids._figsize(grid, (max(width, 0.8), 0.0)))
+    fig, ax = subplots(figsize=grids._figsize(grid, (max(width, 0.8), 0.0)))
     grids._show(ax, grid)
     ax.set_yticks(grids._centres(len(rows), x.shape[2]), [r or '"" (null)' for r in rows])
     ax.tick_params(length=0, labelsize=8)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from difflab import build
+from difflab import build, devices
 from difflab.config import ConfigError, RunConfig
 from difflab.training import distributed, faults
 from difflab.training.checkpoint import (
@@ -81,6 +81,7 @@ def train(
         the path of the last checkpoint written.
     """
     run_dir = Path(run_dir)
+    devices.keep_freed_memory()  # steps reuse the memory the last one freed (devices.py says why)
     cfg = build.pin_codec(cfg)  # a latent run records the SHA-256 of its autoencoder
     world = distributed.setup(cfg)  # one of several processes (torchrun, --nproc), or alone
     parts = build_parts(cfg, world, hooks)  # 1. build
