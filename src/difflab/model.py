@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.config import ConfigError, SampleConfig
-from difflab.devices import maybe_compile
+from difflab.devices import maybe_compile, resolve_precision
 from difflab.diffusion.guidance import check_interval, guided
 from difflab.diffusion.prediction import Denoiser
 from difflab.samplers import Recorder, generate, sampler_info, timesteps
@@ -73,10 +73,11 @@ class Model:
         start: int = 0,
         progress: bool = False,
         recorder: Recorder | None = None,
-        autocast: torch.dtype | None = None,
     ) -> Tensor:
         """(scfg.n, *data shape) samples (CPU, float32) with scfg's sampler, grid, seed,
-        batch size and guidance, decoded into data space.
+        batch size, guidance, precision (the network under autocast; the sampler's arithmetic
+        stays float32) and compile, decoded into data space. Every caller (`difflab sample`,
+        training-time grids and metrics, evaluation, reflow, straightness) gets all of them.
 
         Args:
             cond: the conditions of the n samples (a conditioner's `request` or `balanced`);
@@ -84,7 +85,6 @@ class Model:
             start: global index of the first sample (one process's share of a larger draw:
                 with `cond` the share's conditions, samples start.. of one call from 0).
             recorder: receives every step of the first batch (trajectories).
-            autocast: the network's precision (None: full).
         """
         try:
             info = sampler_info(scfg.sampler)
@@ -95,6 +95,7 @@ class Model:
             check_interval(scfg.guidance_tmin, scfg.guidance_tmax)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        autocast = resolve_precision(scfg.precision, self.device, "sample.precision")
         denoiser = self.denoiser
         if scfg.compile:
             denoiser = denoiser.with_net(self._compiled())
