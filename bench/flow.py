@@ -55,8 +55,9 @@ def best_at(run_dir: Path, grids: list[str], nfe: int, n: int) -> tuple[dict, li
 
 
 def at_nfe(run, sampler: str, spacing: str, nfe: int, n: int) -> dict:
+    steps = steps_for_nfe(sampler, nfe, run.cfg.sample)
     scfg = dataclasses.replace(
-        run.cfg.sample, sampler=sampler, spacing=spacing, steps=steps_for_nfe(sampler, nfe),
+        run.cfg.sample, sampler=sampler, spacing=spacing, steps=steps,
         n=n, batch_size=n,
     )  # fmt: skip
     return evaluate_toy(draw_samples(run, scfg, progress=False).numpy(), run.cfg.data.name)
@@ -87,7 +88,7 @@ def reflow_part(args, flow_dir: Path, flow_best: dict) -> dict:
     flow = load_run(flow_dir)
     scfg = dataclasses.replace(
         flow.cfg.sample, sampler=flow_best["sampler"], spacing=flow_best["spacing"],
-        steps=steps_for_nfe(flow_best["sampler"], 50), batch_size=10000,
+        steps=steps_for_nfe(flow_best["sampler"], 50, flow.cfg.sample), batch_size=10000,
     )  # fmt: skip
     t0 = time.perf_counter()
     folder = draw_pairs(flow, scfg, args.pairs, chunk=10000)
@@ -126,7 +127,7 @@ def mnist_part(args) -> dict:
         run = load_run(run_dir)
         labels = sample_labels(run, 1000, per_class=True)
         s = run.cfg.sample
-        scfg = dataclasses.replace(s, n=1000, batch_size=250, steps=steps_for_nfe(s.sampler, 10))
+        scfg = dataclasses.replace(s, n=1000, batch_size=250, steps=steps_for_nfe(s.sampler, 10, s))
         t0 = time.perf_counter()
         x = to_judge_size(draw_samples(run, scfg, labels=labels, progress=True))
         acc = float((judge_predict(judge, x) == labels).float().mean())

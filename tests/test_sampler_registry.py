@@ -3,9 +3,11 @@
 import dataclasses
 
 import pytest
+import torch
 
-from difflab import cli
-from difflab.config import SampleConfig
+from difflab import build, cli
+from difflab.config import SampleConfig, apply_overrides, preset
+from difflab.model import DataKind
 from difflab.samplers import SAMPLERS, deterministic_samplers, nfe_of, sampler_info, steps_for_nfe
 from difflab.samplers.registry import Option, register
 
@@ -21,10 +23,54 @@ def test_every_declared_option_is_a_sample_config_field_of_its_type():
 def test_costs_and_budgets_invert():
     assert nfe_of("heun", 10) == 19 and nfe_of("dpm_2s", 10) == 19 and nfe_of("ddim", 10) == 10
     for name in SAMPLERS:
-        for nfe in (1, 5, 10, 19, 20):
-            steps = steps_for_nfe(name, nfe)
-            assert nfe_of(name, steps) <= max(nfe, nfe_of(name, 1))
-            assert nfe_of(name, steps + 1) > nfe
+        for scfg in (SampleConfig(n_corrector=0), SampleConfig(n_corrector=2)):
+            for nfe in (1, 5, 10, 19, 20):
+                steps = steps_for_nfe(name, nfe, scfg)
+                assert nfe_of(name, steps, scfg) <= max(nfe, nfe_of(name, 1, scfg))
+                assert nfe_of(name, steps + 1, scfg) > nfe
+
+
+class CountedNet(torch.nn.Module):
+    """A network that counts its calls: one call = one model evaluation of a batch."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.net(*args, **kwargs)
+
+
+def _toy_model(preset_name: str):
+    cfg = apply_overrides(preset(preset_name), ["model.mlp.width=16", "model.mlp.depth=1"])
+    return build.build_model(cfg, DataKind((2,)), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_nfe_is_the_number_of_network_calls(name):
+    """Count the network's calls while sampling one batch: the NFE the registry reports (and
+    every row writes) must be that count, for every sampler, step count and option that
+    changes it (pc: n_corrector)."""
+    model = _toy_model("toy2d-ct" if name == "consistency" else "toy2d")
+    options = [{"n_corrector": m} for m in (0, 1, 3)] if name == "pc" else [{}]
+    for steps in (1, 4, 7):
+        for option in options:
+            scfg = SampleConfig(
+                sampler=name, steps=steps, spacing="uniform", n=3, batch_size=3, **option
+            )
+            counted = CountedNet(model.net)
+            model.with_net(counted).sample(scfg)
+            assert counted.calls == nfe_of(name, steps, scfg), (name, steps, option)
+            if name == "pc":
+                assert counted.calls == (option["n_corrector"] + 1) * steps
+
+
+def test_an_option_dependent_cost_needs_the_options():
+    with pytest.raises(ValueError, match="depend on its options"):
+        nfe_of("pc", 10)
+    scfg = SampleConfig(sampler="pc", n_corrector=2)
+    assert steps_for_nfe("pc", 10, scfg) == 3 and nfe_of("pc", 3, scfg) == 9
 
 
 def test_compare_sweeps_the_deterministic_solvers():

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.config import ConfigError, SampleConfig
-from difflab.devices import PRECISIONS, maybe_compile
+from difflab.devices import PRECISIONS, maybe_compile, resolve_precision
 from difflab.diffusion.guidance import check_interval, guided
 from difflab.diffusion.prediction import Denoiser
 from difflab.samplers import NonFiniteError, Recorder, generate, sampler_info, timesteps
@@ -74,10 +74,11 @@ class Model:
         start: int = 0,
         progress: bool = False,
         recorder: Recorder | None = None,
-        autocast: torch.dtype | None = None,
     ) -> Tensor:
         """(scfg.n, *data shape) samples (CPU, float32) with scfg's sampler, grid, seed,
-        batch size and guidance, decoded into data space.
+        batch size, guidance, precision (the network under autocast; the sampler's arithmetic
+        stays float32) and compile, decoded into data space. Every caller (`difflab sample`,
+        training-time grids and metrics, evaluation, reflow, straightness) gets all of them.
 
         Args:
             cond: the conditions of the n samples (a conditioner's `request` or `balanced`);
@@ -85,11 +86,11 @@ class Model:
             start: global index of the first sample (one process's share of a larger draw:
                 with `cond` the share's conditions, samples start.. of one call from 0).
             recorder: receives every step of the first batch (trajectories).
-            autocast: the network's precision (None: full).
         """
         self.check_sample(scfg)
         info = sampler_info(scfg.sampler)
         ts = timesteps(self.schedule, scfg.steps, scfg.spacing, scfg.t_end or None, scfg.shift)
+        autocast = resolve_precision(scfg.precision, self.device, "sample.precision")
         denoiser = self.denoiser
         if scfg.compile:
             denoiser = denoiser.with_net(self._compiled())

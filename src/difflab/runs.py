@@ -12,11 +12,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from difflab import build, devices
-from difflab.config import ConfigError, RunConfig, SampleConfig
+from difflab.config import ConfigError, RunConfig, SampleConfig, use_ema_of
 from difflab.diffusion.prediction import Denoiser
 from difflab.files import savez_atomically
 from difflab.model import DataKind, Model
-from difflab.samplers import Recorder
+from difflab.samplers import Recorder, nfe_of
 from difflab.training.checkpoint import (
     CheckpointError,
     checkpoint_step,
@@ -37,6 +37,7 @@ class LoadedRun:
     cfg: RunConfig
     model: Model
     step: int  # the training step of the checkpoint
+    ema: bool = True  # the weights loaded: the EMA copy (True) or the raw, online net (False)
 
     @property
     def denoiser(self) -> Denoiser:
@@ -88,12 +89,13 @@ def load_run(
     run_dir: str | Path,
     *,
     checkpoint: int | str | None = None,
-    use_ema: bool = True,
+    use_ema: bool | None = None,
     device: str = "auto",
 ) -> LoadedRun:
-    """Load a run's network (EMA weights by default) from its newest good checkpoint, or from
-    `checkpoint`: a step number or "best". A weights file (.safetensors) loads its EMA
-    weights upcast to float32."""
+    """Load a run's network from its newest good checkpoint, or from `checkpoint`: a step
+    number or "best". `use_ema`: the EMA (True) or raw (False) weights; None = what the run's
+    sample.use_ema says (`config.use_ema_of`); the LoadedRun's `ema` says which were loaded.
+    A weights file (.safetensors) loads its EMA weights upcast to float32."""
     if is_weights_file(run_dir):
         return load_weights_file(Path(run_dir), use_ema, device)
     run_dir = check_run_dir(run_dir)
@@ -125,9 +127,10 @@ def load_run(
     model = build.build_model(
         cfg, DataKind.from_info(load_data_info(ckpt)), devices.resolve_device(device)
     )
-    load_weights(ckpt, model.net, "ema" if use_ema else "model")
+    ema = use_ema_of(cfg.sample, use_ema)
+    load_weights(ckpt, model.net, "ema" if ema else "model")
     model.net.eval().requires_grad_(False)
-    return LoadedRun(run_dir, ckpt, cfg, model, checkpoint_step(ckpt))
+    return LoadedRun(run_dir, ckpt, cfg, model, checkpoint_step(ckpt), ema)
 
 
 def weights_file_meta(path: Path) -> tuple[RunConfig, DataKind, int]:
@@ -144,9 +147,10 @@ def weights_file_meta(path: Path) -> tuple[RunConfig, DataKind, int]:
     return RunConfig.from_dict(config), DataKind.from_info(data), int(step)
 
 
-def load_weights_file(path: Path, use_ema: bool = True, device: str = "auto") -> LoadedRun:
-    """A LoadedRun from a weights file: its half-precision EMA weights upcast to float32."""
-    if not use_ema:
+def load_weights_file(path: Path, use_ema: bool | None = None, device: str = "auto") -> LoadedRun:
+    """A LoadedRun from a weights file: its half-precision EMA weights upcast to float32 (the
+    only weights it holds, whatever its config's sample.use_ema)."""
+    if use_ema is False:
         raise ConfigError(f"{path} holds the EMA weights only; leave out --raw")
     cfg, kind, step = weights_file_meta(path)
     model = build.build_model(cfg, kind, devices.resolve_device(device))
@@ -156,7 +160,7 @@ def load_weights_file(path: Path, use_ema: bool = True, device: str = "auto") ->
     except RuntimeError as e:
         raise ConfigError(f"the weights in {path} do not fit its config: {e}"[:300]) from None
     model.net.eval().requires_grad_(False)
-    return LoadedRun(path, path, cfg, model, step)
+    return LoadedRun(path, path, cfg, model, step, ema=True)
 
 
 def run_kind(run_dir: str | Path) -> DataKind:
@@ -194,14 +198,8 @@ def draw_samples(
     """(n, *shape) samples of a loaded run with the sampler `sample_cfg` names, at
     sample_cfg.precision; a conditional run is guided at sample_cfg.guidance with the given
     conditions (n,) (drawn uniformly when None); `start`: index of the first (a share)."""
-    autocast = devices.resolve_precision(sample_cfg.precision, run.device, "sample.precision")
     return run.model.sample(
-        sample_cfg,
-        cond=labels,
-        start=start,
-        progress=progress,
-        recorder=recorder,
-        autocast=autocast,
+        sample_cfg, cond=labels, start=start, progress=progress, recorder=recorder
     )
 
 
@@ -224,16 +222,18 @@ def save_samples(
 def save_run_samples(
     run: LoadedRun, samples: torch.Tensor, labels: torch.Tensor | None, sample_cfg: SampleConfig
 ) -> Path:
-    """A run's own samples/samples.npz, with how they were drawn."""
+    """A run's own samples/samples.npz, with how they were drawn (`ema`: the weights `run`
+    holds)."""
     return save_samples(
         run.run_dir / "samples" / "samples.npz",
         samples,
         labels,
         sampler=sample_cfg.sampler,
         steps=sample_cfg.steps,
+        nfe=nfe_of(sample_cfg.sampler, sample_cfg.steps, sample_cfg),
         seed=sample_cfg.seed,
         guidance=sample_cfg.guidance if labels is not None else 1.0,
-        ema=sample_cfg.use_ema,
+        ema=run.ema,
         step=run.step,
     )
 

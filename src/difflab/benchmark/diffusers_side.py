@@ -77,7 +77,7 @@ def diffusers_side(setup: Setup, diffusers) -> Side:
         name, extra = SCHEDULERS[sampler]
         clip = _clip_arguments(name, cfg.diffusion.clip_x0)
         scheduler = getattr(diffusers, name)(**sched_config, **extra, **clip)
-        scheduler.set_timesteps(steps_for_nfe(sampler, nfe), device=device)
+        scheduler.set_timesteps(steps_for_nfe(sampler, nfe, cfg.sample), device=device)
         gen = torch.Generator(device).manual_seed(setup.opts.seed)
         x = torch.randn((n, *setup.shape), generator=gen, device=device)
         x = x * scheduler.init_noise_sigma

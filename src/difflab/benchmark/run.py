@@ -171,7 +171,7 @@ def _fractions(training: dict, peaks: dict, setup: Setup) -> None:
 
 def _sampling_row(name: str, nfe: int, sides: list[Side], seconds: dict, calls: dict,
                   setup: Setup) -> dict:  # fmt: skip
-    row = {"sampler": name, "nfe_budget": nfe, "steps": steps_for_nfe(name, nfe)}
+    row = {"sampler": name, "nfe_budget": nfe, "steps": steps_for_nfe(name, nfe, setup.cfg.sample)}
     for side in sides:
         if side.name not in seconds:  # diffusers has no scheduler for this sampler
             row[side.name] = None

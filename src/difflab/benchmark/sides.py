@@ -112,14 +112,14 @@ def difflab_side(setup: Setup) -> Side:
 
     def sample(sampler: str, nfe: int) -> int:
         counted = Counted(side.run_net)
-        steps, n = steps_for_nfe(sampler, nfe), setup.sample_batch
+        steps, n = steps_for_nfe(sampler, nfe, cfg.sample), setup.sample_batch
         # guidance 1 on class-balanced labels: one network evaluation per step, as diffusers'
         scfg = dataclasses.replace(
             cfg.sample, sampler=sampler, steps=steps, n=n, batch_size=n, seed=setup.opts.seed,
-            guidance=1.0, compile=False,
+            guidance=1.0, compile=False, precision=setup.precision,
         )  # fmt: skip
         runner = model.with_net(counted)
-        runner.sample(scfg, cond=runner.conditioner.balanced(n), autocast=setup.dtype)
+        runner.sample(scfg, cond=runner.conditioner.balanced(n))
         return counted.calls
 
     names = {name: f"difflab sample_{name}, {cfg.sample.spacing} grid" for name in SAMPLERS}

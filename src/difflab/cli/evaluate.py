@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from difflab.cli.parsers import sample_changes, sample_config
+from difflab.cli.parsers import ema_choice, sample_changes, sample_config
 from difflab.cli.processes import everywhere, peers, relaunch
 from difflab.config import (
     ConfigError,
@@ -33,7 +33,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace, world) -> int:
-    from difflab.evaluation.sharded import agree, check_visible, sample_shared
+    from difflab.evaluation.sampled import sampling_provenance, timed_samples
+    from difflab.evaluation.sharded import agree, check_visible
     from difflab.evaluation.toy2d import evaluate_toy
     from difflab.report.run import format_table
     from difflab.runs import load_samples
@@ -56,16 +57,12 @@ def _eval(args: argparse.Namespace, world) -> int:
         info = {"source": str(source)}
     else:
         run, scfg = agree(world, lambda: _load_for_sampling(args, source, world))
-        samples = sample_shared(run, scfg, world, progress=not args.quiet).numpy()
+        samples, timing = timed_samples(run, scfg, None, not args.quiet, world)
+        samples = samples.numpy()
         dataset = args.dataset or run.cfg.data.name
-        info = {
-            "source": str(source),
-            "checkpoint": str(run.checkpoint),
-            "sampler": scfg.sampler,
-            "steps": scfg.steps,
-            "ema": scfg.use_ema,
-            "seed": scfg.seed,
-        }
+        # how the samples were drawn, as image rows say it (nfe, seed, ema, ...), and how fast
+        info = {**sampling_provenance(run, scfg, run.model.conditioner.conditional), **timing}
+        info["source"] = str(source)
     result = {**info, **evaluate_toy(samples, dataset)}
     if not world.is_main:  # rank 0 alone writes and prints
         return 0
@@ -81,7 +78,7 @@ def _load_for_sampling(args: argparse.Namespace, source: Path, world):
     from difflab.runs import load_run
 
     device = rank_device(world, args.device)
-    run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=device)
+    run = load_run(source, checkpoint=args.checkpoint, use_ema=ema_choice(args), device=device)
     scfg = sample_config(run.cfg.sample, args)
     blocks(scfg.n, world.size)
     return run, scfg
@@ -153,7 +150,7 @@ def _autoencoder_rows(args: argparse.Namespace, source: Path, world) -> list[dic
 
     if world.size > 1 or args.compare:
         raise everywhere("an autoencoder run is evaluated in one process, without --compare")
-    return evaluate_autoencoder_run(args, source)
+    return evaluate_autoencoder_run(args, source, ema_choice(args))
 
 
 def _image_eval_setup(args: argparse.Namespace, source: Path, world) -> tuple:
@@ -168,7 +165,7 @@ def _image_eval_setup(args: argparse.Namespace, source: Path, world) -> tuple:
     run, images, labels, meta = None, None, None, {"source": str(source)}
     if (source / "config.json").is_file() or is_weights_file(source):
         device = rank_device(world, args.device)
-        run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=device)
+        run = load_run(source, checkpoint=args.checkpoint, use_ema=ema_choice(args), device=device)
     dataset = run.cfg.data.name if run else args.dataset
     default = None
     if run and dataset == "imagefolder":

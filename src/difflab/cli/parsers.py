@@ -275,9 +275,15 @@ def sample_changes(args: argparse.Namespace) -> dict:
     changes = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     if getattr(args, "batch_size", None) is not None:
         changes["batch_size"] = args.batch_size
-    if getattr(args, "raw", False):
-        changes["use_ema"] = False
+    if ema_choice(args) is not None:
+        changes["use_ema"] = ema_choice(args)
     return changes
+
+
+def ema_choice(args: argparse.Namespace) -> bool | None:
+    """The weights the command line asks for: --raw the raw ones (False); without it None, and
+    the run's own sample.use_ema decides (`config.use_ema_of`, asked by `runs.load_run`)."""
+    return False if getattr(args, "raw", False) else None
 
 
 def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:

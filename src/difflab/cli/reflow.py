@@ -15,14 +15,16 @@ from difflab.config import ConfigError
 
 
 def cmd_reflow(args: argparse.Namespace) -> int:
-    from difflab.cli.parsers import sample_config
+    from difflab.cli.parsers import ema_choice, sample_config
     from difflab.files import write_text_atomically
     from difflab.flow.pairs import check_flow_run, draw_pairs
     from difflab.flow.reflow import reflow_config
     from difflab.flow.straightness import straightness
     from difflab.runs import load_run
 
-    run = load_run(args.run, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
+    run = load_run(
+        args.run, checkpoint=args.checkpoint, use_ema=ema_choice(args), device=args.device
+    )
     scfg = sample_config(run.cfg.sample, args)
     check_flow_run(run.model, scfg)  # before anything is written
     name = args.name or f"{run.run_dir.name}-reflow"

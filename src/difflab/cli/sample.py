@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from difflab.cli.parsers import sample_config
+from difflab.cli.parsers import ema_choice, sample_config
 from difflab.cli.processes import peers, relaunch
 from difflab.cli.text import default_prompts_of, prompt_conditions, read_prompts
 from difflab.config import ConfigError
@@ -29,6 +29,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace, world) -> None:
     from difflab.evaluation.sharded import agree, blocks, check_visible, rank_device, sample_shared
     from difflab.runs import load_run, sample_labels, save_samples
+    from difflab.samplers import nfe_of
     from difflab.training.faults import out_of_memory
 
     def prepare():
@@ -36,7 +37,9 @@ def _sample(args: argparse.Namespace, world) -> None:
         if Path(args.out).suffix != ".npz":
             raise ConfigError(f"--out must end in .npz, got {args.out}")
         device = rank_device(world, args.device)
-        run = load_run(args.run, checkpoint=args.checkpoint, use_ema=not args.raw, device=device)
+        run = load_run(
+            args.run, checkpoint=args.checkpoint, use_ema=ema_choice(args), device=device
+        )
         scfg, prompts = sample_config(run.cfg.sample, args), read_prompts(args)
         if prompts is not None:  # a text model: --n samples of each prompt
             scfg, labels, prompts = prompt_conditions(run, prompts, scfg, *classes)
@@ -57,8 +60,9 @@ def _sample(args: argparse.Namespace, world) -> None:
     meta = dict(
         sampler=scfg.sampler,
         steps=scfg.steps,
+        nfe=nfe_of(scfg.sampler, scfg.steps, scfg),
         seed=scfg.seed,
-        ema=scfg.use_ema,
+        ema=run.ema,
         checkpoint=str(run.checkpoint),
     )
     if labels is not None:

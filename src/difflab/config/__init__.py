@@ -15,7 +15,7 @@ from pathlib import Path
 
 from difflab.config.consistency import ConsistencyConfig
 from difflab.config.latent import AutoencoderConfig, AutoencoderLossConfig
-from difflab.config.sampling import SampleConfig
+from difflab.config.sampling import SampleConfig, use_ema_of
 from difflab.config.text import TextConfig
 
 
@@ -288,4 +288,5 @@ __all__ = [
     "UNetConfig",
     "apply_overrides",
     "preset",
+    "use_ema_of",
 ]

@@ -37,3 +37,14 @@ class SampleConfig:
     compile: bool = False  # torch.compile the network for sampling
     shift: float = 1.0  # time shift t' = s t / (1 + (s - 1) t) of the grid (SD3); 1 = none
     cm_sigmas: str = ""  # consistency: noise levels (sigma / alpha) after the first; "" = grid's
+
+
+def use_ema_of(sample: SampleConfig, choice: bool | None = None) -> bool:
+    """Whether a run is sampled from its EMA weights (True) or its raw, online ones (False).
+
+    The one place that decides it: an explicit `choice` (the command line's --raw, an export's
+    format) wins; otherwise the run's own `sample.use_ema`. Loading a run (`runs.load_run`)
+    and the training-time grids and metric ask here, and every file and row that records
+    `ema` writes what the weights sampled were.
+    """
+    return sample.use_ema if choice is None else choice

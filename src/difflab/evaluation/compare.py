@@ -39,12 +39,14 @@ def compare_samplers(
     """
     run_dir = check_run_dir(run_dir)
     changes = dict(changes or {})
-    use_ema = changes.pop("use_ema", True)
-    run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
+    # --raw (changes["use_ema"] = False), else the run's sample.use_ema (config.use_ema_of)
+    run = load_run(
+        run_dir, checkpoint=checkpoint, use_ema=changes.pop("use_ema", None), device=device
+    )
     toy = not run.model.kind.is_image
     if not toy and image_eval is None:
         raise ConfigError("--compare on an image run needs image metrics (image_eval)")
-    base = dataclasses.replace(run.cfg.sample, **changes)
+    base = dataclasses.replace(run.cfg.sample, **changes, use_ema=run.ema)
     consistency = getattr(run.model.denoiser, "consistency", False)  # 1 and 2 steps suffice
     names = list(samplers or (["consistency"] if consistency else deterministic_samplers()))
     unknown = [name for name in names if name not in SAMPLERS]
@@ -58,9 +60,9 @@ def compare_samplers(
     for name, nfe, grid, guidance in itertools.product(
         names, nfes, grids or [base.spacing], guidances or [base.guidance]
     ):
-        steps = steps_for_nfe(name, nfe)
+        steps = steps_for_nfe(name, nfe, base)
         scfg = dataclasses.replace(base, sampler=name, steps=steps, spacing=grid, guidance=guidance)
-        row = {"sampler": name, "spacing": grid, "steps": steps, "nfe": nfe_of(name, steps)}
+        row = {"sampler": name, "spacing": grid, "steps": steps, "nfe": nfe_of(name, steps, scfg)}
         if run.num_classes:
             row["guidance"] = guidance
         if toy:
@@ -78,7 +80,7 @@ def compare_samplers(
         "run": str(run_dir),
         "checkpoint": str(run.checkpoint),
         "step": run.step,
-        "ema": use_ema,
+        "ema": run.ema,
         "seed": base.seed,
         "n": base.n,
     }

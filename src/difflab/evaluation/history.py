@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# what a 2-D run's eval.json says about how its samples were drawn (not metric values)
+PROVENANCE = ("source", "checkpoint", "step", "sampler", "steps", "nfe", "spacing", "guidance")
+PROVENANCE += ("ema", "seed", "ms_per_sample", "peak_memory_mb", "processes")
+
 
 def _load(path: Path):
     try:
@@ -32,7 +36,7 @@ def metric_rows(run_dir: str | Path) -> list[dict]:
         if isinstance(final.get("rows"), list):
             rows += [{**r, "file": "eval.json"} for r in final["rows"]]
         else:
-            drawn = {k: final.get(k) for k in ("sampler", "steps", "ema") if k in final}
+            drawn = {k: final.get(k) for k in PROVENANCE if k in final}
             for k, v in final.items():
                 if isinstance(v, int | float) and not isinstance(v, bool) and k not in drawn:
                     rows.append({"metric": k, "label": k, "value": v, **drawn, "file": "eval.json"})

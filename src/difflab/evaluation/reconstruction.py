@@ -95,7 +95,7 @@ def evaluate_reconstructions(
     seconds = time.perf_counter() - start
     provenance = {
         "source": str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.step,
-        "ema": run.cfg.sample.use_ema, "images": "test split (first n)",
+        "ema": run.ema, "images": "test split (first n)",
         "ms_per_image": 1000 * seconds / len(images),
     }  # fmt: skip
     rows = []
@@ -127,15 +127,16 @@ def feature_judge(cfg):
         ) from None
 
 
-def evaluate_autoencoder_run(args, source: Path) -> list[dict]:
+def evaluate_autoencoder_run(args, source: Path, use_ema: bool | None = None) -> list[dict]:
     """`difflab eval RUN` of an autoencoder run: reconstructions of the first --n test images
     (default: all) against --reference (default: the training split), with --metric (default
-    fd_judge, accuracy; fid, kid, pr for rFID and friends), --judge, --checkpoint, --raw."""
+    fd_judge, accuracy; fid, kid, pr for rFID and friends), --judge, --checkpoint; `use_ema`:
+    the weights (--raw: False; None: the run's sample.use_ema)."""
     from difflab.evaluation.references import open_reference
     from difflab.evaluation.sampled import extractors_for
     from difflab.runs import load_run
 
-    run = load_run(source, checkpoint=args.checkpoint, use_ema=not args.raw, device=args.device)
+    run = load_run(source, checkpoint=args.checkpoint, use_ema=use_ema, device=args.device)
     images, labels = held_out_images(run, args.n or 10**9, args.root)
     metrics = (args.metric or "fd_judge,accuracy").split(",")
     metrics = [m.strip() for m in metrics if m.strip() and (labels is not None or m != "accuracy")]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from difflab import devices
-from difflab.config import ConfigError, RunConfig, SampleConfig
+from difflab.config import ConfigError, RunConfig, SampleConfig, use_ema_of
 from difflab.evaluation import protocol, references
 from difflab.evaluation.classifier import JudgeExtractor
 from difflab.evaluation.protocol import HIGHER_IS_BETTER, METRICS, label
@@ -25,7 +25,7 @@ from difflab.evaluation.sharded import Sharded, sample_shared
 from difflab.evaluation.toy2d import evaluate_toy
 from difflab.model import Model
 from difflab.runs import LoadedRun
-from difflab.samplers import nfe_of
+from difflab.samplers import SAMPLERS, cost_is_fixed, nfe_of
 from difflab.training.distributed import World
 
 __all__ = ["TrainingEvaluator", "default_judge_path", "evaluate_images_of", "extractors_for"]
@@ -113,10 +113,10 @@ def sampling_provenance(run: LoadedRun, scfg: SampleConfig, conditional: bool) -
         "step": run.step,
         "sampler": scfg.sampler,
         "steps": scfg.steps,
-        "nfe": nfe_of(scfg.sampler, scfg.steps),
+        "nfe": nfe_of(scfg.sampler, scfg.steps, scfg),
         "spacing": scfg.spacing,
         "guidance": scfg.guidance if conditional else None,
-        "ema": scfg.use_ema,
+        "ema": run.ema,
         "seed": scfg.seed,
     }
     if conditional and (scfg.guidance_tmin > 0 or scfg.guidance_tmax > 0):
@@ -193,8 +193,9 @@ def format_rows(rows: list[dict]) -> str:
 
 
 class TrainingEvaluator:
-    """The metric `train.eval_metric` every `train.eval_every` steps, from the EMA weights and
-    fixed noise, so successive values differ only through the model.
+    """The metric `train.eval_metric` every `train.eval_every` steps, from the weights
+    sample.use_ema names (EMA by default) and fixed noise, so successive values differ only
+    through the model.
 
     Built at the start of training so that a missing judge or reference stops the run before the
     first step, not hours later.
@@ -230,7 +231,8 @@ class TrainingEvaluator:
     @torch.no_grad()
     def __call__(self, model: Model) -> dict:
         """{"metric", "label", <metric>: value, "n", sampler settings, "seconds"} of `model`
-        (the EMA weights), from the run's sampler, fixed noise and class-balanced conditions."""
+        (the weights `config.use_ema_of` names), from the run's sampler, fixed noise and
+        class-balanced conditions."""
         start = time.perf_counter()
         scfg = dataclasses.replace(self.cfg.sample, n=self.n, compile=False)
         labels = model.conditioner.balanced(self.n)
@@ -243,16 +245,22 @@ class TrainingEvaluator:
                 x, classes, [self.metric], self.reference, self.extractors, {}
             )
             value = rows[0]["value"]
-        return {
+        row = {
             "metric": self.metric,
             "label": label(self.metric, self.n),
             self.metric: value,
             "n": self.n,
             "sampler": scfg.sampler,
             "steps": scfg.steps,
-            "ema": True,
+            "nfe": nfe_of(scfg.sampler, scfg.steps, scfg),
+            "spacing": scfg.spacing,
+            "ema": use_ema_of(self.cfg.sample),  # the weights the training loop gives (loop.py)
+            "seed": scfg.seed,
             "seconds": time.perf_counter() - start,
         }
+        if model.conditioner.conditional:
+            row["guidance"] = scfg.guidance
+        return row
 
 
 def samples_from_file(source: Path, image_shape: tuple[int, int, int]) -> tuple:
@@ -263,7 +271,9 @@ def samples_from_file(source: Path, image_shape: tuple[int, int, int]) -> tuple:
             images = torch.from_numpy(f["samples"]).float()
             labels = torch.from_numpy(f["labels"]).long() if "labels" in f.files else None
             meta = {k: f[k].item() for k in SAMPLE_META if k in f.files and f[k].ndim == 0}
-        if "sampler" in meta and "steps" in meta:
+        known = "sampler" in meta and "steps" in meta and meta["sampler"] in SAMPLERS
+        if "nfe" not in meta and known and cost_is_fixed(meta["sampler"]):
+            # a file from before `nfe` was written: only a fixed cost follows from the steps
             meta["nfe"] = nfe_of(meta["sampler"], int(meta["steps"]))
         return images, labels, meta
     from difflab.data.folders import image_folder
@@ -273,4 +283,4 @@ def samples_from_file(source: Path, image_shape: tuple[int, int, int]) -> tuple:
     return references.dataset_images(folder, torch.arange(len(folder))), None, {}
 
 
-SAMPLE_META = ("sampler", "steps", "seed", "ema", "guidance", "checkpoint", "step")
+SAMPLE_META = ("sampler", "steps", "nfe", "seed", "ema", "guidance", "checkpoint", "step")

@@ -42,11 +42,12 @@ def check_flow_run(model, scfg: SampleConfig) -> None:
         )
 
 
-def pairs_key(scfg: SampleConfig, n: int, chunk: int) -> dict:
-    """What decides the pairs: the sampler and its options, grid, seed, guidance and count."""
-    keep = ("sampler", "steps", "spacing", "t_end", "shift", "seed", "guidance", "use_ema")
+def pairs_key(scfg: SampleConfig, n: int, chunk: int, use_ema: bool) -> dict:
+    """What decides the pairs: the weights (EMA or raw: what the loaded run holds), the sampler
+    and its options, grid, seed, guidance, precision and count."""
+    keep = ("sampler", "steps", "spacing", "t_end", "shift", "seed", "guidance", "precision")
     key = {k: getattr(scfg, k) for k in keep}
-    key.update(sampler_info(scfg.sampler).options_from(scfg), n=n, chunk=chunk)
+    key.update(sampler_info(scfg.sampler).options_from(scfg), n=n, chunk=chunk, use_ema=use_ema)
     return key
 
 
@@ -70,7 +71,7 @@ def draw_pairs(run, scfg: SampleConfig, n: int, chunk: int = 5000, progress: boo
     check_flow_run(model, scfg)
     if n < 1 or chunk < 1:
         raise ConfigError(f"--pairs and --chunk must be >= 1, got {n} and {chunk}")
-    key = pairs_key(scfg, n, chunk)
+    key = pairs_key(scfg, n, chunk, run.ema)
     folder = pairs_folder(run.run_dir, key)
     meta = {
         **key, "chunks": -(-n // chunk), "source": str(run.checkpoint),

@@ -50,7 +50,8 @@ def teacher_samples(run_dir: Path, cfg: RunConfig, n: int) -> Path | None:
     teacher_dir = Path(cfg.consistency.teacher)
     if not cfg.consistency.teacher or not (teacher_dir / "config.json").is_file():
         return None
-    student, teacher = load_run(run_dir), load_run(teacher_dir)
+    # the teacher's EMA weights: what the student was distilled from (training/teacher.py)
+    student, teacher = load_run(run_dir), load_run(teacher_dir, use_ema=True)
     labels = sample_labels(student, n, per_class=True) if student.num_classes else None
     arrays, names = {}, []
     for key, run, scfg in (

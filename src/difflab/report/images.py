@@ -45,7 +45,7 @@ def make_image_artefacts(run_dir: Path, progress: bool = True) -> dict:
     labels = _labels(run, scfg.n, scfg.seed)
     scfg = dataclasses.replace(scfg, n=len(labels) if labels is not None else scfg.n)
     samples = draw_samples(run, scfg, labels=labels, progress=progress)
-    save_run_samples(run, samples, labels, dataclasses.replace(scfg, use_ema=True))
+    save_run_samples(run, samples, labels, scfg)
     few = dataclasses.replace(scfg, n=min(COMPARE_N, scfg.n))
     few_labels = labels[:: max(1, len(labels) // few.n)][: few.n] if labels is not None else None
     other = OTHER_SAMPLER.get(scfg.sampler, "ddpm")
@@ -53,9 +53,11 @@ def make_image_artefacts(run_dir: Path, progress: bool = True) -> dict:
     limit = getattr(run.denoiser.schedule, "num_steps", 1000)
     other_steps = min(limit, 20 * scfg.steps) if other == "ddpm" else scfg.steps
     other_cfg = dataclasses.replace(few, sampler=other, steps=other_steps)
-    raw_run = load_run(run_dir, use_ema=False)
+    # the run's own weights (sample.use_ema) beside the other kind
+    ema_run = run if run.ema else load_run(run_dir, use_ema=True)
+    raw_run = load_run(run_dir, use_ema=False) if run.ema else run
     compare = {
-        "ema": draw_samples(run, few, labels=few_labels, progress=False).numpy(),
+        "ema": draw_samples(ema_run, few, labels=few_labels, progress=False).numpy(),
         "raw": draw_samples(raw_run, few, labels=few_labels, progress=False).numpy(),
         "other": draw_samples(run, other_cfg, labels=few_labels, progress=False).numpy(),
     }
@@ -75,7 +77,7 @@ def make_image_artefacts(run_dir: Path, progress: bool = True) -> dict:
         "sampler": scfg.sampler,
         "steps": scfg.steps,
         "guidance": scfg.guidance if labels is not None else None,
-        "ema": True,
+        "ema": run.ema,
         "pixel_std_across_samples": std,
     }
 

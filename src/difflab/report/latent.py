@@ -38,7 +38,7 @@ def is_autoencoder(cfg) -> bool:
 def write_codec(run_dir: Path, n: int = SCALE_IMAGES) -> dict:
     """Measure the latent shift and scale of the run's EMA autoencoder on n training images
     and write RUN/codec.safetensors (atomically); returns its metadata."""
-    run = load_run(run_dir)
+    run = load_run(run_dir, use_ema=True)  # the codec is the EMA autoencoder, whatever sample.*
     cfg = run.cfg
     stream = build.build_data(cfg, seed=cfg.train.seed)
     batches = (stream.next_batch(min(500, n - k))[0] for k in range(0, n, 500))

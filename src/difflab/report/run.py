@@ -12,7 +12,7 @@ from pathlib import Path
 from difflab.config import RunConfig
 from difflab.evaluation.compare import quality_keys
 from difflab.evaluation.reconstruction import feature_judge
-from difflab.evaluation.sampled import TrainingEvaluator
+from difflab.evaluation.sampled import TrainingEvaluator, sampling_provenance
 from difflab.evaluation.toy2d import evaluate_toy
 from difflab.files import write_text_atomically
 from difflab.report import charts, grids
@@ -63,19 +63,18 @@ def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
         result = make_image_artefacts(run_dir, progress)
         MetricsLog(run_dir / "metrics.jsonl").write({"eval": result})
         return result
-    run = load_run(run_dir, use_ema=RunConfig.load(run_dir / "config.json").sample.use_ema)
+    run = load_run(run_dir)
     scfg = run.cfg.sample
     samples = draw_samples(run, scfg, progress=progress)
     step = run.step
     save_run_samples(run, samples, None, scfg)
     record_trajectories(run, run_dir, scfg)
+    conditional = run.model.conditioner.conditional
     result = {
         "step": step,
         "eval": {
             **evaluate_toy(samples.numpy(), run.cfg.data.name),
-            "sampler": scfg.sampler,
-            "steps": scfg.steps,
-            "ema": scfg.use_ema,
+            **sampling_provenance(run, scfg, conditional),  # as image rows: nfe, seed, ...
         },
     }
     MetricsLog(run_dir / "metrics.jsonl").write(result)

@@ -121,6 +121,7 @@ def _check_options(snr: float, n_corrector: int, step_size: str) -> None:
         Option("snr", float, "pc: Langevin corrector signal-to-noise ratio"),
         Option("n_corrector", int, "pc: corrector steps per predictor step"),
     ),
+    cost=lambda options: (options["n_corrector"] + 1, 0),  # M corrector calls + the predictor
     deterministic=False,
 )
 @torch.no_grad()

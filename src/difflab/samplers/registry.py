@@ -1,6 +1,7 @@
 """The sampler registry: a sampler file registers its function with `@register(...)`, declaring
-its options, its cost in model evaluations and whether it is deterministic. The command-line
-flags, `build.build_sampler`, NFE accounting and the default `eval --compare` list all read it.
+its options, its cost in model evaluations (fixed, or a function of its options) and whether it
+is deterministic. The command-line flags, `build.build_sampler`, NFE accounting and the default
+`eval --compare` list all read it.
 
 Adding a sampler: write `samplers/<name>.py` (copy `ddim.py`), decorate the function with
 `@register("<name>", ...)`, and import the file in `samplers/__init__.py`. An option is a
@@ -13,6 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+
+# n steps ending at t = 0 take a n - b model calls: (a, b), or a function of the sampler's
+# options that gives (a, b) (pc: n_corrector + 1 calls a step)
+Cost = tuple[int, int] | Callable[[dict], tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -29,23 +34,38 @@ class Option:
 @dataclass(frozen=True)
 class SamplerInfo:
     """What a registered sampler is: `fn(denoiser, x_T, ts, *, y, generator, callback,
-    **options)`, its options, its cost (n steps ending at t = 0 take a n - b model calls), and
-    whether the same x_T always gives the same sample (an ODE solver) or not (an SDE)."""
+    **options)`, its options, its cost (n steps ending at t = 0 take a n - b model calls; a
+    function of the options where they change it), and whether the same x_T always gives the
+    same sample (an ODE solver) or not (an SDE)."""
 
     name: str
     fn: Callable
     options: tuple[Option, ...]
-    cost: tuple[int, int]
+    cost: Cost
     deterministic: bool
 
-    def nfe(self, steps: int) -> int:
-        """Model evaluations of `steps` steps on a grid ending at t = 0."""
-        a, b = self.cost
+    def cost_of(self, sample_cfg=None) -> tuple[int, int]:
+        """(a, b) with the options of `sample_cfg` (a SampleConfig); a cost that depends on
+        the options needs them (ValueError without)."""
+        if not callable(self.cost):
+            return self.cost
+        if sample_cfg is None:
+            raise ValueError(f"{self.name}'s model evaluations depend on its options: pass them")
+        options = self.options_from(sample_cfg)
+        a, b = self.cost(options)
+        if a < 1:
+            raise ValueError(f"{self.name} with {options} makes no model calls; check its options")
+        return a, b
+
+    def nfe(self, steps: int, sample_cfg=None) -> int:
+        """Model evaluations of `steps` steps on a grid ending at t = 0 (with the options of
+        `sample_cfg`, where they change it)."""
+        a, b = self.cost_of(sample_cfg)
         return a * steps - b
 
-    def steps_for(self, nfe: int) -> int:
+    def steps_for(self, nfe: int, sample_cfg=None) -> int:
         """The most steps whose model evaluations fit in `nfe` (at least 1)."""
-        a, b = self.cost
+        a, b = self.cost_of(sample_cfg)
         return max(1, (nfe + b) // a)
 
     def options_from(self, sample_cfg) -> dict:
@@ -63,7 +83,7 @@ def register(
     name: str,
     *,
     options: tuple[Option, ...] = (),
-    cost: tuple[int, int] = (1, 0),
+    cost: Cost = (1, 0),
     deterministic: bool = True,
 ) -> Callable[[Callable], Callable]:
     """Decorator: list `fn` under `name` (see SamplerInfo)."""
@@ -84,14 +104,21 @@ def sampler_info(name: str) -> SamplerInfo:
     return SAMPLERS[name]
 
 
-def nfe_of(sampler: str, steps: int) -> int:
-    """Model evaluations `steps` steps of `sampler` (by name) cost, grid ending at t = 0."""
-    return sampler_info(sampler).nfe(steps)
+def nfe_of(sampler: str, steps: int, sample_cfg=None) -> int:
+    """Model evaluations `steps` steps of `sampler` (by name) cost, grid ending at t = 0, with
+    the options of `sample_cfg` (a SampleConfig; needed where they change the cost)."""
+    return sampler_info(sampler).nfe(steps, sample_cfg)
 
 
-def steps_for_nfe(sampler: str, nfe: int) -> int:
-    """The most steps of `sampler` (by name) whose model evaluations fit in `nfe`."""
-    return sampler_info(sampler).steps_for(nfe)
+def steps_for_nfe(sampler: str, nfe: int, sample_cfg=None) -> int:
+    """The most steps of `sampler` (by name) whose model evaluations fit in `nfe`, with the
+    options of `sample_cfg` (needed where they change the cost)."""
+    return sampler_info(sampler).steps_for(nfe, sample_cfg)
+
+
+def cost_is_fixed(sampler: str) -> bool:
+    """Whether `sampler`'s model evaluations follow from its steps alone (not its options)."""
+    return not callable(sampler_info(sampler).cost)
 
 
 def deterministic_samplers() -> tuple[str, ...]:

@@ -13,13 +13,16 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from difflab import build, devices
-from difflab.config import ConfigError, RunConfig
+from difflab.config import ConfigError, RunConfig, use_ema_of
+from difflab.model import Model
 from difflab.training import distributed, faults
 from difflab.training.checkpoint import (
     latest_good_checkpoint,
@@ -34,25 +37,36 @@ from difflab.training.step import IntervalStats, log_interval, note_best, train_
 SNAPSHOT_N = 64  # samples in a training-time grid
 
 
+@contextmanager
+def sampled_model(cfg: RunConfig, parts: Parts) -> Iterator[Model]:
+    """The model training-time grids and metrics sample: around the EMA copy or the raw net, as
+    sample.use_ema says (`config.use_ema_of`, as for a loaded run), in eval mode meanwhile."""
+    net = parts.ema.model if use_ema_of(cfg.sample) else parts.net
+    was_training = net.training
+    net.eval()
+    try:
+        yield parts.model.with_net(net)
+    finally:
+        net.train(was_training)
+
+
 @torch.no_grad()
 def snapshot(cfg: RunConfig, parts: Parts, run_dir: Path, step: int, hooks: Hooks) -> Path:
-    """samples/grid-step-N.png from the EMA weights and fixed noise (the same every time, so
-    grids across training show progress, not noise); per class for conditional models."""
-    model = parts.model.with_net(parts.ema.model)
-    n = SNAPSHOT_N if model.kind.is_image else 2000
-    scfg = dataclasses.replace(cfg.sample, n=n, batch_size=SNAPSHOT_N, compile=False)
-    x = model.sample(scfg, cond=model.conditioner.balanced(n)).numpy()
+    """samples/grid-step-N.png from the sampled weights (EMA by default) and fixed noise (the
+    same every time, so grids across training show progress, not noise); per class for
+    conditional models."""
+    with sampled_model(cfg, parts) as model:
+        n = SNAPSHOT_N if model.kind.is_image else 2000
+        scfg = dataclasses.replace(cfg.sample, n=n, batch_size=SNAPSHOT_N, compile=False)
+        x = model.sample(scfg, cond=model.conditioner.balanced(n)).numpy()
     return hooks.grid(x, run_dir / "samples" / f"grid-step-{step}.png", model)
 
 
-def evaluate_step(parts: Parts, log: MetricsLog, step: int) -> dict:
-    """Run the training-time evaluator on the EMA weights; log and return {"step", "eval"}."""
-    was_training = parts.ema.model.training
-    parts.ema.model.eval()
-    try:
-        result = parts.evaluator(parts.model.with_net(parts.ema.model))
-    finally:
-        parts.ema.model.train(was_training)
+def evaluate_step(cfg: RunConfig, parts: Parts, log: MetricsLog, step: int) -> dict:
+    """Run the training-time evaluator on the sampled weights (EMA by default); log and return
+    {"step", "eval"}."""
+    with sampled_model(cfg, parts) as model:
+        result = parts.evaluator(model)
     row = {"step": step, "eval": result}
     log.write(row)
     return row
@@ -132,7 +146,7 @@ def train(
         if sample and world.is_main:
             snapshot(cfg, parts, run_dir, done, hooks)
         if parts.evaluator and (done % cfg.train.eval_every == 0 or done == end):
-            eval_row = evaluate_step(parts, log, done)
+            eval_row = evaluate_step(cfg, parts, log, done)
             result = eval_row["eval"]
             bar.set_postfix({result["label"]: f"{result[result['metric']]:.4g}"})
         if done % cfg.train.checkpoint_every == 0 or done == end:
