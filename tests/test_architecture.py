@@ -76,7 +76,6 @@ ALLOWED = {
     "__main__": {"cli"},
 }  # fmt: skip
 TOP_LEVEL_LIMIT = 8  # .py files directly under src/difflab besides __init__ and __main__
-LINE_LIMIT = 300
 
 
 EXACT = {"diffusion"}  # packages whose every module needs a rule of its own
@@ -163,15 +162,12 @@ def test_every_allowance_is_used():
     assert not stale, f"allowances no code uses: {stale}"
 
 
-def test_the_layout_stays_small():
+def test_the_top_level_stays_small():
+    """Few modules stand directly in src/difflab; everything else lives in a package named
+    for its concept. Module length is a guideline (docs/architecture.md), never a test: a
+    line count must not make code denser."""
     top = [p.name for p in SRC.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
     assert len(top) <= TOP_LEVEL_LIMIT, f"{len(top)} top-level modules: {sorted(top)}"
-    long = {
-        str(p.relative_to(SRC)): n
-        for p in FILES
-        if (n := len(p.read_text().splitlines())) > LINE_LIMIT
-    }
-    assert not long, f"modules over {LINE_LIMIT} lines: {long}"
 
 
 def test_every_imported_name_counts(tmp_path):
