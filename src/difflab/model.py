@@ -86,15 +86,12 @@ class Model:
             recorder: receives every step of the first batch (trajectories).
             autocast: the network's precision (None: full).
         """
-        try:
-            info = sampler_info(scfg.sampler)
-            ts = timesteps(self.schedule, scfg.steps, scfg.spacing, scfg.t_end or None, scfg.shift)
-            if scfg.n < 1:
-                raise ConfigError(f"--n must be >= 1, got {scfg.n}")
-            self.conditioner.check_guidance(scfg.guidance)
-            check_interval(scfg.guidance_tmin, scfg.guidance_tmax)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        info = sampler_info(scfg.sampler)
+        ts = timesteps(self.schedule, scfg.steps, scfg.spacing, scfg.t_end or None, scfg.shift)
+        if scfg.n < 1:
+            raise ConfigError(f"--n must be >= 1, got {scfg.n}")
+        self.conditioner.check_guidance(scfg.guidance)
+        check_interval(scfg.guidance_tmin, scfg.guidance_tmax)
         denoiser = self.denoiser
         if scfg.compile:
             denoiser = denoiser.with_net(self._compiled())

@@ -1,6 +1,7 @@
 """difflab train | sample | eval | plot | report | export | import | bench | reflow.
 
-Every user error ends in one line `difflab: error: <problem and fix>` and exit code 2.
+Every user error (a ConfigError) ends in one line `difflab: error: <problem and fix>` and exit
+code 2; any other exception is a bug in difflab and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, *a, **k: f"difflab: warning: {msg}\n"
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:  # they name the bad input and fix
+    except ConfigError as e:  # bad input a user can fix: the message names it and the fix
         if os.environ.get("DIFFLAB_TRACEBACK"):
             raise
         if getattr(e, "quiet", False):  # another process refused the input and said why

@@ -17,10 +17,7 @@ from difflab.config.consistency import ConsistencyConfig
 from difflab.config.latent import AutoencoderConfig, AutoencoderLossConfig
 from difflab.config.sampling import SampleConfig
 from difflab.config.text import TextConfig
-
-
-class ConfigError(ValueError):
-    """A user-facing problem with the config or command line; the message says the fix."""
+from difflab.errors import ConfigError
 
 
 @dataclass
@@ -225,11 +222,11 @@ def _coerce(value, kind, key: str):
                     return True
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
-                raise ValueError
+                raise ConfigError
             return bool(value)
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
-                raise ValueError
+                raise ConfigError
             return (
                 int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
             )

@@ -24,10 +24,11 @@ from torch import Tensor
 
 from difflab.data.folders import to_signed
 from difflab.data.images import DEFAULT_FLIP, load_image_dataset
+from difflab.errors import ConfigError
 from difflab.files import replace_atomically, sha256_file
 
 
-class EvalError(ValueError):
+class EvalError(ConfigError):
     """Bad evaluation input: the message names the problem and the fix."""
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from difflab.diffusion.schedules import DiscreteSchedule, Schedule
+from difflab.errors import ConfigError
 
 SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 CONTINUOUS_SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
@@ -28,9 +29,11 @@ KARRAS_RHO = 7.0
 
 def _check_steps(num_steps: int, limit: int | None = None) -> None:
     if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"the number of sampling steps must be an integer >= 1, got {num_steps!r}")
+        raise ConfigError(
+            f"the number of sampling steps must be an integer >= 1, got {num_steps!r}"
+        )
     if limit is not None and num_steps > limit:
-        raise ValueError(
+        raise ConfigError(
             f"{num_steps} sampling steps asked of a model trained on {limit} discrete steps; "
             f"use at most {limit}"
         )
@@ -52,7 +55,7 @@ def discrete_timesteps(num_train_steps: int, num_steps: int, spacing: str = "tra
         for k in range(num_steps - 2, -1, -1):  # keep them increasing below T
             idx[k] = min(idx[k], idx[k + 1] - 1)
     else:
-        raise ValueError(
+        raise ConfigError(
             f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}"
         )
     idx = np.unique(idx.astype(np.int64))[::-1].copy()
@@ -82,9 +85,11 @@ def timesteps(
     ends: s > 1 spends more steps at high noise. Continuous schedules on t in [0, 1] only.
     """
     if not shift > 0:
-        raise ValueError(f"sample.shift must be > 0 (1 = no shift; SD3 uses 3.0), got {shift}")
+        raise ConfigError(f"sample.shift must be > 0 (1 = no shift; SD3 uses 3.0), got {shift}")
     if t_end is not None and not (schedule.t_min <= t_end < schedule.t_max):
-        raise ValueError(f"t_end must lie in [{schedule.t_min:g}, {schedule.t_max:g}), got {t_end}")
+        raise ConfigError(
+            f"t_end must lie in [{schedule.t_min:g}, {schedule.t_max:g}), got {t_end}"
+        )
     discrete = isinstance(schedule, DiscreteSchedule)
     if discrete and spacing not in ("logsnr", "karras"):
         if spacing == "uniform":
@@ -117,7 +122,7 @@ def timesteps(
             if num_steps > 1:
                 t[-1] = t_low
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown timestep spacing {spacing!r} for a continuous schedule; "
                 f"choose one of {', '.join(CONTINUOUS_SPACINGS)}"
             )
@@ -129,7 +134,7 @@ def timesteps(
 def shifted(schedule: Schedule, t: Tensor, shift: float) -> Tensor:
     """t_max u' with u' = s u / (1 + (s - 1) u), u = t / t_max (the time shift, see timesteps)."""
     if isinstance(schedule, DiscreteSchedule) or schedule.t_max > 1:
-        raise ValueError(
+        raise ConfigError(
             f"sample.shift applies to continuous schedules on t in [0, 1] (rectified, trig, "
             f"cosine, ...), not the {schedule.name} schedule; leave sample.shift=1"
         )

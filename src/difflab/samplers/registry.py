@@ -14,6 +14,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from difflab.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Option:
@@ -80,7 +82,7 @@ def register(
 def sampler_info(name: str) -> SamplerInfo:
     """The registered sampler `name`; ValueError naming the choices otherwise."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
 
 
