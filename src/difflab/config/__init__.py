@@ -171,6 +171,15 @@ class RunConfig:
             d = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(
+                f"config file {path} is a folder; pass a config JSON file, e.g. {path}/config.json"
+            ) from None
+        except OSError as e:  # unreadable: permissions, a broken mount
+            raise ConfigError(
+                f"config file {path} cannot be read ({e.strerror or e}); make it readable or "
+                "pass another --config"
+            ) from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
         return cls.from_dict(d)

@@ -23,7 +23,9 @@ from difflab.errors import ConfigError
 SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 CONTINUOUS_SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
 # For a discrete schedule, "uniform" falls back to trailing and quadratic has its own; "logsnr" and
-# "karras" place times between the table's steps (its continuous view, see schedules.py).
+# "karras" place times between the table's steps (its continuous view, see schedules.py). A
+# continuous schedule refuses the table spacings (linspace, leading, trailing) rather than
+# silently drawing a uniform grid.
 KARRAS_RHO = 7.0
 
 
@@ -65,7 +67,7 @@ def discrete_timesteps(num_train_steps: int, num_steps: int, spacing: str = "tra
 def timesteps(
     schedule: Schedule,
     num_steps: int,
-    spacing: str = "trailing",
+    spacing: str = "uniform",
     t_end: float | None = None,
     shift: float = 1.0,
 ) -> Tensor:
@@ -86,11 +88,22 @@ def timesteps(
     """
     if not shift > 0:
         raise ConfigError(f"sample.shift must be > 0 (1 = no shift; SD3 uses 3.0), got {shift}")
+    if t_end is not None and spacing not in ("logsnr", "karras"):
+        raise ConfigError(
+            f"sample.t_end (--t-end) moves the last time of the logsnr and karras grids only, "
+            f"not {spacing}: use --spacing logsnr or karras, or leave t_end at 0"
+        )
     if t_end is not None and not (schedule.t_min <= t_end < schedule.t_max):
         raise ConfigError(
             f"t_end must lie in [{schedule.t_min:g}, {schedule.t_max:g}), got {t_end}"
         )
     discrete = isinstance(schedule, DiscreteSchedule)
+    if not discrete and spacing in SPACINGS and spacing not in CONTINUOUS_SPACINGS:
+        raise ConfigError(
+            f"spacing {spacing} picks steps of a discrete table; the {schedule.name} schedule "
+            f"is continuous: use --spacing uniform (evenly spaced times), quadratic, logsnr or "
+            "karras"
+        )
     if discrete and spacing not in ("logsnr", "karras"):
         if spacing == "uniform":
             spacing = "trailing"
@@ -100,7 +113,7 @@ def timesteps(
         _check_steps(num_steps, schedule.num_steps if discrete else None)
         t_max, t_min = schedule.t_max, schedule.t_min
         u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
-        if spacing in ("uniform", "trailing", "linspace", "leading"):
+        if spacing == "uniform":
             t = t_min + (t_max - t_min) * u
         elif spacing == "quadratic":
             t = t_min + (t_max - t_min) * u**2
