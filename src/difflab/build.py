@@ -162,6 +162,16 @@ def _flip(cfg: config.DataConfig, default: bool) -> bool:
     return default if cfg.flip == "auto" else cfg.flip == "on"
 
 
+def _check_channels(d: config.DataConfig, own: int) -> None:
+    """Refuse a data.channels the data set would ignore: only an image folder converts its
+    images to 1 or 3 channels. 3 (the default) passes everywhere, as configs always held it."""
+    if d.name != "imagefolder" and d.channels not in (3, own):
+        raise ConfigError(
+            f"data.channels={d.channels} applies to data.name=imagefolder only; {d.name} has "
+            f"{own} channel(s) of its own: leave data.channels out"
+        )
+
+
 @_checked
 def build_data(cfg: RunConfig, seed: int, split: str = "train") -> ToyStream | ImageStream:
     """The training batch stream the config names (2-D toy set or image data set)."""
@@ -169,6 +179,7 @@ def build_data(cfg: RunConfig, seed: int, split: str = "train") -> ToyStream | I
     if d.pairs:  # reflow: the named data set's (noise, endpoint) pairs from a trained flow
         stream = PairStream(d.pairs, seed)
     elif d.name in TOY2D:
+        _check_channels(d, 3)  # 3 is the field's default: points have no channels to choose
         stream = ToyStream(d.name, seed)
     elif d.name in IMAGE_DATASETS:
         try:
@@ -177,6 +188,7 @@ def build_data(cfg: RunConfig, seed: int, split: str = "train") -> ToyStream | I
             )
         except DatasetMissingError as e:
             raise ConfigError(str(e)) from None
+        _check_channels(d, info.shape[0])
         if d.text_conditional:  # captions: from the labels' templates, or beside the images
             dataset, captions = captioned(d.name, dataset, info.class_names, d.root)
         if d.name == "imagefolder":

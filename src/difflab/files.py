@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["replace_atomically", "savez_atomically", "sha256_file", "write_text_atomically"]
+from difflab.errors import ConfigError
+
+__all__ = [
+    "check_writable",
+    "replace_atomically",
+    "savez_atomically",
+    "sha256_file",
+    "write_text_atomically",
+]
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -48,3 +57,29 @@ def savez_atomically(path: str | Path, **arrays) -> None:
             np.savez(f, **arrays)
 
     replace_atomically(path, write)
+
+
+def check_writable(folder: str | Path, what: str) -> None:
+    """Refuse, before any work, a folder that outputs cannot be written in: `folder` itself, or
+    for one yet to be made its nearest existing parent. Raises ConfigError naming `what` (the
+    flag and value that chose it) and the fix; leaves nothing behind."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what}: {existing} is a file, not a folder; choose another path")
+    try:
+        _probe_write(existing)
+    except OSError as e:
+        raise ConfigError(
+            f"{what}: cannot write in {existing} ({e.strerror or e}); make it writable or choose "
+            "another folder"
+        ) from None
+
+
+def _probe_write(folder: Path) -> None:
+    """Create and drop a nameless file in `folder` (the kernel's answer, not os.access's guess:
+    a read-only mount, permissions, an ACL)."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass

@@ -134,7 +134,7 @@ class Model:
         def attempt(check, *args):
             try:
                 return check(*args)
-            except ValueError as e:
+            except ConfigError as e:  # anything else is a bug and keeps its traceback
                 problems.append(str(e))
 
         info = attempt(sampler_info, scfg.sampler)

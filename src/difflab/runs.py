@@ -182,7 +182,7 @@ def sample_labels(
         return run.model.conditioner.request(
             n, class_label=class_label, per_class=per_class, seed=seed
         )
-    except ValueError as e:
+    except ConfigError as e:
         raise ConfigError(f"{run.run_dir}: {e}") from None
 
 

@@ -1,6 +1,7 @@
 """difflab train | sample | eval | plot | report | export | import | bench | reflow.
 
-Every user error ends in one line `difflab: error: <problem and fix>` and exit code 2.
+Every user error (a ConfigError) ends in one line `difflab: error: <problem and fix>` and exit
+code 2; any other exception is a bug in difflab and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ from difflab.devices import keep_freed_memory
 from difflab.samplers import NonFiniteError
 
 __all__ = ["classifier_parser", "main", "parser", "sample_changes", "sample_config"]
+
+# a path the user named that is missing, a folder, not a folder, or not theirs to read or write;
+# with the fix each message ends in
+USER_FILE_ERRORS = {
+    FileNotFoundError: "check the path",
+    IsADirectoryError: "name a file, not a folder",
+    NotADirectoryError: "a part of the path is a file, not a folder",
+    PermissionError: "check its permissions or choose another path",
+}
 
 COMMANDS = {
     "train": cmd_train,
@@ -47,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # sampling and eval reuse freed memory too (devices.py says why)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:  # they name the bad input and fix
+    except ConfigError as e:  # bad input a user can fix: the message names it and the fix
         if os.environ.get("DIFFLAB_TRACEBACK"):
             raise
         if getattr(e, "quiet", False):  # another process refused the input and said why
@@ -55,12 +65,24 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(e, "everywhere", False) or os.environ.get("RANK", "0") == "0":
             print(f"difflab: error: {e}", file=sys.stderr)  # once, for a fault every rank saw
         return 2
+    except OSError as e:
+        user_file = e.filename is not None and isinstance(e, tuple(USER_FILE_ERRORS))
+        if not user_file or os.environ.get("DIFFLAB_TRACEBACK"):
+            raise
+        print(f"difflab: error: {describe_file_error(e)}", file=sys.stderr)
+        return 2
     except NonFiniteError as e:
         print(f"difflab: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # outputs are written atomically: nothing is left half-written
         print("\ndifflab: interrupted", file=sys.stderr)
         return 130
+
+
+def describe_file_error(e: OSError) -> str:
+    """One line for a file error that reached the CLI: the path, what is wrong, the fix."""
+    fix = next(fix for kind, fix in USER_FILE_ERRORS.items() if isinstance(e, kind))
+    return f"{e.filename}: {e.strerror}; {fix}"
 
 
 if __name__ == "__main__":

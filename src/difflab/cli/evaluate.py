@@ -15,7 +15,7 @@ from difflab.config import (
     ConfigError,
     RunConfig,
 )
-from difflab.files import write_text_atomically
+from difflab.files import check_writable, write_text_atomically
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -40,11 +40,28 @@ def _eval(args: argparse.Namespace, world) -> int:
     from difflab.runs import load_samples
 
     source = Path(args.source)
+    if args.out:
+        check_writable(Path(args.out).parent, f"--out {args.out}")
     image = agree(world, lambda: check_visible(source, world) or _is_image_source(source))
     if args.compare and world.size > 1:
         raise everywhere("--compare runs in one process: leave out --nproc and torchrun")
     if image:
         return _eval_images(args, source, world)
+    image_only = [
+        flag
+        for flag, value in (
+            ("--metric", args.metric),
+            ("--reference", args.reference),
+            ("--n-reference", args.n_reference),
+            ("--judge", args.judge),
+        )
+        if value is not None
+    ]
+    if image_only:
+        raise ConfigError(
+            f"{', '.join(image_only)} choose image metrics; {source} holds 2-D points, which get "
+            "the 2-D metrics of their data set: leave them out"
+        )
     if args.compare:
         return _eval_compare(args, source)
     if source.suffix == ".npz":
@@ -270,6 +287,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from difflab.evaluation.sampled import default_judge_path
 
     out = Path(args.out) if args.out else default_judge_path(args.dataset)
+    check_writable(out.parent, f"--out {out}")
     start = time.perf_counter()
     _, accuracy = train_judge(
         args.dataset,

@@ -8,6 +8,7 @@ import dataclasses
 from difflab.cli.text import add_text_flags
 from difflab.config import (
     PRESETS,
+    ConfigError,
     SampleConfig,
 )
 from difflab.samplers import SAMPLERS
@@ -288,7 +289,10 @@ def ema_choice(args: argparse.Namespace) -> bool | None:
 
 def sample_config(base: SampleConfig, args: argparse.Namespace) -> SampleConfig:
     """The run's sample config with the command-line flags laid over it."""
-    return dataclasses.replace(base, **sample_changes(args))
+    scfg = dataclasses.replace(base, **sample_changes(args))
+    if scfg.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {scfg.n}")
+    return scfg
 
 
 def _add_nproc_flag(p: argparse.ArgumentParser) -> None:

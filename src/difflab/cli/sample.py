@@ -10,6 +10,7 @@ from difflab.cli.parsers import ema_choice, sample_config
 from difflab.cli.processes import peers, relaunch
 from difflab.cli.text import default_prompts_of, prompt_conditions, read_prompts
 from difflab.config import ConfigError
+from difflab.files import check_writable
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -36,6 +37,7 @@ def _sample(args: argparse.Namespace, world) -> None:
         check_visible(args.run, world)
         if Path(args.out).suffix != ".npz":
             raise ConfigError(f"--out must end in .npz, got {args.out}")
+        check_writable(Path(args.out).parent, f"--out {args.out}")
         device = rank_device(world, args.device)
         run = load_run(
             args.run, checkpoint=args.checkpoint, use_ema=ema_choice(args), device=device
@@ -46,6 +48,11 @@ def _sample(args: argparse.Namespace, world) -> None:
         else:
             prompts = default_prompts_of(run, scfg.n, args.per_class)
             labels = sample_labels(run, scfg.n, *classes, scfg.seed)
+        if args.gif and prompts is None:
+            raise ConfigError(
+                "--gif draws a denoising GIF per prompt of a text model; this run takes no "
+                "prompts: leave out --gif (`difflab plot RUN` draws its figures and GIFs)"
+            )
         blocks(scfg.n, world.size)
         return run, scfg, labels, prompts
 

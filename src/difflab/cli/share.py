@@ -6,8 +6,11 @@ import argparse
 import time
 from pathlib import Path
 
+from difflab.files import check_writable
+
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_writable(Path(args.out).parent, f"--out {args.out}")
     start = time.perf_counter()
     if args.format == "diffusers":
         from difflab.share.diffusers_io import export_diffusers

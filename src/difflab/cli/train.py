@@ -13,6 +13,7 @@ from difflab.config import (
     apply_overrides,
     preset,
 )
+from difflab.files import check_writable
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -32,6 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if world.size > 1 and not args.name:  # a default name has the time in it
             raise ConfigError("under torchrun every process must open the same run: pass --name")
         run_dir = Path(args.runs) / (args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_writable(run_dir, f"--resume {run_dir}" if args.resume else f"--runs {args.runs}")
     if args.nproc is not None:
         if world.size > 1:
             raise ConfigError("--nproc starts its own processes; leave it out under torchrun")

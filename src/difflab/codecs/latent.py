@@ -184,7 +184,7 @@ def load_codec(cfg, kind, device) -> LatentCodec:
             f"the autoencoder {m.codec} was trained on images of shape "
             f"{tuple(info['image_shape'])} ({info['data']}), but this run's data are "
             f"{tuple(kind.shape)}: use an autoencoder trained on this data set, or set "
-            "data.image_size / data.channels to match"
+            "data.image_size (and, for an image folder, data.channels) to match"
         ) from None
     ae = AutoencoderKL(kind.shape[0], **_ae_config(info))
     try:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
+
 
 class Unconditional:
     """No condition: the network is called with cond=None."""
@@ -28,7 +30,7 @@ class Unconditional:
 
     def request(self, n: int, *, class_label=None, per_class=False, seed=0) -> None:
         if class_label is not None or per_class:
-            raise ValueError(
+            raise ConfigError(
                 "an unconditional model has no classes; --class and --per-class need one "
                 "trained with data.class_conditional=true"
             )
@@ -39,7 +41,7 @@ class Unconditional:
 
     def check_guidance(self, guidance_scale: float) -> None:
         if guidance_scale != 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"guidance {guidance_scale} asked of an unconditional model; guidance needs "
                 "one trained with data.class_conditional=true"
             )
@@ -59,7 +61,7 @@ class ClassLabels:
 
     def __init__(self, num_classes: int, class_names=(), dropout: float = 0.0):
         if num_classes < 1:
-            raise ValueError(f"class labels need num_classes >= 1, got {num_classes}")
+            raise ConfigError(f"class labels need num_classes >= 1, got {num_classes}")
         self.num_classes, self.dropout = num_classes, dropout
         self.class_names = tuple(class_names) or tuple(str(k) for k in range(num_classes))
         self.null_label = num_classes
@@ -79,13 +81,13 @@ class ClassLabels:
         k = self.num_classes
         if class_label is not None:
             if not 0 <= class_label < k:
-                raise ValueError(
+                raise ConfigError(
                     f"--class {class_label} is out of range; this model has classes 0..{k - 1}"
                 )
             return torch.full((n,), class_label, dtype=torch.long)
         if per_class:
             if n % k:
-                raise ValueError(
+                raise ConfigError(
                     f"--per-class needs --n to be a multiple of the {k} classes, got {n}; "
                     f"try --n {n - n % k or k}"
                 )
@@ -100,7 +102,7 @@ class ClassLabels:
 
     def check_guidance(self, guidance_scale: float) -> None:
         if guidance_scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
+            raise ConfigError(f"guidance scale must be >= 0, got {guidance_scale}")
 
     def null_like(self, cond: Tensor) -> Tensor:
         return torch.full_like(cond, self.null_label)

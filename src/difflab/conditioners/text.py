@@ -19,6 +19,7 @@ from torch import Tensor
 
 from difflab.conditioners.encoders import CharTokenizer, MiniLMEncoder, cached_states
 from difflab.data.captions import class_names_of, prompts_for
+from difflab.errors import ConfigError
 
 ENCODERS = ("char", "minilm")
 
@@ -31,11 +32,11 @@ def text_cache_dir() -> Path:
 def make_encoder(name: str, max_tokens: int, device="cpu"):
     """The tokenizer or frozen encoder `model.text.encoder` names."""
     if name not in ENCODERS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model.text.encoder {name!r}; choose one of {', '.join(ENCODERS)}"
         )
     if max_tokens < 2:
-        raise ValueError(f"model.text.max_tokens must be >= 2, got {max_tokens}")
+        raise ConfigError(f"model.text.max_tokens must be >= 2, got {max_tokens}")
     return CharTokenizer(max_tokens) if name == "char" else MiniLMEncoder(max_tokens, device)
 
 
@@ -102,7 +103,7 @@ class TextConditioner:
         """The default prompts of n samples (`default_prompts`; per_class: in blocks of one
         class each, for figures). Class labels are refused: this model reads text."""
         if class_label is not None:
-            raise ValueError(
+            raise ConfigError(
                 "this model is conditioned on text, not class labels; leave out --class and "
                 'pass --prompt "..." or --prompts-file FILE'
             )
@@ -122,7 +123,7 @@ class TextConditioner:
 
     def check_guidance(self, guidance_scale: float) -> None:
         if guidance_scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
+            raise ConfigError(f"guidance scale must be >= 0, got {guidance_scale}")
 
     def null_like(self, cond: Tensor) -> Tensor:
         return self.null.to(cond.device).expand_as(cond)

@@ -17,10 +17,7 @@ from difflab.config.consistency import ConsistencyConfig
 from difflab.config.latent import AutoencoderConfig, AutoencoderLossConfig
 from difflab.config.sampling import SampleConfig, use_ema_of
 from difflab.config.text import TextConfig
-
-
-class ConfigError(ValueError):
-    """A user-facing problem with the config or command line; the message says the fix."""
+from difflab.errors import ConfigError
 
 
 @dataclass
@@ -174,6 +171,15 @@ class RunConfig:
             d = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(
+                f"config file {path} is a folder; pass a config JSON file, e.g. {path}/config.json"
+            ) from None
+        except OSError as e:  # unreadable: permissions, a broken mount
+            raise ConfigError(
+                f"config file {path} cannot be read ({e.strerror or e}); make it readable or "
+                "pass another --config"
+            ) from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
         return cls.from_dict(d)
@@ -225,11 +231,11 @@ def _coerce(value, kind, key: str):
                     return True
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
-                raise ValueError
+                raise ConfigError
             return bool(value)
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
-                raise ValueError
+                raise ConfigError
             return (
                 int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
             )

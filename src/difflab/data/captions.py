@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from difflab.errors import ConfigError
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Fashion-MNIST's ten classes, each with a paraphrase: "a photo of a sneaker", "an ankle boot"
 FASHION_WORDS = (
@@ -55,7 +57,7 @@ FASHION_TEMPLATES = {
 }  # fmt: skip
 
 
-class CaptionError(ValueError):
+class CaptionError(ConfigError):
     """Captions missing or malformed; the message names the file and the fix."""
 
 

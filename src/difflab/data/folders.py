@@ -19,16 +19,18 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from difflab.errors import ConfigError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CELEBA_SPLITS = {"train": "0", "valid": "1", "test": "2", "all": None}
 DOWNLOAD_HINT = "run with --set data.download=true on a machine with internet, or copy"
 
 
-class DatasetMissingError(FileNotFoundError):
+class DatasetMissingError(ConfigError, FileNotFoundError):
     """The data set's files are not where they should be; the message says where and how."""
 
 
-class DataFileError(ValueError):
+class DataFileError(ConfigError):
     """A data file is there but cannot be read: corrupt, truncated or not what its name says."""
 
 
@@ -50,7 +52,7 @@ def check_signed_images(
     in_range = low >= -1 - 1e-4 and high <= 1 + 1e-4  # False for NaN too
     if not (shape_ok and images.is_floating_point() and in_range):
         height_width = "H, W" if size is None else f"{size}, {size}"
-        raise ValueError(
+        raise ConfigError(
             f"images must be in [-1, 1] with shape (N, C, {height_width}), N >= 1, C = "
             f"{' or '.join(map(str, channels))}; got shape {tuple(images.shape)}, dtype "
             f"{images.dtype}, min/max {low:.4g}/{high:.4g} (uint8 pixels in [0, 255] become "
@@ -68,7 +70,7 @@ def try_download(fetch: Callable[[], object], missing: str) -> None:
 
 def check_split(split: str, allowed: Sequence[str], name: str) -> str:
     if split not in allowed:
-        raise ValueError(f"{name} has splits {', '.join(allowed)}; got {split!r}")
+        raise ConfigError(f"{name} has splits {', '.join(allowed)}; got {split!r}")
     return split
 
 
@@ -125,7 +127,7 @@ class FileImages(Dataset):
         class_names: Sequence[str] = (),
     ):
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise ConfigError(f"channels must be 1 or 3, got {channels}")
         self.paths = list(paths)
         self.labels = None if labels is None else list(labels)
         self.transform = transform
@@ -181,16 +183,18 @@ def image_folder(root: str | Path, image_size: int, channels: int = 3) -> FileIm
     loose = [p for p in _images_in(root) if p.parent == root]
     if class_dirs and loose:
         # With class folders, a loose image has no class; refuse rather than drop it silently.
-        raise ValueError(f"{root} has class sub-folders and loose images (e.g. {loose[0].name})")
+        raise ConfigError(f"{root} has class sub-folders and loose images (e.g. {loose[0].name})")
     if not class_dirs:
         if not loose:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
+            raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}")
         return FileImages(loose, None, resize_to, channels, image_size)
     paths, labels = [], []
     for label, folder in enumerate(class_dirs):
         found = _images_in(folder)
         if not found:
-            raise ValueError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ConfigError(
+                f"class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
         paths += found
         labels += [label] * len(found)
     names = [d.name for d in class_dirs]

@@ -25,6 +25,7 @@ from difflab.data.folders import (
     load_celeba64,
 )
 from difflab.data.readers import TensorImages, load_cifar10, load_mnist, read_idx
+from difflab.errors import ConfigError
 
 __all__ = [
     "DataFileError",
@@ -87,7 +88,9 @@ def load_image_dataset(
         (dataset, info): item i of dataset is (x float32 (C, S, S) in [-1, 1], int label).
     """
     if name not in DEFAULT_FLIP:
-        raise ValueError(f"unknown image dataset {name!r}; choose one of {', '.join(DEFAULT_FLIP)}")
+        raise ConfigError(
+            f"unknown image dataset {name!r}; choose one of {', '.join(DEFAULT_FLIP)}"
+        )
     root = Path(root).expanduser().absolute()  # messages name full paths
     if name in ("mnist", "fashion"):
         size = image_size or 32

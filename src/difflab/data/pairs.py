@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
+
 
 def chunk_paths(folder: Path) -> list[Path]:
     return sorted(folder.glob("chunk-*.npz"))
@@ -27,13 +29,13 @@ def read_pairs(folder: str | Path) -> tuple[Tensor, Tensor, Tensor | None, dict]
     folder = Path(folder)
     meta_path = folder / "pairs.json"
     if not meta_path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{folder} holds no reflow pairs (no pairs.json); draw them with `difflab reflow RUN`"
         )
     meta = json.loads(meta_path.read_text())
     paths = chunk_paths(folder)
     if len(paths) < meta["chunks"]:
-        raise ValueError(
+        raise ConfigError(
             f"{folder} has {len(paths)} of {meta['chunks']} chunks of pairs: the drawing was "
             "stopped; run the same `difflab reflow` command again to finish it"
         )

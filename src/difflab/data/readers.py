@@ -31,6 +31,7 @@ from difflab.data.folders import (
     to_signed,
     try_download,
 )
+from difflab.errors import ConfigError
 
 FASHION_CLASSES = (
     "T-shirt/top",
@@ -62,7 +63,7 @@ class TensorImages(Dataset):
                 f"images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}"
             )
         if labels is not None and len(labels) != len(images):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+            raise ConfigError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
         self.labels = None if labels is None else labels.long()
         self.shape = tuple(images.shape[1:])
@@ -139,7 +140,7 @@ def load_mnist(
     if resize:
         images = _resize(images, image_size)
     elif image_size < 28 or (image_size - 28) % 2:
-        raise ValueError(f"cannot pad 28x28 to {image_size}x{image_size}; use resize=True")
+        raise ConfigError(f"cannot pad 28x28 to {image_size}x{image_size}; use resize=True")
     else:
         pad = (image_size - 28) // 2
         images = F.pad(images, (pad, pad, pad, pad))  # pads with 0, which becomes -1

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from difflab.data.folders import to_signed
 from difflab.data.readers import TensorImages
 from difflab.data.toy2d import sample_toy2d
+from difflab.errors import ConfigError
 
 
 class ToyStream:
@@ -62,7 +63,7 @@ class ImageStream:
         self.data = TensorImages(*data) if isinstance(data, tuple) else data
         self.size = len(self.data)
         if self.size == 0:
-            raise ValueError("ImageStream needs at least one image")
+            raise ConfigError("ImageStream needs at least one image")
         self.shape = tuple(getattr(self.data, "shape", None) or self.data[0][0].shape)
         self.num_classes = getattr(self.data, "num_classes", 0)
         self.flip = flip
@@ -133,7 +134,7 @@ class ImageStream:
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["order"]) != self.size:
-            raise ValueError(
+            raise ConfigError(
                 f"stream state is for {len(state['order'])} images, data has {self.size}"
             )
         self.generator.set_state(state["generator"])

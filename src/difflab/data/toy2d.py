@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
+
 
 def checkerboard(n: int, generator: torch.Generator | None = None) -> Tensor:
     """x1, x2 ~ U(0, 4) kept where floor(x1) + floor(x2) is even, then (x - 2) / 2 into [-1, 1]^2.
@@ -75,7 +77,7 @@ TOY2D = {
 def sample_toy2d(name: str, n: int, generator: torch.Generator | None = None) -> Tensor:
     """n points (n, 2) float32 of the named distribution."""
     if name not in TOY2D:
-        raise ValueError(f"unknown 2-D dataset {name!r}; choose one of {', '.join(TOY2D)}")
+        raise ConfigError(f"unknown 2-D dataset {name!r}; choose one of {', '.join(TOY2D)}")
     if n < 1:
-        raise ValueError(f"number of points must be >= 1, got {n}")
+        raise ConfigError(f"number of points must be >= 1, got {n}")
     return TOY2D[name](n, generator)

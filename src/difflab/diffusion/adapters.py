@@ -38,6 +38,7 @@ from torch import Tensor
 
 from difflab.diffusion.prediction import Denoiser
 from difflab.diffusion.schedules import DiscreteSchedule, RectifiedFlowSchedule
+from difflab.errors import ConfigError
 
 # diffusers' names for what a model predicts -> difflab's prediction kinds
 DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -77,7 +78,7 @@ def betas_from_config(config: Mapping) -> Tensor:
         t = torch.arange(T + 1, dtype=torch.float64) / T
         abar = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         return (1 - abar[1:] / abar[:-1]).clamp(max=0.999)
-    raise ValueError(
+    raise ConfigError(
         f"unsupported beta_schedule {kind!r}; give the betas directly "
         f"(foreign_denoiser(model, betas=...)) or use one of {', '.join(BETA_SCHEDULES)}"
     )
@@ -108,7 +109,7 @@ class ForeignNet:
         if self.round_timesteps:
             timestep = timestep.round().clamp(0, self.num_steps - self.offset)
         if y is not None and not self.takes_labels:
-            raise ValueError(
+            raise ConfigError(
                 "class labels were given but the foreign model takes no class_labels argument"
             )
         out = (
@@ -141,14 +142,14 @@ def foreign_denoiser(
         round_timesteps: see ForeignNet.
     """
     if (betas is None) == (scheduler_config is None):
-        raise ValueError("give exactly one of betas= or scheduler_config=")
+        raise ConfigError("give exactly one of betas= or scheduler_config=")
     if scheduler_config is not None and is_flow_config(scheduler_config):
         if prediction not in (None, "velocity"):
-            raise ValueError(
+            raise ConfigError(
                 f"a flow-matching scheduler's model predicts the velocity, not {prediction!r}"
             )
         if scheduler_config.get("use_dynamic_shifting") or scheduler_config.get("invert_sigmas"):
-            raise ValueError(
+            raise ConfigError(
                 "dynamic (resolution-dependent) shifting and inverted sigmas are not supported; "
                 "pass a config with a fixed `shift` and sample with timesteps(..., shift=shift)"
             )
@@ -161,7 +162,7 @@ def foreign_denoiser(
             name = scheduler_config.get("prediction_type", "epsilon")
             if name not in DIFFUSERS_PREDICTIONS:
                 known = ", ".join(DIFFUSERS_PREDICTIONS)
-                raise ValueError(f"unsupported prediction_type {name!r}; one of {known}")
+                raise ConfigError(f"unsupported prediction_type {name!r}; one of {known}")
             prediction = DIFFUSERS_PREDICTIONS[name]
     schedule = DiscreteSchedule(torch.as_tensor(betas, dtype=torch.float64), name="foreign")
     net = ForeignNet(model, schedule.num_steps, round_timesteps)

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from difflab.errors import ConfigError
+
 
 def kl_diagonal(mean: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mean, diag exp(logvar)) || N(0, I)) per example (B,), in closed form (Kingma &
@@ -50,7 +52,7 @@ class AutoencoderLoss:
             if getattr(cfg, key) < 0:
                 problems.append(f"train.autoencoder.{key} must be >= 0, got {getattr(cfg, key)}")
         if problems:  # build turns this into one ConfigError
-            raise ValueError("; ".join(problems))
+            raise ConfigError("; ".join(problems))
         self.cfg, self.make_discriminator = cfg, make_discriminator
         self.latent_shape = None  # image shape (C, H, W) -> latent shape (c, h, w)
         self.discriminator: nn.Module | None = None
@@ -61,7 +63,7 @@ class AutoencoderLoss:
         """Take the run's autoencoder and device: build the discriminator (from the global torch
         RNG, seeded by the trainer) and its AdamW, and keep the judge (frozen)."""
         if not hasattr(model.net, "latent_shape"):
-            raise ValueError(
+            raise ConfigError(
                 "train.loss=autoencoder trains model.name=autoencoder, not "
                 f"{type(model.net).__name__}; use a *-ae preset"
             )

@@ -44,6 +44,7 @@ from difflab.diffusion.curriculum import (
     karras,
     lognormal_weights,
 )
+from difflab.errors import ConfigError
 
 DISTANCES = ("pseudo_huber", "l2")
 LEVELS = ("grid", "jitter")
@@ -52,7 +53,7 @@ WEIGHTINGS = ("one", "inverse_gap")
 
 def _choose(c, key: str, allowed: tuple[str, ...]) -> None:
     if getattr(c, key) not in allowed:
-        raise ValueError(f"unknown consistency.{key} {getattr(c, key)!r}; choose one of "
+        raise ConfigError(f"unknown consistency.{key} {getattr(c, key)!r}; choose one of "
                          f"{', '.join(allowed)}")  # fmt: skip
 
 
@@ -65,7 +66,7 @@ class _ConsistencyLoss:
         c = cfg.consistency
         _choose(c, "distance", DISTANCES)
         if cfg.diffusion.prediction == "v" and not schedule.variance_preserving:
-            raise ValueError("v-prediction needs a variance-preserving schedule")
+            raise ConfigError("v-prediction needs a variance-preserving schedule")
         self.c, self.schedule, self.steps, self.seed = c, schedule, cfg.train.steps, cfg.train.seed
         self.sigma_min, self.sigma_max = noise_range(schedule)
 
@@ -118,7 +119,7 @@ class ConsistencyTraining(_ConsistencyLoss):
         super().__init__(cfg, schedule)
         check_curriculum(self.c.s0, self.c.s1)
         if not 0 < self.c.mu0 < 1:
-            raise ValueError(f"consistency.mu0 must be in (0, 1), got {self.c.mu0}")
+            raise ConfigError(f"consistency.mu0 must be in (0, 1), got {self.c.mu0}")
 
     def num_levels(self, step: int) -> int:
         return ct_steps(step, self.steps, self.c.s0, self.c.s1)
@@ -223,13 +224,13 @@ class ConsistencyDistillation(ConsistencyTraining):
     def __init__(self, cfg, schedule):
         _ConsistencyLoss.__init__(self, cfg, schedule)
         if self.c.num_levels < 2:
-            raise ValueError(f"consistency.num_levels must be >= 2, got {self.c.num_levels}")
+            raise ConfigError(f"consistency.num_levels must be >= 2, got {self.c.num_levels}")
         if self.c.solver_substeps < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"consistency.solver_substeps must be >= 1, got {self.c.solver_substeps}"
             )
         if not 0 <= self.c.target_ema < 1:
-            raise ValueError(f"consistency.target_ema must be in [0, 1), got {self.c.target_ema}")
+            raise ConfigError(f"consistency.target_ema must be in [0, 1), got {self.c.target_ema}")
         _choose(self.c, "levels", LEVELS)
         _choose(self.c, "weighting", WEIGHTINGS)
         # E[1 / (s_hi - s_lo)] over the draw at 4,096 midpoints of u: a constant, so N
@@ -245,7 +246,7 @@ class ConsistencyDistillation(ConsistencyTraining):
 
     def __call__(self, model, x0: Tensor, cond, *, noise, step: int, target=None):
         if self.teacher_step is None:
-            raise ValueError("train.loss=cd needs a teacher: --set consistency.teacher=RUN")
+            raise ConfigError("train.loss=cd needs a teacher: --set consistency.teacher=RUN")
         u, eps = noise
         eps = eps.to(x0)
         s_lo, s_hi, i = self.levels(u)

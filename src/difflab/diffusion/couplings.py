@@ -25,6 +25,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from difflab.errors import ConfigError
+
 COUPLINGS = ("independent", "ot", "reflow")
 # Exact assignment costs O(B^3): 2048 points take ~0.3 s on one CPU core, 4096 take ~3 s.
 OT_MAX_BATCH = 2048
@@ -35,22 +37,22 @@ def check_coupling(name: str, batch: int, pairs: str = "", latent: bool = False)
     reflow's stored pairs without a pairs folder (`pairs` is data.pairs) and the reverse, and a
     data-dependent coupling in a latent run (`latent`: model.codec is set)."""
     if name not in COUPLINGS:
-        raise ValueError(f"unknown coupling {name!r}; choose one of {', '.join(COUPLINGS)}")
+        raise ConfigError(f"unknown coupling {name!r}; choose one of {', '.join(COUPLINGS)}")
     if latent and name != "independent":
         # the coupling sees the batch before the codec encodes it (pixels, or cached moments),
         # while the noise has the latents' shape: pairing them would mean nothing
-        raise ValueError(
+        raise ConfigError(
             f"diffusion.coupling={name} pairs noise with the data as the stream gives it, and "
             "a latent run's noise lives in the autoencoder's latent space; use "
             "diffusion.coupling=independent with model.codec"
         )
     if (name == "reflow") != bool(pairs):
-        raise ValueError(
+        raise ConfigError(
             "diffusion.coupling=reflow and data.pairs=FOLDER go together (the stored pairs' "
             "noise is the coupling): `difflab reflow RUN` sets both"
         )
     if name == "ot" and batch > OT_MAX_BATCH:
-        raise ValueError(
+        raise ConfigError(
             f"diffusion.coupling=ot solves an exact {batch} x {batch} assignment every step "
             f"(O(B^3): about 3 s at 4096); use micro-batches of at most {OT_MAX_BATCH} "
             f"(train.batch_size <= {OT_MAX_BATCH}, or train.grad_accum = "
@@ -82,7 +84,7 @@ def couple(name: str, x0: Tensor, eps: Tensor) -> Tensor:
     if name == "independent":
         return eps
     if x0.shape != eps.shape:
-        raise ValueError(
+        raise ConfigError(
             f"OT coupling pairs data and noise of one shape; the batch is {tuple(x0.shape)} and "
             f"its noise {tuple(eps.shape)} (a codec's latent): use diffusion.coupling=independent"
         )

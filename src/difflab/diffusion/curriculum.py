@@ -25,11 +25,13 @@ import math
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
+
 
 def check_curriculum(s0: int, s1: int) -> None:
     """A curriculum must increase: 1 <= s0 < s1 (ValueError naming the keys otherwise)."""
     if not 1 <= s0 < s1:
-        raise ValueError(
+        raise ConfigError(
             f"the discretisation curriculum must increase: need 1 <= consistency.s0 < "
             f"consistency.s1, got s0 = {s0}, s1 = {s1}"
         )
@@ -88,7 +90,7 @@ def ect_r(t: Tensor, stage: int, q: float, k: float, b: float) -> Tensor:
 
 def check_ect(q: float, stage_steps: int) -> None:
     if not q > 1 or stage_steps < 1:
-        raise ValueError(
+        raise ConfigError(
             "ECT's curriculum must increase: need consistency.ect_q > 1 and "
             f"consistency.stage_steps >= 1, got {q} and {stage_steps}"
         )

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from difflab.diffusion.prediction import Denoiser
+from difflab.errors import ConfigError
 
 
 class GuidedNet:
@@ -40,13 +41,13 @@ class GuidedNet:
 
     def __init__(self, net, guidance_scale: float, conditioner, interval=None):
         if guidance_scale < 0:
-            raise ValueError(f"guidance scale must be >= 0, got {guidance_scale}")
+            raise ConfigError(f"guidance scale must be >= 0, got {guidance_scale}")
         self.net, self.guidance_scale, self.conditioner = net, guidance_scale, conditioner
         self.interval = interval
 
     def __call__(self, x_t: Tensor, t: Tensor, y=None) -> Tensor:
         if y is None:
-            raise ValueError(
+            raise ConfigError(
                 "classifier-free guidance needs class labels y; pass --class or --per-class"
             )
         w, c = self.guidance_scale, self.conditioner
@@ -90,7 +91,7 @@ def guided(
             elsewhere); s_hi = 0 means no upper limit, and 0, 0 guides everywhere.
     """
     if not conditioner.conditional:
-        raise ValueError(
+        raise ConfigError(
             "guidance needs a class-conditional model; this one was trained without labels "
             "(model.num_classes = 0)"
         )
@@ -111,12 +112,12 @@ def guided(
 def check_interval(s_lo: float, s_hi: float) -> None:
     """ValueError unless (s_lo, s_hi] is a usable interval of noise levels (s_hi = 0: none)."""
     if not (math.isfinite(s_lo) and math.isfinite(s_hi)) or s_lo < 0 or s_hi < 0:
-        raise ValueError(
+        raise ConfigError(
             f"sample.guidance_tmin / guidance_tmax must be finite noise levels >= 0 "
             f"(sigma / alpha), got {s_lo}, {s_hi}"
         )
     if s_hi > 0 and s_hi <= s_lo:
-        raise ValueError(
+        raise ConfigError(
             f"sample.guidance_tmax={s_hi} must be above guidance_tmin={s_lo} (guidance applies "
             "in (guidance_tmin, guidance_tmax]); 0 means no upper limit"
         )

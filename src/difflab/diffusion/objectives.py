@@ -36,6 +36,7 @@ from torch import Tensor
 
 from difflab.diffusion.prediction import Denoiser, check_kind, split_raw
 from difflab.diffusion.schedules import DiscreteSchedule, Schedule, _broadcast
+from difflab.errors import ConfigError
 
 LOSS_TYPES = ("mse", "l1", "huber")
 WEIGHTINGS = ("none", "snr", "min_snr", "snr_plus_one", "edm")
@@ -83,13 +84,15 @@ class LossSpec:
             (self.t_sampling, T_SAMPLINGS, "t_sampling"),
         ):
             if value not in allowed:
-                raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+                raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
         if min(self.min_snr_gamma, self.huber_delta, self.lognormal_std, self.sigma_data) <= 0:
-            raise ValueError("min_snr_gamma, huber_delta, lognormal_std and sigma_data must be > 0")
+            raise ConfigError(
+                "min_snr_gamma, huber_delta, lognormal_std and sigma_data must be > 0"
+            )
         if self.logit_scale <= 0:
-            raise ValueError(f"logit_scale must be > 0 (SD3 uses 1.0), got {self.logit_scale}")
+            raise ConfigError(f"logit_scale must be > 0 (SD3 uses 1.0), got {self.logit_scale}")
         if not -1 <= self.mode_scale <= 2 / (torch.pi - 2):  # keeps the density non-negative
-            raise ValueError(
+            raise ConfigError(
                 f"mode_scale must lie in [-1, {2 / (torch.pi - 2):.3f}] for a valid density "
                 f"(SD3 uses 1.29), got {self.mode_scale}"
             )

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from difflab.diffusion.schedules_base import Schedule, _as_t
+from difflab.errors import ConfigError
 
 
 class AffineSchedule(Schedule):
@@ -40,7 +41,7 @@ class AffineSchedule(Schedule):
 
     def __init__(self, t_gap: float = 1e-3):
         if not 0 < t_gap < 0.5:
-            raise ValueError(
+            raise ConfigError(
                 f"the flow path's t_gap (t_max = 1 - t_gap) must be in (0, 0.5), got {t_gap}"
             )
         self.t_gap = t_gap

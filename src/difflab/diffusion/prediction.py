@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from difflab.diffusion.schedules import Schedule, _broadcast
+from difflab.errors import ConfigError
 
 PREDICTION_KINDS = ("eps", "x0", "v", "edm", "velocity")
 # (d alpha / dt, d sigma / dt) broadcast against x_t: what the velocity kind needs besides alpha
@@ -48,7 +49,7 @@ Rates = "tuple[Tensor, Tensor] | None"
 
 def check_kind(kind: str) -> str:
     if kind not in PREDICTION_KINDS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown prediction kind {kind!r}; choose one of {', '.join(PREDICTION_KINDS)}"
         )
     return kind
@@ -184,9 +185,9 @@ class Denoiser:
         self.schedule = schedule
         self.kind = check_kind(kind)
         if kind == "v" and not schedule.variance_preserving:
-            raise ValueError(v_refusal(schedule, "prediction"))
+            raise ConfigError(v_refusal(schedule, "prediction"))
         if sigma_data <= 0:
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+            raise ConfigError(f"sigma_data must be > 0, got {sigma_data}")
         self.clip_x0 = clip_x0
         self.sigma_data = sigma_data
 

@@ -49,6 +49,7 @@ from difflab.diffusion.schedules_base import (  # noqa: F401  (re-exported: they
     _as_t,
     _broadcast,
 )
+from difflab.errors import ConfigError
 
 
 def linear(
@@ -56,9 +57,9 @@ def linear(
 ) -> DiscreteSchedule:
     """DDPM's linear betas (Ho et al. 2020, Sec. 4): beta_1 = 1e-4 ... beta_T = 0.02, T = 1000."""
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        raise ConfigError(f"num_steps must be >= 1, got {num_steps}")
     if not (0 < beta_start <= beta_end < 1):
-        raise ValueError(
+        raise ConfigError(
             f"need 0 < beta_start <= beta_end < 1, got {beta_start} and {beta_end}; "
             "DDPM uses beta_start=1e-4, beta_end=0.02"
         )
@@ -77,7 +78,7 @@ class CosineSchedule(VPSchedule):
 
     def __init__(self, s: float = 0.008, min_alpha_bar: float = 1e-8):
         if s < 0:
-            raise ValueError(f"cosine offset s must be >= 0, got {s}")
+            raise ConfigError(f"cosine offset s must be >= 0, got {s}")
         self.s = s
         self.min_alpha_bar = min_alpha_bar
         self._f0 = math.cos(s / (1 + s) * math.pi / 2) ** 2
@@ -112,7 +113,7 @@ class SigmoidSchedule(VPSchedule):
         self, start: float = -3.0, end: float = 3.0, tau: float = 1.0, min_alpha_bar: float = 1e-8
     ):
         if not start < end or tau <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"sigmoid schedule needs start < end and tau > 0, got {start}, {end}, {tau}"
             )
         self.start, self.end, self.tau = start, end, tau
@@ -148,7 +149,7 @@ class VPSDESchedule(VPSchedule):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-5):
         if not 0 <= beta_min < beta_max:
-            raise ValueError(f"need 0 <= beta_min < beta_max, got {beta_min} and {beta_max}")
+            raise ConfigError(f"need 0 <= beta_min < beta_max, got {beta_min} and {beta_max}")
         self.beta_min, self.beta_max, self.t_min = beta_min, beta_max, t_min
 
     def _integral(self, t: Tensor) -> Tensor:
@@ -208,7 +209,7 @@ class VESchedule(_ExplodingSchedule):
 
     def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5):
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+            raise ConfigError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
         self.sigma_min, self.sigma_max, self.t_min = sigma_min, sigma_max, t_min
         self._log_ratio = math.log(sigma_max / sigma_min)
 
@@ -232,7 +233,7 @@ class EDMSchedule(_ExplodingSchedule):
 
     def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
         if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+            raise ConfigError(f"need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.t_min, self.t_max = sigma_min, sigma_max
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
+
 # Closed forms are evaluated in float64: alpha_bar near 1 loses digits in float32.
 _DTYPE = torch.float64
 
@@ -99,7 +101,7 @@ class Schedule:
         return _broadcast(self.alpha(t), x0) * x0 + _broadcast(self.sigma(t), x0) * eps
 
     def discretize(self, num_steps: int, max_beta: float = 0.999) -> DiscreteSchedule:
-        raise ValueError(
+        raise ConfigError(
             f"the {self.name} schedule is continuous-time only; set diffusion.num_steps=0"
         )
 
@@ -146,9 +148,9 @@ class DiscreteSchedule(VPSchedule):
     def __init__(self, betas: Tensor, name: str = "discrete"):
         betas = torch.as_tensor(betas, dtype=_DTYPE)
         if betas.dim() != 1 or len(betas) < 1:
-            raise ValueError("betas must be a non-empty 1-D sequence")
+            raise ConfigError("betas must be a non-empty 1-D sequence")
         if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError(
+            raise ConfigError(
                 f"every beta must lie in (0, 1); got min {betas.min():.3g}, max {betas.max():.3g}"
             )
         self.name = name

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from difflab.data.folders import check_signed_images, to_signed
 from difflab.data.images import load_image_dataset
 from difflab.data.readers import TensorImages
+from difflab.errors import ConfigError
 from difflab.files import replace_atomically, sha256_file
 
 __all__ = ["Judge", "JudgeExtractor", "JudgeFileError", "fit_judge", "judge_features"]
@@ -35,7 +36,7 @@ __all__ += ["judge_predict", "load_judge", "save_judge", "train_judge"]
 IMAGE_SIZE = 32
 
 
-class JudgeFileError(ValueError):
+class JudgeFileError(ConfigError):
     """A judge file is missing, incomplete or does not match its recorded checksum."""
 
 
@@ -126,9 +127,9 @@ def fit_judge(
         (model in eval mode, test accuracy in [0, 1]).
     """
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise ConfigError(f"epochs must be >= 1, got {epochs}")
     if tuple(train.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"the judge sees 32x32 images, got (C, H, W) = {train.shape}")
+        raise ConfigError(f"the judge sees 32x32 images, got (C, H, W) = {train.shape}")
     torch.manual_seed(seed)
     model = Judge(in_channels=train.shape[0], num_classes=max(train.num_classes, test.num_classes))
     generator = torch.Generator().manual_seed(seed)
@@ -195,7 +196,7 @@ def save_judge(model: Judge, path: str | Path, info: dict | None = None) -> Path
     the weights to the JSON sidecar beside it (`path` with suffix .json). Returns `path`."""
     path = Path(path)
     if path.suffix == ".json":
-        raise ValueError(f"{path}: the weights need a name not ending in .json (their sidecar's)")
+        raise ConfigError(f"{path}: the weights need a name not ending in .json (their sidecar's)")
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     replace_atomically(path, lambda tmp: save_file(weights, tmp))

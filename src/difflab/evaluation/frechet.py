@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
+
 __all__ = ["feature_statistics", "frechet_distance", "kernel_inception_distance"]
 
 
@@ -75,7 +77,7 @@ def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
     n, d = features.shape
     if n < d + 1:
         suggestion = math.ceil(10 * d / 1000) * 1000  # 10 D, rounded up to a round number
-        raise ValueError(
+        raise ConfigError(
             f"{n} samples cannot estimate a {d} x {d} covariance; use at least {d + 1} "
             f"(preferably {10 * d}) samples, e.g. --n {suggestion}"
         )
@@ -131,7 +133,7 @@ def kernel_inception_distance(
         )
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
-        raise ValueError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
+        raise ConfigError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
     # numpy's legacy generator, not torch's: its choice() stream is what makes the subsets (and so
     # the numbers) those of the reference code
     rng = np.random.RandomState(seed)

@@ -24,6 +24,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 
 from difflab.data.folders import check_signed_images
+from difflab.errors import ConfigError
 from difflab.files import replace_atomically, sha256_file
 
 __all__ = ["INCEPTION_FILENAME", "INCEPTION_SHA256", "INCEPTION_URL", "InceptionExtractor"]
@@ -40,7 +41,7 @@ LAYERS = {"64": 64, "192": 192, "768": 768, "2048": 2048}  # torch-fidelity's na
 _verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> its SHA-256
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(ConfigError):
     """The Inception-v3 weights are missing, cannot be downloaded or have the wrong SHA-256."""
 
 
@@ -180,9 +181,9 @@ class InceptionExtractor:
         download: bool = True,
     ):
         if layer not in LAYERS:
-            raise ValueError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
+            raise ConfigError(f"layer must be one of {list(LAYERS)}, got {layer!r}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.weights_path = resolve_inception_weights(weights, sha256=sha256, download=download)
         self.weights_sha256 = sha256.lower()
         self.layer, self.feature_dim = layer, LAYERS[layer]
@@ -246,7 +247,7 @@ def inception_score(logits: Tensor, splits: int = 10, seed: int = 2020) -> tuple
         (mean, std) over the chunks (std with ddof=0); 1 <= IS <= K.
     """
     if logits.dim() != 2 or splits < 1 or len(logits) < splits:
-        raise ValueError(
+        raise ConfigError(
             f"need logits (N, K) with N >= splits = {splits} >= 1, got shape "
             f"{tuple(logits.shape)}; score more images or lower splits"
         )

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
+
 __all__ = ["precision_recall"]
 
 
@@ -74,21 +76,21 @@ def _check(generated: Tensor, real: Tensor, k: int, batch_size: int) -> None:
         if x.dim() != 2:
             raise ValueError(f"{name} features must be (N, D), got shape {tuple(x.shape)}")
     if generated.shape[1] != real.shape[1]:
-        raise ValueError(
+        raise ConfigError(
             f"generated and real features must have one D, got {generated.shape[1]} and "
             f"{real.shape[1]}; extract both with the same network and layer"
         )
     if k < 1 or batch_size < 1:
-        raise ValueError(f"need k >= 1 and batch_size >= 1, got k={k}, batch_size={batch_size}")
+        raise ConfigError(f"need k >= 1 and batch_size >= 1, got k={k}, batch_size={batch_size}")
     for name, x in (("generated", generated), ("real", real)):
         if len(x) <= k:
-            raise ValueError(
+            raise ConfigError(
                 f"precision/recall with k={k} needs more than k samples per set (the k-th "
                 f"nearest neighbour excludes the point itself), got {len(x)} {name}; pass at "
                 f"least {k + 1} or lower k"
             )
         if not torch.isfinite(x).all():
-            raise ValueError(f"{name} features contain NaN or infinity")
+            raise ConfigError(f"{name} features contain NaN or infinity")
 
 
 def precision_recall(

@@ -77,7 +77,7 @@ def held_out_images(run, n: int, root: str | None = None) -> tuple[Tensor, Tenso
         dataset, _ = load_image_dataset(
             d.name, root or d.root, "test", image_size=d.image_size or None, channels=d.channels
         )
-    except (FileNotFoundError, ValueError) as e:
+    except ConfigError as e:
         raise ConfigError(f"reconstruction metrics need the test split of {d.name}: {e}") from None
     idx = torch.arange(min(n, len(dataset)))
     labels = getattr(dataset, "labels", None)
@@ -120,7 +120,7 @@ def feature_judge(cfg):
     path = cfg.train.autoencoder.feature_judge or default_judge_path(cfg.data.name)
     try:
         return load_judge(path)
-    except (FileNotFoundError, ValueError) as e:
+    except ConfigError as e:
         raise ConfigError(
             f"train.autoencoder.feature_weight > 0 needs a judge for {cfg.data.name}: {e}; "
             "train one with `difflab eval train-classifier` or set feature_judge=FILE"

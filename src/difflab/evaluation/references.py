@@ -24,10 +24,11 @@ from torch import Tensor
 
 from difflab.data.folders import to_signed
 from difflab.data.images import DEFAULT_FLIP, load_image_dataset
+from difflab.errors import ConfigError
 from difflab.files import replace_atomically, sha256_file
 
 
-class EvalError(ValueError):
+class EvalError(ConfigError):
     """Bad evaluation input: the message names the problem and the fix."""
 
 
@@ -88,6 +89,10 @@ def open_reference(
     folder of images, or a samples .npz; images of `shape` (C, H, W), n of them drawn with a seeded
     permutation (None: all)."""
     c, h, w = shape
+    if n is not None and n < 1:
+        raise EvalError(
+            f"--n-reference must be >= 1, got {n}; leave it out to use every reference image"
+        )
     path = Path(spec).expanduser()
     if spec.endswith(".npz"):
         if not path.is_file():

@@ -271,6 +271,11 @@ def samples_from_file(source: Path, image_shape: tuple[int, int, int]) -> tuple:
             images = torch.from_numpy(f["samples"]).float()
             labels = torch.from_numpy(f["labels"]).long() if "labels" in f.files else None
             meta = {k: f[k].item() for k in SAMPLE_META if k in f.files and f[k].ndim == 0}
+        if labels is not None and labels.shape != (len(images),):
+            raise ConfigError(
+                f"{source}: 'labels' has shape {tuple(labels.shape)} for {len(images)} samples; "
+                "it needs one class per sample (N,): rewrite the file or drop its 'labels'"
+            )
         known = "sampler" in meta and "steps" in meta and meta["sampler"] in SAMPLERS
         if "nfe" not in meta and known and cost_is_fixed(meta["sampler"]):
             # a file from before `nfe` was written: only a fixed cost follows from the steps

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from difflab.data.toy2d import TOY2D, in_checkerboard, sample_toy2d
+from difflab.errors import ConfigError
 
 REFERENCE_SEED = 12345  # fresh true samples for metrics come from this seed, never from training
 
@@ -43,11 +44,11 @@ def evaluate_toy(samples: np.ndarray, dataset: str) -> dict:
     """Sliced W2 to fresh true samples of the same size, its floor (true vs true), and for the
     checkerboard the fraction of samples inside a correct square."""
     if dataset not in TOY2D:
-        raise ValueError(f"unknown 2-D dataset {dataset!r}; choose one of {', '.join(TOY2D)}")
+        raise ConfigError(f"unknown 2-D dataset {dataset!r}; choose one of {', '.join(TOY2D)}")
     if samples.ndim != 2 or samples.shape[1] != 2:
-        raise ValueError(f"2-D metrics need samples of shape (N, 2), got {samples.shape}")
+        raise ConfigError(f"2-D metrics need samples of shape (N, 2), got {samples.shape}")
     if not np.isfinite(samples).all():
-        raise ValueError("the samples contain NaN or infinity; the model or sampler diverged")
+        raise ConfigError("the samples contain NaN or infinity; the model or sampler diverged")
     x = torch.from_numpy(np.asarray(samples, dtype=np.float32))
     g = torch.Generator().manual_seed(REFERENCE_SEED)
     ref, ref2 = sample_toy2d(dataset, len(x), g), sample_toy2d(dataset, len(x), g)

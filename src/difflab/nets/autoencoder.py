@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from difflab.errors import ConfigError
 from difflab.nets.blocks import AttentionBlock, downsample_layer, upsample_layer
 from difflab.nets.layers import GroupNorm
 
@@ -77,12 +78,12 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         widths = [base_channels * m for m in channel_mults]
         if not widths or any(w % norm_groups for w in widths) or num_res_blocks < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"autoencoder widths {widths} must be divisible by norm_groups={norm_groups}, "
                 f"with at least one level and num_res_blocks >= 1 (got {num_res_blocks})"
             )
         if latent_channels < 1:
-            raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
+            raise ConfigError(f"latent_channels must be >= 1, got {latent_channels}")
         self.in_channels, self.latent_channels = in_channels, latent_channels
         self.factor = 2 ** (len(widths) - 1)
         g = norm_groups
@@ -115,7 +116,7 @@ class AutoencoderKL(nn.Module):
         """(c, H / f, W / f) for images of shape (C, H, W); ValueError if f does not divide."""
         _, height, width = shape
         if height % self.factor or width % self.factor:
-            raise ValueError(
+            raise ConfigError(
                 f"image size {height}x{width} is not divisible by the autoencoder's f = "
                 f"{self.factor}"
             )
@@ -149,7 +150,7 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, in_channels: int = 1, width: int = 64, layers: int = 3):
         super().__init__()
         if layers < 1 or width % 8:
-            raise ValueError(f"discriminator needs layers >= 1 and width % 8 == 0, got {layers}")
+            raise ConfigError(f"discriminator needs layers >= 1 and width % 8 == 0, got {layers}")
         seq = [nn.Conv2d(in_channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
         ch = width
         for n in range(1, layers + 1):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from difflab.errors import ConfigError
 from difflab.nets.layers import GroupNorm, attention
 
 
@@ -29,7 +30,7 @@ class CharEncoder(nn.Module):
     def __init__(self, vocab_size: int, width: int, layers: int, heads: int, max_tokens: int):
         super().__init__()
         if width % heads:
-            raise ValueError(f"model.text.heads={heads} must divide model.text.width={width}")
+            raise ConfigError(f"model.text.heads={heads} must divide model.text.width={width}")
         self.context_dim = width
         self.tokens = nn.Embedding(vocab_size, width, padding_idx=0)
         self.positions = nn.Parameter(torch.randn(max_tokens, width) * 0.02)

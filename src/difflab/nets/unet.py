@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from difflab.errors import ConfigError
 from difflab.nets.blocks import (
     DOWNSAMPLE_CHOICES,
     UPSAMPLE_CHOICES,
@@ -51,26 +52,26 @@ def _validate(base: int, mults: tuple, attention_levels: tuple, **kw) -> None:
     """Raise ValueError for a configuration that cannot be built; see UNet's Args."""
     n = len(mults)
     if n < 1:
-        raise ValueError("channel_mults must name at least one level")
+        raise ConfigError("channel_mults must name at least one level")
     for level in attention_levels:
         if not 0 <= level < n:
-            raise ValueError(
+            raise ConfigError(
                 f"attention level {level} is out of range: valid levels are 0..{n - 1} for "
                 f"{n} channel_mults"
             )
     for name, choices in (("downsample", DOWNSAMPLE_CHOICES), ("upsample", UPSAMPLE_CHOICES)):
         if kw[name] not in choices:
-            raise ValueError(f"unknown {name} {kw[name]!r}; choose one of {choices}")
+            raise ConfigError(f"unknown {name} {kw[name]!r}; choose one of {choices}")
     for ch in (base, *(base * m for m in mults)):
         if ch % kw["norm_groups"]:
-            raise ValueError(f"norm_groups={kw['norm_groups']} does not divide channel count {ch}")
+            raise ConfigError(f"norm_groups={kw['norm_groups']} does not divide channel count {ch}")
     heads = kw["num_heads"]
     attended = [base * mults[i] for i in attention_levels]
     attended += [base * mults[-1]] if kw["mid_attention"] else []
     if heads < 1 or any(ch % heads for ch in attended):
-        raise ValueError(f"num_heads={heads} must be >= 1 and divide the channels {attended}")
+        raise ConfigError(f"num_heads={heads} must be >= 1 and divide the channels {attended}")
     if kw["mid_attention"] and kw["bottleneck_blocks"] < 2:
-        raise ValueError("mid_attention sits between ResBlocks: it needs bottleneck_blocks >= 2")
+        raise ConfigError("mid_attention sits between ResBlocks: it needs bottleneck_blocks >= 2")
 
 
 def _down_path(base, mults, num_res_blocks, attn, make) -> tuple[nn.ModuleList, list[int]]:
@@ -174,7 +175,7 @@ class UNet(nn.Module):
         cross = _text_modules(self, text_encoder, tuple(cross_attention_levels), mults, emb_dim)
         for ch in {base * mults[level] for level in self.cross}:
             if ch % num_heads:
-                raise ValueError(f"num_heads={num_heads} must divide the channels {ch}")
+                raise ConfigError(f"num_heads={num_heads} must divide the channels {ch}")
         make = {
             "res": partial(ResBlock, emb_dim=emb_dim, dropout=dropout, groups=norm_groups,
                            ws=weight_standardization),
@@ -224,7 +225,7 @@ class UNet(nn.Module):
         if y.device.type != "cpu":
             torch._assert_async(valid, message)
         elif not bool(valid):
-            raise ValueError(f"{message}: got min {int(y.min())}, max {int(y.max())}")
+            raise ConfigError(f"{message}: got min {int(y.min())}, max {int(y.max())}")
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x_t (B, C, H, W), t (B,) in [0, 1], y (B,) int labels or None -> (B, C_out, H, W).
@@ -235,7 +236,7 @@ class UNet(nn.Module):
         k = self.num_levels - 1
         H, W = x_t.shape[-2:]
         if H % 2**k or W % 2**k:
-            raise ValueError(
+            raise ConfigError(
                 f"image size {H}x{W} is not divisible by 2^{k} = {2**k} required by a U-Net with "
                 f"{k} downsamplings; resize/pad the images or use fewer levels"
             )
@@ -264,9 +265,9 @@ def _text_modules(net, encoder, levels, mults, emb_dim) -> int:
     net.text_encoder, net.cross = encoder, (*levels, -1) if levels else ()
     for level in levels:
         if not 0 <= level < len(mults):
-            raise ValueError(f"cross-attention level {level} is out of range 0..{len(mults) - 1}")
+            raise ConfigError(f"cross-attention level {level} is out of range 0..{len(mults) - 1}")
     if (encoder is None) != (not levels):
-        raise ValueError("model.unet.cross_attention_levels and a text encoder come together")
+        raise ConfigError("model.unet.cross_attention_levels and a text encoder come together")
     if encoder is None:
         return 0
     # no bias: a row without text adds exactly nothing to the time embedding

@@ -13,6 +13,7 @@ import torch
 from matplotlib import ticker
 from matplotlib.lines import Line2D
 
+from difflab.errors import ConfigError
 from difflab.evaluation.protocol import HIGHER_IS_BETTER
 from difflab.files import replace_atomically
 from difflab.report.figure import subplots
@@ -107,7 +108,7 @@ def loss_curve(metrics_path: Path, path: Path, ylabel: str = "loss") -> Path:
     """Training loss per logging interval, raw and smoothed, on a log scale."""
     rows = [r for r in read_metrics(metrics_path) if r.get("loss") is not None]
     if not rows:
-        raise ValueError(f"{metrics_path} has no loss rows yet")
+        raise ConfigError(f"{metrics_path} has no loss rows yet")
     steps = np.array([r["step"] for r in rows])
     loss = np.array([r["loss"] for r in rows])
     fig, ax = subplots(figsize=(6, 3.5))
@@ -125,7 +126,7 @@ def loss_by_t(metrics_path: Path, path: Path, curves: int = 4, ylabel: str = "lo
     """Loss per t-bucket at a few points of training."""
     rows = [r for r in read_metrics(metrics_path) if r.get("loss_by_t")]
     if not rows:
-        raise ValueError(f"{metrics_path} has no loss_by_t rows yet")
+        raise ConfigError(f"{metrics_path} has no loss_by_t rows yet")
     picks = sorted({int(i) for i in np.linspace(0, len(rows) - 1, min(curves, len(rows)))})
     fig, ax = subplots(figsize=(6, 3.5))
     shown = []

@@ -30,6 +30,7 @@ from difflab.samplers.dpm_solver import (  # isort: skip
 from difflab.samplers.unipc import sample_unipc  # isort: skip
 from difflab.samplers.pc import sample_pc  # isort: skip
 from difflab.samplers.consistency import sample_consistency  # isort: skip
+from difflab.errors import ConfigError
 from difflab.samplers.grids import discrete_timesteps, timesteps
 from difflab.samplers.noise import SampleNoise
 from difflab.samplers.registry import (
@@ -110,9 +111,9 @@ def generate(
         (n, *shape) float32 samples on the CPU.
     """
     if n < 1:
-        raise ValueError(f"number of samples must be >= 1, got {n}")
+        raise ConfigError(f"number of samples must be >= 1, got {n}")
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     out = []
     prior_std = denoiser.schedule.prior_std(float(ts[0]))
     starts = range(0, n, batch_size)

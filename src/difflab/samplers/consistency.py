@@ -22,6 +22,7 @@ import math
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
 from difflab.samplers.common import Callback, StepState, denoise, schedule_at
 from difflab.samplers.noise import SampleNoise, as_noise
 from difflab.samplers.registry import Option, register
@@ -31,11 +32,11 @@ def parse_levels(text: str) -> list[float]:
     try:
         levels = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--cm-sigmas takes comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"--cm-sigmas takes comma-separated numbers, got {text!r}") from None
     if any(not math.isfinite(s) or s <= 0 for s in levels) or any(
         a <= b for a, b in itertools.pairwise(levels)
     ):
-        raise ValueError(f"--cm-sigmas must be positive and decreasing, got {text!r}")
+        raise ConfigError(f"--cm-sigmas must be positive and decreasing, got {text!r}")
     return levels
 
 
@@ -43,7 +44,7 @@ def consistency_times(denoiser, ts: Tensor, cm_sigmas: str = "") -> list[float]:
     """The times of the n = len(ts) - 1 network calls: ts[:-1], or ts[0] and the times of the
     first n - 1 levels of `cm_sigmas`; ValueError when it has too few or they are out of range."""
     if not getattr(denoiser, "consistency", False):
-        raise ValueError(
+        raise ConfigError(
             "the consistency sampler needs a consistency model (a run trained with train.loss "
             "ct, ict, ect or cd); this run is a diffusion model: sample it with ddpm, ddim, "
             "heun, dpmpp_2m, ..."
@@ -53,13 +54,13 @@ def consistency_times(denoiser, ts: Tensor, cm_sigmas: str = "") -> list[float]:
         return [float(t) for t in ts[:-1]]
     levels = parse_levels(cm_sigmas)
     if steps - 1 > len(levels):
-        raise ValueError(
+        raise ConfigError(
             f"--steps {steps} needs {steps - 1} noise levels after the first; --cm-sigmas gives "
             f"{len(levels)} ({cm_sigmas}): use --steps {len(levels) + 1} or fewer, or add levels"
         )
     lo, hi = denoiser.sigma_min, denoiser.sigma_max
     if levels and not (lo < levels[-1] and levels[0] < hi):
-        raise ValueError(f"--cm-sigmas must lie in ({lo:.4g}, {hi:.4g}), got {cm_sigmas}")
+        raise ConfigError(f"--cm-sigmas must lie in ({lo:.4g}, {hi:.4g}), got {cm_sigmas}")
     schedule = denoiser.schedule
     chosen = torch.tensor(levels[: steps - 1], dtype=torch.float64)
     times = schedule.t_from_log_snr(-2 * torch.log(chosen)).clamp(schedule.t_min, schedule.t_max)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
 from difflab.samplers.common import Callback, StepState, denoise, schedule_at
 from difflab.samplers.noise import SampleNoise, as_noise
 from difflab.samplers.registry import Option, register
@@ -44,7 +45,7 @@ def sample_ddim(
     Returns the state at ts[-1].
     """
     if eta < 0:
-        raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+        raise ConfigError(f"DDIM eta must be >= 0, got {eta}")
     noise = as_noise(generator)
     x = x_T
     for i in range(len(ts) - 1):

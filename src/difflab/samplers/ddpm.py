@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
 from difflab.samplers.common import Callback, StepState, denoise, schedule_at
 from difflab.samplers.noise import SampleNoise, as_noise
 from difflab.samplers.registry import Option, register
@@ -46,7 +47,7 @@ def sample_ddpm(
     Returns x0 (B, ...).
     """
     if variance not in VARIANCES:
-        raise ValueError(f"unknown DDPM variance {variance!r}; choose 'small' or 'large'")
+        raise ConfigError(f"unknown DDPM variance {variance!r}; choose 'small' or 'large'")
     noise = as_noise(generator)
     x = x_T
     for i in range(len(ts) - 1):

@@ -40,6 +40,7 @@ import math
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
 from difflab.samplers.common import Callback, StepState, denoise
 from difflab.samplers.multistep import (  # noqa: F401  (re-exported: they lived here)
     LOWER_ORDER_FINAL_BELOW,
@@ -103,7 +104,7 @@ def multistep_update(
 
 def _check_solver_type(solver_type: str) -> None:
     if solver_type not in SOLVER_TYPES:
-        raise ValueError(f"unknown solver_type {solver_type!r}; choose 'midpoint' or 'heun'")
+        raise ConfigError(f"unknown solver_type {solver_type!r}; choose 'midpoint' or 'heun'")
 
 
 @register("dpmpp_2m")
@@ -212,7 +213,7 @@ def sample_dpmpp_2m_sde(
     check_grid_and_final(ts, lower_order_final)
     _check_solver_type(solver_type)
     if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+        raise ConfigError(f"eta must be >= 0, got {eta}")
     noise = as_noise(generator)
     orders = step_orders(len(ts) - 1, 2, lower_order_final)
 
@@ -254,7 +255,7 @@ def sample_dpm_2s(
     """
     check_grid(ts)
     if not 0 < r < 1:
-        raise ValueError(f"r must lie in (0, 1), got {r}")
+        raise ConfigError(f"r must lie in (0, 1), got {r}")
     schedule = denoiser.schedule
     x = x_T
     for i in range(len(ts) - 1):

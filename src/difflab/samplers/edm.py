@@ -44,6 +44,7 @@ import math
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
 from difflab.samplers.common import Callback, StepState, denoise, schedule_at
 from difflab.samplers.noise import SampleNoise, as_noise
 from difflab.samplers.registry import Option, register
@@ -90,14 +91,14 @@ def _heun_in_t(denoiser, x, t, t_next, y, i, x0_hat, eps_hat) -> Tensor:
 
 def _check_churn(s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> None:
     if not s_churn >= 0:
-        raise ValueError(f"s_churn must be >= 0 (0 = deterministic), got {s_churn}")
+        raise ConfigError(f"s_churn must be >= 0 (0 = deterministic), got {s_churn}")
     if not 0 <= s_tmin <= s_tmax:
-        raise ValueError(
+        raise ConfigError(
             f"need 0 <= s_tmin <= s_tmax (noise levels where churn applies), "
             f"got s_tmin={s_tmin}, s_tmax={s_tmax}"
         )
     if not s_noise >= 0:
-        raise ValueError(f"s_noise must be >= 0 (EDM uses 1.0 to 1.007), got {s_noise}")
+        raise ConfigError(f"s_noise must be >= 0 (EDM uses 1.0 to 1.007), got {s_noise}")
 
 
 def _sample(

@@ -18,19 +18,24 @@ import torch
 from torch import Tensor
 
 from difflab.diffusion.schedules import DiscreteSchedule, Schedule
+from difflab.errors import ConfigError
 
 SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 CONTINUOUS_SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
 # For a discrete schedule, "uniform" falls back to trailing and quadratic has its own; "logsnr" and
-# "karras" place times between the table's steps (its continuous view, see schedules.py).
+# "karras" place times between the table's steps (its continuous view, see schedules.py). A
+# continuous schedule refuses the table spacings (linspace, leading, trailing) rather than
+# silently drawing a uniform grid.
 KARRAS_RHO = 7.0
 
 
 def _check_steps(num_steps: int, limit: int | None = None) -> None:
     if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"the number of sampling steps must be an integer >= 1, got {num_steps!r}")
+        raise ConfigError(
+            f"the number of sampling steps must be an integer >= 1, got {num_steps!r}"
+        )
     if limit is not None and num_steps > limit:
-        raise ValueError(
+        raise ConfigError(
             f"{num_steps} sampling steps asked of a model trained on {limit} discrete steps; "
             f"use at most {limit}"
         )
@@ -52,7 +57,7 @@ def discrete_timesteps(num_train_steps: int, num_steps: int, spacing: str = "tra
         for k in range(num_steps - 2, -1, -1):  # keep them increasing below T
             idx[k] = min(idx[k], idx[k + 1] - 1)
     else:
-        raise ValueError(
+        raise ConfigError(
             f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}"
         )
     idx = np.unique(idx.astype(np.int64))[::-1].copy()
@@ -62,7 +67,7 @@ def discrete_timesteps(num_train_steps: int, num_steps: int, spacing: str = "tra
 def timesteps(
     schedule: Schedule,
     num_steps: int,
-    spacing: str = "trailing",
+    spacing: str = "uniform",
     t_end: float | None = None,
     shift: float = 1.0,
 ) -> Tensor:
@@ -82,10 +87,23 @@ def timesteps(
     ends: s > 1 spends more steps at high noise. Continuous schedules on t in [0, 1] only.
     """
     if not shift > 0:
-        raise ValueError(f"sample.shift must be > 0 (1 = no shift; SD3 uses 3.0), got {shift}")
+        raise ConfigError(f"sample.shift must be > 0 (1 = no shift; SD3 uses 3.0), got {shift}")
+    if t_end is not None and spacing not in ("logsnr", "karras"):
+        raise ConfigError(
+            f"sample.t_end (--t-end) moves the last time of the logsnr and karras grids only, "
+            f"not {spacing}: use --spacing logsnr or karras, or leave t_end at 0"
+        )
     if t_end is not None and not (schedule.t_min <= t_end < schedule.t_max):
-        raise ValueError(f"t_end must lie in [{schedule.t_min:g}, {schedule.t_max:g}), got {t_end}")
+        raise ConfigError(
+            f"t_end must lie in [{schedule.t_min:g}, {schedule.t_max:g}), got {t_end}"
+        )
     discrete = isinstance(schedule, DiscreteSchedule)
+    if not discrete and spacing in SPACINGS and spacing not in CONTINUOUS_SPACINGS:
+        raise ConfigError(
+            f"spacing {spacing} picks steps of a discrete table; the {schedule.name} schedule "
+            f"is continuous: use --spacing uniform (evenly spaced times), quadratic, logsnr or "
+            "karras"
+        )
     if discrete and spacing not in ("logsnr", "karras"):
         if spacing == "uniform":
             spacing = "trailing"
@@ -95,7 +113,7 @@ def timesteps(
         _check_steps(num_steps, schedule.num_steps if discrete else None)
         t_max, t_min = schedule.t_max, schedule.t_min
         u = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)[:-1]
-        if spacing in ("uniform", "trailing", "linspace", "leading"):
+        if spacing == "uniform":
             t = t_min + (t_max - t_min) * u
         elif spacing == "quadratic":
             t = t_min + (t_max - t_min) * u**2
@@ -117,7 +135,7 @@ def timesteps(
             if num_steps > 1:
                 t[-1] = t_low
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown timestep spacing {spacing!r} for a continuous schedule; "
                 f"choose one of {', '.join(CONTINUOUS_SPACINGS)}"
             )
@@ -129,7 +147,7 @@ def timesteps(
 def shifted(schedule: Schedule, t: Tensor, shift: float) -> Tensor:
     """t_max u' with u' = s u / (1 + (s - 1) u), u = t / t_max (the time shift, see timesteps)."""
     if isinstance(schedule, DiscreteSchedule) or schedule.t_max > 1:
-        raise ValueError(
+        raise ConfigError(
             f"sample.shift applies to continuous schedules on t in [0, 1] (rectified, trig, "
             f"cosine, ...), not the {schedule.name} schedule; leave sample.shift=1"
         )

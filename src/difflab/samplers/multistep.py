@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from difflab.errors import ConfigError
 from difflab.samplers.common import Callback, StepState, denoise, schedule_at
 
 # diffusers' DPMSolverMultistepScheduler lowers the order of the last steps on grids this short.
@@ -79,7 +80,7 @@ def make_step(denoiser, t: float, s: float) -> Step:
     alpha_s, sigma_s = schedule_at(denoiser, s)
     lam_t, lam_s = lam_at(denoiser.schedule, t), lam_at(denoiser.schedule, s)
     if not lam_s > lam_t:
-        raise ValueError(
+        raise ConfigError(
             f"log-SNR must increase along ts, but t = {t:.6g} -> {s:.6g} has lambda {lam_t:.6g} "
             f"-> {lam_s:.6g}; are the times inside the schedule's range [0, t_max]?"
         )
@@ -88,7 +89,7 @@ def make_step(denoiser, t: float, s: float) -> Step:
 
 def check_grid(ts: Tensor) -> None:
     if len(ts) < 2 or not bool((ts[1:] < ts[:-1]).all()):
-        raise ValueError(
+        raise ConfigError(
             "ts must be a strictly decreasing grid of at least 2 times, e.g. "
             "samplers.timesteps(schedule, n, 'logsnr')"
         )
@@ -131,4 +132,4 @@ def check_grid_and_final(ts: Tensor, lower_order_final: bool) -> None:
     """The checks every multistep sampler makes: a decreasing grid, a boolean option."""
     check_grid(ts)
     if not isinstance(lower_order_final, bool):
-        raise ValueError(f"lower_order_final must be True or False, got {lower_order_final!r}")
+        raise ConfigError(f"lower_order_final must be True or False, got {lower_order_final!r}")

@@ -75,6 +75,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
 from difflab.samplers.common import Callback, StepState, denoise, schedule_at
 from difflab.samplers.noise import SampleNoise, as_noise
 from difflab.samplers.registry import Option, register
@@ -102,14 +103,14 @@ def _step_size(
 
 def _check_options(snr: float, n_corrector: int, step_size: str) -> None:
     if not snr > 0:
-        raise ValueError(
+        raise ConfigError(
             f"snr must be > 0 (Song et al. use 0.16), got {snr}; "
             "use n_corrector=0 to switch the corrector off"
         )
     if not isinstance(n_corrector, int) or isinstance(n_corrector, bool) or n_corrector < 0:
-        raise ValueError(f"n_corrector must be an integer >= 0, got {n_corrector!r}")
+        raise ConfigError(f"n_corrector must be an integer >= 0, got {n_corrector!r}")
     if step_size not in STEP_SIZES:
-        raise ValueError(
+        raise ConfigError(
             "step_size must be 'fixed' (batch-independent, the default) or 'norm' "
             f"(Song et al.'s per-sample SNR rule), got {step_size!r}"
         )
@@ -162,7 +163,7 @@ def sample_pc(
     _check_options(snr, n_corrector, step_size)
     schedule = denoiser.schedule
     if not (schedule.variance_preserving or schedule.variance_exploding):
-        raise ValueError(
+        raise ConfigError(
             f"pc's reverse-diffusion predictor discretises the VP or VE SDE (Song et al. 2021, "
             f"App. G); the {schedule.name} flow path is neither: for stochastic sampling use "
             "ddpm, ddim with --eta, euler/heun with --churn or dpmpp_2m_sde"

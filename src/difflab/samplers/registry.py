@@ -15,6 +15,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from difflab.errors import ConfigError
+
 # n steps ending at t = 0 take a n - b model calls: (a, b), or a function of the sampler's
 # options that gives (a, b) (pc: n_corrector + 1 calls a step)
 Cost = tuple[int, int] | Callable[[dict], tuple[int, int]]
@@ -100,7 +102,7 @@ def register(
 def sampler_info(name: str) -> SamplerInfo:
     """The registered sampler `name`; ValueError naming the choices otherwise."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+        raise ConfigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
 
 

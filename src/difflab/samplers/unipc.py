@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from difflab.errors import ConfigError
 from difflab.samplers.common import Callback, StepState, denoise
 from difflab.samplers.multistep import Step, check_grid_and_final, make_step, phi, step_orders
 from difflab.samplers.noise import SampleNoise
@@ -105,9 +106,9 @@ def sample_unipc(
     """
     check_grid_and_final(ts, lower_order_final)
     if order not in (1, 2, 3):
-        raise ValueError(f"UniPC order must be 1, 2 or 3, got {order!r}")
+        raise ConfigError(f"UniPC order must be 1, 2 or 3, got {order!r}")
     if variant not in VARIANTS:
-        raise ValueError(f"unknown UniPC variant {variant!r}; choose 'bh1' or 'bh2'")
+        raise ConfigError(f"unknown UniPC variant {variant!r}; choose 'bh1' or 'bh2'")
     orders = step_orders(len(ts) - 1, order, lower_order_final)
     history: list[tuple[float, Tensor]] = []  # (lam, f) at each step's start, oldest first
     last = None  # (x, step, points) of the previous predictor, for the corrector

@@ -18,13 +18,14 @@ first time-embedding Linear; other T have no exact equivalent and are refused.
 from __future__ import annotations
 
 from difflab.config import DiffusionConfig, ModelConfig
+from difflab.errors import ConfigError
 
 PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 EMBEDDED_STEPS = 1000  # difflab embeds t * 1000: the table length diffusers' timesteps match
 
 
-class NoEquivalent(ValueError):
+class NoEquivalent(ConfigError):
     """diffusers has no counterpart to this configuration (the message says why)."""
 
 

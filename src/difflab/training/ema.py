@@ -12,6 +12,8 @@ import copy
 import torch
 from torch import nn
 
+from difflab.errors import ConfigError
+
 
 class EMA:
     """Keeps a frozen copy of `model` and averages into it.
@@ -24,7 +26,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True):
         if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+            raise ConfigError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay, self.warmup = decay, warmup
         self.num_updates = 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
