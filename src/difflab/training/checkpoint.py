@@ -169,7 +169,8 @@ def latest_good_checkpoint(ckpt_dir: Path) -> Path:
     candidates = list_checkpoints(ckpt_dir)
     if not candidates:
         raise CheckpointError(
-            f"no checkpoint found in {ckpt_dir}; train first with `difflab train`"
+            f"no checkpoint found in {ckpt_dir}; train first with `difflab train` (a run "
+            f"stopped before its first checkpoint continues with --resume {ckpt_dir.parent})"
         )
     for path in reversed(candidates):
         problem = verify_checkpoint(path)
@@ -178,7 +179,10 @@ def latest_good_checkpoint(ckpt_dir: Path) -> Path:
         warnings.warn(
             f"skipping checkpoint {path}: {problem}; falling back to an earlier one", stacklevel=2
         )
-    raise CheckpointError(f"every checkpoint in {ckpt_dir} is corrupt; the run cannot be resumed")
+    raise CheckpointError(
+        f"every checkpoint in {ckpt_dir} is corrupt; the run cannot be resumed from one "
+        f"(remove {ckpt_dir} and --resume {ckpt_dir.parent} trains it again from step 0)"
+    )
 
 
 def load_weights(path: Path, module: nn.Module, which: str = "model") -> None:
