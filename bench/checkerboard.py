@@ -25,6 +25,7 @@ import torch
 
 from difflab.config import apply_overrides, preset
 from difflab.evaluation.toy2d import evaluate_toy
+from difflab.files import write_text_atomically
 from difflab.runs import draw_samples, load_run
 from difflab.training.loop import train
 
@@ -95,7 +96,7 @@ def main() -> None:
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -35,6 +35,7 @@ import torch
 
 from difflab.config import apply_overrides, preset
 from difflab.evaluation.toy2d import evaluate_toy
+from difflab.files import write_text_atomically
 from difflab.runs import draw_samples, load_run, sample_labels
 from difflab.training.loop import train
 
@@ -190,7 +191,7 @@ def main() -> None:
     if args.mnist_teacher:
         result["mnist"] = judge_rows(args, work)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomically(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

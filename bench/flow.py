@@ -30,6 +30,7 @@ import torch
 from difflab.config import apply_overrides, preset
 from difflab.evaluation.compare import compare_samplers
 from difflab.evaluation.toy2d import evaluate_toy
+from difflab.files import write_text_atomically
 from difflab.flow.pairs import draw_pairs
 from difflab.flow.reflow import reflow_config
 from difflab.flow.straightness import straightness
@@ -162,7 +163,7 @@ def main() -> None:
     result = {"benchmark": "flow", "mnist": mnist_part(args)} if args.mnist else {
         "benchmark": "flow", "checkerboard": checkerboard(args)}  # fmt: skip
     result["wall_s"] = time.perf_counter() - t0
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out} ({result['wall_s']:.0f} s)")
 
 

@@ -35,6 +35,7 @@ from difflab.codecs.latent import read_meta
 from difflab.config import apply_overrides, preset
 from difflab.evaluation.classifier import judge_features, judge_predict
 from difflab.evaluation.frechet import feature_statistics, frechet_distance
+from difflab.files import write_text_atomically
 from difflab.report.latent import make_autoencoder_artefacts
 from difflab.report.run import training_hooks
 from difflab.runs import draw_samples, load_run, sample_labels
@@ -44,7 +45,7 @@ from mnist import images_of, judge_for
 
 
 def _save(out: Path, report: dict) -> None:
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(report, indent=2) + "\n")
 
 
 def stage_ae(args, report: dict) -> None:

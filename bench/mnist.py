@@ -32,6 +32,7 @@ from difflab.config import apply_overrides, preset
 from difflab.data.images import load_image_dataset
 from difflab.evaluation.classifier import judge_features, judge_predict, load_judge, train_judge
 from difflab.evaluation.frechet import feature_statistics, frechet_distance
+from difflab.files import write_text_atomically
 from difflab.runs import draw_samples, load_run, sample_labels
 from difflab.training.loop import train
 
@@ -141,7 +142,7 @@ def main() -> None:
         "results": rows,
         "run_dir": str(run_dir),
     }
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(report, indent=2) + "\n")
     print(f"trained {step} steps in {train_s:.0f} s; wrote {out}")
 
 

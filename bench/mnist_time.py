@@ -39,6 +39,7 @@ import torch
 from difflab.config import apply_overrides, preset
 from difflab.evaluation.classifier import judge_features, judge_predict
 from difflab.evaluation.frechet import feature_statistics, frechet_distance
+from difflab.files import write_text_atomically
 from difflab.runs import draw_samples, load_run, sample_labels
 from difflab.training.loop import train
 
@@ -67,7 +68,7 @@ def trained(name: str, args) -> tuple[Path, float]:
     t0 = time.perf_counter()
     train(cfg, run_dir, progress=True)
     wall = time.perf_counter() - t0
-    wall_file.write_text(json.dumps({"train_wall_s": wall}) + "\n")
+    write_text_atomically(wall_file, json.dumps({"train_wall_s": wall}) + "\n")
     return run_dir, wall
 
 
@@ -126,7 +127,7 @@ def main() -> None:
             row = json.loads(judged_file.read_text())
         else:
             row = judged(run_dir, judge, test_stats, own_sampler=name == "flow")
-            judged_file.write_text(json.dumps(row) + "\n")
+            write_text_atomically(judged_file, json.dumps(row) + "\n")
         row = {"run": str(run_dir), "train_wall_s": wall, **row}
         result[name] = row
         print(f"{name}: {row['steps']} steps, {row['precision']}, trained in {wall:.0f} s; "
@@ -147,7 +148,7 @@ def main() -> None:
         print(f"new / old wall time {result['wall_ratio']:.3f}; targets {result['targets']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -23,6 +23,7 @@ import torch
 
 from difflab import build
 from difflab.config import preset
+from difflab.files import write_text_atomically
 
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpm_2s", "dpmpp_2m", "dpmpp_3m", "unipc", "pc")
 
@@ -109,7 +110,7 @@ def main() -> None:
         "per_round": per_round,
         "torch": torch.__version__,
     }
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 

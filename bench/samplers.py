@@ -39,6 +39,7 @@ from difflab.config import apply_overrides, preset
 from difflab.data.toy2d import sample_toy2d
 from difflab.diffusion.prediction import Denoiser
 from difflab.evaluation.toy2d import in_square_fraction, sliced_wasserstein2
+from difflab.files import write_text_atomically
 from difflab.runs import load_run
 from difflab.samplers import SampleNoise, timesteps
 from difflab.training.loop import train
@@ -298,7 +299,7 @@ def main() -> None:
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
     }
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -26,6 +26,7 @@ import torch
 
 from difflab import build
 from difflab.config import preset
+from difflab.files import write_text_atomically
 from difflab.model import DataKind
 from difflab.share.diffusers_io import export_diffusers, fresh_state, import_diffusers
 from difflab.share.half import export_ema
@@ -144,7 +145,7 @@ def main() -> None:
             result["mnist"] = quality(Path(args.mnist), Path(tmp), args.n)
             print(json.dumps(result["mnist"], indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomically(Path(args.out), json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

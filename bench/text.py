@@ -33,6 +33,7 @@ from difflab.data.images import load_image_dataset
 from difflab.evaluation.classifier import judge_features, judge_predict, load_judge, train_judge
 from difflab.evaluation.frechet import feature_statistics, frechet_distance
 from difflab.evaluation.text import judged_prompts, prompt_set
+from difflab.files import write_text_atomically
 from difflab.report.text import prompt_grid
 from difflab.runs import draw_samples, load_run, sample_labels
 from difflab.training.loop import train
@@ -142,7 +143,7 @@ def main() -> None:
         report["reference"] = ref
         report["fd_ratio"] = rows["held_out"].get("fd_judge", float("nan")) / ref["fd_judge"]
         print(f"class-label reference: {ref}; FD ratio {report['fd_ratio']:.2f} (target <= 1.5)")
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out, json.dumps(report, indent=2) + "\n")
     print(f"trained {run.step} steps in {report['train_s']:.0f} s; wrote {out}")
 
 

@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "difflab"
 ALLOWED = {
     "errors": set(),  # ConfigError, the project's error type: every module may import it
     "files": set(),
-    "config": set(),
+    "config": {"files"},
     "conditioners": {"data", "files"},
     "codecs": {"config", "data", "files", "nets"},
     "nets": set(),
@@ -61,10 +61,10 @@ ALLOWED = {
         "build", "codecs", "config", "data", "evaluation", "files", "runs", "samplers",
         "training.hooks", "training.logging",
     },
-    "benchmark": {"build", "config", "devices", "model", "samplers", "share.mapping"},
+    "benchmark": {"build", "config", "devices", "files", "model", "samplers", "share.mapping"},
     "share": {
-        "build", "config", "devices", "diffusion.adapters", "evaluation.history", "model", "runs",
-        "training.checkpoint",
+        "build", "config", "devices", "diffusion.adapters", "evaluation.history", "files", "model",
+        "runs", "training.checkpoint",
     },
     "cli": {
         "benchmark", "build", "config", "devices", "evaluation", "files", "flow", "report", "runs",

@@ -8,7 +8,6 @@ at a chosen step (DIFFLAB_FAULT_NAN_STEP), a signal a process sends itself after
 import errno
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -336,10 +335,7 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise(tmp_path, straight, seed
             continue
         result = _run(*argv, env=hook)
         assert result.returncode == -signal.SIGKILL, result.stderr
-        argv = ["train", "--resume", str(run), *FLAGS]
-        if not list_checkpoints(run / "checkpoints"):  # killed before its first checkpoint
-            shutil.rmtree(run)
-            argv = _train_argv(tmp_path, "run", f"train.steps={STEPS}")
+        argv = ["train", "--resume", str(run), *FLAGS]  # from step 0 if none was complete
     result = _run(*argv)
     assert result.returncode == 0, result.stderr
     _assert_bitwise(straight, run / "checkpoints" / f"step-{STEPS}")
@@ -408,3 +404,88 @@ def test_ranks_decide_alike_about_a_nan_on_one_of_them(tmp_path):
     assert result.stderr.count("training stopped at step 3") == 1  # said once, by rank 0
     assert "Traceback" not in result.stderr
     assert [c.name for c in list_checkpoints(tmp_path / "stop" / "checkpoints")] == ["step-2"]
+
+
+# 7. A crash before the first checkpoint
+class Killed(BaseException):
+    """What kill -9 does to a process, as far as the files go: the write stops where it is."""
+
+
+def _kill_during_the_first_checkpoint(monkeypatch, run: Path) -> None:
+    """Train `run` until the first checkpoint (step 2) is being written, and stop it halfway
+    through its model weights: what is left is what a run killed then leaves (config.json, its
+    folders, metrics up to step 2, and a temporary checkpoint folder with half a file)."""
+    import difflab.training.checkpoint
+
+    real = difflab.training.checkpoint.save_file
+
+    def half_then_killed(tensors, path, *args, **kwargs):
+        real(tensors, path, *args, **kwargs)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])
+        raise Killed
+
+    monkeypatch.setattr(difflab.training.checkpoint, "save_file", half_then_killed)
+    with pytest.raises(Killed):
+        _train(_cfg(), run)
+    monkeypatch.undo()
+    ckpt = run / "checkpoints"
+    assert not list_checkpoints(ckpt) and (run / "config.json").is_file()
+    assert [p.name.startswith(".tmp-step-2-") for p in ckpt.iterdir()] == [True]
+
+
+def _cli(argv, capsys) -> tuple[int, list[str], list[str]]:
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)  # train.threads=1 set it for the whole process
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0_bitwise(
+    tmp_path, straight, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    _kill_during_the_first_checkpoint(monkeypatch, run)
+    capsys.readouterr()
+    code, out, err = _cli(["train", "--resume", str(run), *FLAGS], capsys)
+    assert code == 0, err
+    said = [line for line in out if "step 0" in line]
+    assert said == [
+        f"difflab: no complete checkpoint in {run / 'checkpoints'} (the run stopped before its "
+        "first); starting from step 0"
+    ]
+    _assert_bitwise(straight, run / "checkpoints" / f"step-{STEPS}")
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, STEPS + 1))  # the killed run's rows are not doubled
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_without_a_checkpoint_refuses_a_changed_config_and_a_fresh_start(
+    tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    _kill_during_the_first_checkpoint(monkeypatch, run)
+    capsys.readouterr()
+    argv = ["train", "--resume", str(run), *FLAGS, "--set", "model.mlp.width=16"]
+    code, _, err = _cli(argv, capsys)
+    assert code == 2 and len(err) == 1
+    assert (
+        f"cannot resume {run}: the config differs from its config.json in model.mlp.width"
+        in (err[0])
+    )
+    code, _, err = _cli(_train_argv(tmp_path, "run"), capsys)  # --name run again
+    assert code == 2 and len(err) == 1
+    assert f"{run} already holds a run; resume it with --resume {run}" in err[0]
+    assert "from step 0 if none is complete" in err[0]
+    assert not list_checkpoints(run / "checkpoints")  # neither touched it
+
+
+def test_a_folder_killed_before_its_config_was_written_trains_fresh(tmp_path, capsys):
+    run = tmp_path / "run"
+    for sub in ("checkpoints", "samples", "plots"):
+        (run / sub).mkdir(parents=True)
+    code, _, err = _cli(_train_argv(tmp_path, "run", "train.steps=2"), capsys)
+    assert code == 0, err
+    assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["step-2"]

@@ -1,4 +1,5 @@
-"""Small file helpers shared by checkpoints, judges and caches: hashing and atomic replacement."""
+"""Small file helpers shared by checkpoints, judges, caches and every output: hashing, and
+writes that a crash leaves whole or absent (a temporary sibling, flushed to disk, renamed)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from difflab.errors import ConfigError
 
 __all__ = [
     "check_writable",
+    "fsync_folder",
     "replace_atomically",
     "savez_atomically",
     "sha256_file",
@@ -41,6 +43,34 @@ def replace_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_entry(path.parent)  # the rename itself survives a power cut
+
+
+def fsync_folder(folder: str | Path) -> None:
+    """Flush every file under `folder` (and the folders' entries) to disk: call it before a
+    folder built under a temporary name is renamed into place, so the rename never publishes
+    files whose contents are still only in memory."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        _fsync_entry(sub)
+
+
+def _fsync_entry(folder: Path) -> None:
+    """Flush a folder's entries (names, renames); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

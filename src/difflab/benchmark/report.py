@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from difflab.files import write_text_atomically
+
 
 def _ms(value: float) -> str:
     """Milliseconds with about three significant digits, never in exponent notation."""
@@ -139,6 +141,6 @@ def write_results(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{result['config']}-{result['environment']['device']}"
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(markdown(result))
+    write_text_atomically(json_path, json.dumps(result, indent=2) + "\n")
+    write_text_atomically(md_path, markdown(result))
     return json_path, md_path

@@ -18,6 +18,7 @@ from difflab.config.latent import AutoencoderConfig, AutoencoderLossConfig
 from difflab.config.sampling import SampleConfig, use_ema_of
 from difflab.config.text import TextConfig
 from difflab.errors import ConfigError
+from difflab.files import write_text_atomically
 
 
 @dataclass
@@ -163,7 +164,9 @@ class RunConfig:
         return _from_dict(cls, d, "")
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the config as JSON, atomically: resume reads it, so a crash must leave it whole
+        or absent, never half written."""
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from difflab.files import replace_atomically
 from difflab.report.figure import subplots
 from difflab.report.grids import PAD, check_images, image_grid
 
@@ -22,6 +23,21 @@ LEFT, TOP, BOTTOM = 48, 18, 16  # caption margins in screen pixels
 # looks like the prior, above 7 (sigma / alpha < 0.03) like the sample, for data of unit scale.
 # Spread over -10..9 (toy2d's grid), a third of the frames showed identical noise.
 LAM_WINDOW = (-5.0, 7.0)
+
+
+def save_gif(frames: list[Image.Image], path: Path) -> Path:
+    """An animated GIF at `path`, FRAME_MS a frame and the last held HOLD_MS, looping; written
+    atomically (a crash or Ctrl-C leaves the old GIF or the new one, never a truncated one)."""
+    durations = [FRAME_MS] * (len(frames) - 1) + [HOLD_MS]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(
+        path,
+        lambda tmp: frames[0].save(
+            tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0
+        ),
+    )
+    return path
 
 
 def frame_indices(lams, max_frames: int, window: tuple[float, float] = LAM_WINDOW) -> np.ndarray:
@@ -158,11 +174,7 @@ def denoising_gif(
     for i, caption in zip(picks, captions, strict=True):
         x0_hat = x0_hats[i] if i < states else xs[-1]  # at the end the estimate is the sample
         frames.append(_frame(xs[i], x0_hat, caption, names, scale, min_width))
-    durations = [FRAME_MS] * (len(frames) - 1) + [HOLD_MS]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    return path
+    return save_gif(frames, path)
 
 
 def _follow(xs: np.ndarray, margin: float = 1.15) -> tuple[np.ndarray, np.ndarray]:
@@ -230,8 +242,4 @@ def reverse_gif(
         if lams is not None:
             caption += f"  log-SNR {lams[i]:.1f}" if np.isfinite(lams[i]) else "  (sample)"
         frames.append(_cloud_frame(xs[i], caption.strip(), centre, half))
-    durations = [FRAME_MS] * (len(frames) - 1) + [HOLD_MS]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
-    return path
+    return save_gif(frames, path)

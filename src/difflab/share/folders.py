@@ -1,4 +1,6 @@
-"""Outputs written whole or not at all: into a temporary sibling, then renamed into place."""
+"""Outputs written whole or not at all: a folder built under a temporary name, flushed to disk
+(`files.fsync_folder`), then renamed into place. A single file goes through
+`files.replace_atomically`, after `check_target`."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from difflab.config import ConfigError
+from difflab.files import fsync_folder
 
 
 def check_target(out: Path, force: bool) -> None:
@@ -29,6 +32,7 @@ def publish_folder(out: Path, force: bool, write: Callable[[Path], None]) -> Pat
     tmp.mkdir()
     try:
         write(tmp)
+        fsync_folder(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -41,19 +45,4 @@ def publish_folder(out: Path, force: bool, write: Callable[[Path], None]) -> Pat
         if out.exists():
             out.unlink()
         tmp.rename(out)
-    return out
-
-
-def publish_file(out: Path, force: bool, write: Callable[[Path], None]) -> Path:
-    """write(tmp) to a temporary file beside `out`, then os.replace it into place."""
-    out = Path(out)
-    check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from difflab.config import ConfigError
+from difflab.files import replace_atomically
 from difflab.runs import WEIGHTS_META, load_run
-from difflab.share.folders import publish_file
+from difflab.share.folders import check_target
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -33,4 +34,7 @@ def export_ema(run_dir, out, dtype: str = "fp16", *, force: bool = False, checkp
             raise ConfigError(f"{k} overflows {dtype} (|w| up to {v.abs().max():.3g}); use bf16")
     values = (json.dumps(run.cfg.to_dict()), json.dumps(run.model.kind.info()), str(run.step))
     meta = {**dict(zip(WEIGHTS_META, values, strict=True)), "format": "pt", "dtype": dtype}
-    return publish_file(out, force, lambda tmp: save_file(weights, tmp, metadata=meta))
+    check_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(out, lambda tmp: save_file(weights, tmp, metadata=meta))
+    return out

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from difflab.config import ConfigError
-from difflab.files import sha256_file
+from difflab.files import fsync_folder, sha256_file
 from difflab.training.faults import tensor_bytes, write_failure
 
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json", "data.json")
@@ -81,9 +81,7 @@ def _write(ckpt_dir, tmp, step, model, ema_model, state, config, data_info) -> N
     (tmp / "data.json").write_text(json.dumps(data_info, indent=2) + "\n")
     manifest = {name: sha256_file(tmp / name) for name in FILES}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "sha256": manifest}, indent=2))
-    for name in (*FILES, "manifest.json"):  # flush file contents before the rename publishes them
-        with (tmp / name).open("rb") as f:
-            os.fsync(f.fileno())
+    fsync_folder(tmp)  # flush file contents before the rename publishes them
 
 
 def publish_best(ckpt_dir: Path, source: Path, info: dict) -> Path:
@@ -101,6 +99,7 @@ def publish_best(ckpt_dir: Path, source: Path, info: dict) -> Path:
                 shutil.rmtree(leftover)
         shutil.copytree(source, tmp, copy_function=os.link)
         (tmp / "best.json").write_text(json.dumps(info, indent=2) + "\n")
+        fsync_folder(tmp)
     except OSError as e:  # nothing was moved yet: the previous best is whole
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_failure(best, e, 4096, "publish") from None
@@ -170,7 +169,8 @@ def latest_good_checkpoint(ckpt_dir: Path) -> Path:
     candidates = list_checkpoints(ckpt_dir)
     if not candidates:
         raise CheckpointError(
-            f"no checkpoint found in {ckpt_dir}; train first with `difflab train`"
+            f"no checkpoint found in {ckpt_dir}; train first with `difflab train` (a run "
+            f"stopped before its first checkpoint continues with --resume {ckpt_dir.parent})"
         )
     for path in reversed(candidates):
         problem = verify_checkpoint(path)
@@ -179,7 +179,10 @@ def latest_good_checkpoint(ckpt_dir: Path) -> Path:
         warnings.warn(
             f"skipping checkpoint {path}: {problem}; falling back to an earlier one", stacklevel=2
         )
-    raise CheckpointError(f"every checkpoint in {ckpt_dir} is corrupt; the run cannot be resumed")
+    raise CheckpointError(
+        f"every checkpoint in {ckpt_dir} is corrupt; the run cannot be resumed from one "
+        f"(remove {ckpt_dir} and --resume {ckpt_dir.parent} trains it again from step 0)"
+    )
 
 
 def load_weights(path: Path, module: nn.Module, which: str = "model") -> None:

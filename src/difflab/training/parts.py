@@ -18,6 +18,7 @@ from difflab.training import distributed, teacher
 from difflab.training.checkpoint import (
     CheckpointError,
     latest_good_checkpoint,
+    list_checkpoints,
     load_config,
     load_state,
     load_weights,
@@ -215,21 +216,39 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     return keys
 
 
-def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, float | None]:
-    """Stage 2 (resume): load the newest good checkpoint; returns (step, smoothed loss)."""
-    ckpt = latest_good_checkpoint(run_dir / "checkpoints")
+def check_resumable(saved: dict, cfg: RunConfig, run_dir: Path, source: str) -> None:
+    """Refuse to resume with a config that differs from the saved one (`source` says which:
+    the checkpoint's, or the run's config.json) outside RESUMABLE_CHANGES and sample.*."""
     changed = [
         k
-        # through RunConfig, so keys added since the checkpoint was written take their defaults
-        for k in config_differences(RunConfig.from_dict(load_config(ckpt)).to_dict(), cfg.to_dict())
+        # through RunConfig, so keys added since the config was written take their defaults
+        for k in config_differences(RunConfig.from_dict(saved).to_dict(), cfg.to_dict())
         if k not in RESUMABLE_CHANGES and not k.startswith("sample.")
     ]
     if changed:
         raise CheckpointError(
-            f"cannot resume {run_dir}: the config differs from the checkpoint's in "
+            f"cannot resume {run_dir}: the config differs from {source} in "
             f"{', '.join(changed)}; "
             f"only {', '.join(RESUMABLE_CHANGES)} and sample.* may change on resume"
         )
+
+
+def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, float | None]:
+    """Stage 2 (resume): load the newest good checkpoint; returns (step, smoothed loss). A run
+    killed before its first checkpoint was complete (its config.json, no step-N) starts from
+    step 0: `parts` are exactly what a fresh run builds, so it ends as a straight run would."""
+    ckpt_dir = run_dir / "checkpoints"
+    if not list_checkpoints(ckpt_dir) and (run_dir / "config.json").is_file():
+        check_resumable(load_config(run_dir), cfg, run_dir, "its config.json")
+        if parts.world.is_main:
+            print(
+                f"difflab: no complete checkpoint in {ckpt_dir} (the run stopped before its "
+                "first); starting from step 0"
+            )
+            _make_folders(run_dir)  # e.g. checkpoints/, removed to start over
+        return 0, None
+    ckpt = latest_good_checkpoint(ckpt_dir)
+    check_resumable(load_config(ckpt), cfg, run_dir, "the checkpoint's")
     load_weights(ckpt, parts.net, "model")
     load_weights(ckpt, parts.ema.model, "ema")
     state = load_state(ckpt)
@@ -260,12 +279,18 @@ def open_run(cfg: RunConfig, run_dir: Path, parts: Parts, resume: bool) -> tuple
         return resume_parts(parts, cfg, run_dir)
     if not parts.world.is_main:
         return 0, None
-    if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
+    # a run is its config.json (written before step 1) or a checkpoint; empty folders alone
+    # are what a process killed before writing the config left, and are trained over
+    if (run_dir / "config.json").exists() or list_checkpoints(run_dir / "checkpoints"):
         raise ConfigError(
-            f"{run_dir} already holds a run; resume it with --resume {run_dir} "
-            "or choose another --name"
+            f"{run_dir} already holds a run; resume it with --resume {run_dir} (from its newest "
+            "checkpoint, or from step 0 if none is complete) or choose another --name"
         )
+    _make_folders(run_dir)
+    cfg.save(run_dir / "config.json")  # atomically: resume reads it
+    return 0, None
+
+
+def _make_folders(run_dir: Path) -> None:
     for sub in ("checkpoints", "samples", "plots"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.json")
-    return 0, None
