@@ -1,5 +1,6 @@
 """The DiT backbone (nets/dit.py): patch layout, the adaLN-Zero start, batch independence,
-config refusals, and a tiny class-conditional DiT trained and resumed through the real trainer."""
+equality with diffusers' DiTTransformer2DModel under the key mapping (share/dit_keys.py), config
+refusals, and a tiny class-conditional DiT trained and resumed through the real trainer."""
 
 import numpy as np
 import pytest
@@ -84,6 +85,67 @@ def test_checkpointing_gives_the_same_gradients():
         nets.append(net)
     for a, b in zip(*(n.parameters() for n in nets), strict=True):
         assert a.grad is not None and torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("classes", [3, 0])
+def test_mapped_weights_give_diffusers_the_same_network(classes):
+    """Random weights everywhere (a zero-initialised layer would hide a mapping error): the
+    class-conditional DiT and diffusers' DiTTransformer2DModel agree to 1e-5 in fp32, fed the
+    same effective timestep (difflab's t, diffusers' t * 1000) and, with the one-step rotation
+    folded in, difflab's step i = 1000 t against diffusers' pipeline timestep i - 1."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is a dev extra")
+    from difflab.share.dit_keys import from_diffusers, to_diffusers, transformer_config
+
+    cfg = apply_overrides(
+        preset("mnist-dit"),
+        ["model.dit.width=32", "model.dit.depth=2", "model.dit.heads=2", "model.dit.patch_size=2"],
+    )
+    torch.manual_seed(0)
+    net = build.build_net(cfg.model, (4, 8, 8), classes).eval()
+    _perturb(net)
+    x = torch.randn(3, 4, 8, 8)
+    y = torch.tensor([0, 2, 3]) if classes else None  # 3 = the null label
+    labels = y if classes else torch.zeros(3, dtype=torch.long)  # row 0: zeros, no class
+    for one_step, steps in ((False, torch.tensor([0.37, 500.0, 999.5])), (True, [1, 500, 1000])):
+        steps = torch.as_tensor(steps, dtype=torch.float32)
+        theirs_t = steps - 1 if one_step else steps
+        theirs = diffusers.DiTTransformer2DModel(
+            **transformer_config(cfg.model, (4, 8, 8), classes)
+        )
+        weights = to_diffusers(net.state_dict(), cfg.model, one_step=one_step)
+        theirs.load_state_dict(weights, strict=True)  # no key missing, none left over
+        with torch.no_grad():
+            ours = net(x, steps / 1000, y)
+            out = theirs.eval()(x, timestep=theirs_t, class_labels=labels).sample
+        assert float((ours - out).abs().max()) < 1e-5 * float(ours.abs().max()), one_step
+        back = from_diffusers(theirs.state_dict(), cfg.model, one_step=one_step)
+        assert back.keys() == net.state_dict().keys()
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(back[k], v, atol=1e-6 if one_step else 0, rtol=0)
+
+
+def test_what_diffusers_cannot_hold_is_refused():
+    from difflab.share.dit_keys import NoEquivalent, from_diffusers, to_diffusers
+    from difflab.share.dit_keys import transformer_config as config
+
+    model = preset("mnist-dit").model
+    for override, needle in (("qk_norm", True), ("mlp_ratio", 2.0)):
+        bad = apply_overrides(preset("mnist-dit"), [f"model.dit.{override}={needle}"]).model
+        with pytest.raises(NoEquivalent, match=override):
+            config(bad, (1, 32, 32), 10)
+    with pytest.raises(NoEquivalent, match="non-square"):
+        config(model, (1, 32, 16), 10)
+    with pytest.raises(NoEquivalent, match="not a DiT"):
+        config(preset("mnist").model, (1, 32, 32), 10)
+    qk = apply_overrides(preset("mnist-dit"), ["model.dit.qk_norm=true"]).model
+    state = build.build_net(qk, (1, 8, 8), 10).state_dict()
+    with pytest.raises(NoEquivalent, match="q_norm"):
+        to_diffusers(state, qk)
+    plain = build.build_net(model, (1, 8, 8), 10).state_dict()
+    theirs = to_diffusers(plain, model)
+    theirs["transformer_blocks.1.norm1.emb.timestep_embedder.linear_2.bias"] += 1
+    with pytest.raises(NoEquivalent, match="shares one time and label embedding"):
+        from_diffusers(theirs, model)
 
 
 @pytest.mark.parametrize(
