@@ -30,6 +30,7 @@ from difflab.diffusion.objectives import LossSpec
 from difflab.diffusion.prediction import Denoiser, v_refusal
 from difflab.model import DataKind, Model
 from difflab.nets.autoencoder import AutoencoderKL, PatchDiscriminator
+from difflab.nets.dit import DiT
 from difflab.nets.mlp import MLP
 from difflab.nets.text import text_encoder
 from difflab.nets.unet import UNet
@@ -46,7 +47,7 @@ SCHEDULES = {
     "trig": lambda cfg: schedules.TrigFlowSchedule(),
 }
 
-NETS = {"mlp": MLP, "unet": UNet, "autoencoder": AutoencoderKL}
+NETS = {"mlp": MLP, "unet": UNet, "dit": DiT, "autoencoder": AutoencoderKL}
 IMAGE_DATASETS = tuple(DEFAULT_FLIP)
 
 
@@ -136,6 +137,14 @@ def build_net(
         )
     if cfg.name == "autoencoder":  # AutoencoderConfig's fields are its keyword arguments
         return AutoencoderKL(in_channels=data_shape[0], **dataclasses.asdict(cfg.autoencoder))
+    if cfg.name == "dit":
+        if text is not None:
+            raise ConfigError("text conditioning needs model.name=unet (no MMDiT yet)")
+        try:  # DiTConfig's fields are DiT's keyword arguments; its messages name the field
+            d = dataclasses.asdict(cfg.dit)
+            return DiT(data_shape[0], data_shape[1:], num_classes=num_classes, **d)
+        except ValueError as e:
+            raise ConfigError(f"model.dit.{e}") from None
     # UNetConfig's fields are UNet's keyword arguments, one to one
     kwargs = dataclasses.asdict(cfg.unet) | ({"text_encoder": text} if text is not None else {})
     return UNet(in_channels=data_shape[0], num_classes=num_classes, **kwargs)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from difflab.config.consistency import ConsistencyConfig
+from difflab.config.dit import DiTConfig
 from difflab.config.latent import AutoencoderConfig, AutoencoderLossConfig
 from difflab.config.sampling import SampleConfig, use_ema_of
 from difflab.config.text import TextConfig
@@ -67,9 +68,11 @@ class UNetConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"  # mlp (2-D data) | unet (images) | autoencoder (a latent codec's run)
+    # mlp (2-D data) | unet, dit (images or latents) | autoencoder (a latent codec's run)
+    name: str = "mlp"
     mlp: MLPConfig = field(default_factory=MLPConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)  # the transformer (config/dit.py)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     codec: str = ""  # "" = pixels; an autoencoder run directory: diffuse in its latent space
     codec_sha256: str = ""  # the autoencoder's codec.safetensors, pinned when training starts
@@ -287,6 +290,7 @@ __all__ = [
     "ConfigError",
     "ConsistencyConfig",
     "DataConfig",
+    "DiTConfig",
     "DiffusionConfig",
     "MLPConfig",
     "ModelConfig",

@@ -1,5 +1,6 @@
-"""Building blocks shared by the networks: sinusoidal embeddings of time and of coordinates, and
-the two kernels that need a reduced-precision path on a CPU (GroupNorm and attention)."""
+"""Building blocks shared by the networks: sinusoidal embeddings of time and of coordinates, the
+label check, and the two kernels that need a reduced-precision path on a CPU (GroupNorm and
+attention)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from difflab.errors import ConfigError
 
 REDUCED = (torch.bfloat16, torch.float16)
 ATEN = torch.ops.aten
@@ -76,16 +79,31 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     return scores.float().softmax(dim=-1).to(v.dtype) @ v
 
 
+def check_labels(y: Tensor, num_classes: int) -> None:
+    """Labels in [0, num_classes] (num_classes = null). On the CPU a clear error; on a GPU a
+    device-side assert, because reading the answer back would stall every training step."""
+    valid = ((y >= 0) & (y <= num_classes)).all()
+    message = f"labels out of range [0, {num_classes}) (or {num_classes}, the null label)"
+    if y.device.type != "cpu":
+        torch._assert_async(valid, message)
+    elif not bool(valid):
+        raise ConfigError(f"{message}: got min {int(y.min())}, max {int(y.max())}")
+
+
 def sinusoidal_embedding(
-    t: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0
+    t: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0, shift: int = 0
 ) -> Tensor:
     """Transformer-style embedding of t (B,) in [0, 1] -> (B, dim) (Vaswani et al. 2017, Sec. 3.5).
 
     t is multiplied by `scale` first so that t in [0, 1] spans the range DDPM's integer steps did.
+    Frequency k of the dim // 2 is max_period^(-k / (dim // 2 - shift)): shift 0 is DDPM's and
+    facebookresearch/DiT's spacing, shift 1 diffusers' DiT's (its downscale_freq_shift).
     """
     half = dim // 2
     freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        -math.log(max_period)
+        * torch.arange(half, device=t.device, dtype=torch.float32)
+        / (half - shift)
     )
     args = (t.float() * scale)[:, None] * freqs[None, :]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
@@ -97,13 +115,13 @@ def sinusoidal_embedding(
 class TimeEmbedding(nn.Module):
     """Sinusoidal embedding followed by a 2-layer MLP (DDPM's time embedding): (B,) -> (B, dim)."""
 
-    def __init__(self, dim: int, sinusoid_dim: int | None = None):
+    def __init__(self, dim: int, sinusoid_dim: int | None = None, shift: int = 0):
         super().__init__()
-        self.sinusoid_dim = sinusoid_dim or dim
+        self.sinusoid_dim, self.shift = sinusoid_dim or dim, shift  # shift: sinusoidal_embedding's
         self.mlp = nn.Sequential(nn.Linear(self.sinusoid_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.sinusoid_dim))
+        return self.mlp(sinusoidal_embedding(t, self.sinusoid_dim, shift=self.shift))
 
 
 class FourierFeatures(nn.Module):

@@ -28,7 +28,7 @@ from difflab.nets.blocks import (
     downsample_layer,
     upsample_layer,
 )
-from difflab.nets.layers import GroupNorm, TimeEmbedding
+from difflab.nets.layers import GroupNorm, TimeEmbedding, check_labels
 from difflab.nets.text import CrossAttentionBlock, pooled
 
 
@@ -212,20 +212,8 @@ class UNet(nn.Module):
         if y is None:  # unconditional: the null label
             y = torch.full((batch,), self.num_classes, device=t.device, dtype=torch.long)
         else:
-            self._check_labels(y)
+            check_labels(y, self.num_classes)
         return emb + self.label_emb(y)
-
-    def _check_labels(self, y: Tensor) -> None:
-        """Labels in [0, num_classes] (num_classes = null). On the CPU a clear error; on a GPU a
-        device-side assert, because reading the answer back would stall every training step."""
-        valid = ((y >= 0) & (y <= self.num_classes)).all()
-        message = (
-            f"labels out of range [0, {self.num_classes}) (or {self.num_classes}, the null label)"
-        )
-        if y.device.type != "cpu":
-            torch._assert_async(valid, message)
-        elif not bool(valid):
-            raise ConfigError(f"{message}: got min {int(y.min())}, max {int(y.max())}")
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x_t (B, C, H, W), t (B,) in [0, 1], y (B,) int labels or None -> (B, C_out, H, W).

@@ -54,10 +54,11 @@ def layout(u: UNetConfig) -> list[tuple[str, str, str]]:
     return rows
 
 
-def step_rotation(dim: int) -> Tensor:
-    """M (dim, dim) float64 with emb(i) = M emb(i - 1) for difflab's [cos, sin] embedding."""
+def step_rotation(dim: int, shift: int = 0) -> Tensor:
+    """M (dim, dim) float64 with emb(i) = M emb(i - 1) for difflab's [cos, sin] embedding (shift:
+    its frequency spacing, nets.layers.sinusoidal_embedding's; 1 for the DiT)."""
     half = dim // 2
-    w = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    w = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / (half - shift))
     c, s, k = torch.cos(w), torch.sin(w), torch.arange(half)
     m = torch.zeros(dim, dim, dtype=torch.float64)
     m[k, k], m[k, half + k], m[half + k, k], m[half + k, half + k] = c, -s, s, c
