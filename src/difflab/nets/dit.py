@@ -138,7 +138,7 @@ class DiTBlock(nn.Module):
 
 
 def _validate(grid_size, width, depth, heads, mlp_ratio, patch_size, dropout):
-    """ValueError for arguments that cannot be built; each message starts with the argument's
+    """ConfigError for arguments that cannot be built; each message starts with the argument's
     name (build.py prefixes `model.dit.`)."""
     sizes = {"width": width, "depth": depth, "heads": heads, "patch_size": patch_size}
     for name, value in sizes.items():
@@ -152,7 +152,9 @@ def _validate(grid_size, width, depth, heads, mlp_ratio, patch_size, dropout):
     if width % 4:
         raise ConfigError(f"width={width} must be a multiple of 4 (the 2-D sin-cos positions)")
     if not mlp_ratio > 0 or not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"mlp_ratio must be > 0 and dropout in [0, 1), got {mlp_ratio}, {dropout}")
+        raise ConfigError(
+            f"mlp_ratio must be > 0 and dropout in [0, 1), got {mlp_ratio}, {dropout}"
+        )
     H, W = grid_size
     if H % patch_size or W % patch_size:
         fits = [p for p in range(1, min(H, W) + 1) if H % p == 0 and W % p == 0]
