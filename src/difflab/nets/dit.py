@@ -75,7 +75,7 @@ def sincos_positions(dim: int, grid: tuple[int, int]) -> Tensor:
     return torch.cat([encode(cols), encode(rows)], dim=1).float()
 
 
-def _modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+def modulate(h: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: normalised tokens h (B, T, D) scaled by 1 + scale and shifted, per example (B, D)."""
     return h * (1 + scale[:, None]) + shift[:, None]
 
@@ -111,6 +111,17 @@ class SelfAttention(nn.Module):
         return self.dropout(self.proj(out.transpose(1, 2).reshape(B, T, D)))
 
 
+def mlp(width: int, hidden: int, dropout: float) -> nn.Sequential:
+    """A transformer's MLP, (..., width) -> (..., width): GELU (tanh form, as DiT) between two
+    Linears, dropout on the hidden units."""
+    return nn.Sequential(
+        nn.Linear(width, hidden),
+        nn.GELU(approximate="tanh"),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, width),
+    )
+
+
 class DiTBlock(nn.Module):
     """Attention then an MLP, each pre-normalised, modulated and gated by adaLN-Zero."""
 
@@ -120,12 +131,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=NORM_EPS)
         self.attn = SelfAttention(width, heads, dropout, qk_norm)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=NORM_EPS)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, hidden),
-            nn.GELU(approximate="tanh"),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, width),
-        )
+        self.mlp = mlp(width, hidden, dropout)
         # One Linear regresses all six vectors (shift, scale, gate for attention, then for the
         # MLP). It starts at zero: gates 0, so the block starts as the identity (module doc).
         self.modulation = nn.Linear(width, 6 * width)
@@ -133,8 +139,8 @@ class DiTBlock(nn.Module):
     def forward(self, h: Tensor, c: Tensor) -> Tensor:
         """h (B, T, D) tokens, c (B, D) the condition after SiLU -> (B, T, D)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=1)
-        h = h + gate1[:, None] * self.attn(_modulate(self.norm1(h), shift1, scale1))
-        return h + gate2[:, None] * self.mlp(_modulate(self.norm2(h), shift2, scale2))
+        h = h + gate1[:, None] * self.attn(modulate(self.norm1(h), shift1, scale1))
+        return h + gate2[:, None] * self.mlp(modulate(self.norm2(h), shift2, scale2))
 
 
 def _validate(grid_size, width, depth, heads, mlp_ratio, patch_size, dropout):
@@ -209,9 +215,7 @@ class DiT(nn.Module):
         self.register_buffer("positions", sincos_positions(width, self.grid), persistent=False)
         self.time_emb = TimeEmbedding(width, sinusoid_dim=TIME_FREQUENCIES, shift=1)
         self.label_emb = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
-        self.blocks = nn.ModuleList(
-            DiTBlock(width, heads, mlp_ratio, dropout, qk_norm) for _ in range(depth)
-        )
+        self.blocks = self._make_blocks(depth, width, heads, mlp_ratio, dropout, qk_norm)
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=NORM_EPS)
         self.out_modulation = nn.Linear(width, 2 * width)  # shift, scale of the final layer
         self.out = nn.Linear(width, p * p * out_channels)
@@ -229,10 +233,15 @@ class DiT(nn.Module):
             nn.init.normal_(self.label_emb.weight, std=0.02)
         for layer in (self.time_emb.mlp[0], self.time_emb.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
-        zeroed = [block.modulation for block in self.blocks] + [self.out_modulation, self.out]
-        for layer in zeroed:
+        zeroed = [m for name, m in self.named_modules() if name.endswith("modulation")]
+        for layer in [*zeroed, self.out]:  # every block's modulation, and the final layer's
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def _make_blocks(self, depth, width, heads, mlp_ratio, dropout, qk_norm) -> nn.ModuleList:
+        return nn.ModuleList(
+            DiTBlock(width, heads, mlp_ratio, dropout, qk_norm) for _ in range(depth)
+        )
 
     def _condition(self, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
         """c = time embedding + label embedding (B, D); y None means the null label."""
@@ -250,17 +259,30 @@ class DiT(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x_t (B, C, H, W), t (B,) in [0, 1], y (B,) int labels (num_classes = null) or None
         -> (B, C_out, H, W)."""
+        h = self._patch_tokens(x_t)  # (B, T, D)
+        c = F.silu(self._condition(t, y, x_t.shape[0]))  # (B, D), SiLU once for every block
+        for block in self.blocks:
+            h = self._run(block, h, c)
+        return self._unpatch_tokens(h, c)
+
+    def _patch_tokens(self, x_t: Tensor) -> Tensor:
+        """x_t (B, C, H, W) -> its patches embedded, plus their positions (B, T, D)."""
         p = self.patch_size
         grid = (x_t.shape[-2] // p, x_t.shape[-1] // p)
         if grid != self.grid or x_t.shape[-2] % p or x_t.shape[-1] % p:
             size = f"{self.grid[0] * p}x{self.grid[1] * p}"
             raise ValueError(f"this DiT was built for {size} inputs, got {tuple(x_t.shape[-2:])}")
         h = self.patch_embed(patchify(x_t, p))  # (B, T, D)
-        h = h + self.positions.to(h.dtype)
-        c = F.silu(self._condition(t, y, x_t.shape[0]))  # (B, D), SiLU once for every block
-        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            h = checkpoint(block, h, c, use_reentrant=False) if recompute else block(h, c)
+        return h + self.positions.to(h.dtype)
+
+    def _run(self, block: nn.Module, *args):
+        """block(*args), recomputed in the backward pass when checkpointing a training step."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def _unpatch_tokens(self, h: Tensor, c: Tensor) -> Tensor:
+        """The final adaLN layer: tokens h (B, T, D), condition c (B, D) -> (B, C_out, H, W)."""
         shift, scale = self.out_modulation(c).chunk(2, dim=1)
-        h = self.out(_modulate(self.norm_out(h), shift, scale))  # (B, T, p p C_out)
-        return unpatchify(h, p, self.grid)
+        h = self.out(modulate(self.norm_out(h), shift, scale))  # (B, T, p p C_out)
+        return unpatchify(h, self.patch_size, self.grid)
