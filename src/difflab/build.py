@@ -32,6 +32,7 @@ from difflab.model import DataKind, Model
 from difflab.nets.autoencoder import AutoencoderKL, PatchDiscriminator
 from difflab.nets.dit import DiT
 from difflab.nets.mlp import MLP
+from difflab.nets.mmdit import dit_net
 from difflab.nets.text import text_encoder
 from difflab.nets.unet import UNet
 from difflab.samplers import sampler_info, timesteps
@@ -112,7 +113,7 @@ def build_net(
     cfg: config.ModelConfig, data_shape: tuple[int, ...], num_classes: int = 0, text=None
 ) -> nn.Module:
     """The network for data of `data_shape` (one example); num_classes > 0 adds labels, a
-    text encoder module (nets/text.py) adds cross-attention."""
+    text encoder module (nets/text.py) adds cross-attention (U-Net) or joint attention (DiT)."""
     if cfg.name not in NETS:
         raise ConfigError(f"unknown model {cfg.name!r}; choose one of {', '.join(NETS)}")
     if cfg.name == "mlp":
@@ -122,7 +123,9 @@ def build_net(
                 "use model.name=unet for images"
             )
         if text is not None:
-            raise ConfigError("text conditioning needs model.name=unet (cross-attention)")
+            raise ConfigError(
+                "text conditioning needs model.name=unet, or dit with model.dit.text=joint"
+            )
         m = cfg.mlp
         for key in ("width", "depth", "emb_dim", "expansion"):
             if getattr(m, key) < 1:
@@ -138,11 +141,9 @@ def build_net(
     if cfg.name == "autoencoder":  # AutoencoderConfig's fields are its keyword arguments
         return AutoencoderKL(in_channels=data_shape[0], **dataclasses.asdict(cfg.autoencoder))
     if cfg.name == "dit":
-        if text is not None:
-            raise ConfigError("text conditioning needs model.name=unet (no MMDiT yet)")
-        try:  # DiTConfig's fields are DiT's keyword arguments; its messages name the field
+        try:  # DiTConfig's fields are dit_net's keyword arguments; its messages name the field
             d = dataclasses.asdict(cfg.dit)
-            return DiT(data_shape[0], data_shape[1:], num_classes=num_classes, **d)
+            return dit_net(data_shape[0], data_shape[1:], num_classes, text, **d)
         except ValueError as e:
             raise ConfigError(f"model.dit.{e}") from None
     # UNetConfig's fields are UNet's keyword arguments, one to one

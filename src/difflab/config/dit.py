@@ -1,4 +1,4 @@
-"""The DiT's part of the config (`model.dit`, for model.name=dit; nets/dit.py)."""
+"""The DiT's part of the config (`model.dit`, for model.name=dit; nets/dit.py, nets/mmdit.py)."""
 
 from __future__ import annotations
 
@@ -15,3 +15,6 @@ class DiTConfig:  # Peebles & Xie 2023; DiT-S is width 384, depth 12, heads 6, m
     dropout: float = 0.0  # after the attention projection and inside the MLP
     qk_norm: bool = False  # RMS-normalise queries and keys per head (SD3, Esser et al. 2024)
     checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more time
+    # "" (labels or none) | joint: MMDiT (SD3), image and text tokens attend together; needs
+    # data.text_conditional (nets/mmdit.py)
+    text: str = ""

@@ -61,6 +61,7 @@ def transformer_config(model: ModelConfig, shape: tuple[int, ...], classes: int)
         (d.qk_norm, "q/k normalisation (model.dit.qk_norm)"),
         (d.mlp_ratio != 4.0, f"MLP ratio other than 4 (model.dit.mlp_ratio={d.mlp_ratio})"),
         (height != width, f"non-square input ({height}x{width})"),
+        (d.text == "joint", "joint text attention (model.dit.text=joint, MMDiT)"),
     ]
     for absent, what in missing:
         if absent:
