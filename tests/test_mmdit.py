@@ -20,6 +20,8 @@ from difflab.nets.mmdit import MMDiT
 from difflab.nets.text import CharEncoder, FrozenContext
 from difflab.training.loop import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: a second thread only waits
+
 SMALL = dict(width=32, depth=3, heads=2, patch_size=2)
 TOKENS = 24
 
@@ -251,3 +253,17 @@ def test_the_diffusers_dit_mapping_refuses_joint_text():
         transformer_config(model, (1, 32, 32), 0)
     with pytest.raises(ConfigError, match="no text"):
         build.build_net(model, (1, 32, 32), 10)
+
+
+def test_the_mnist_sd3_preset_builds_an_mmdit_on_the_latent_grid():
+    """mnist-sd3's network on mnist-ae's 8x8x4 latents, fed MiniLM-shaped states (384-d; the
+    encoder itself is not needed to build the net): 16 image tokens, 16 text positions."""
+    cfg = preset("mnist-sd3")
+    assert cfg.diffusion.t_sampling == "logit_normal" and cfg.diffusion.schedule == "rectified"
+    assert cfg.model.text.encoder == "minilm" and cfg.data.text_conditional
+    net = build.build_net(cfg.model, (4, 8, 8), 0, FrozenContext(384))
+    assert isinstance(net, MMDiT) and net.grid == (4, 4) and len(net.blocks) == 6
+    states = torch.zeros(2, cfg.model.text.max_tokens, 384)
+    states[:, :5] = torch.randn(2, 5, 384)
+    with torch.no_grad():
+        assert net(torch.randn(2, 4, 8, 8), torch.rand(2), states).shape == (2, 4, 8, 8)
