@@ -12,6 +12,7 @@ minutes by default) it:
    images/s of difflab and diffusers, model-FLOP utilisation against the measured matmul peak
    of each precision, sampling ms per image.
 4. a short `mnist` training on the GPU, then `difflab eval` of it with the offline judge.
+5. the same for the `mnist-dit` preset (the DiT backbone), judged alike.
 
 Every stage has its own time limit; a stage that does not fit in what is left of the budget is
 recorded as skipped, never silently dropped. All figures land in one folder: `results.json`
@@ -144,6 +145,7 @@ def stages(args: argparse.Namespace, out: Path) -> list[Stage]:
                                          ["--sampler", "ddpm", "--steps", "50"]),
                                        "--json", "--out", str(out / "eval-mnist.json")],
                         120))  # fmt: skip
+    result += dit_stages(args, out, device, judge, dry)
     # last: compiling takes the longest and matters least (the dry run compiles the small MLP)
     result.append(Stage("bench-bf16-compiled", [py, "-m", "difflab", "bench",
                                                 "toy2d" if dry else bench_name, "--device", device,
@@ -154,6 +156,25 @@ def stages(args: argparse.Namespace, out: Path) -> list[Stage]:
         for stage in result:
             stage.limit_s *= 4
     return result
+
+
+def dit_stages(
+    args: argparse.Namespace, out: Path, device: str, judge: Path, dry: bool
+) -> list[Stage]:
+    """The `mnist-dit` preset (issue 39): a short training on the GPU, then judged like the
+    U-Net's, so the two rows of results.md compare backbones on one lease."""
+    py, run_dir = sys.executable, out / "runs" / "gpu-mnist-dit"
+    size = ["train.steps=3000", "train.time_limit_minutes=2.0"]
+    if dry:
+        size = ["train.steps=4", "train.batch_size=8", "train.checkpoint_every=4"]
+    train = [py, "-m", "difflab", "train", "--preset", "mnist-dit", "--quiet", "--no-finish"]
+    train += ["--runs", str(run_dir.parent), "--name", run_dir.name]
+    train += ["--set", f"data.root={args.root}", f"train.device={device}", *size]
+    n, extra = ("200", ["--steps", "4", "--n-reference", "300"]) if dry else ("1000", [])
+    evaluate = [py, "-m", "difflab", "eval", str(run_dir), "--n", n, "--per-class", *extra]
+    evaluate += ["--device", device, "--judge", str(judge), "--root", args.root]
+    evaluate += ["--reference", "mnist:test", "--json", "--out", str(out / "eval-mnist-dit.json")]
+    return [Stage("train-mnist-dit", train, 160), Stage("eval-mnist-dit", evaluate, 120)]
 
 
 def _figures(stage: Stage, out: Path) -> dict:
@@ -173,8 +194,8 @@ def _figures(stage: Stage, out: Path) -> dict:
         figures["difflab_over_diffusers"] = t.get("ratio_images_per_s")
         figures["matmul_peak_tflops"] = r["peak"]["measured"]["flop_per_s"] / 1e12
         return figures
-    if stage.name == "eval-mnist" and (out / "eval-mnist.json").exists():
-        rows = json.loads((out / "eval-mnist.json").read_text())["rows"]
+    if stage.name.startswith("eval-") and (out / f"{stage.name}.json").exists():
+        rows = json.loads((out / f"{stage.name}.json").read_text())["rows"]
         figures = {r["label"]: r["value"] for r in rows}
         return figures | {"ms_per_sample": rows[0]["ms_per_sample"]} if rows else figures
     return {}

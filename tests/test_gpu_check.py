@@ -32,8 +32,17 @@ def test_the_gpu_stages_fit_the_eight_minute_budget(tmp_path):
     args = gpu_check.argparse.Namespace(dry_run=False, root="data", judge=None)
     stages = gpu_check.stages(args, tmp_path)
     names = [s.name for s in stages]
-    assert names == ["judge", "cuda-tests", "bench-fp32", "bench-bf16", "train-mnist",
-                     "eval-mnist", "bench-bf16-compiled"]  # fmt: skip
+    assert names == [
+        "judge",
+        "cuda-tests",
+        "bench-fp32",
+        "bench-bf16",
+        "train-mnist",
+        "eval-mnist",
+        "train-mnist-dit",
+        "eval-mnist-dit",
+        "bench-bf16-compiled",
+    ]
     bench = stages[2].argv
     assert bench[bench.index("bench") + 1] == "cifar10-ddpm"
     assert bench[bench.index("--batch-size") + 1] == "128" and "cuda" in bench
