@@ -9,6 +9,7 @@ with v_k = alpha^2 s_k^2 + sigma^2. The "network" returns the exact eps of eithe
 identity below holds to float precision; then a tiny trained run goes through the CLI.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -480,3 +481,41 @@ def test_bad_guidance_exits_2_with_one_line_and_writes_nothing(tiny_runs, tmp_pa
         assert len(err) == 1 and err[0].startswith("difflab: error:"), err
         assert message in err[0], (command, err)
         assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["apg", "auto"])
+def test_a_share_of_a_draw_is_those_rows_of_the_whole_draw(tiny_runs, method):
+    # Model.sample(start=): what one process of a sharded draw computes
+    from difflab.config import SampleConfig
+    from difflab.runs import attach_guide, load_run
+
+    run = load_run(tiny_runs["cond"])
+    scfg = SampleConfig(
+        sampler="ddim",
+        steps=3,
+        spacing="trailing",
+        n=6,
+        batch_size=3,
+        guidance=3.0,
+        guidance_method=method,
+        apg_momentum=-0.5,
+        guide_with=f"{tiny_runs['cond']}:step-1" if method == "auto" else "",
+    )
+    attach_guide(run, scfg)
+    labels = torch.arange(6) % 2
+    whole = run.model.sample(scfg, cond=labels)
+    share = dataclasses.replace(scfg, n=3)
+    part = run.model.sample(share, cond=labels[3:], start=3)
+    torch.testing.assert_close(part, whole[3:], rtol=0, atol=0)
+    plain = run.model.sample(dataclasses.replace(scfg, guidance=1.0), cond=labels)
+    assert (whole - plain).abs().max() > 1e-6  # the method did something (2 training steps)
+
+
+def test_training_time_samples_refuse_autoguidance_in_one_line(tiny_runs, tmp_path, capsys):
+    sets = [f"sample.guide_with={tiny_runs['cond']}", "sample.guidance_method=auto"]
+    argv = ["train", "--preset", "imagefolder", "--runs", str(tmp_path), "--name", "x"]
+    argv += ["--quiet", "--no-finish", "--set", *TINY, *sets]
+    argv += [f"data.root={tiny_runs['cond'].parent / 'data'}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training-time samples" in err[0], err

@@ -185,6 +185,12 @@ class Model:
                 f"guidance_method={method} needs a conditional model; this one was trained "
                 "without conditions (guidance_method=auto guides any run with a weak one)"
             )
+        if method == "auto" and self.guide is None and scfg.guide_with:
+            problems.append(
+                f"sample.guide_with={scfg.guide_with} is loaded by `difflab sample` and `difflab "
+                "eval`; training-time samples cannot use guidance_method=auto (use cfg or apg)"
+            )
+            return problems
         try:
             check_method(
                 method,
