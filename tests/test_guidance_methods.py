@@ -519,3 +519,45 @@ def test_training_time_samples_refuse_autoguidance_in_one_line(tiny_runs, tmp_pa
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "training-time samples" in err[0], err
+
+
+def test_compare_sweeps_guidance_methods_with_their_own_scales(tiny_runs, tmp_path):
+    run = tiny_runs["cond"]
+    out = tmp_path / "c.json"
+    argv = ["eval", str(run), "--compare", "--samplers", "ddim,euler", "--nfe", "2", "--n", "4"]
+    argv += ["--guidance-methods", "cfg:1:2,cfg++:0.5,apg:2,auto:2", "--quiet", "--out", str(out)]
+    argv += ["--guide-with", f"{run}:step-1", "--metric", "accuracy"]
+    argv += ["--judge", str(_judge(tmp_path / "j.safetensors"))]
+    assert cli.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    seen = [(r["guidance_method"], r["sampler"], r["guidance"]) for r in rows]
+    assert seen == [
+        ("cfg", "ddim", 1.0),
+        ("cfg", "ddim", 2.0),
+        ("cfg", "euler", 1.0),
+        ("cfg", "euler", 2.0),
+        ("cfg++", "ddim", 0.5),  # CFG++ leaves Euler out
+        ("apg", "ddim", 2.0),
+        ("apg", "euler", 2.0),
+        ("auto", "ddim", 2.0),
+        ("auto", "euler", 2.0),
+    ]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+
+
+def test_tradeoff_plot_draws_one_curve_per_method(tmp_path):
+    from difflab.report.charts import tradeoff_plot
+
+    rows = [
+        {
+            "guidance_method": m,
+            "sampler": "ddim",
+            "nfe": 10,
+            "guidance": w,
+            "fd_judge": fd,
+            "accuracy": acc,
+        }
+        for m, w, fd, acc in [("cfg", 1.0, 5, 0.9), ("cfg", 2.0, 9, 0.99), ("apg", 2.0, 6, 0.98)]
+    ]
+    path = tradeoff_plot(rows, tmp_path / "t.png", "fd_judge", "accuracy")
+    assert path.is_file() and path.stat().st_size > 0

@@ -215,7 +215,8 @@ def _image_eval_setup(args: argparse.Namespace, source: Path, world) -> tuple:
     )
     if run:  # what evaluate_images_of would refuse after loading: refuse it on every rank now
         scfg = sample_config(run.cfg.sample, args)
-        attach_guide(run, scfg).model.check_sample(scfg)
+        if not (args.compare and args.guidance_methods):  # else each method is checked there
+            attach_guide(run, scfg).model.check_sample(scfg)
         n = scfg.n
         dims = {kind: e.feature_dim for kind, e in extractors.items()}
         protocol.check_metrics(metrics, n, dims, run.model.conditioner.conditional)
@@ -248,6 +249,18 @@ def _float_list(text: str, flag: str) -> list[float]:
     return values
 
 
+def _method_list(text: str) -> list[tuple[str, list[float]]]:
+    """--guidance-methods: [(method, its scales)] from METHOD[:SCALE...],... ([]: --guidances)."""
+    methods = []
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        method, *scales = entry.split(":")
+        flag = f"--guidance-methods {method}"
+        methods.append((method, _float_list(",".join(scales), flag) if scales else []))
+    if not methods:
+        raise ConfigError("--guidance-methods needs at least one method, e.g. cfg,apg:3")
+    return methods
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -272,6 +285,7 @@ def _eval_compare(args: argparse.Namespace, source: Path, image_eval: dict | Non
         nfes=_int_list(args.nfe, "--nfe"),
         grids=grids,
         guidances=_float_list(args.guidances, "--guidances") if args.guidances else None,
+        methods=_method_list(args.guidance_methods) if args.guidance_methods else None,
         changes=sample_changes(args),
         image_eval=image_eval,
         checkpoint=args.checkpoint,

@@ -230,6 +230,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nfe", default="5,10,20,50", help="model-evaluation budgets for --compare")
     p.add_argument("--grids", help="comma-separated spacings for --compare (default: --spacing)")
     p.add_argument("--guidances", help="comma-separated guidance scales for --compare")
+    p.add_argument(
+        "--guidance-methods",
+        dest="guidance_methods",
+        help="comma-separated guidance methods for --compare, each with its own scales after "
+        "colons (default: --guidances), e.g. cfg:1.25:1.5,cfg++:0.6,apg:3,auto:2",
+    )
     _add_image_eval_flags(p)
     _add_sampler_flags(p)
     p.add_argument("--quiet", action="store_true")
