@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from difflab.config import ConfigError, SampleConfig
 from difflab.devices import PRECISIONS, maybe_compile, resolve_precision
-from difflab.diffusion.guidance import check_interval, guided
+from difflab.diffusion.guidance import check_apg, check_interval, check_method, guide, per_draw
 from difflab.diffusion.prediction import Denoiser
 from difflab.samplers import NonFiniteError, Recorder, generate, sampler_info, timesteps
 
@@ -59,6 +59,7 @@ class Model:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     memory_format: torch.memory_format = torch.contiguous_format  # of the net and its inputs
     compiled: nn.Module | None = None  # torch.compile'd net for sampling, made on first use
+    guide: Model | None = None  # autoguidance's weak model (runs.attach_guide), else None
 
     def with_net(self, net: nn.Module) -> Model:
         """The same model around another network (the EMA copy, a DDP wrapper)."""
@@ -94,14 +95,12 @@ class Model:
         denoiser = self.denoiser
         if scfg.compile:
             denoiser = denoiser.with_net(self._compiled())
-        if self.conditioner.conditional:
-            if cond is None:
-                cond = self.conditioner.request(scfg.n, seed=scfg.seed)
-            denoiser = guided(
-                denoiser, scfg.guidance, self.conditioner, scfg.guidance_tmin, scfg.guidance_tmax
-            )
+        if self.conditioner.conditional and cond is None:
+            cond = self.conditioner.request(scfg.n, seed=scfg.seed)
+        if self.conditioner.conditional or scfg.guidance_method == "auto":
+            denoiser = self._guided(denoiser, scfg)
         z = generate(
-            info.fn,
+            per_draw(info.fn, denoiser),
             denoiser,
             scfg.n,
             self.codec.latent_shape(self.kind.shape),
@@ -149,12 +148,62 @@ class Model:
             problems.append(
                 f"sample.precision must be one of {', '.join(PRECISIONS)}, got {scfg.precision!r}"
             )
-        attempt(self.conditioner.check_guidance, scfg.guidance)
+        if scfg.guidance_method == "cfg":  # the other methods check their scale themselves
+            attempt(self.conditioner.check_guidance, scfg.guidance)
         attempt(check_interval, scfg.guidance_tmin, scfg.guidance_tmax)
+        problems += self._guidance_problems(scfg)
         if dry_run and not problems:
             attempt(self._dry_run, info, ts, scfg)
         if problems:
             raise ConfigError("; ".join(problems))
+
+    def _guided(self, denoiser: Denoiser, scfg: SampleConfig) -> Denoiser:
+        """`denoiser` under scfg's guidance method, scale and interval."""
+        return guide(
+            denoiser,
+            scfg.guidance_method,
+            scfg.guidance,
+            self.conditioner,
+            scfg.guidance_tmin,
+            scfg.guidance_tmax,
+            weak=self.guide.denoiser if self.guide is not None else None,
+            apg_eta=scfg.apg_eta,
+            apg_momentum=scfg.apg_momentum,
+            apg_threshold=scfg.apg_threshold,
+        )
+
+    def _guidance_problems(self, scfg: SampleConfig) -> list[str]:
+        """What is wrong with scfg's guidance method for this model and scfg's sampler."""
+        method, problems = scfg.guidance_method, []
+        if scfg.guide_with and method != "auto":
+            problems.append(
+                "--guide-with (sample.guide_with) is autoguidance's weak model: add "
+                "--guidance-method auto, or leave --guide-with out"
+            )
+        if method in ("apg", "cfg++") and not self.conditioner.conditional:
+            problems.append(
+                f"guidance_method={method} needs a conditional model; this one was trained "
+                "without conditions (guidance_method=auto guides any run with a weak one)"
+            )
+        if method == "auto" and self.guide is None and scfg.guide_with:
+            problems.append(
+                f"sample.guide_with={scfg.guide_with} is loaded by `difflab sample` and `difflab "
+                "eval`; training-time samples cannot use guidance_method=auto (use cfg or apg)"
+            )
+            return problems
+        try:
+            check_method(
+                method,
+                scfg.guidance,
+                sampler=scfg.sampler,
+                eta=scfg.eta,
+                has_weak=self.guide is not None,
+            )
+            if method == "apg":
+                check_apg(scfg.apg_eta, scfg.apg_momentum, scfg.apg_threshold)
+        except ConfigError as e:
+            problems.append(str(e))
+        return problems
 
     def _dry_run(self, info, ts: Tensor, scfg: SampleConfig) -> None:
         """One example through `info`'s sampler on `ts`, driven by a zero network."""

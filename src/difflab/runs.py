@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ class LoadedRun:
     model: Model
     step: int  # the training step of the checkpoint
     ema: bool = True  # the weights loaded: the EMA copy (True) or the raw, online net (False)
+    guide_with: str = ""  # the weak run in model.guide (attach_guide), "" for none
 
     @property
     def denoiser(self) -> Denoiser:
@@ -198,9 +200,84 @@ def draw_samples(
     """(n, *shape) samples of a loaded run with the sampler `sample_cfg` names, at
     sample_cfg.precision; a conditional run is guided at sample_cfg.guidance with the given
     conditions (n,) (drawn uniformly when None); `start`: index of the first (a share)."""
+    attach_guide(run, sample_cfg)
     return run.model.sample(
         sample_cfg, cond=labels, start=start, progress=progress, recorder=recorder
     )
+
+
+def attach_guide(run: LoadedRun, sample_cfg: SampleConfig) -> LoadedRun:
+    """`run` with autoguidance's weak model (sample_cfg.guide_with: RUN, or RUN:step-N for an
+    earlier checkpoint of a run) in `run.model.guide`, when sample_cfg asks for autoguidance;
+    loaded once. Refused in one line when the weak run diffuses on another schedule, another
+    data set, another conditioning or another image (or latent) size: its predictions would
+    not be of the same x_t (Karras et al. 2024 guide with the same model, only worse)."""
+    if sample_cfg.guidance_method != "auto" or not sample_cfg.guide_with:
+        return run
+    if run.model.guide is not None and run.guide_with == sample_cfg.guide_with:
+        return run
+    path, checkpoint = parse_guide(sample_cfg.guide_with)
+    try:
+        weak = load_run(path, checkpoint=checkpoint, device=str(run.device))
+    except ConfigError as e:
+        raise ConfigError(f"--guide-with {sample_cfg.guide_with}: {e}") from None
+    problems = [
+        f"{what} ({_text(mine)} here, {_text(theirs)} in {sample_cfg.guide_with})"
+        for what, mine, theirs in _guide_keys(run, weak)
+        if mine != theirs
+    ]
+    if problems:
+        raise ConfigError(
+            f"--guide-with {sample_cfg.guide_with} cannot guide {run.run_dir}: another "
+            f"{'; another '.join(problems)}; autoguidance needs a weaker model of the same "
+            "schedule, data, conditioning and size"
+        )
+    run.model = dataclasses.replace(run.model, guide=weak.model)
+    run.guide_with = sample_cfg.guide_with
+    return run
+
+
+def parse_guide(spec: str) -> tuple[str, int | str | None]:
+    """(run directory, checkpoint: a step, "best" or None for the newest) of RUN[:checkpoint],
+    the checkpoint named as its folder (step-200) or by its step (200)."""
+    path, _, name = spec.rpartition(":")
+    if not path:  # no colon: the run's newest checkpoint
+        return spec, None
+    if name == "best":
+        return path, name
+    step = name.removeprefix("step-")
+    if not step.isdigit():
+        raise ConfigError(
+            f"--guide-with {spec}: the checkpoint after ':' must be step-N, N or best, got {name!r}"
+        )
+    return path, int(step)
+
+
+def _guide_keys(run: LoadedRun, weak: LoadedRun) -> list[tuple[str, object, object]]:
+    """(what, this run's, the weak run's) of everything autoguidance needs equal."""
+
+    def schedule(cfg: RunConfig) -> tuple:
+        d = cfg.diffusion
+        return (d.schedule, d.num_steps, d.beta_start, d.beta_end, d.sigma_min, d.sigma_max)
+
+    def conditioning(r: LoadedRun) -> tuple:
+        text = r.cfg.model.text if r.cfg.data.text_conditional else None
+        kind = "text" if text else "classes" if r.num_classes else "none"
+        return (kind, r.num_classes, text.encoder if text else "", text.max_tokens if text else 0)
+
+    def size(r: LoadedRun) -> tuple:
+        return (tuple(r.shape), r.model.codec.latent_shape(r.shape), r.cfg.model.codec_sha256)
+
+    return [
+        ("schedule", schedule(run.cfg), schedule(weak.cfg)),
+        ("data set", run.cfg.data.name, weak.cfg.data.name),
+        ("conditioning", conditioning(run), conditioning(weak)),
+        ("image size", size(run), size(weak)),
+    ]
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else str(value)
 
 
 def save_samples(

@@ -92,12 +92,13 @@ def _eval(args: argparse.Namespace, world) -> int:
 def _load_for_sampling(args: argparse.Namespace, source: Path, world):
     """(the run, its sample config) for this rank, refusing more processes than samples."""
     from difflab.evaluation.sharded import blocks, rank_device
-    from difflab.runs import load_run
+    from difflab.runs import attach_guide, load_run
 
     device = rank_device(world, args.device)
     run = load_run(source, checkpoint=args.checkpoint, use_ema=ema_choice(args), device=device)
     scfg = sample_config(run.cfg.sample, args)
     blocks(scfg.n, world.size)
+    attach_guide(run, scfg).model.check_sample(scfg)  # refused before any sampling
     return run, scfg
 
 
@@ -177,7 +178,7 @@ def _image_eval_setup(args: argparse.Namespace, source: Path, world) -> tuple:
     from difflab.evaluation import protocol, references
     from difflab.evaluation.sampled import extractors_for, samples_from_file
     from difflab.evaluation.sharded import blocks, rank_device
-    from difflab.runs import is_weights_file, load_run
+    from difflab.runs import attach_guide, is_weights_file, load_run
 
     run, images, labels, meta = None, None, None, {"source": str(source)}
     if (source / "config.json").is_file() or is_weights_file(source):
@@ -213,7 +214,10 @@ def _image_eval_setup(args: argparse.Namespace, source: Path, world) -> tuple:
         device=run.device if run else "cpu",
     )
     if run:  # what evaluate_images_of would refuse after loading: refuse it on every rank now
-        n = sample_config(run.cfg.sample, args).n
+        scfg = sample_config(run.cfg.sample, args)
+        if not (args.compare and args.guidance_methods):  # else each method is checked there
+            attach_guide(run, scfg).model.check_sample(scfg)
+        n = scfg.n
         dims = {kind: e.feature_dim for kind, e in extractors.items()}
         protocol.check_metrics(metrics, n, dims, run.model.conditioner.conditional)
         blocks(n, world.size)
@@ -245,6 +249,18 @@ def _float_list(text: str, flag: str) -> list[float]:
     return values
 
 
+def _method_list(text: str) -> list[tuple[str, list[float]]]:
+    """--guidance-methods: [(method, its scales)] from METHOD[:SCALE...],... ([]: --guidances)."""
+    methods = []
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        method, *scales = entry.split(":")
+        flag = f"--guidance-methods {method}"
+        methods.append((method, _float_list(",".join(scales), flag) if scales else []))
+    if not methods:
+        raise ConfigError("--guidance-methods needs at least one method, e.g. cfg,apg:3")
+    return methods
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -269,6 +285,7 @@ def _eval_compare(args: argparse.Namespace, source: Path, image_eval: dict | Non
         nfes=_int_list(args.nfe, "--nfe"),
         grids=grids,
         guidances=_float_list(args.guidances, "--guidances") if args.guidances else None,
+        methods=_method_list(args.guidance_methods) if args.guidance_methods else None,
         changes=sample_changes(args),
         image_eval=image_eval,
         checkpoint=args.checkpoint,

@@ -19,6 +19,9 @@ SAMPLE_FLAGS = (
     "guidance_tmax", "shift",
 )  # fmt: skip
 
+# The guidance method and its knobs (diffusion/guidance.py), on every command that samples.
+GUIDANCE_FLAGS = ("guidance_method", "apg_eta", "apg_momentum", "apg_threshold", "guide_with")
+
 
 def _option_flags() -> dict[str, tuple]:
     """flag -> (SampleConfig field, type, help) of every registered sampler's flagged options;
@@ -84,8 +87,32 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
         "--guidance-tmax", dest="guidance_tmax", type=float,
         help="guide only up to this noise level (conditional above it; 0 = no limit)",
     )  # fmt: skip
+    _add_guidance_flags(p)
     p.add_argument("--class", dest="class_label", type=int, help="sample this class only")
     p.add_argument("--per-class", action="store_true", help="n / num_classes samples of each class")
+
+
+def _add_guidance_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--guidance-method",
+        dest="guidance_method",
+        help="cfg | apg | cfg++ | auto: classifier-free, adaptive projected, CFG++ (DDIM, eta 0, "
+        "--guidance in [0, 1]) or autoguidance by --guide-with",
+    )
+    p.add_argument("--apg-eta", dest="apg_eta", type=float, help="APG: parallel-part weight")
+    p.add_argument(
+        "--apg-momentum", dest="apg_momentum", type=float, help="APG: momentum beta (< 0)"
+    )
+    p.add_argument(
+        "--apg-threshold", dest="apg_threshold", type=float, help="APG: norm threshold r (0: none)"
+    )
+    p.add_argument(
+        "--guide-with",
+        dest="guide_with",
+        metavar="RUN[:step-N]",
+        help="autoguidance's weak model: a run (or an earlier checkpoint of one) on the same "
+        "data, schedule and conditioning",
+    )
 
 
 def _add_image_eval_flags(p: argparse.ArgumentParser) -> None:
@@ -203,6 +230,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nfe", default="5,10,20,50", help="model-evaluation budgets for --compare")
     p.add_argument("--grids", help="comma-separated spacings for --compare (default: --spacing)")
     p.add_argument("--guidances", help="comma-separated guidance scales for --compare")
+    p.add_argument(
+        "--guidance-methods",
+        dest="guidance_methods",
+        help="comma-separated guidance methods for --compare, each with its own scales after "
+        "colons (default: --guidances), e.g. cfg:1.25:1.5,cfg++:0.6,apg:3,auto:2",
+    )
     _add_image_eval_flags(p)
     _add_sampler_flags(p)
     p.add_argument("--quiet", action="store_true")
@@ -272,7 +305,7 @@ def _add_share_parsers(sub) -> None:
 
 def sample_changes(args: argparse.Namespace) -> dict:
     """The SampleConfig fields the command-line flags set."""
-    fields = [*SAMPLE_FLAGS, *(field for field, _, _ in _option_flags().values())]
+    fields = [*SAMPLE_FLAGS, *GUIDANCE_FLAGS, *(field for field, _, _ in _option_flags().values())]
     changes = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
     if getattr(args, "batch_size", None) is not None:
         changes["batch_size"] = args.batch_size

@@ -9,7 +9,7 @@ from pathlib import Path
 from difflab.cli.parsers import ema_choice, sample_config
 from difflab.cli.processes import peers, relaunch
 from difflab.cli.text import default_prompts_of, prompt_conditions, read_prompts
-from difflab.config import ConfigError
+from difflab.config import ConfigError, guidance_record
 from difflab.files import check_writable
 
 
@@ -29,7 +29,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace, world) -> None:
     from difflab.evaluation.sharded import agree, blocks, check_visible, rank_device, sample_shared
-    from difflab.runs import load_run, sample_labels, save_samples
+    from difflab.runs import attach_guide, load_run, sample_labels, save_samples
     from difflab.samplers import nfe_of
     from difflab.training.faults import out_of_memory
 
@@ -54,6 +54,7 @@ def _sample(args: argparse.Namespace, world) -> None:
                 "prompts: leave out --gif (`difflab plot RUN` draws its figures and GIFs)"
             )
         blocks(scfg.n, world.size)
+        attach_guide(run, scfg).model.check_sample(scfg)  # the guidance method too, up front
         return run, scfg, labels, prompts
 
     classes = (args.class_label, args.per_class)
@@ -72,10 +73,11 @@ def _sample(args: argparse.Namespace, world) -> None:
         ema=run.ema,
         checkpoint=str(run.checkpoint),
     )
-    if labels is not None:
+    if run.model.conditioner.conditional or scfg.guidance_method == "auto":
         meta["guidance"] = scfg.guidance
         if scfg.guidance_tmin > 0 or scfg.guidance_tmax > 0:
             meta["guidance_interval"] = [scfg.guidance_tmin, scfg.guidance_tmax]
+        meta.update(guidance_record(scfg))
     if prompts is not None:  # the prompts, not their token conditions, go into the file
         labels, meta["prompts"] = None, prompts
     path = save_samples(args.out, samples, labels, **meta)

@@ -16,7 +16,7 @@ from pathlib import Path
 from difflab.config.consistency import ConsistencyConfig
 from difflab.config.dit import DiTConfig
 from difflab.config.latent import AutoencoderConfig, AutoencoderLossConfig
-from difflab.config.sampling import SampleConfig, use_ema_of
+from difflab.config.sampling import SampleConfig, guidance_record, use_ema_of
 from difflab.config.text import TextConfig
 from difflab.errors import ConfigError
 from difflab.files import write_text_atomically
@@ -300,6 +300,7 @@ __all__ = [
     "TrainConfig",
     "UNetConfig",
     "apply_overrides",
+    "guidance_record",
     "preset",
     "use_ema_of",
 ]

@@ -33,6 +33,13 @@ class SampleConfig:
     # elsewhere (Kynkäänniemi et al. 2024); guidance_tmax = 0 = no upper limit, 0 and 0 = everywhere
     guidance_tmin: float = 0.0
     guidance_tmax: float = 0.0
+    # cfg (classifier-free) | apg (adaptive projected) | cfg++ (DDIM, eta 0; guidance in [0, 1])
+    # | auto (autoguidance by the weak model guide_with): diffusion/guidance.py
+    guidance_method: str = "cfg"
+    apg_eta: float = 0.0  # APG: weight of the update's part parallel to x0_c (1 + no more = cfg)
+    apg_momentum: float = -0.75  # APG: beta of the update's running sum (< 0; 0 = none)
+    apg_threshold: float = 0.0  # APG: norm threshold r of the update (x0 units; 0 = none)
+    guide_with: str = ""  # auto: the weak run, RUN or RUN:step-N (an earlier checkpoint)
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for the network while sampling
     compile: bool = False  # torch.compile the network for sampling
     shift: float = 1.0  # time shift t' = s t / (1 + (s - 1) t) of the grid (SD3); 1 = none
@@ -48,3 +55,21 @@ def use_ema_of(sample: SampleConfig, choice: bool | None = None) -> bool:
     `ema` writes what the weights sampled were.
     """
     return sample.use_ema if choice is None else choice
+
+
+def guidance_record(sample: SampleConfig) -> dict:
+    """The guidance method and its own settings, for result rows and samples files: {} for
+    plain cfg (the default, so such rows read as before), else guidance_method plus APG's
+    eta, momentum and threshold, or autoguidance's weak run."""
+    if sample.guidance_method == "cfg":
+        return {}
+    row = {"guidance_method": sample.guidance_method}
+    if sample.guidance_method == "apg":
+        row.update(
+            apg_eta=sample.apg_eta,
+            apg_momentum=sample.apg_momentum,
+            apg_threshold=sample.apg_threshold,
+        )
+    if sample.guidance_method == "auto":
+        row["guide_with"] = sample.guide_with
+    return row

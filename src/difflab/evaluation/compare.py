@@ -12,7 +12,7 @@ from difflab.config import ConfigError
 from difflab.evaluation.protocol import HIGHER_IS_BETTER
 from difflab.evaluation.sampled import evaluate_images_of, timed_samples
 from difflab.evaluation.toy2d import evaluate_toy
-from difflab.runs import check_run_dir, load_run
+from difflab.runs import attach_guide, check_run_dir, load_run
 from difflab.samplers import SAMPLERS, deterministic_samplers, nfe_of, steps_for_nfe
 
 
@@ -23,13 +23,16 @@ def compare_samplers(
     nfes: list[int] = (5, 10, 20, 50),
     grids: list[str] | None = None,
     guidances: list[float] | None = None,
+    methods: list[tuple[str, list[float]]] | None = None,
     changes: dict | None = None,
     checkpoint: int | str | None = None,
     device: str = "auto",
     image_eval: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Quality against model evaluations for every sampler x NFE budget x grid (x guidance).
+    """Quality against model evaluations for every sampler x NFE budget x grid (x guidance)
+    (x guidance method: `methods` = [(method, its scales, or [] for `guidances`)]; a sampler a
+    method does not define, CFG++'s stochastic ones, is left out of that method's rows).
 
     Every configuration starts from the same noise (the run's sample seed, or `changes`). 2-D
     runs are measured by sliced W2 (and in-square); image runs by `image_eval` = {"metrics",
@@ -54,17 +57,20 @@ def compare_samplers(
         raise ConfigError(
             f"unknown sampler(s) {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}"
         )
-    if guidances and run.num_classes == 0:
-        raise ConfigError("--guidances needs a class-conditional run")
+    auto = [m for m, _ in methods or []] == ["auto"] or base.guidance_method == "auto"
+    if (guidances or methods) and run.num_classes == 0 and not auto:
+        raise ConfigError("--guidances needs a class-conditional run (or autoguidance alone)")
+    if any(m == "auto" for m, _ in methods or []):
+        attach_guide(run, dataclasses.replace(base, guidance_method="auto"))
     rows = []
-    for name, nfe, grid, guidance in itertools.product(
-        names, nfes, grids or [base.spacing], guidances or [base.guidance]
-    ):
-        steps = steps_for_nfe(name, nfe, base)
-        scfg = dataclasses.replace(base, sampler=name, steps=steps, spacing=grid, guidance=guidance)
-        row = {"sampler": name, "spacing": grid, "steps": steps, "nfe": nfe_of(name, steps, scfg)}
-        if run.num_classes:
-            row["guidance"] = guidance
+    for scfg in _configurations(run, base, names, nfes, grids, guidances, methods):
+        name, grid = scfg.sampler, scfg.spacing
+        row = {"sampler": name, "spacing": grid, "steps": scfg.steps}
+        row["nfe"] = nfe_of(name, scfg.steps, scfg)
+        if run.num_classes or auto:
+            row["guidance"] = scfg.guidance
+        if methods:
+            row["guidance_method"] = scfg.guidance_method
         if toy:
             samples, timing = timed_samples(run, scfg, None)
             row.update(evaluate_toy(samples.numpy(), run.cfg.data.name), **timing)
@@ -85,6 +91,38 @@ def compare_samplers(
         "n": base.n,
     }
     return {"provenance": provenance, "rows": rows}
+
+
+def _configurations(run, base, names, nfes, grids, guidances, methods):
+    """Every SampleConfig of the sweep, in order; refused up front where a method refuses all
+    its samplers or any other setting."""
+    configs = []
+    for method, scales in methods or [(base.guidance_method, [])]:
+        kept = []
+        for name, nfe, grid, guidance in itertools.product(
+            names, nfes, grids or [base.spacing], scales or guidances or [base.guidance]
+        ):
+            steps = steps_for_nfe(name, nfe, base)
+            scfg = dataclasses.replace(
+                base,
+                sampler=name,
+                steps=steps,
+                spacing=grid,
+                guidance=guidance,
+                guidance_method=method,
+                guide_with=base.guide_with if method == "auto" else "",
+            )
+            try:
+                run.model.check_sample(scfg)
+            except ConfigError:
+                if method != "cfg++" or name == "ddim":  # only CFG++'s samplers are left out
+                    raise
+                continue
+            kept.append(scfg)
+        if not kept:
+            raise ConfigError(f"--guidance-methods {method}: no sampler of the sweep takes it")
+        configs += kept
+    return configs
 
 
 def quality_keys(rows: list[dict]) -> list[str]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from difflab import devices
-from difflab.config import ConfigError, RunConfig, SampleConfig, use_ema_of
+from difflab.config import ConfigError, RunConfig, SampleConfig, guidance_record, use_ema_of
 from difflab.evaluation import protocol, references
 from difflab.evaluation.classifier import JudgeExtractor
 from difflab.evaluation.protocol import HIGHER_IS_BETTER, METRICS, label
@@ -106,7 +106,9 @@ def timed_samples(
 
 
 def sampling_provenance(run: LoadedRun, scfg: SampleConfig, conditional: bool) -> dict:
-    """How samples were drawn, for every result row."""
+    """How samples were drawn, for every result row (autoguidance guides unconditional runs
+    too)."""
+    guided = conditional or scfg.guidance_method == "auto"
     row = {
         "source": str(run.run_dir),
         "checkpoint": str(run.checkpoint),
@@ -115,12 +117,14 @@ def sampling_provenance(run: LoadedRun, scfg: SampleConfig, conditional: bool) -
         "steps": scfg.steps,
         "nfe": nfe_of(scfg.sampler, scfg.steps, scfg),
         "spacing": scfg.spacing,
-        "guidance": scfg.guidance if conditional else None,
+        "guidance": scfg.guidance if guided else None,
         "ema": run.ema,
         "seed": scfg.seed,
     }
-    if conditional and (scfg.guidance_tmin > 0 or scfg.guidance_tmax > 0):
+    if guided and (scfg.guidance_tmin > 0 or scfg.guidance_tmax > 0):
         row["guidance_interval"] = [scfg.guidance_tmin, scfg.guidance_tmax]
+    if guided:
+        row.update(guidance_record(scfg))
     return row
 
 
@@ -258,8 +262,9 @@ class TrainingEvaluator:
             "seed": scfg.seed,
             "seconds": time.perf_counter() - start,
         }
-        if model.conditioner.conditional:
+        if model.conditioner.conditional or scfg.guidance_method == "auto":
             row["guidance"] = scfg.guidance
+            row.update(guidance_record(scfg))
         return row
 
 
@@ -288,4 +293,18 @@ def samples_from_file(source: Path, image_shape: tuple[int, int, int]) -> tuple:
     return references.dataset_images(folder, torch.arange(len(folder))), None, {}
 
 
-SAMPLE_META = ("sampler", "steps", "nfe", "seed", "ema", "guidance", "checkpoint", "step")
+SAMPLE_META = (
+    "sampler",
+    "steps",
+    "nfe",
+    "seed",
+    "ema",
+    "guidance",
+    "checkpoint",
+    "step",
+    "guidance_method",
+    "apg_eta",
+    "apg_momentum",
+    "apg_threshold",
+    "guide_with",
+)

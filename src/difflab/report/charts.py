@@ -224,12 +224,16 @@ def compare_plot(rows: list[dict], path: Path, keys: list[str]) -> Path:
         for key in keys
     ]
     fig, axes = subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
-    line_of = lambda r: (r["sampler"], r["spacing"], r.get("guidance"))  # noqa: E731
+
+    def line_of(r: dict) -> tuple:
+        return r["sampler"], r["spacing"], r.get("guidance"), r.get("guidance_method")
+
     lines = sorted({line_of(r) for r in rows}, key=str)
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         for k, line in enumerate(lines):
             pts = sorted((r["nfe"], r[key]) for r in rows if line_of(r) == line)
             name = f"{line[0]} ({line[1]})" + (f" w={line[2]:g}" if line[2] is not None else "")
+            name += f" {line[3]}" if line[3] else ""
             style = "-" if k < 10 else "--"
             ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, label=name)
         if key == "sliced_w2":
@@ -242,6 +246,29 @@ def compare_plot(rows: list[dict], path: Path, keys: list[str]) -> Path:
         ax.grid(alpha=0.3, which="both")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle("sample quality against NFE")
+    return _save(fig, path)
+
+
+def tradeoff_plot(rows: list[dict], path: Path, fd_key: str, accuracy_key: str) -> Path:
+    """Judge accuracy against Frechet distance, one curve per guidance method (and sampler and
+    NFE), its points the guidance scales: the trade of accuracy for variety at a glance."""
+    fig, ax = subplots(figsize=(6, 4.2))
+    curve_of = lambda r: (r.get("guidance_method") or "cfg", r["sampler"], r["nfe"])  # noqa: E731
+    for curve in sorted({curve_of(r) for r in rows}, key=str):
+        pts = sorted(
+            (r["guidance"], r[fd_key], r[accuracy_key]) for r in rows if curve_of(r) == curve
+        )
+        label = f"{curve[0]} ({curve[1]}, {curve[2]} NFE)"
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", ms=3, label=label)
+        for w, fd, accuracy in pts:
+            ax.annotate(
+                f"{w:g}", (fd, accuracy), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
+    ax.set_xlabel(f"{fd_key} (lower is better)")
+    ax.set_ylabel(f"{accuracy_key} (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("accuracy against Frechet distance, by guidance method (labels: scale)")
     return _save(fig, path)
 
 

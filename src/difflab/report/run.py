@@ -42,6 +42,11 @@ def plot_compare(result: dict, run_dir: Path) -> dict:
     """plots/compare.png of an `eval --compare` result; returns the result with its "plot"."""
     rows = result["rows"]
     plot = charts.compare_plot(rows, run_dir / "plots" / "compare.png", quality_keys(rows))
+    fd = next((k for k in ("fd_judge", "fid") if k in rows[0]), None)
+    if "guidance_method" in rows[0] and fd and "accuracy" in rows[0]:  # --guidance-methods
+        path = run_dir / "plots" / "guidance_tradeoff.png"
+        tradeoff = charts.tradeoff_plot(rows, path, fd, "accuracy")
+        return {**result, "plot": str(plot), "tradeoff_plot": str(tradeoff)}
     return {**result, "plot": str(plot)}
 
 
