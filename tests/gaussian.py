@@ -62,3 +62,27 @@ def pf_solution(schedule: Schedule, mu, s, x_t, t_from: float, t_to: float):
     mean_from, std_from = moments(t_from)
     mean_to, std_to = moments(t_to)
     return mean_to + std_to * (x_t.double() - mean_from) / std_from
+
+
+class CorrelatedGaussianDenoiser:
+    """The exact posterior-mean denoiser for N(mu, cov) data (any covariance) under `schedule`:
+    E[x0 | x_t] = mu + alpha cov (alpha^2 cov + sigma^2 I)^-1 (x_t - alpha mu)."""
+
+    def __init__(self, schedule: Schedule, mu: torch.Tensor, cov: torch.Tensor):
+        self.schedule, self.mu, self.cov = schedule, mu.double(), cov.double()
+
+    def __call__(self, x_t, t, y=None):
+        eye = torch.eye(len(self.mu), dtype=torch.float64)
+        x0_hat, eps_hat = [], []
+        for tk in t.double().unique():
+            rows = t.double() == tk
+            alpha, sigma = float(self.schedule.alpha(tk)), float(self.schedule.sigma(tk))
+            gain = torch.linalg.solve(alpha**2 * self.cov + sigma**2 * eye, eye)  # symmetric
+            resid = (x_t[rows].double() - alpha * self.mu) @ gain
+            x0_hat.append((rows, self.mu + alpha * resid @ self.cov))
+            eps_hat.append((rows, sigma * resid))
+        out = [torch.empty_like(x_t), torch.empty_like(x_t)]
+        for k, parts in enumerate((x0_hat, eps_hat)):
+            for rows, value in parts:
+                out[k][rows] = value.to(x_t.dtype)
+        return out[0], out[1]

@@ -17,7 +17,15 @@ from difflab.config import ConfigError, SampleConfig
 from difflab.devices import PRECISIONS, maybe_compile, resolve_precision
 from difflab.diffusion.guidance import check_apg, check_interval, check_method, guide, per_draw
 from difflab.diffusion.prediction import Denoiser
-from difflab.samplers import NonFiniteError, Recorder, generate, sampler_info, timesteps
+from difflab.samplers import (
+    Edit,
+    NonFiniteError,
+    Recorder,
+    editing,
+    generate,
+    sampler_info,
+    timesteps,
+)
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class Model:
         start: int = 0,
         progress: bool = False,
         recorder: Recorder | None = None,
+        edit: Edit | None = None,
     ) -> Tensor:
         """(scfg.n, *data shape) samples (CPU, float32) with scfg's sampler, grid, seed,
         batch size, guidance, precision (the network under autocast; the sampler's arithmetic
@@ -87,11 +96,19 @@ class Model:
             start: global index of the first sample (one process's share of a larger draw:
                 with `cond` the share's conditions, samples start.. of one call from 0).
             recorder: receives every step of the first batch (trajectories).
+            edit: start from given data at a level (SDEdit) and keep a masked region
+                (inpainting), with any sampler (samplers/editing.py); its rows are the n
+                samples' (like cond).
         """
         self.check_sample(scfg)
         info = sampler_info(scfg.sampler)
         ts = timesteps(self.schedule, scfg.steps, scfg.spacing, scfg.t_end or None, scfg.shift)
         autocast = resolve_precision(scfg.precision, self.device, "sample.precision")
+        sampler, rows, shape = info.fn, None, self.codec.latent_shape(self.kind.shape)
+        if edit is not None:
+            sampler, ts, rows = editing.prepare(
+                edit, info, self.schedule, self.codec, self.kind.shape, ts, scfg.n, self.device
+            )
         denoiser = self.denoiser
         if scfg.compile:
             denoiser = denoiser.with_net(self._compiled())
@@ -100,10 +117,10 @@ class Model:
         if self.conditioner.conditional or scfg.guidance_method == "auto":
             denoiser = self._guided(denoiser, scfg)
         z = generate(
-            per_draw(info.fn, denoiser),
+            per_draw(sampler, denoiser),
             denoiser,
             scfg.n,
-            self.codec.latent_shape(self.kind.shape),
+            shape,
             ts,
             seed=scfg.seed,
             start=start,
@@ -113,6 +130,7 @@ class Model:
             callback=recorder,
             progress=progress,
             autocast=autocast,
+            rows=rows,
             **info.options_from(scfg),
         )
         return self.codec.decode(z)

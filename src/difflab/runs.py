@@ -196,13 +196,15 @@ def draw_samples(
     start: int = 0,
     progress: bool = True,
     recorder: Recorder | None = None,
+    edit=None,
 ) -> torch.Tensor:
     """(n, *shape) samples of a loaded run with the sampler `sample_cfg` names, at
     sample_cfg.precision; a conditional run is guided at sample_cfg.guidance with the given
-    conditions (n,) (drawn uniformly when None); `start`: index of the first (a share)."""
+    conditions (n,) (drawn uniformly when None); `start`: index of the first (a share);
+    `edit`: a `samplers.Edit` of them (image to image, inpainting)."""
     attach_guide(run, sample_cfg)
     return run.model.sample(
-        sample_cfg, cond=labels, start=start, progress=progress, recorder=recorder
+        sample_cfg, cond=labels, start=start, progress=progress, recorder=recorder, edit=edit
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from difflab.cli.edit import add_edit_flags
 from difflab.cli.text import add_text_flags
 from difflab.config import (
     PRESETS,
@@ -207,6 +208,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz (holds 'samples')")
     _add_sampler_flags(p)
     add_text_flags(p)
+    add_edit_flags(p)
     p.add_argument("--quiet", action="store_true")
     _add_nproc_flag(p)
 

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from difflab.cli.edit import read_edit
 from difflab.cli.parsers import ema_choice, sample_config
 from difflab.cli.processes import peers, relaunch
 from difflab.cli.text import default_prompts_of, prompt_conditions, read_prompts
@@ -31,6 +32,7 @@ def _sample(args: argparse.Namespace, world) -> None:
     from difflab.evaluation.sharded import agree, blocks, check_visible, rank_device, sample_shared
     from difflab.runs import attach_guide, load_run, sample_labels, save_samples
     from difflab.samplers import nfe_of
+    from difflab.samplers.editing import check_edit
     from difflab.training.faults import out_of_memory
 
     def prepare():
@@ -42,6 +44,9 @@ def _sample(args: argparse.Namespace, world) -> None:
         run = load_run(
             args.run, checkpoint=args.checkpoint, use_ema=ema_choice(args), device=device
         )
+        edit = read_edit(args, run.model.kind.shape)
+        if edit is not None and args.n is None:  # one sample per init image
+            args.n = len(edit.init)
         scfg, prompts = sample_config(run.cfg.sample, args), read_prompts(args)
         if prompts is not None:  # a text model: --n samples of each prompt
             scfg, labels, prompts = prompt_conditions(run, prompts, scfg, *classes)
@@ -55,14 +60,16 @@ def _sample(args: argparse.Namespace, world) -> None:
             )
         blocks(scfg.n, world.size)
         attach_guide(run, scfg).model.check_sample(scfg)  # the guidance method too, up front
-        return run, scfg, labels, prompts
+        if edit is not None:  # every problem of the edit before any work
+            check_edit(edit, scfg.n, run.model.kind.shape)
+        return run, scfg, labels, prompts, edit
 
     classes = (args.class_label, args.per_class)
-    run, scfg, labels, prompts = agree(world, prepare)
+    run, scfg, labels, prompts, edit = agree(world, prepare)
     start = time.perf_counter()
     batch, advice = f"--batch-size {scfg.batch_size}", "a smaller --batch-size (same samples)"
     with out_of_memory("sampling", batch, advice):
-        samples = sample_shared(run, scfg, world, labels, progress=not args.quiet)
+        samples = sample_shared(run, scfg, world, labels, progress=not args.quiet, edit=edit)
     if not world.is_main:  # rank 0 alone writes
         return
     meta = dict(
@@ -78,6 +85,10 @@ def _sample(args: argparse.Namespace, world) -> None:
         if scfg.guidance_tmin > 0 or scfg.guidance_tmax > 0:
             meta["guidance_interval"] = [scfg.guidance_tmin, scfg.guidance_tmax]
         meta.update(guidance_record(scfg))
+    if edit is not None:
+        meta.update(init=args.init, strength=edit.strength)
+        if edit.mask is not None:
+            meta.update(mask=args.mask, resample=edit.resample, jump=edit.jump)
     if prompts is not None:  # the prompts, not their token conditions, go into the file
         labels, meta["prompts"] = None, prompts
     path = save_samples(args.out, samples, labels, **meta)

@@ -119,18 +119,27 @@ def sample_shared(
     world: World,
     labels: Tensor | None = None,
     progress: bool = False,
+    edit=None,
 ) -> Tensor:
-    """The scfg.n samples of `run` (conditions `labels`, drawn as one process would when None),
-    this rank drawing its block: on every rank, bit-identical to one process's draw."""
+    """The scfg.n samples of `run` (conditions `labels`, drawn as one process would when None;
+    an `Edit` of them), this rank drawing its block: on every rank, bit-identical to one
+    process's draw."""
     if world.size == 1:
-        return runs.draw_samples(run, scfg, labels=labels, progress=progress)
+        return runs.draw_samples(run, scfg, labels=labels, progress=progress, edit=edit)
     if labels is None and run.model.conditioner.conditional:  # as Model.sample draws them
         labels = run.model.conditioner.request(scfg.n, seed=scfg.seed)
     bounds = blocks(scfg.n, world.size, scfg.batch_size)
     a, b = bounds[world.rank]
     share = dataclasses.replace(scfg, n=b - a)
     cond = labels[a:b] if labels is not None else None
-    part = runs.draw_samples(run, share, labels=cond, start=a, progress=progress and world.is_main)
+    part = runs.draw_samples(
+        run,
+        share,
+        labels=cond,
+        start=a,
+        progress=progress and world.is_main,
+        edit=edit.rows(a, b) if edit is not None else None,
+    )
     fault_hook(world, 0, "SAMPLE")
     return gather(part, world, bounds)
 

@@ -31,6 +31,7 @@ from difflab.samplers.unipc import sample_unipc  # isort: skip
 from difflab.samplers.pc import sample_pc  # isort: skip
 from difflab.samplers.consistency import sample_consistency  # isort: skip
 from difflab.errors import ConfigError
+from difflab.samplers.editing import Edit
 from difflab.samplers.grids import discrete_timesteps, timesteps
 from difflab.samplers.noise import SampleNoise
 from difflab.samplers.registry import (
@@ -47,6 +48,7 @@ from difflab.samplers.registry import (
 __all__ = [
     "SAMPLERS",
     "Callback",
+    "Edit",
     "NonFiniteError",
     "Option",
     "Recorder",
@@ -90,6 +92,7 @@ def generate(
     callback: Callback | None = None,
     progress: bool = False,
     autocast: torch.dtype | None = None,
+    rows: dict[str, Tensor] | None = None,
     **options,
 ) -> Tensor:
     """Draw n samples of `shape` (per sample) in batches; sample k is the same for any batch_size.
@@ -107,6 +110,8 @@ def generate(
         callback: receives each step of the first batch only (for trajectories).
         autocast: run under torch.autocast in this dtype (bf16/fp16), or None (full precision).
             The sampler's own arithmetic stays float32: only the network's matmuls go lower.
+        rows: per-sample keyword arguments of the sampler, (n, ...) each, handed to it batch by
+            batch (an edit's init and mask, editing.py).
     Returns:
         (n, *shape) float32 samples on the CPU.
     """
@@ -128,6 +133,7 @@ def generate(
             x_T = x_T * prior_std
         y = labels[first : first + size].to(device) if labels is not None else None
         user_cb = callback if first == 0 else None
+        batch_rows = {k: v[first : first + size].to(device) for k, v in (rows or {}).items()}
 
         def step_done(state: StepState, user_cb=user_cb) -> None:
             bar.update(1)
@@ -136,7 +142,9 @@ def generate(
 
         device_type = torch.device(device).type
         with torch.inference_mode(), torch.autocast(device_type, autocast, enabled=bool(autocast)):
-            x0 = sampler(denoiser, x_T, ts, y=y, generator=noise, callback=step_done, **options)
+            x0 = sampler(
+                denoiser, x_T, ts, y=y, generator=noise, callback=step_done, **batch_rows, **options
+            )
         out.append(x0.float().cpu())
     bar.close()
     return torch.cat(out)

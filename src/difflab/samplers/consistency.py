@@ -78,6 +78,7 @@ def consistency_times(denoiser, ts: Tensor, cm_sigmas: str = "") -> list[float]:
         ),
     ),
     deterministic=False,  # a fresh z at every level after the first
+    partial_grids=False,  # every call ends at clean data (f's point at sigma_min)
 )
 @torch.no_grad()
 def sample_consistency(

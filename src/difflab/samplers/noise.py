@@ -43,6 +43,12 @@ class SampleNoise:
         self.seed = int(seed) & _MASK32
         self.start = int(start)
 
+    def fork(self, k: int) -> SampleNoise:
+        """Independent noise for the same samples: the k-th (k >= 1) further pass over a grid
+        (RePaint's resampling), its seed a hash of (seed, k)."""
+        key = torch.tensor([self.seed ^ (int(k) * 0x9E3779B1 & _MASK32)], dtype=torch.int64)
+        return SampleNoise(int(_hash32(_hash32(key) + 0x632BE5AB)), self.start)
+
     def randn(
         self, shape: tuple[int, ...], stream: int, device=None, dtype=torch.float32
     ) -> Tensor:

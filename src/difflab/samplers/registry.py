@@ -38,13 +38,16 @@ class SamplerInfo:
     """What a registered sampler is: `fn(denoiser, x_T, ts, *, y, generator, callback,
     **options)`, its options, its cost (n steps ending at t = 0 take a n - b model calls; a
     function of the options where they change it), and whether the same x_T always gives the
-    same sample (an ODE solver) or not (an SDE)."""
+    same sample (an ODE solver) or not (an SDE), and whether a call on a grid ending above
+    t = 0 stops at its last time (RePaint samples a grid in pieces; the consistency sampler
+    always ends at clean data)."""
 
     name: str
     fn: Callable
     options: tuple[Option, ...]
     cost: Cost
     deterministic: bool
+    partial_grids: bool = True
 
     def cost_of(self, sample_cfg=None) -> tuple[int, int]:
         """(a, b) with the options of `sample_cfg` (a SampleConfig); a cost that depends on
@@ -87,13 +90,14 @@ def register(
     options: tuple[Option, ...] = (),
     cost: Cost = (1, 0),
     deterministic: bool = True,
+    partial_grids: bool = True,
 ) -> Callable[[Callable], Callable]:
     """Decorator: list `fn` under `name` (see SamplerInfo)."""
 
     def add(fn: Callable) -> Callable:
         if name in SAMPLERS:
             raise ValueError(f"sampler {name!r} is registered twice")
-        SAMPLERS[name] = SamplerInfo(name, fn, tuple(options), cost, deterministic)
+        SAMPLERS[name] = SamplerInfo(name, fn, tuple(options), cost, deterministic, partial_grids)
         return fn
 
     return add
