@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import needs
 from difflab.config import ConfigError, apply_overrides, preset
 from difflab.data.toy2d import sample_toy2d
 from difflab.evaluation.toy2d import sliced_wasserstein2
@@ -15,6 +16,7 @@ from difflab.training.checkpoint import CheckpointError, latest_good_checkpoint,
 from difflab.training.logging import _scalars, read_metrics
 from difflab.training.loop import train
 
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 SMALL = [
     "model.mlp.width=64",
     "model.mlp.depth=2",
@@ -168,15 +170,32 @@ def test_best_metric_must_be_logged(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_tensorboard_mirrors_the_metrics_or_says_what_to_install(tmp_path):
+@needs("tensorboard", HAS_TENSORBOARD, "pip install -e '.[tensorboard]'")
+def test_tensorboard_mirrors_every_logged_scalar(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     cfg = _cfg("train.steps=20", "train.checkpoint_every=20", "train.tensorboard=true")
-    if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(ConfigError, match="pip install tensorboard"):
-            train(cfg, tmp_path / "run", progress=False)
-        assert not (tmp_path / "run").exists()
-    else:
+    train(cfg, tmp_path / "run", progress=False)
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    board = EventAccumulator(str(events)).Reload()
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [10, 20]  # train.log_every=10
+    logged = [(e.step, e.value) for e in board.Scalars("loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert {"loss_by_t/0", "grad_norm", "lr"} <= set(board.Tags()["scalars"])
+
+
+def test_tensorboard_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a),
+    )
+    cfg = _cfg("train.steps=20", "train.checkpoint_every=20", "train.tensorboard=true")
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
         train(cfg, tmp_path / "run", progress=False)
-        assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_metrics_rows_flatten_to_tensorboard_scalars():
