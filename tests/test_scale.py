@@ -18,6 +18,7 @@ from difflab import cli
 from difflab.config import ConfigError, apply_overrides, preset
 from difflab.evaluation.classifier import Judge, save_judge
 from difflab.evaluation.sharded import blocks, check_visible
+from difflab.runs import load_run
 from difflab.training.distributed import FAULT_EXIT, World
 
 SAMPLE = ["--n", "64", "--steps", "10", "--batch-size", "16", "--quiet"]
@@ -49,8 +50,15 @@ def test_blocks_are_contiguous_whole_batches_covering_every_index():
         blocks(2, 3)
 
 
-def test_a_missing_run_is_the_loaders_message_in_one_process(tmp_path):
-    check_visible(tmp_path / "gone", World())  # seen by no rank: load_run says it is missing
+def test_a_missing_run_is_the_loaders_message_in_one_process(tmp_path, capsys):
+    gone = tmp_path / "gone"
+    check_visible(gone, World())  # seen by no rank: no message of its own, load_run's instead
+    with pytest.raises(ConfigError) as loader:
+        load_run(gone)
+    for argv in (["sample", str(gone), "--out", str(tmp_path / "s.npz")], ["eval", str(gone)]):
+        assert cli.main([*argv, "--quiet"]) == 2
+        assert capsys.readouterr().err == f"difflab: error: {loader.value}\n"
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_two_processes_sample_what_one_does(toy, tmp_path, one_thread):

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import math
 import shutil
 
 import pytest
@@ -233,10 +234,17 @@ def test_continuous_time_training_runs_through_the_same_trainer(tmp_path, extra)
     run = load_run(tmp_path / "run")
     x = draw_samples(run, run.cfg.sample, progress=False)
     assert x.shape == (2000, 2) and torch.isfinite(x).all()
-    # started wide on VE schedules (sigma_max 50), ended on the data's scale; an 80-step
-    # eps-model still throws some points far (x0_hat = (x_t - sigma eps_hat) / alpha amplifies
-    # its errors at high noise), so look at the bulk
-    assert float(x.abs().max(dim=1).values.median()) < 2.5
+    # Started at the prior (N(0, I) on VP, sigma_max 50 on VE), ended on the data's scale: all
+    # of the data lies in the square [-1, 1]^2, of N(0, I) noise (x_T of VP, what a sampler that
+    # did nothing returns) a fraction (2 Phi(1) - 1)^2 = 0.466, of an untrained eps-model's
+    # samples none (measured: 0 of 2000 on VP and VE; x0_hat = (x_t - sigma eps_hat) / alpha
+    # amplifies its errors). Measured at 80 steps: 0.81 vp, 0.83 ve, 0.77 edm, 0.92 cosine-edm;
+    # 0.15 above noise is 14 standard deviations of noise's fraction at n = 2000. (An untrained
+    # EDM-preconditioned net already lands near the data's scale, through c_skip: there the loss
+    # above is what shows training.)
+    noise_inside = math.erf(1 / math.sqrt(2)) ** 2
+    inside = float(((x >= -1) & (x <= 1)).all(dim=1).double().mean())
+    assert inside > noise_inside + 0.15, (inside, noise_inside)
 
 
 def test_meaningless_combinations_are_refused(tmp_path):
