@@ -1,8 +1,8 @@
 """The layout and import direction of docs/architecture.md, checked by reading every import.
 
 Every `from difflab.a.b import c` and `from difflab.a import b` names modules; a module's rule
-says which it may import. The data flow reads one way: config -> build -> model -> training ->
-(checkpoint) -> runs (load) -> samplers -> evaluation -> report -> cli.
+says which it may import. Imports run one way, as docs/architecture.md draws them: config ->
+samplers -> model -> build -> training -> runs -> evaluation -> report -> cli.
 """
 
 import ast
@@ -225,3 +225,19 @@ def test_importing_difflab_changes_no_process_wide_state():
         [sys.executable, "-c", IMPORT_ALL], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["svg", "1", "None"]
+
+
+def test_the_documented_import_chain_is_these_rules():
+    doc = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    chain = doc.split("Imports run one way:\n```\n")[1].split("\n")[0].split(" -> ")
+    assert set(chain) <= {key.split(".")[0] for key in ALLOWED}, chain
+    assembled = {"files", "data", "nets", "diffusion", "conditioners", "codecs", "devices"}
+    for key, allowed in ALLOWED.items():
+        top = key.split(".")[0]
+        # a package of the chain imports only what stands left of it; what build assembles
+        # imports nothing from build onwards; the rest (flow, share, ...) stands beside it
+        if top in chain:
+            right = set(chain[chain.index(top) + 1 :])
+        else:
+            right = set(chain[chain.index("build") :]) if top in assembled else set()
+        assert not {a.split(".")[0] for a in allowed} & right, (key, allowed)

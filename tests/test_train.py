@@ -1,11 +1,13 @@
 import importlib.util
 import json
+import math
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import needs
 from difflab.config import ConfigError, apply_overrides, preset
 from difflab.data.toy2d import sample_toy2d
 from difflab.evaluation.toy2d import sliced_wasserstein2
@@ -15,6 +17,7 @@ from difflab.training.checkpoint import CheckpointError, latest_good_checkpoint,
 from difflab.training.logging import _scalars, read_metrics
 from difflab.training.loop import train
 
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 SMALL = [
     "model.mlp.width=64",
     "model.mlp.depth=2",
@@ -168,15 +171,32 @@ def test_best_metric_must_be_logged(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_tensorboard_mirrors_the_metrics_or_says_what_to_install(tmp_path):
+@needs("tensorboard", HAS_TENSORBOARD, "pip install -e '.[tensorboard]'")
+def test_tensorboard_mirrors_every_logged_scalar(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     cfg = _cfg("train.steps=20", "train.checkpoint_every=20", "train.tensorboard=true")
-    if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(ConfigError, match="pip install tensorboard"):
-            train(cfg, tmp_path / "run", progress=False)
-        assert not (tmp_path / "run").exists()
-    else:
+    train(cfg, tmp_path / "run", progress=False)
+    (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+    board = EventAccumulator(str(events)).Reload()
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [10, 20]  # train.log_every=10
+    logged = [(e.step, e.value) for e in board.Scalars("loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
+    assert {"loss_by_t/0", "grad_norm", "lr"} <= set(board.Tags()["scalars"])
+
+
+def test_tensorboard_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a),
+    )
+    cfg = _cfg("train.steps=20", "train.checkpoint_every=20", "train.tensorboard=true")
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
         train(cfg, tmp_path / "run", progress=False)
-        assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_metrics_rows_flatten_to_tensorboard_scalars():
@@ -214,10 +234,17 @@ def test_continuous_time_training_runs_through_the_same_trainer(tmp_path, extra)
     run = load_run(tmp_path / "run")
     x = draw_samples(run, run.cfg.sample, progress=False)
     assert x.shape == (2000, 2) and torch.isfinite(x).all()
-    # started wide on VE schedules (sigma_max 50), ended on the data's scale; an 80-step
-    # eps-model still throws some points far (x0_hat = (x_t - sigma eps_hat) / alpha amplifies
-    # its errors at high noise), so look at the bulk
-    assert float(x.abs().max(dim=1).values.median()) < 2.5
+    # Started at the prior (N(0, I) on VP, sigma_max 50 on VE), ended on the data's scale: all
+    # of the data lies in the square [-1, 1]^2, of N(0, I) noise (x_T of VP, what a sampler that
+    # did nothing returns) a fraction (2 Phi(1) - 1)^2 = 0.466, of an untrained eps-model's
+    # samples none (measured: 0 of 2000 on VP and VE; x0_hat = (x_t - sigma eps_hat) / alpha
+    # amplifies its errors). Measured at 80 steps: 0.81 vp, 0.83 ve, 0.77 edm, 0.92 cosine-edm;
+    # 0.15 above noise is 14 standard deviations of noise's fraction at n = 2000. (An untrained
+    # EDM-preconditioned net already lands near the data's scale, through c_skip: there the loss
+    # above is what shows training.)
+    noise_inside = math.erf(1 / math.sqrt(2)) ** 2
+    inside = float(((x >= -1) & (x <= 1)).all(dim=1).double().mean())
+    assert inside > noise_inside + 0.15, (inside, noise_inside)
 
 
 def test_meaningless_combinations_are_refused(tmp_path):

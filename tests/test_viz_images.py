@@ -1,4 +1,4 @@
-"""viz_images and viz_gifs on small synthetic gradients: sizes, pixels, files, frames, errors."""
+"""report.grids and report.gifs on synthetic gradients: sizes, pixels, files, frames, errors."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from difflab.report import grids as viz_images
+from difflab.report import grids as report_grids
 from difflab.report.gifs import denoising_gif, frame_indices
 from difflab.report.grids import (
     PAD,
@@ -69,11 +69,11 @@ def test_image_grid_size_and_placement(channels, mode):
 
 def test_class_rows_pads_short_classes():
     labels = np.array([5, 2, 0, 2, 2, 2])
-    cells, classes, cols = viz_images._class_rows(gradients(6), labels, per_class=3)
+    cells, classes, cols = report_grids._class_rows(gradients(6), labels, per_class=3)
     assert classes == [0, 2, 5] and cols == 3 and cells.shape == (9, 1, 16, 16)
     assert (cells[1:3] == 1).all() and (cells[7:] == 1).all()  # white fill after 1 image
     np.testing.assert_array_equal(cells[3:6], gradients(6)[[1, 3, 4]])  # first 3 of class 2
-    _, _, cols = viz_images._class_rows(gradients(6), labels, per_class=10)
+    _, _, cols = report_grids._class_rows(gradients(6), labels, per_class=10)
     assert cols == 4  # no column is empty in every row
 
 
@@ -136,8 +136,8 @@ def test_diversity_known_cases(tmp_path, monkeypatch):
         titles.extend(ax.get_title() for ax in fig.axes if ax.get_title())
         return original(fig, path)
 
-    original = viz_images._save
-    monkeypatch.setattr(viz_images, "_save", capture)
+    original = report_grids._save
+    monkeypatch.setattr(report_grids, "_save", capture)
     diversity_figure(images, tmp_path / "d.png", labels=[0, 0, 1, 1])
     assert titles == ["all: mean std 0.577", "class 0: mean std 0.577", "class 1: mean std 0.577"]
 

@@ -1,13 +1,14 @@
 """Conditioners: what a model is conditioned on, and everything that depends on what it is.
 
-A conditioner turns a data set's raw condition (class labels today; captions next) into what
+A conditioner turns a data set's raw condition (class labels, or captions: `text.py`) into what
 the network receives through its one argument `net(x_t, t, cond)`, owns the null condition
 (the "no condition" of classifier-free guidance), its dropout at training time, the conditions
 of a sampling request (one class, balanced, drawn), and the doubled batch of guidance. Nothing
 outside a conditioner and the network knows what a condition is.
 
-Adding one (e.g. text: a sequence of token embeddings for cross-attention): copy `ClassLabels`,
-keep its methods' meaning, and register it in `build.CONDITIONERS`.
+Adding one: copy `ClassLabels` (or `text.TextConditioner`, which hands the network a sequence
+of token states for cross-attention), keep its methods' meaning, and choose it in
+`build.build_conditioner`.
 """
 
 from __future__ import annotations

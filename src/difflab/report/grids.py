@@ -3,7 +3,7 @@
 Images are float arrays (N, C, H, W) in [-1, 1] with C = 1 (grey) or 3 (RGB). Values outside
 [-1, 1] are clipped when drawn (noisy x_t leaves that range by design); NaN or inf is an error.
 Each figure function writes one file (parents created) and returns its path. The denoising GIF
-lives in `viz_gifs.py`.
+lives in `gifs.py`.
 """
 
 from __future__ import annotations
