@@ -54,7 +54,7 @@ ALLOWED = {
         "config", "data", "devices", "files", "model", "runs", "samplers", "training.distributed",
     },
     "report": {
-        "build", "codecs", "config", "data", "evaluation", "files", "runs", "samplers",
+        "build", "codecs", "config", "data", "evaluation", "files", "model", "runs", "samplers",
         "training.hooks", "training.logging",
     },
     "benchmark": {"build", "config", "devices", "model", "samplers", "share.mapping"},

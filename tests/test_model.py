@@ -12,7 +12,7 @@ from difflab.config import ConfigError, SampleConfig, apply_overrides, preset
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.prediction import Denoiser
 from difflab.diffusion.schedules import CosineSchedule
-from difflab.model import DataKind, Model
+from difflab.model import DataKind, Model, RunKind
 from difflab.training.checkpoint import load_state, load_weights
 from difflab.training.loop import train
 from difflab.training.parts import build_parts
@@ -74,7 +74,7 @@ def test_a_sequence_condition_goes_through_the_one_sampling_path():
     conditioner = SequenceConditioner(torch.zeros(4, 8))
     model = Model(
         _sequence_net, schedule, Denoiser(_sequence_net, schedule, "eps"), conditioner,
-        Identity(), DataKind((2,)),
+        Identity(), RunKind("diffusion", DataKind((2,)), "text"),
     )  # fmt: skip
     scfg = SampleConfig(sampler="ddim", steps=5, n=6, batch_size=4, seed=2, guidance=1.0)
     cond = conditioner.request(6, seed=5)
@@ -91,10 +91,39 @@ def test_build_model_is_the_one_place_a_model_is_made():
     model = build.build_model(cfg, DataKind((2,), 3, ("a", "b", "c")))
     assert isinstance(model.conditioner, ClassLabels) and model.conditioner.null_label == 3
     assert model.kind.info() == {"shape": [2], "num_classes": 3, "class_names": ["a", "b", "c"]}
-    assert DataKind.from_info(model.kind.info()) == model.kind and not model.kind.is_image
+    assert DataKind.from_info(model.kind.info()) == model.kind.data and not model.kind.is_image
     assert isinstance(build.build_model(cfg, DataKind((2,))).conditioner, Unconditional)
     with pytest.raises(ConfigError, match=r"unknown train\.loss 'nope'; choose one of diffusion"):
         build_parts(apply_overrides(cfg, ["train.loss=nope"]))
+
+
+@pytest.mark.parametrize(
+    "name, family, condition, codec",
+    [
+        ("toy2d", "diffusion", "none", "identity"),
+        ("toy2d-flow", "flow", "none", "identity"),
+        ("toy2d-ct", "consistency", "none", "identity"),
+        ("mnist", "diffusion", "classes", "identity"),
+        ("mnist-cd", "consistency", "classes", "identity"),
+        ("mnist-ae", "autoencoder", "none", "identity"),
+        ("mnist-latent", "diffusion", "classes", "latent"),
+        ("mnist-text", "diffusion", "text", "identity"),
+    ],
+)
+def test_the_run_kind_is_decided_once_from_the_config_and_the_data(name, family, condition, codec):
+    """Each preset's kind is what its documentation says it is; the data part is data.json's
+    record, and a text run takes no class labels (its conditioner names classes itself)."""
+    cfg = preset(name)
+    points, images = DataKind((2,)), DataKind((1, 28, 28), 10 * cfg.data.class_conditional)
+    data = points if name.startswith("toy2d") else images  # as build.data_kind records it
+    kind = build.run_kind(cfg, data)
+    assert (kind.family, kind.condition, kind.codec) == (family, condition, codec)
+    assert kind.data == data and kind.is_image == (data is images)
+    assert kind.channels == (1 if data is images else None)
+    assert kind.conditional == (condition != "none") and kind.text == (condition == "text")
+    assert kind.consistency == (family == "consistency") and kind.latent == (codec == "latent")
+    with pytest.raises(ValueError, match="meanflow"):
+        RunKind("meanflow", data)  # a family is added to model.FAMILIES first
 
 
 class CopyTargetLoss(DiffusionLoss):

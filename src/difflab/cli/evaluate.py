@@ -11,10 +11,7 @@ from pathlib import Path
 
 from difflab.cli.parsers import sample_changes, sample_config
 from difflab.cli.processes import everywhere, peers, relaunch
-from difflab.config import (
-    ConfigError,
-    RunConfig,
-)
+from difflab.config import ConfigError
 from difflab.files import write_text_atomically
 
 
@@ -145,7 +142,9 @@ def _write_rows(args: argparse.Namespace, source: Path, rows: list[dict], is_run
 
 
 def _is_autoencoder(source: Path) -> bool:
-    return RunConfig.load(source / "config.json").model.name == "autoencoder"
+    from difflab.runs import run_kind
+
+    return run_kind(source).autoencoder
 
 
 def _autoencoder_rows(args: argparse.Namespace, source: Path, world) -> list[dict]:

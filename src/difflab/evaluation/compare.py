@@ -41,19 +41,20 @@ def compare_samplers(
     changes = dict(changes or {})
     use_ema = changes.pop("use_ema", True)
     run = load_run(run_dir, checkpoint=checkpoint, use_ema=use_ema, device=device)
-    toy = not run.model.kind.is_image
+    kind = run.model.kind
+    toy = not kind.is_image
     if not toy and image_eval is None:
         raise ConfigError("--compare on an image run needs image metrics (image_eval)")
     base = dataclasses.replace(run.cfg.sample, **changes)
-    consistency = getattr(run.model.denoiser, "consistency", False)  # 1 and 2 steps suffice
-    names = list(samplers or (["consistency"] if consistency else deterministic_samplers()))
+    # a consistency model's own sampler: 1 and 2 steps suffice
+    names = list(samplers or (["consistency"] if kind.consistency else deterministic_samplers()))
     unknown = [name for name in names if name not in SAMPLERS]
     if unknown:
         raise ConfigError(
             f"unknown sampler(s) {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}"
         )
-    if guidances and run.num_classes == 0:
-        raise ConfigError("--guidances needs a class-conditional run")
+    if guidances and not kind.conditional:
+        raise ConfigError("--guidances needs a conditional run (class labels or text)")
     rows = []
     for name, nfe, grid, guidance in itertools.product(
         names, nfes, grids or [base.spacing], guidances or [base.guidance]
@@ -61,7 +62,7 @@ def compare_samplers(
         steps = steps_for_nfe(name, nfe)
         scfg = dataclasses.replace(base, sampler=name, steps=steps, spacing=grid, guidance=guidance)
         row = {"sampler": name, "spacing": grid, "steps": steps, "nfe": nfe_of(name, steps)}
-        if run.num_classes:
+        if kind.conditional:
             row["guidance"] = guidance
         if toy:
             samples, timing = timed_samples(run, scfg, None)

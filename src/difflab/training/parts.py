@@ -144,7 +144,7 @@ def build_parts(
     torch.manual_seed(cfg.train.seed)  # weight init, dropout
     data = build.build_data(cfg, seed=cfg.train.seed)
     model = build.build_model(cfg, build.data_kind(cfg, data), device)
-    if cfg.data.text_conditional:  # the captions' conditions, computed once (cached)
+    if model.kind.text:  # the captions' conditions, computed once (cached)
         model.conditioner.fit(data.captions)
     data = devices.place_data(model.codec.training_data(data, cfg), device)  # latents, cached
     if cfg.train.init_from:  # reflow: start from a trained model's EMA weights
