@@ -9,6 +9,7 @@ from difflab import build
 from difflab.codecs import Identity
 from difflab.conditioners import ClassLabels, Unconditional
 from difflab.config import ConfigError, SampleConfig, apply_overrides, preset
+from difflab.diffusion.loss_base import Loss
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.prediction import Denoiser
 from difflab.diffusion.schedules import CosineSchedule
@@ -124,6 +125,33 @@ def test_the_run_kind_is_decided_once_from_the_config_and_the_data(name, family,
     assert kind.consistency == (family == "consistency") and kind.latent == (codec == "latent")
     with pytest.raises(ValueError, match="meanflow"):
         RunKind("meanflow", data)  # a family is added to model.FAMILIES first
+
+
+@pytest.mark.parametrize(
+    "name, overrides, teacher, distils, state, target",
+    [
+        ("toy2d", [], False, False, False, None),
+        ("toy2d-ct", ["train.loss=ct"], False, False, False, "ema"),  # an EMA at mu(k)
+        ("toy2d-ct", ["train.loss=ict"], False, False, False, 0.0),  # a stop-gradient copy
+        ("toy2d-ect", ["consistency.init_from_teacher=true"], True, False, False, 0.0),
+        ("toy2d-ect", ["consistency.init_from_teacher=false"], False, False, False, 0.0),
+        ("toy2d-cd", ["consistency.target_ema=0.5"], True, True, False, 0.5),
+        ("mnist-ae", [], False, False, True, None),
+    ],
+)
+def test_every_loss_declares_what_it_needs_from_the_trainer(
+    name, overrides, teacher, distils, state, target
+):
+    """The trainer asks a loss (loss_base.Loss), never probes it: a teacher run (ECT only when
+    it starts from one; CD always, and its solver step), trainable state (the autoencoder's
+    discriminator) and a target network, as consistency_losses.py's table says."""
+    cfg = apply_overrides(preset(name), overrides)
+    loss = build.build_loss(cfg, build.build_schedule(cfg.diffusion))
+    assert isinstance(loss, Loss)
+    assert (loss.needs_teacher, loss.distils, loss.has_state) == (teacher, distils, state)
+    decay = loss.target_decay(0)
+    assert 0 < decay < 1 if target == "ema" else decay == target
+    assert loss.log_row(0) if name != "toy2d" and not state else loss.log_row(0) == {}
 
 
 class CopyTargetLoss(DiffusionLoss):

@@ -191,7 +191,7 @@ def attach(loss, cfg: RunConfig, model: Model) -> None:
     teacher = load_teacher(cfg, model)
     if cfg.consistency.init_from_teacher:
         model.net.load_state_dict(teacher.net.state_dict())
-    if hasattr(loss, "teacher_step"):
+    if loss.distils:  # CD: x_lo is the teacher's solver step
         c = cfg.consistency
         loss.teacher_step = solver_step(
             teacher, c.solver, c.teacher_guidance, teacher.cfg.sample, c.solver_substeps
