@@ -72,7 +72,7 @@ def test_cuda_sampling_matches_the_cpu(tmp_path):
     state = parts.net.state_dict()
     draws = {}
     for device in ("cpu", "cuda"):
-        model = build_model(cfg, parts.model.kind, device)
+        model = build_model(cfg, parts.model.kind.data, device)
         model.net.load_state_dict(state)
         scfg = cfg.sample.__class__(**{**vars(cfg.sample), "n": 8, "sampler": "ddim", "steps": 10})
         draws[device] = model.sample(scfg).cpu()

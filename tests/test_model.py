@@ -9,10 +9,11 @@ from difflab import build
 from difflab.codecs import Identity
 from difflab.conditioners import ClassLabels, Unconditional
 from difflab.config import ConfigError, SampleConfig, apply_overrides, preset
+from difflab.diffusion.loss_base import Loss
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.prediction import Denoiser
 from difflab.diffusion.schedules import CosineSchedule
-from difflab.model import DataKind, Model
+from difflab.model import DataKind, Model, RunKind
 from difflab.samplers import SAMPLERS
 from difflab.training.checkpoint import load_state, load_weights
 from difflab.training.loop import train
@@ -75,7 +76,7 @@ def test_a_sequence_condition_goes_through_the_one_sampling_path():
     conditioner = SequenceConditioner(torch.zeros(4, 8))
     model = Model(
         _sequence_net, schedule, Denoiser(_sequence_net, schedule, "eps"), conditioner,
-        Identity(), DataKind((2,)),
+        Identity(), RunKind("diffusion", DataKind((2,)), "text"),
     )  # fmt: skip
     scfg = SampleConfig(sampler="ddim", steps=5, n=6, batch_size=4, seed=2, guidance=1.0)
     cond = conditioner.request(6, seed=5)
@@ -92,7 +93,7 @@ def test_build_model_is_the_one_place_a_model_is_made():
     model = build.build_model(cfg, DataKind((2,), 3, ("a", "b", "c")))
     assert isinstance(model.conditioner, ClassLabels) and model.conditioner.null_label == 3
     assert model.kind.info() == {"shape": [2], "num_classes": 3, "class_names": ["a", "b", "c"]}
-    assert DataKind.from_info(model.kind.info()) == model.kind and not model.kind.is_image
+    assert DataKind.from_info(model.kind.info()) == model.kind.data and not model.kind.is_image
     assert isinstance(build.build_model(cfg, DataKind((2,))).conditioner, Unconditional)
     with pytest.raises(ConfigError, match=r"unknown train\.loss 'nope'; choose one of diffusion"):
         build_parts(apply_overrides(cfg, ["train.loss=nope"]))
@@ -111,6 +112,62 @@ def test_the_dry_run_accepts_every_sampler_a_diffusion_model_can_use(schedule):
             model.check_sample(SampleConfig(sampler=name, steps=8, spacing=spacing), dry_run=True)
     with pytest.raises(ConfigError, match="needs a consistency model"):
         model.check_sample(SampleConfig(sampler="consistency", steps=1), dry_run=True)
+
+
+@pytest.mark.parametrize(
+    "name, family, condition, codec",
+    [
+        ("toy2d", "diffusion", "none", "identity"),
+        ("toy2d-flow", "flow", "none", "identity"),
+        ("toy2d-ct", "consistency", "none", "identity"),
+        ("mnist", "diffusion", "classes", "identity"),
+        ("mnist-cd", "consistency", "classes", "identity"),
+        ("mnist-ae", "autoencoder", "none", "identity"),
+        ("mnist-latent", "diffusion", "classes", "latent"),
+        ("mnist-text", "diffusion", "text", "identity"),
+    ],
+)
+def test_the_run_kind_is_decided_once_from_the_config_and_the_data(name, family, condition, codec):
+    """Each preset's kind is what its documentation says it is; the data part is data.json's
+    record, and a text run takes no class labels (its conditioner names classes itself)."""
+    cfg = preset(name)
+    points, images = DataKind((2,)), DataKind((1, 28, 28), 10 * cfg.data.class_conditional)
+    data = points if name.startswith("toy2d") else images  # as build.data_kind records it
+    kind = build.run_kind(cfg, data)
+    assert (kind.family, kind.condition, kind.codec) == (family, condition, codec)
+    assert kind.data == data and kind.is_image == (data is images)
+    assert kind.channels == (1 if data is images else None)
+    assert kind.conditional == (condition != "none") and kind.text == (condition == "text")
+    assert kind.consistency == (family == "consistency") and kind.latent == (codec == "latent")
+    with pytest.raises(ValueError, match="meanflow"):
+        RunKind("meanflow", data)  # a family is added to model.FAMILIES first
+
+
+@pytest.mark.parametrize(
+    "name, overrides, teacher, distils, state, target",
+    [
+        ("toy2d", [], False, False, False, None),
+        ("toy2d-ct", ["train.loss=ct"], False, False, False, "ema"),  # an EMA at mu(k)
+        ("toy2d-ct", ["train.loss=ict"], False, False, False, 0.0),  # a stop-gradient copy
+        ("toy2d-ect", ["consistency.init_from_teacher=true"], True, False, False, 0.0),
+        ("toy2d-ect", ["consistency.init_from_teacher=false"], False, False, False, 0.0),
+        ("toy2d-cd", ["consistency.target_ema=0.5"], True, True, False, 0.5),
+        ("mnist-ae", [], False, False, True, None),
+    ],
+)
+def test_every_loss_declares_what_it_needs_from_the_trainer(
+    name, overrides, teacher, distils, state, target
+):
+    """The trainer asks a loss (loss_base.Loss), never probes it: a teacher run (ECT only when
+    it starts from one; CD always, and its solver step), trainable state (the autoencoder's
+    discriminator) and a target network, as consistency_losses.py's table says."""
+    cfg = apply_overrides(preset(name), overrides)
+    loss = build.build_loss(cfg, build.build_schedule(cfg.diffusion))
+    assert isinstance(loss, Loss)
+    assert (loss.needs_teacher, loss.distils, loss.has_state) == (teacher, distils, state)
+    decay = loss.target_decay(0)
+    assert 0 < decay < 1 if target == "ema" else decay == target
+    assert loss.log_row(0) if name != "toy2d" and not state else loss.log_row(0) == {}
 
 
 class CopyTargetLoss(DiffusionLoss):

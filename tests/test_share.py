@@ -188,6 +188,28 @@ def test_export_refuses_what_diffusers_cannot_represent():
         mapping.unet2d_config(preset("toy2d").model, (2,), 0)
 
 
+def test_export_refuses_kinds_of_run_ddpm_pipeline_cannot_sample():
+    """The run's kind, not its network, decides: a consistency, flow, latent or text run has a
+    U-Net too, but DDPMPipeline would sample it as a plain pixel-space diffusion model."""
+    from difflab import build
+    from difflab.config import apply_overrides, preset
+    from difflab.model import DataKind
+    from difflab.share import mapping
+
+    images = DataKind((1, 28, 28), 10)
+    refusals = {
+        ("mnist", "train.loss=ict"): "consistency run",
+        ("mnist", "diffusion.schedule=rectified,diffusion.num_steps=0"): "flow run",
+        ("mnist", "model.codec=runs/ae"): "latent run",
+        ("mnist-text", ""): "text conditioning",
+    }
+    for (name, override), needle in refusals.items():
+        cfg = apply_overrides(preset(name), override.split(",") if override else [])
+        with pytest.raises(mapping.NoEquivalent, match=needle):
+            mapping.check_kind(build.run_kind(cfg, images))
+    mapping.check_kind(build.run_kind(preset("mnist"), images))  # class labels in pixel space
+
+
 @pytest.mark.parametrize("classes", [0, 3])
 def test_mapped_weights_give_diffusers_the_same_network(classes):
     """A random-weight U-Net (every block type, 2 heads) and its UNet2DModel agree at steps

@@ -28,7 +28,7 @@ from difflab.diffusion.couplings import check_coupling
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.objectives import LossSpec
 from difflab.diffusion.prediction import Denoiser, v_refusal
-from difflab.model import DataKind, Model
+from difflab.model import DataKind, Model, RunKind
 from difflab.nets.autoencoder import AutoencoderKL, PatchDiscriminator
 from difflab.nets.dit import DiT
 from difflab.nets.mlp import MLP
@@ -226,28 +226,52 @@ def data_kind(cfg: RunConfig, data) -> DataKind:
     return DataKind(tuple(data.shape), classes, names)
 
 
-def build_conditioner(cfg: RunConfig, kind: DataKind):
-    """Text (data.text_conditional), class labels (null label num_classes, train.label_dropout)
-    or none."""
-    if cfg.data.text_conditional:
+def family(cfg: RunConfig) -> str:
+    """The run's family: its loss's, where a diffusion loss on a flow path (a schedule neither
+    variance preserving nor exploding) is a flow."""
+    if cfg.train.loss == "autoencoder":
+        return "autoencoder"
+    if cfg.train.loss in CONSISTENCY_LOSSES:
+        return "consistency"
+    schedule = build_schedule(cfg.diffusion)
+    return "diffusion" if schedule.variance_preserving or schedule.variance_exploding else "flow"
+
+
+def codec_kind(cfg: RunConfig) -> str:
+    """latent when the run diffuses through an autoencoder run (model.codec), else identity."""
+    return "latent" if cfg.model.codec else "identity"
+
+
+def run_kind(cfg: RunConfig, data: DataKind) -> RunKind:
+    """What the run is (model.RunKind), decided here once from its config and data: a run
+    saved by any version is read the same way (data.json holds only the data)."""
+    classes = "classes" if data.num_classes else "none"
+    condition = "text" if cfg.data.text_conditional else classes
+    return RunKind(family(cfg), data, condition, codec_kind(cfg))
+
+
+def build_conditioner(cfg: RunConfig, kind: RunKind):
+    """Text, class labels (null label num_classes, train.label_dropout) or none."""
+    if kind.text:
         return text_conditioner(cfg.model.text, cfg.train.label_dropout, cfg.data.name)
-    if kind.num_classes:
+    if kind.condition == "classes":
         return ClassLabels(kind.num_classes, kind.class_names, cfg.train.label_dropout)
     return Unconditional()
 
 
-def build_model(cfg: RunConfig, kind: DataKind, device: torch.device | str = "cpu") -> Model:
-    """The run's model for data of `kind`, on `device` (weights freshly initialised from the
-    global torch RNG; a caller that loads a checkpoint loads into model.net)."""
+def build_model(cfg: RunConfig, data: DataKind, device: torch.device | str = "cpu") -> Model:
+    """The run's model for `data`, on `device` (weights freshly initialised from the global
+    torch RNG; a caller that loads a checkpoint loads into model.net)."""
     device = torch.device(device)
+    kind = run_kind(cfg, data)
     codec, conditioner = build_codec(cfg, kind, device), build_conditioner(cfg, kind)
     # the network embeds what the conditioner makes (its classes and their null label)
-    text = text_encoder(cfg.model.text, conditioner.encoder) if cfg.data.text_conditional else None
+    text = text_encoder(cfg.model.text, conditioner.encoder) if kind.text else None
     net = build_net(cfg.model, codec.latent_shape(kind.shape), conditioner.num_classes, text)
     layout = memory_format(cfg.train.channels_last, kind.shape)
     net = net.to(device).to(memory_format=layout)
     schedule = build_schedule(cfg.diffusion)
-    denoiser = build_denoiser(cfg, net, schedule)
+    denoiser = build_denoiser(cfg, net, schedule, kind)
     return Model(net, schedule, denoiser, conditioner, codec, kind, device, layout)
 
 
@@ -259,7 +283,7 @@ LOSSES = {
             cfg.diffusion.coupling,
             cfg.train.batch_size // cfg.train.grad_accum,
             cfg.data.pairs,
-            latent=bool(cfg.model.codec),
+            latent=codec_kind(cfg) == "latent",
         ),
     ),
     **CONSISTENCY_LOSSES,  # ct, ict, ect, cd: the model is then a ConsistencyDenoiser
@@ -293,12 +317,14 @@ def build_loss(cfg: RunConfig, schedule: schedules.Schedule):
 
 
 @_checked
-def build_denoiser(cfg: RunConfig, net: nn.Module, schedule: schedules.Schedule) -> Denoiser:
+def build_denoiser(
+    cfg: RunConfig, net: nn.Module, schedule: schedules.Schedule, kind: RunKind
+) -> Denoiser:
     if cfg.diffusion.clip_x0 < 0:
         raise ConfigError(f"diffusion.clip_x0 must be >= 0 (0 = off), got {cfg.diffusion.clip_x0}")
     d = cfg.diffusion
     denoiser = Denoiser(net, schedule, d.prediction, d.clip_x0 or None, d.sigma_data)
-    return ConsistencyDenoiser(denoiser) if cfg.train.loss in CONSISTENCY_LOSSES else denoiser
+    return ConsistencyDenoiser(denoiser) if kind.consistency else denoiser
 
 
 @_checked

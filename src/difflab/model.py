@@ -1,7 +1,7 @@
-"""One model per run: network, schedule, denoiser, conditioner and codec, built in one place
-(`build.build_model`) and used by training, loading a run, sampling, evaluation and the
-benchmark. `Model.sample` is the one sampling path: batching, guidance, conditioning, precision
-and decoding.
+"""One model per run: network, schedule, denoiser, conditioner, codec and the run's kind, built
+in one place (`build.build_model`) and used by training, loading a run, sampling, evaluation and
+the benchmark. `Model.sample` is the one sampling path: batching, guidance, conditioning,
+precision and decoding. `RunKind` is the one answer to "what is this run".
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from difflab.samplers import (
 @dataclass(frozen=True)
 class DataKind:
     """What the data are, decided once from the data set and carried with the run (data.json):
-    the shape of one example, its classes, and so points or images."""
+    the shape of one example, its classes, and so points or images (RunKind.data)."""
 
     shape: tuple[int, ...]
     num_classes: int = 0  # classes the model is conditioned on (0 = none)
@@ -53,17 +53,94 @@ class DataKind:
         return cls(tuple(info["shape"]), classes, names)
 
 
+FAMILIES = ("diffusion", "flow", "consistency", "autoencoder")  # meanflow, shortcut: later
+CONDITIONS = ("none", "classes", "text")
+CODECS = ("identity", "latent")
+
+
+@dataclass(frozen=True)
+class RunKind:
+    """What a run is, decided once by `build.run_kind` from its config and its data, and asked
+    by everything else (report, evaluation, compare, export, CLI, sampler choice), which never
+    re-derives it from config strings, tensor shapes or a network's name.
+
+    family: diffusion (a noise schedule), flow (a flow path), consistency (a consistency model,
+        train.loss ct / ict / ect / cd) or autoencoder (the first stage of latent diffusion);
+    data: the data's shape and classes (points or images);
+    condition: none, classes or text;
+    codec: identity (diffusion in data space) or latent (through an autoencoder run).
+    """
+
+    family: str
+    data: DataKind
+    condition: str = "none"
+    codec: str = "identity"
+
+    def __post_init__(self):
+        for value, allowed in (
+            (self.family, FAMILIES),
+            (self.condition, CONDITIONS),
+            (self.codec, CODECS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+
+    @property
+    def consistency(self) -> bool:
+        return self.family == "consistency"
+
+    @property
+    def autoencoder(self) -> bool:  # reconstructs its input; draws no samples
+        return self.family == "autoencoder"
+
+    @property
+    def latent(self) -> bool:
+        return self.codec == "latent"
+
+    @property
+    def conditional(self) -> bool:  # guidance applies
+        return self.condition != "none"
+
+    @property
+    def text(self) -> bool:
+        return self.condition == "text"
+
+    @property
+    def is_image(self) -> bool:  # images (C, H, W), else points
+        return self.data.is_image
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # one example in data space
+        return self.data.shape
+
+    @property
+    def channels(self) -> int | None:  # of images; None for points
+        return self.data.shape[0] if self.data.is_image else None
+
+    @property
+    def num_classes(self) -> int:  # class labels the model takes (0: none; a text run's too)
+        return self.data.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.data.class_names
+
+    def info(self) -> dict:
+        """data.json's contents (the data part: the rest is derived from the config)."""
+        return self.data.info()
+
+
 @dataclass
 class Model:
     """A run's model: `denoiser` drives `net` on `schedule`; `conditioner` makes its conditions,
-    `codec` maps data to the space it diffuses in and back."""
+    `codec` maps data to the space it diffuses in and back; `kind` says what the run is."""
 
     net: nn.Module
     schedule: object
     denoiser: Denoiser
     conditioner: object
     codec: object
-    kind: DataKind
+    kind: RunKind
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     memory_format: torch.memory_format = torch.contiguous_format  # of the net and its inputs
     compiled: nn.Module | None = None  # torch.compile'd net for sampling, made on first use
@@ -112,9 +189,9 @@ class Model:
         denoiser = self.denoiser
         if scfg.compile:
             denoiser = denoiser.with_net(self._compiled())
-        if self.conditioner.conditional and cond is None:
+        if self.kind.conditional and cond is None:
             cond = self.conditioner.request(scfg.n, seed=scfg.seed)
-        if self.conditioner.conditional or scfg.guidance_method == "auto":
+        if self.kind.conditional or scfg.guidance_method == "auto":
             denoiser = self._guided(denoiser, scfg)
         z = generate(
             per_draw(sampler, denoiser),

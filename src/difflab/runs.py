@@ -16,7 +16,7 @@ from difflab import build, devices
 from difflab.config import ConfigError, RunConfig, SampleConfig, use_ema_of
 from difflab.diffusion.prediction import Denoiser
 from difflab.files import savez_atomically
-from difflab.model import DataKind, Model
+from difflab.model import DataKind, Model, RunKind
 from difflab.samplers import Recorder, nfe_of
 from difflab.training.checkpoint import (
     CheckpointError,
@@ -165,13 +165,17 @@ def load_weights_file(path: Path, use_ema: bool | None = None, device: str = "au
     return LoadedRun(path, path, cfg, model, step, ema=True)
 
 
-def run_kind(run_dir: str | Path) -> DataKind:
-    """What a run's data are (points or images, shape, classes): decided once by training and
-    carried in its checkpoints' data.json (or a weights file's metadata)."""
+def run_kind(run_dir: str | Path) -> RunKind:
+    """What a run is (family, data, condition, codec) without building its model: its newest
+    checkpoint's config and data.json (or a weights file's metadata), read by build.run_kind
+    as when the run is loaded."""
     if is_weights_file(run_dir):
-        return weights_file_meta(Path(run_dir))[1]
+        cfg, data, _ = weights_file_meta(Path(run_dir))
+        return build.run_kind(cfg, data)
     ckpt = latest_good_checkpoint(check_run_dir(run_dir) / "checkpoints")
-    return DataKind.from_info(load_data_info(ckpt))
+    return build.run_kind(
+        RunConfig.load(ckpt / "config.json"), DataKind.from_info(load_data_info(ckpt))
+    )
 
 
 def sample_labels(

@@ -13,7 +13,6 @@ from difflab.cli.parsers import ema_choice, sample_changes, sample_config
 from difflab.cli.processes import everywhere, peers, relaunch
 from difflab.config import (
     ConfigError,
-    RunConfig,
 )
 from difflab.files import check_writable, write_text_atomically
 
@@ -160,7 +159,9 @@ def _write_rows(args: argparse.Namespace, source: Path, rows: list[dict], is_run
 
 
 def _is_autoencoder(source: Path) -> bool:
-    return RunConfig.load(source / "config.json").model.name == "autoencoder"
+    from difflab.runs import run_kind
+
+    return run_kind(source).autoencoder
 
 
 def _autoencoder_rows(args: argparse.Namespace, source: Path, world) -> list[dict]:

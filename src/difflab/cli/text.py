@@ -40,11 +40,11 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
 def prompt_conditions(run, prompts: list[str], scfg, class_label, per_class):
     """(scfg with n = --n per prompt, conditions, each sample's prompt) for a text model; a
     clear refusal for a model that reads no text, or for class flags beside prompts."""
-    conditioner = run.model.conditioner
-    if not hasattr(conditioner, "prompts"):
+    conditioner, kind = run.model.conditioner, run.model.kind
+    if not kind.text:
         raise ConfigError(
             f"{run.run_dir} was not trained on text (it takes "
-            f"{'class labels' if conditioner.conditional else 'no condition'}); --prompt and "
+            f"{'class labels' if kind.conditional else 'no condition'}); --prompt and "
             "--prompts-file need a run of data.text_conditional=true (e.g. --preset mnist-text)"
         )
     if class_label is not None or per_class:
@@ -56,9 +56,8 @@ def prompt_conditions(run, prompts: list[str], scfg, class_label, per_class):
 def default_prompts_of(run, n: int, per_class: bool) -> list[str] | None:
     """A text model sampled without prompts: its default prompts (`balanced`'s), one per
     sample; None for a model that reads no text."""
-    conditioner = run.model.conditioner
-    if not hasattr(conditioner, "prompts"):
+    if not run.model.kind.text:
         return None
     if per_class:
         raise ConfigError("--per-class needs class labels; give a text model --prompts-file")
-    return conditioner.default_prompts(n)
+    return run.model.conditioner.default_prompts(n)

@@ -33,8 +33,9 @@ class Identity:
 
 
 def build_codec(cfg, kind, device):
-    """Identity, or the autoencoder run `cfg.model.codec` names (checked against its pin)."""
-    if not cfg.model.codec:
+    """Identity, or for a latent run (`kind`: model.RunKind) the autoencoder run
+    `cfg.model.codec` names (checked against its pin)."""
+    if not kind.latent:
         return Identity()
     from difflab.codecs.latent import load_codec
 

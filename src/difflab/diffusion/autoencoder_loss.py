@@ -10,8 +10,9 @@ lambda_adapt = |grad L_rec| / (|grad L_G| + 1e-4) at the decoder's last layer (E
 2021, "Taming Transformers", eq. 7). The discriminator D (a PatchGAN) learns from the hinge loss
 1/2 (relu(1 - D(x)) + relu(1 + D(x_hat))) (Lim & Ye 2017) once per step, with its own AdamW.
 
-Its trainable state is the loss's own: the trainer calls `attach(model, device, judge)` before
-the first step, and checkpoints `state_dict()` (restored by `load_state_dict()` on resume).
+Its trainable state is the loss's own (`has_state`): the trainer calls `attach(model, device,
+judge)` before the first step, and checkpoints `state_dict()` (restored by `load_state_dict()`
+on resume).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from difflab.diffusion.loss_base import Loss
 from difflab.errors import ConfigError
 
 
@@ -34,7 +36,7 @@ def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-class AutoencoderLoss:
+class AutoencoderLoss(Loss):
     """Reconstruction + KL (+ judge features) (+ PatchGAN after `disc_start`) for a net with
     `forward(x, eps) -> (x_hat, mean, logvar)`, `latent_shape` and `conv_out` (AutoencoderKL).
 
@@ -43,6 +45,8 @@ class AutoencoderLoss:
         make_discriminator: image channels -> the PatchGAN (used when cfg.discriminator).
     The trainer calls `attach(model, device, judge)` once before the first step.
     """
+
+    has_state = True  # the discriminator and its optimizer
 
     def __init__(self, cfg, make_discriminator):
         problems = [f"train.autoencoder.pixel must be l1 or l2, got {cfg.pixel!r}"] * (
@@ -61,12 +65,8 @@ class AutoencoderLoss:
 
     def attach(self, model, device: torch.device, judge: nn.Module | None = None) -> None:
         """Take the run's autoencoder and device: build the discriminator (from the global torch
-        RNG, seeded by the trainer) and its AdamW, and keep the judge (frozen)."""
-        if not hasattr(model.net, "latent_shape"):
-            raise ConfigError(
-                "train.loss=autoencoder trains model.name=autoencoder, not "
-                f"{type(model.net).__name__}; use a *-ae preset"
-            )
+        RNG, seeded by the trainer) and its AdamW, and keep the judge (frozen). build.build_loss
+        has made sure the network is an autoencoder (AutoencoderKL)."""
         self.latent_shape = model.net.latent_shape
         if judge is not None:
             self.judge = judge.to(device).eval().requires_grad_(False)
@@ -80,9 +80,6 @@ class AutoencoderLoss:
     @property
     def wants_judge(self) -> bool:
         return self.cfg.feature_weight > 0
-
-    def target_decay(self, step: int) -> float | None:
-        return None
 
     def draw(self, shape: tuple[int, ...], generator) -> tuple[Tensor]:
         """(eps (B, c, h, w),) the reparameterisation noise of a global batch of images."""

@@ -44,6 +44,7 @@ from difflab.diffusion.curriculum import (
     karras,
     lognormal_weights,
 )
+from difflab.diffusion.loss_base import Loss
 from difflab.errors import ConfigError
 
 DISTANCES = ("pseudo_huber", "l2")
@@ -57,10 +58,8 @@ def _choose(c, key: str, allowed: tuple[str, ...]) -> None:
                          f"{', '.join(allowed)}")  # fmt: skip
 
 
-class _ConsistencyLoss:
-    """What the four losses share: the draw, the two points, the distance, the log row."""
-
-    needs_teacher = False  # True: training.teacher attaches a run (init weights, solver step)
+class _ConsistencyLoss(Loss):
+    """What the four losses share: the draw, the two points, the distance."""
 
     def __init__(self, cfg, schedule):
         c = cfg.consistency
@@ -106,9 +105,6 @@ class _ConsistencyLoss:
         with torch.no_grad(), same_dropout(seed, x0.device):
             f_lo, _ = frozen(x_lo, t_lo, cond)
         return self.distance(f_hi, f_lo.detach()), t_hi
-
-    def log_row(self, step: int) -> dict:
-        return {}
 
 
 class ConsistencyTraining(_ConsistencyLoss):
@@ -175,7 +171,7 @@ class EasyConsistencyTuning(_ConsistencyLoss):
         super().__init__(cfg, schedule)
         self.stage_steps = self.c.stage_steps or max(cfg.train.steps // 4, 1)
         check_ect(self.c.ect_q, self.stage_steps)
-        self.needs_teacher = self.c.init_from_teacher
+        self.needs_teacher = self.c.init_from_teacher  # else it starts from scratch
 
     def target_decay(self, step: int) -> float:
         return 0.0
@@ -218,6 +214,7 @@ class ConsistencyDistillation(ConsistencyTraining):
     Sec. 3.3) over its mean under the draw, so the sharp low levels count (bench/RESULTS.md)."""
 
     needs_teacher = True
+    distils = True
     teacher_step = None  # (x, t, t_next, cond, seed) -> x at t_next; set by training.teacher
     teacher_batch_step = None  # (x, t (B,), t_next (B,), cond) -> x: euler / heun, batched
 

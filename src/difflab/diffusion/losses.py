@@ -5,6 +5,9 @@
     loss.couple(x0, noise, data)                      -> noise paired with the global batch
     loss(model, x0, cond, noise=..., step=..., target=...) -> (per-example loss (B,), t (B,))
 
+Every loss is a `loss_base.Loss`, which declares what a loss may need from the trainer (a
+teacher, a target network, trainable state, the judge) with defaults of "nothing".
+
 `draw` and `couple` are separate so that several processes can draw (and pair) the noise of the
 global batch and each keep its slice (training/distributed: N processes equal one). A loss may
 declare a target network through `target_decay(step)`: None (no target), 0 (a stop-gradient copy
@@ -12,8 +15,8 @@ of the online network, refreshed every step) or a decay in (0, 1) (an EMA of it,
 training's mu(k)); the trainer keeps that network, updates it after each optimizer step,
 checkpoints it and restores it on resume, and passes it as `target`.
 
-Adding a loss: a class with draw, __call__ and target_decay (couple is optional), registered in
-`build.LOSSES`.
+Adding a loss: a `Loss` subclass with draw and __call__ (and whatever else it needs from the
+base), registered in `build.LOSSES`.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from __future__ import annotations
 from torch import Tensor
 
 from difflab.diffusion.couplings import couple
+from difflab.diffusion.loss_base import Loss
 from difflab.diffusion.objectives import LossSpec, diffusion_loss, draw_noise
 
 
-class DiffusionLoss:
+class DiffusionLoss(Loss):
     """The denoising loss (Ho et al. 2020, eq. 14, generalised): t and eps drawn per example,
     x_t = alpha x0 + sigma eps, the denoiser's error in `spec.target` space, weighted in x0
     space (objectives.py says how). On a flow path with target velocity it is the
@@ -33,9 +37,6 @@ class DiffusionLoss:
 
     def __init__(self, spec: LossSpec, schedule, coupling: str = "independent"):
         self.spec, self.schedule, self.coupling = spec, schedule, coupling
-
-    def target_decay(self, step: int) -> float | None:
-        return None
 
     def draw(self, shape: tuple[int, ...], generator) -> tuple[Tensor, Tensor]:
         """(t (B,), eps (B, ...)) for a global batch of `shape`, from `generator`."""

@@ -46,20 +46,23 @@ def compare_samplers(
     run = load_run(
         run_dir, checkpoint=checkpoint, use_ema=changes.pop("use_ema", None), device=device
     )
-    toy = not run.model.kind.is_image
+    kind = run.model.kind
+    toy = not kind.is_image
     if not toy and image_eval is None:
         raise ConfigError("--compare on an image run needs image metrics (image_eval)")
     base = dataclasses.replace(run.cfg.sample, **changes, use_ema=run.ema)
-    consistency = getattr(run.model.denoiser, "consistency", False)  # 1 and 2 steps suffice
-    names = list(samplers or (["consistency"] if consistency else deterministic_samplers()))
+    # a consistency model's own sampler: 1 and 2 steps suffice
+    names = list(samplers or (["consistency"] if kind.consistency else deterministic_samplers()))
     unknown = [name for name in names if name not in SAMPLERS]
     if unknown:
         raise ConfigError(
             f"unknown sampler(s) {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}"
         )
     auto = [m for m, _ in methods or []] == ["auto"] or base.guidance_method == "auto"
-    if (guidances or methods) and run.num_classes == 0 and not auto:
-        raise ConfigError("--guidances needs a class-conditional run (or autoguidance alone)")
+    if (guidances or methods) and not kind.conditional and not auto:
+        raise ConfigError(
+            "--guidances needs a conditional run (class labels or text), or autoguidance alone"
+        )
     if any(m == "auto" for m, _ in methods or []):
         attach_guide(run, dataclasses.replace(base, guidance_method="auto"))
     rows = []
@@ -67,7 +70,7 @@ def compare_samplers(
         name, grid = scfg.sampler, scfg.spacing
         row = {"sampler": name, "spacing": grid, "steps": scfg.steps}
         row["nfe"] = nfe_of(name, scfg.steps, scfg)
-        if run.num_classes or auto:
+        if kind.conditional or auto:
             row["guidance"] = scfg.guidance
         if methods:
             row["guidance_method"] = scfg.guidance_method

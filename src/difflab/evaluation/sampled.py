@@ -141,11 +141,11 @@ def evaluate_images_of(
     """Draw scfg.n samples of an image run (class-balanced when conditional) and
     measure them; `cache`: read and write cached reference features; `world`: the processes
     sharing the draw and the feature extraction (see sharded.py)."""
-    conditional, world = run.model.conditioner.conditional, world or World()
+    conditional, world = run.model.kind.conditional, world or World()
     dims = {kind: e.feature_dim for kind, e in extractors.items()}
     protocol.check_metrics(metrics, scfg.n, dims, conditional)  # before any sampling
     labels = run.model.conditioner.balanced(scfg.n)  # every class equally often
-    classes = judged_classes(run.model.conditioner, scfg.n, labels)
+    classes = judged_classes(run.model, scfg.n, labels)
     samples, timing = timed_samples(run, scfg, labels, progress, world)
     if world.size > 1:
         extractors = {kind: Sharded(e, world) for kind, e in extractors.items()}
@@ -157,10 +157,10 @@ def evaluate_images_of(
     )
 
 
-def judged_classes(conditioner, n: int, conditions):
+def judged_classes(model: Model, n: int, conditions):
     """The classes of `balanced(n)`'s conditions: the labels themselves, or for a text model
     the classes its default prompts name (None without classes)."""
-    return conditioner.balanced_classes(n) if hasattr(conditioner, "prompts") else conditions
+    return model.conditioner.balanced_classes(n) if model.kind.text else conditions
 
 
 def _drawn_with(r: dict) -> str:
@@ -228,7 +228,7 @@ class TrainingEvaluator:
                 spec = f"{d.name}:test"
             self.reference = references.open_reference(spec, tuple(shape), root=d.root)
             dims = {k: e.feature_dim for k, e in self.extractors.items()}
-            protocol.check_metrics([self.metric], self.n, dims, model.conditioner.conditional)
+            protocol.check_metrics([self.metric], self.n, dims, model.kind.conditional)
         except (EvalError, FileNotFoundError) as e:
             raise ConfigError(f"train.eval_every needs its metric: {e}") from None
 
@@ -244,7 +244,7 @@ class TrainingEvaluator:
         if self.reference is None:
             value = evaluate_toy(x.numpy(), self.cfg.data.name)[self.metric]
         else:
-            classes = judged_classes(model.conditioner, self.n, labels)
+            classes = judged_classes(model, self.n, labels)
             rows = protocol.evaluate_images(
                 x, classes, [self.metric], self.reference, self.extractors, {}
             )

@@ -126,7 +126,7 @@ def sample_shared(
     process's draw."""
     if world.size == 1:
         return runs.draw_samples(run, scfg, labels=labels, progress=progress, edit=edit)
-    if labels is None and run.model.conditioner.conditional:  # as Model.sample draws them
+    if labels is None and run.model.kind.conditional:  # as Model.sample draws them
         labels = run.model.conditioner.request(scfg.n, seed=scfg.seed)
     bounds = blocks(scfg.n, world.size, scfg.batch_size)
     a, b = bounds[world.rank]

@@ -12,6 +12,7 @@ import numpy as np
 
 from difflab.config import RunConfig
 from difflab.files import savez_atomically
+from difflab.model import RunKind
 from difflab.report import charts, grids
 from difflab.report.figure import subplots
 from difflab.runs import draw_samples, load_run, sample_labels
@@ -44,7 +45,7 @@ def curriculum_figure(metrics_path: Path, path: Path) -> Path | None:
     return charts._save(fig, path)
 
 
-def teacher_samples(run_dir: Path, cfg: RunConfig, n: int) -> Path | None:
+def teacher_samples(run_dir: Path, cfg: RunConfig, kind: RunKind, n: int) -> Path | None:
     """samples/teacher_compare.npz: the student's 1- and 2-step samples and the teacher's with
     its own sampler, all from seed cfg.sample.seed (the same x_T), with the same labels."""
     teacher_dir = Path(cfg.consistency.teacher)
@@ -52,7 +53,7 @@ def teacher_samples(run_dir: Path, cfg: RunConfig, n: int) -> Path | None:
         return None
     # the teacher's EMA weights: what the student was distilled from (training/teacher.py)
     student, teacher = load_run(run_dir), load_run(teacher_dir, use_ema=True)
-    labels = sample_labels(student, n, per_class=True) if student.num_classes else None
+    labels = sample_labels(student, n, per_class=True) if kind.condition == "classes" else None
     arrays, names = {}, []
     for key, run, scfg in (
         ("one_step", student, dataclasses.replace(student.cfg.sample, steps=1)),
@@ -69,7 +70,7 @@ def teacher_samples(run_dir: Path, cfg: RunConfig, n: int) -> Path | None:
     return path
 
 
-def teacher_figure(npz: Path, path: Path) -> Path:
+def teacher_figure(npz: Path, path: Path, kind: RunKind) -> Path:
     with np.load(npz, allow_pickle=False) as f:
         names = [str(s) for s in f["names"]]
         panels = {
@@ -79,8 +80,7 @@ def teacher_figure(npz: Path, path: Path) -> Path:
                 strict=True,
             )
         }  # fmt: skip
-    first = next(iter(panels.values()))
-    if first.ndim == 4:
+    if kind.is_image:
         return grids.comparison_figure(panels, path)
     fig, axes = subplots(1, len(panels), figsize=(4 * len(panels), 4))
     for ax, (title, points) in zip(axes, panels.items(), strict=True):
@@ -89,17 +89,17 @@ def teacher_figure(npz: Path, path: Path) -> Path:
     return charts._save(fig, path)
 
 
-def consistency_figures(run_dir: Path, cfg: RunConfig, resample: bool = False) -> list[Path]:
-    """plots/curriculum.png and plots/teacher_compare.png of a consistency run ([] otherwise)."""
-    if cfg.train.loss not in ("ct", "ict", "ect", "cd"):
-        return []
+def consistency_figures(
+    run_dir: Path, cfg: RunConfig, kind: RunKind, resample: bool = False
+) -> list[Path]:
+    """plots/curriculum.png and plots/teacher_compare.png of a consistency run (`kind`)."""
     paths = []
     curve = curriculum_figure(run_dir / "metrics.jsonl", run_dir / "plots" / "curriculum.png")
     if curve:
         paths.append(curve)
     npz = run_dir / "samples" / "teacher_compare.npz"
     if resample or not npz.exists():
-        npz = teacher_samples(run_dir, cfg, 40 if cfg.model.name == "unet" else 4000)
+        npz = teacher_samples(run_dir, cfg, kind, 40 if kind.is_image else 4000)
     if npz is not None:
-        paths.append(teacher_figure(npz, run_dir / "plots" / "teacher_compare.png"))
+        paths.append(teacher_figure(npz, run_dir / "plots" / "teacher_compare.png", kind))
     return paths

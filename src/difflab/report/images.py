@@ -118,7 +118,7 @@ def state_lams(cfg: RunConfig, ts: np.ndarray) -> np.ndarray:
 def _trajectory(run: LoadedRun, run_dir: Path, scfg: SampleConfig) -> None:
     conditioner = run.model.conditioner  # one image per class (or 8 unconditional ones)
     k = conditioner.num_classes or 8
-    labels = conditioner.request(k, per_class=True) if conditioner.conditional else None
+    labels = conditioner.request(k, per_class=True) if run.model.kind.conditional else None
     states = record_states(run, dataclasses.replace(scfg, n=k), labels)
     save_trajectory(
         run_dir,
@@ -144,7 +144,7 @@ def record_states(
         "x0_hats": torch.stack(recorder.x0_hats).numpy(),
         "sampler": scfg.sampler,
     }
-    return decoded_states(run.model.codec, states) if run.cfg.model.codec else states
+    return decoded_states(run.model.codec, states) if run.model.kind.latent else states
 
 
 def save_trajectory(run_dir: Path, states: dict, **extra) -> Path:

@@ -31,10 +31,6 @@ LATENT_IMAGES = 6  # rows of the latent-channel figure
 EVAL_N = 10_000  # test images reconstructed for the metrics
 
 
-def is_autoencoder(cfg) -> bool:
-    return cfg.model.name == "autoencoder"
-
-
 def write_codec(run_dir: Path, n: int = SCALE_IMAGES) -> dict:
     """Measure the latent shift and scale of the run's EMA autoencoder on n training images
     and write RUN/codec.safetensors (atomically); returns its metadata."""

@@ -7,6 +7,8 @@ are drawn from files only (config.json, metrics.jsonl, samples/*.npz), so they c
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from difflab.config import RunConfig
@@ -15,11 +17,12 @@ from difflab.evaluation.reconstruction import feature_judge
 from difflab.evaluation.sampled import TrainingEvaluator, sampling_provenance
 from difflab.evaluation.toy2d import evaluate_toy
 from difflab.files import write_text_atomically
+from difflab.model import RunKind
 from difflab.report import charts, grids
 from difflab.report.consistency import consistency_figures
 from difflab.report.html import write_report
 from difflab.report.images import make_image_artefacts, plot_image_run
-from difflab.report.latent import is_autoencoder, make_autoencoder_artefacts, plot_autoencoder_run
+from difflab.report.latent import make_autoencoder_artefacts, plot_autoencoder_run
 from difflab.report.toy import plot_toy_run, record_trajectories
 from difflab.runs import check_run_dir, draw_samples, load_run, run_kind, save_run_samples
 from difflab.training.hooks import Hooks
@@ -58,23 +61,58 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Report:
+    """What the report of one kind of run draws: `make(run_dir, progress)` writes the sample
+    artefacts `files` (under samples/) and returns the evaluation, `plot(run_dir, cfg)` draws the
+    figures from them."""
+
+    make: Callable[[Path, bool], dict]
+    plot: Callable[[Path, RunConfig], list[Path]]
+    files: tuple[str, ...]
+
+
+def report_of(kind: RunKind) -> Report:
+    """The report of a run of `kind`: an autoencoder's reconstructions, or samples of images or
+    of points (the one place that dispatches on the kind of run)."""
+    if kind.autoencoder:  # codec, reconstructions
+        return Report(
+            _logged(make_autoencoder_artefacts),
+            lambda run_dir, cfg: plot_autoencoder_run(run_dir),
+            ("reconstructions.npz",),
+        )
+    if kind.is_image:
+        return Report(
+            _logged(make_image_artefacts), plot_image_run, ("samples.npz", "trajectory.npz")
+        )
+    return Report(make_toy_artefacts, plot_toy_run, ("samples.npz", "trajectory.npz"))
+
+
+def _logged(make: Callable[[Path, bool], dict]) -> Callable[[Path, bool], dict]:
+    """`make`, which also writes the evaluation it returns as a row of metrics.jsonl."""
+
+    def make_and_log(run_dir: Path, progress: bool = True) -> dict:
+        result = make(run_dir, progress)
+        MetricsLog(run_dir / "metrics.jsonl").write({"eval": result})
+        return result
+
+    return make_and_log
+
+
 def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
     """Draw the run's sample artefacts and log its evaluation row; returns the evaluation."""
-    if is_autoencoder(RunConfig.load(run_dir / "config.json")):  # codec, reconstructions
-        result = make_autoencoder_artefacts(run_dir, progress)
-        MetricsLog(run_dir / "metrics.jsonl").write({"eval": result})
-        return result
-    if run_kind(run_dir).is_image:
-        result = make_image_artefacts(run_dir, progress)
-        MetricsLog(run_dir / "metrics.jsonl").write({"eval": result})
-        return result
-    run = load_run(run_dir)
+    return report_of(run_kind(run_dir)).make(run_dir, progress)
+
+
+def make_toy_artefacts(run_dir: Path, progress: bool = True) -> dict:
+    """A 2-D run's samples, trajectories and evaluation row; returns the evaluation."""
+    run = load_run(run_dir)  # the weights its sample.use_ema names
     scfg = run.cfg.sample
     samples = draw_samples(run, scfg, progress=progress)
     step = run.step
     save_run_samples(run, samples, None, scfg)
     record_trajectories(run, run_dir, scfg)
-    conditional = run.model.conditioner.conditional
+    conditional = run.model.kind.conditional
     result = {
         "step": step,
         "eval": {
@@ -92,16 +130,11 @@ def plot_run(
     """Every figure of a run, from its files (sample artefacts are drawn first if missing),
     and with `report` the page RUN/report.html that holds them all."""
     run_dir = check_run_dir(run_dir)
-    cfg = RunConfig.load(run_dir / "config.json")
-    wanted = ["reconstructions.npz"] if is_autoencoder(cfg) else ["samples.npz", "trajectory.npz"]
-    if resample or not all((run_dir / "samples" / name).exists() for name in wanted):
-        make_artefacts(run_dir, progress)
-    if is_autoencoder(cfg):
-        paths = plot_autoencoder_run(run_dir)
-    elif run_kind(run_dir).is_image:
-        paths = plot_image_run(run_dir, cfg)
-    else:
-        paths = plot_toy_run(run_dir, cfg)
+    cfg, kind = RunConfig.load(run_dir / "config.json"), run_kind(run_dir)
+    of_kind = report_of(kind)
+    if resample or not all((run_dir / "samples" / name).exists() for name in of_kind.files):
+        of_kind.make(run_dir, progress)
+    paths = of_kind.plot(run_dir, cfg)
     plots = run_dir / "plots"
     if any(r.get("loss") is not None for r in read_metrics(run_dir / "metrics.jsonl")):
         label = loss_label(cfg)
@@ -112,7 +145,8 @@ def plot_run(
     history = charts.eval_history(run_dir / "metrics.jsonl", plots / "eval_history.png")
     if history:
         paths.append(history)
-    paths += consistency_figures(run_dir, cfg, resample)  # curriculum, student beside teacher
+    if kind.consistency:  # curriculum, student beside teacher
+        paths += consistency_figures(run_dir, cfg, kind, resample)
     if report:
         paths.append(write_report(run_dir))
     return paths

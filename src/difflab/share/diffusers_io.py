@@ -51,6 +51,7 @@ def export_diffusers(run_dir, out, *, raw: bool = False, force: bool = False, ch
     run = load_run(run_dir, checkpoint=checkpoint, use_ema=not raw, device="cpu")
     cfg = run.cfg
     try:
+        mapping.check_kind(run.model.kind)
         mapping.check_exportable(cfg.model, cfg.diffusion)
         unet = mapping.unet2d_config(cfg.model, run.shape, run.num_classes)
         weights = to_diffusers(run.model.net.state_dict(), cfg.model.unet)

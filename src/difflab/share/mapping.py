@@ -95,6 +95,17 @@ def scheduler_config(d: DiffusionConfig) -> dict:
     )  # fmt: skip
 
 
+def check_kind(kind) -> None:
+    """NoEquivalent for a kind of run (model.RunKind) that DDPMPipeline cannot sample as it was
+    trained: only a diffusion run in pixel space, unconditional or on class labels, can be."""
+    if kind.family != "diffusion":
+        raise NoEquivalent(f"a {kind.family} run has no DDPMPipeline equivalent")
+    if kind.latent:
+        raise NoEquivalent("a latent run decodes through its autoencoder, which DDPMPipeline lacks")
+    if kind.text:
+        raise NoEquivalent("text conditioning has no UNet2DModel equivalent")
+
+
 def check_exportable(model: ModelConfig, d: DiffusionConfig) -> None:
     """NoEquivalent naming the part of a run diffusers' pipelines cannot reproduce exactly."""
     if model.name == "unet":

@@ -146,16 +146,15 @@ def build_parts(
     data = build.build_data(cfg, seed=cfg.train.seed)
     model = build.build_model(cfg, build.data_kind(cfg, data), device)
     model.check_sample(cfg.sample, dry_run=True)  # a sample.* typo fails before step 1
-    if cfg.data.text_conditional:  # the captions' conditions, computed once (cached)
+    if model.kind.text:  # the captions' conditions, computed once (cached)
         model.conditioner.fit(data.captions)
     data = devices.place_data(model.codec.training_data(data, cfg), device)  # latents, cached
     if cfg.train.init_from:  # reflow: start from a trained model's EMA weights
         load_weights(Path(cfg.train.init_from), model.net, "ema")
     loss = build.build_loss(cfg, model.schedule)
-    if getattr(loss, "needs_teacher", False):  # ECT / CD: start from (and distil) a trained run
+    if loss.needs_teacher:  # ECT / CD: start from (and distil) a trained run
         teacher.attach(loss, cfg, model)
-    if hasattr(loss, "attach"):  # a loss with trainable state of its own (a discriminator)
-        loss.attach(model, device, hooks.judge(cfg) if getattr(loss, "wants_judge", 0) else None)
+    loss.attach(model, device, hooks.judge(cfg) if loss.wants_judge else None)
     ema = EMA(model.net, cfg.train.ema_decay, cfg.train.ema_warmup)
     optimizer = devices.adamw(model.net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     loss_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # t, eps, label dropout
@@ -200,7 +199,7 @@ def state_of(parts: Parts, step: int, smoothed: float | None) -> dict:
         "smoothed_loss": smoothed,
         "best": parts.best,
         **({"target": parts.target.state_dict()} if parts.target is not None else {}),
-        **({"loss": parts.loss.state_dict()} if hasattr(parts.loss, "state_dict") else {}),
+        **({"loss": parts.loss.state_dict()} if parts.loss.has_state else {}),
     }
 
 
@@ -265,7 +264,7 @@ def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, floa
     parts.best = dict(state.get("best") or {})
     if parts.target is not None:
         parts.target.load_state_dict(state["target"])
-    if hasattr(parts.loss, "load_state_dict"):
+    if parts.loss.has_state:
         parts.loss.load_state_dict(state["loss"])
     return int(state["step"]), state["smoothed_loss"]
 

@@ -62,8 +62,7 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
         cond = model.conditioner.train_condition(y, parts.loss_generator, parts.device)
         shape = (len(x0), *model.codec.latent_shape(tuple(x0.shape[1:])))
         noise = parts.loss.draw(shape, parts.loss_generator)
-        if hasattr(parts.loss, "couple"):  # OT or reflow pairing, on the global batch
-            noise = parts.loss.couple(x0, noise, parts.data)
+        noise = parts.loss.couple(x0, noise, parts.data)  # OT or reflow pairing, global batch
         posterior = model.codec.draw(len(x0), parts.loss_generator)  # () unless z is sampled
         # Every rank draws the global micro-batch and its noise and keeps its slice, so N ranks
         # equal one process and the stream state stays global (distributed.py says more).
@@ -130,7 +129,7 @@ def log_interval(
         param_norm=float(params.norm()),
         peak_memory_mb=devices.peak_memory_mb(parts.device),
         **parts.monitor.row(),
-        **getattr(parts.loss, "log_row", lambda step: {})(step),  # e.g. a curriculum's N(k)
+        **parts.loss.log_row(step),  # e.g. a curriculum's N(k)
     )
     log.write(row)
     stats.reset()

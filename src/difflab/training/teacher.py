@@ -69,9 +69,9 @@ def load_teacher(cfg: RunConfig, student: Model) -> Model:
     except (CheckpointError, OSError, ValueError, KeyError) as e:
         raise ConfigError(f"consistency.teacher={path} cannot be read: {e}") from None
     problems = _differences(cfg, tcfg, cfg.consistency.init_from_teacher)
-    if tcfg.train.loss != "diffusion":
+    if build.run_kind(tcfg, kind).family not in ("diffusion", "flow"):
         problems.append(f"it was trained with train.loss={tcfg.train.loss}, not diffusion")
-    if kind != student.kind:
+    if kind != student.kind.data:
         problems.append(f"its data are {kind.info()}, the student's {student.kind.info()}")
     if problems:
         raise ConfigError(f"consistency.teacher={path} does not match: {'; '.join(problems)}")
@@ -179,7 +179,7 @@ def batched_ode_step(denoiser, solver: str, schedule=None, substeps: int = 1):
 
 def guided_teacher(teacher: Model, guidance: float):
     """The teacher's denoiser, guided at `guidance` when it is class-conditional."""
-    if not teacher.conditioner.conditional:
+    if not teacher.kind.conditional:
         return teacher.denoiser
     teacher.conditioner.check_guidance(guidance)
     return guided(teacher.denoiser, guidance, teacher.conditioner)
@@ -191,7 +191,7 @@ def attach(loss, cfg: RunConfig, model: Model) -> None:
     teacher = load_teacher(cfg, model)
     if cfg.consistency.init_from_teacher:
         model.net.load_state_dict(teacher.net.state_dict())
-    if hasattr(loss, "teacher_step"):
+    if loss.distils:  # CD: x_lo is the teacher's solver step
         c = cfg.consistency
         loss.teacher_step = solver_step(
             teacher, c.solver, c.teacher_guidance, teacher.cfg.sample, c.solver_substeps
