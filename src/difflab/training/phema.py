@@ -132,7 +132,9 @@ class PowerEMA:
         the step and sigma_rels in its metadata."""
         path = Path(run_dir) / SNAPSHOT_FOLDER / f"step-{step}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"step": str(step), "sigma_rels": json.dumps(list(self.sigma_rels))}
+        # one metadata key: safetensors writes several in a random order, so the same snapshot
+        # would not be the same bytes
+        meta = {"phema": json.dumps({"step": step, "sigma_rels": list(self.sigma_rels)})}
         tensors = self.tensors()
         replace_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
         return path

@@ -76,8 +76,8 @@ def list_snapshots(run_dir: Path) -> list[Snapshot]:
     found = []
     for path in sorted(folder.glob("step-*.safetensors")) if folder.is_dir() else []:
         with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        found.append(Snapshot(path, int(meta["step"]), tuple(json.loads(meta["sigma_rels"]))))
+            meta = json.loads((f.metadata() or {})["phema"])
+        found.append(Snapshot(path, int(meta["step"]), tuple(meta["sigma_rels"])))
     if not found:
         raise ConfigError(
             f"{run_dir} has no post-hoc EMA snapshots ({folder} is empty or missing): train with "
