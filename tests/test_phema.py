@@ -198,3 +198,53 @@ def test_bad_phema_config_writes_nothing(tmp_path):
         with pytest.raises(ConfigError, match="phema"):
             train(_cfg(*bad), tmp_path / "bad", progress=False)
         assert not (tmp_path / "bad").exists(), bad
+
+
+def test_sweep_of_an_image_run_goes_through_image_evaluation(tmp_path):
+    from PIL import Image
+
+    from difflab.evaluation.classifier import Judge, save_judge
+    from difflab.runs import save_samples
+
+    for name, axis in (("h", 0), ("v", 1)):  # two classes of stripes
+        (tmp_path / "data" / name).mkdir(parents=True)
+        stripes = ((np.arange(32) // 2) % 2 * 255).astype(np.uint8)
+        img = np.repeat(stripes[:, None] if axis == 0 else stripes[None, :], 32, 1 - axis)
+        Image.fromarray(img).save(tmp_path / "data" / name / "0.png")
+    sets = [
+        f"data.root={tmp_path / 'data'}",
+        "data.image_size=32",
+        "data.channels=1",
+        "data.class_conditional=true",
+        "model.unet.base_channels=8",
+        "model.unet.channel_mults=1",
+        "model.unet.num_res_blocks=1",
+        "model.unet.attention_levels=",
+        "model.unet.norm_groups=4",
+        "model.unet.mid_attention=false",
+        "diffusion.num_steps=100",
+        "train.batch_size=4",
+        "train.steps=6",
+        "train.warmup_steps=1",
+        "train.checkpoint_every=6",
+        "train.phema_sigma_rels=0.05,0.10",
+        "train.phema_every=1",
+    ]
+    argv = ["train", "--preset", "imagefolder", "--runs", str(tmp_path), "--name", "img"]
+    assert main([*argv, "--quiet", "--no-finish", "--set", *sets]) == 0
+    torch.manual_seed(0)
+    judge = save_judge(
+        Judge(in_channels=1, num_classes=2).eval(),
+        tmp_path / "j.safetensors",
+        {"dataset": "stripes"},
+    )
+    reference = save_samples(tmp_path / "ref.npz", torch.rand(4, 1, 32, 32) * 2 - 1)
+    out = tmp_path / "sweep.json"
+    flags = ["--metric", "accuracy", "--judge", str(judge), "--reference", str(reference)]
+    flags += ["--n", "4", "--sampler", "ddim", "--steps", "2", "--no-cache", "--quiet"]
+    run = tmp_path / "img"
+    assert main(["ema", str(run), "--sweep", "0.06:0.09:2", *flags, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["higher_is_better"] and len(result["rows"]) == 2
+    assert all(r["metric"] == "accuracy" and r["n_generated"] == 4 for r in result["rows"])
+    assert result["best"]["value"] == max(r["value"] for r in result["rows"])

@@ -40,8 +40,11 @@ def cmd_ema(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out must end in .safetensors, got {out}")
         check_writable(out.parent, f"--out {out}")
         write_posthoc(run_dir, snapshots, args.sigma_rel, out)
-        print(f"difflab: post-hoc EMA sigma_rel={args.sigma_rel:g} at step "
-              f"{snapshots[-1].step} -> {out} (sample it with `difflab sample {out}`)")  # fmt: skip
+        step = snapshots[-1].step
+        print(
+            f"difflab: post-hoc EMA sigma_rel={args.sigma_rel:g} at step {step} -> {out} "
+            f"(sample it with `difflab sample {out}`)"
+        )
         return 0
     if not args.metric or "," in args.metric:
         raise ConfigError("--sweep needs one --metric to rank by, e.g. --metric fd_judge")
@@ -106,8 +109,10 @@ def _sweep(args: argparse.Namespace, run_dir: Path, snapshots: list, sigma_rels:
     )
     out = Path(args.out) if args.out else run_dir / OUT_FOLDER / "sweep.json"
     write_text_atomically(out, json.dumps(result, indent=2) + "\n")
-    print(f"difflab: best sigma_rel {best['sigma_rel']:.4f} ({args.metric} {best['value']:.5g}) "
-          f"-> {best['weights']}; {out}, {result['plot']}")  # fmt: skip
+    print(
+        f"difflab: best sigma_rel {best['sigma_rel']:.4f} ({args.metric} {best['value']:.5g}) "
+        f"-> {best['weights']}; {out}, {result['plot']}"
+    )
     return 0
 
 
@@ -131,6 +136,7 @@ def _measure(args: argparse.Namespace, weights: Path) -> tuple[float, dict]:
             raise ConfigError(f"--metric {args.metric} is not a 2-D metric; choose {metrics}")
         return float(result[args.metric]), result
     run, _, _, _, reference, metrics, extractors = _image_eval_setup(args, weights, world)
-    rows = evaluate_images_of(run, scfg, metrics, reference, extractors, False, True, world)
+    cache = not args.no_cache
+    rows = evaluate_images_of(run, scfg, metrics, reference, extractors, False, cache, world)
     row = next(r for r in rows if r["metric"] == args.metric)
     return float(row["value"]), row
