@@ -1,4 +1,4 @@
-"""difflab train | sample | eval | plot | report | export | import | bench | reflow.
+"""difflab train | sample | eval | plot | report | export | import | bench | reflow | ema.
 
 Every user error (a ConfigError) ends in one line `difflab: error: <problem and fix>` and exit
 code 2; any other exception is a bug in difflab and keeps its traceback.
@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 
+from difflab.cli.ema import cmd_ema
 from difflab.cli.evaluate import cmd_eval, cmd_train_classifier
 from difflab.cli.parsers import classifier_parser, parser, sample_changes, sample_config
 from difflab.cli.reflow import cmd_reflow
@@ -42,6 +43,7 @@ COMMANDS = {
     "export": cmd_export,
     "import": cmd_import,
     "reflow": cmd_reflow,
+    "ema": cmd_ema,
 }
 
 

@@ -265,7 +265,31 @@ def parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(p)
     _add_reflow_parser(sub)
+    _add_ema_parser(sub)
     return ap
+
+
+def _add_ema_parser(sub) -> None:
+    p = sub.add_parser(
+        "ema",
+        help="post-hoc EMA: the EMA of any sigma_rel from a run's power-function snapshots",
+        description="Synthesise the power-function EMA of --sigma-rel S from RUN/phema/ (EDM2's "
+        "least-squares reconstruction; train with train.phema_sigma_rels and train.phema_every) "
+        "into a weights file that sample, eval and export read; or --sweep a range, evaluate "
+        "each and mark the best.",
+    )
+    p.add_argument("run", help="run directory trained with train.phema_sigma_rels")
+    p.add_argument("--sigma-rel", dest="sigma_rel", type=float, help="the EMA length to write")
+    p.add_argument("--sweep", metavar="LO:HI[:K]", help="evaluate K sigma_rels (default 8)")
+    p.add_argument(
+        "--out",
+        help="--sigma-rel: the weights file (default RUN/posthoc/ema-S.safetensors); --sweep: "
+        "the JSON (default RUN/posthoc/sweep.json)",
+    )
+    _add_image_eval_flags(p)
+    _add_sampler_flags(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(compare=False, guidance_methods=None)
 
 
 def _add_reflow_parser(sub) -> None:

@@ -125,6 +125,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     ema_decay: float = 0.999
     ema_warmup: bool = True
+    # post-hoc EMA (EDM2): power-function EMA profiles of these widths, e.g. 0.05,0.10; () = off
+    phema_sigma_rels: tuple[float, ...] = ()
+    phema_every: int = 0  # store every profile in RUN/phema/ every N steps (`difflab ema`)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default

@@ -293,3 +293,25 @@ def eval_history(metrics_path: Path, path: Path) -> Path | None:
     ax.legend()
     ax.set_title(f"{metric} during training (EMA weights, fixed noise)")
     return _save(fig, path)
+
+
+def posthoc_sweep_plot(rows: list[dict], path: Path, metric: str, best: dict) -> Path:
+    """A post-hoc EMA sweep (`difflab ema --sweep`): `metric` against sigma_rel, the best one
+    marked."""
+    fig, ax = subplots(figsize=(6, 4))
+    points = sorted((r["sigma_rel"], r["value"]) for r in rows)
+    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3)
+    ax.plot([best["sigma_rel"]], [best["value"]], marker="*", ms=12, color="C3", ls="none")
+    ax.annotate(
+        f"best {best['sigma_rel']:.3f}",
+        (best["sigma_rel"], best["value"]),
+        fontsize=7,
+        xytext=(4, 4),
+        textcoords="offset points",
+    )
+    better = "higher" if metric in HIGHER_IS_BETTER else "lower"
+    ax.set_xlabel("sigma_rel (post-hoc EMA length, EDM2)")
+    ax.set_ylabel(f"{metric} ({better} is better)")
+    ax.grid(alpha=0.3)
+    ax.set_title("post-hoc EMA: quality against EMA length")
+    return _save(fig, path)

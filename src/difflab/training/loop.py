@@ -149,6 +149,8 @@ def train(
             eval_row = evaluate_step(cfg, parts, log, done)
             result = eval_row["eval"]
             bar.set_postfix({result["label"]: f"{result[result['metric']]:.4g}"})
+        if parts.power_ema is not None and done % cfg.train.phema_every == 0 and world.is_main:
+            parts.power_ema.save_snapshot(run_dir, done)  # a resume rewrites later ones, the same
         if done % cfg.train.checkpoint_every == 0 or done == end:
             by_eval = cfg.train.best_metric == "eval"
             improved = note_best(cfg, parts, eval_row if by_eval else row, done)

@@ -14,7 +14,7 @@ import torch
 from difflab import build, devices
 from difflab.config import ConfigError, RunConfig
 from difflab.model import Model
-from difflab.training import distributed, teacher
+from difflab.training import distributed, phema, teacher
 from difflab.training.checkpoint import (
     CheckpointError,
     latest_good_checkpoint,
@@ -69,6 +69,7 @@ class Parts:
     evaluator: object | None = None  # train.eval_metric every train.eval_every steps (Hooks)
     world: distributed.World = field(default_factory=distributed.World)  # this process's rank
     monitor: NonFiniteMonitor | None = None  # non-finite losses and gradients (train.nonfinite)
+    power_ema: phema.PowerEMA | None = None  # train.phema_sigma_rels' profiles (post-hoc EMA)
 
     @property
     def net(self) -> torch.nn.Module:
@@ -126,6 +127,7 @@ def check_train_config(cfg: RunConfig, hooks: Hooks | None = None) -> None:
             f"train.checkpoint_every ({t.checkpoint_every}), so every evaluated step is saved"
         )
     problems += check_config(t)
+    problems += phema.check_config(t)
     if hooks is not None:
         problems += check_hooks(cfg, hooks)
     if problems:
@@ -165,6 +167,9 @@ def build_parts(
     target = None
     if loss.target_decay(0) is not None:  # a stop-gradient copy or an EMA of the online net
         target = copy.deepcopy(model.net).requires_grad_(False)
+    power_ema = None  # post-hoc EMA's profiles, off by default (phema.py)
+    if cfg.train.phema_sigma_rels:
+        power_ema = phema.PowerEMA(model.net, cfg.train.phema_sigma_rels)
     evaluator = None
     if cfg.train.eval_every and world.is_main:  # now: a missing judge fails before step 1
         evaluator = hooks.evaluator(cfg, model)
@@ -174,6 +179,7 @@ def build_parts(
         monitor=NonFiniteMonitor(
             cfg, device, lambda s: lr_at(cfg, s), dtype is torch.float16, world.rank
         ),
+        power_ema=power_ema,
     )  # fmt: skip
 
 
@@ -200,6 +206,7 @@ def state_of(parts: Parts, step: int, smoothed: float | None) -> dict:
         "best": parts.best,
         **({"target": parts.target.state_dict()} if parts.target is not None else {}),
         **({"loss": parts.loss.state_dict()} if parts.loss.has_state else {}),
+        **({"phema": parts.power_ema.state_dict()} if parts.power_ema is not None else {}),
     }
 
 
@@ -266,6 +273,8 @@ def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, floa
         parts.target.load_state_dict(state["target"])
     if parts.loss.has_state:
         parts.loss.load_state_dict(state["loss"])
+    if parts.power_ema is not None:
+        parts.power_ema.load_state_dict(state["phema"])
     return int(state["step"]), state["smoothed_loss"]
 
 

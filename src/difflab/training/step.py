@@ -92,6 +92,8 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
     parts.monitor.scaler_step(parts.scaler, parts.optimizer)  # counts fp16's own skips
     parts.optimizer.zero_grad(set_to_none=True)
     parts.ema.update(parts.net)
+    if parts.power_ema is not None:  # post-hoc EMA's profiles (phema.py), t counted from 1
+        parts.power_ema.update(parts.net, step + 1)
     if parts.target is not None:
         update_target(parts.target, parts.net, parts.loss.target_decay(step + 1))
     stats.steps += 1
