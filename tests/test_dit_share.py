@@ -107,13 +107,15 @@ def test_dit_export_samples_like_difflab_and_imports_back(runs, tmp_path, kind):
     labels = torch.tensor([0, 1, 0, 1]) if kind == "cond" else None
     ours = _difflab_ddim(run_dir, x_T, labels)
     theirs = _diffusers_ddim(out, x_T, labels)
-    assert float((ours - theirs).abs().max()) < 1e-4  # fp32 sums in another order, 4 steps
+    # fp32 sums in another order over 4 steps (measured 1.5e-6 unconditional, 1.8e-7 with labels)
+    assert float((ours - theirs).abs().max()) < 1e-5
     assert "DiTTransformer2DModel" in (out / "README.md").read_text()
     assert main(["import", str(out), "--name", "back", "--runs", str(tmp_path / "runs")]) == 0
     back = load_run(tmp_path / "runs" / "back")
     assert back.cfg.model.name == "dit" and back.cfg.model.dit == load_run(run_dir).cfg.model.dit
-    # not bitwise: the one-step fold multiplies the first time Linear by a rotation in float64
-    # and rounds to fp32 on export, then by its inverse on import (weights within 1e-6)
+    # 1e-6, not bitwise by construction: the one-step fold multiplies the first time Linear by a
+    # rotation in float64 and rounds to fp32 on export, then by its inverse on import; each
+    # weight comes back within an ulp or two (bit for bit in the runs measured, not guaranteed)
     again = _difflab_ddim(tmp_path / "runs" / "back", x_T, labels)
     assert float((again - ours).abs().max()) < 1e-6
     argv = ["train", "--resume", str(tmp_path / "runs" / "back"), "--quiet", "--no-finish"]
