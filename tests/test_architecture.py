@@ -65,7 +65,10 @@ ALLOWED = {
         "build", "codecs", "config", "data", "evaluation", "files", "model", "runs", "samplers",
         "training.hooks", "training.logging",
     },
-    "benchmark": {"build", "config", "devices", "files", "model", "samplers", "share.mapping"},
+    "benchmark": {
+        "build", "config", "devices", "files", "model", "samplers", "share.dit_keys",
+        "share.mapping",
+    },
     "share": {
         "build", "config", "devices", "diffusion.adapters", "evaluation.history", "files", "model",
         "runs", "training.checkpoint",

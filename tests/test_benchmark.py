@@ -127,7 +127,7 @@ def test_mapping_refuses_what_diffusers_cannot_lay_out():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"name": "imagenet"}, "choose one of toy2d, mnist, cifar10-ddpm, celeba64"),
+        ({"name": "imagenet"}, "choose one of toy2d, mnist, mnist-dit, cifar10-ddpm, celeba64"),
         ({"batch_size": -1}, "--batch-size must be an integer >= 0"),
         ({"steps": 0}, "--steps must be an integer >= 1"),
         ({"nfe": (10, 0)}, "--nfe needs model-evaluation budgets >= 1"),
@@ -223,3 +223,39 @@ def test_fallbacks_warn_and_are_recorded(monkeypatch):
     assert any("bf16" in note for note in r["notes"])
     assert any("torch.compile" in note for note in r["notes"])
     assert r["peak"]["measured"]["dtype"] == "float32"
+
+
+def test_mnist_dit_against_diffusers_dit_in_fp32_and_bf16(tmp_path, monkeypatch):
+    """`bench mnist-dit`: difflab's DiT beside diffusers' DiTTransformer2DModel of the same size
+    (equal parameter counts, FLOPs within the attention kernels' accounting), fp32 and bf16 side
+    by side, each side's FLOP utilisation against its precision's measured peak."""
+    pytest.importorskip("diffusers")
+    from difflab.benchmark import options
+    from difflab.config import apply_overrides
+
+    small = ["model.dit.width=32", "model.dit.depth=2", "model.dit.heads=2"]  # preset's patch 4
+    monkeypatch.setattr(options, "preset", lambda name: apply_overrides(preset(name), small))
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: True)
+    tiny = [a for a in TINY if a not in ("--precision", "fp32")]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*above the measured matmul peak")
+        assert main(["bench", "mnist-dit", *tiny, "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "bench-mnist-dit-cpu.json").read_text())
+    assert r["precisions"] == ["fp32", "bf16"]
+    for p in ("fp32", "bf16"):
+        run = r["runs"][p]
+        peak = run["peak"]["measured"]["flop_per_s"]
+        ours, theirs = run["training"]["difflab"], run["training"]["diffusers"]
+        _check_training(ours, peak)
+        _check_training(theirs, peak)
+        # diffusers gives each block its own copy of the time MLP (256 -> 32 -> 32) and label
+        # table (11 rows); difflab's blocks share one (share/dit_keys.py)
+        embedding = (256 * 32 + 32) + (32 * 32 + 32) + 11 * 32
+        assert theirs["params"] == ours["params"] + (2 - 1) * embedding
+        assert theirs["flops_per_step"] == pytest.approx(ours["flops_per_step"], rel=0.05)
+        assert run["settings"]["channels_last"] is False  # patches, not convolutions
+        row = run["sampling"][0]
+        assert row["diffusers"]["nfe"] == 2 and row["difflab"]["nfe"] == 2
+    md = (tmp_path / "bench-mnist-dit-cpu.md").read_text()
+    assert md.startswith("## difflab bench mnist-dit — cpu, fp32 and bf16 side by side")
+    assert "| difflab bf16 / diffusers fp32 | **" in md

@@ -251,3 +251,36 @@ def test_bad_dit_config_exits_2_and_writes_nothing(folder, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
         assert not (runs / "bad").exists()
+
+
+def test_dit_weights_under_a_unet_config_are_one_clear_line(folder, tmp_path, capsys):
+    """A DiT's checkpoint met by a U-Net config, through the two doors that build the network
+    from a config other than the run's own: a checkpoint whose config.json was edited (and its
+    manifest rewritten, else the checksum refuses it first), and train.init_from."""
+    import json
+
+    from difflab.files import sha256_file
+
+    runs = tmp_path / "runs"
+    argv = ["train", "--preset", "mnist-dit", "--runs", str(runs), "--name", "d", "--quiet"]
+    sets = _sets(folder, "train.steps=2", "train.checkpoint_every=2")
+    assert main([*argv, "--no-finish", *sets]) == 0
+    ckpt = runs / "d" / "checkpoints" / "step-2"
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["name"] = "unet"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["sha256"]["config.json"] = sha256_file(ckpt / "config.json")
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "s.npz"
+    needle = "are a DiT's (model.name=dit) but the config builds a U-Net (model.name=unet)"
+    for argv in (
+        ["sample", str(runs / "d"), "--n", "2", "--steps", "2", "--out", str(out), "--quiet"],
+        ["train", "--preset", "mnist", "--runs", str(runs), "--name", "u", "--quiet",
+         *_sets(folder, f"train.init_from={ckpt}")],
+    ):  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, err
+        assert "state_dict" not in err and "Missing key" not in err
+    assert not out.exists()

@@ -20,6 +20,7 @@ from difflab.model import DataKind, Model, RunKind
 from difflab.samplers import Recorder, nfe_of
 from difflab.training.checkpoint import (
     CheckpointError,
+    check_network_family,
     checkpoint_step,
     latest_good_checkpoint,
     list_checkpoints,
@@ -157,6 +158,7 @@ def load_weights_file(path: Path, use_ema: bool | None = None, device: str = "au
     cfg, kind, step = weights_file_meta(path)
     model = build.build_model(cfg, kind, devices.resolve_device(device))
     state = {k: v.float() for k, v in load_file(path).items()}  # safetensors: no code runs
+    check_network_family(state, model.net, path)
     try:
         model.net.load_state_dict(state)
     except RuntimeError as e:

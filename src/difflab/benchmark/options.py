@@ -23,6 +23,7 @@ from difflab.samplers import SAMPLERS
 CONFIGS = {
     "toy2d": ("toy2d", (2,), 0),  # the checkerboard MLP
     "mnist": ("mnist", (1, 32, 32), 10),  # class-conditional small U-Net
+    "mnist-dit": ("mnist-dit", (1, 32, 32), 10),  # its DiT; diffusers' DiTTransformer2DModel
     "cifar10-ddpm": ("cifar10", (3, 32, 32), 0),  # DDPM's 35.7M CIFAR-10 U-Net
     "celeba64": ("celeba64", (3, 64, 64), 0),
 }
@@ -39,7 +40,7 @@ class BenchOptions:
     precision: str = "fp32"  # fp32 | bf16 (autocast, both libraries)
     compile: bool = False  # torch.compile both networks (falls back to eager on failure)
     channels_last: bool | None = None  # None = on for U-Nets, as the trainer does
-    batch_size: int = 0  # 0 = the preset's on CUDA; 16 for U-Nets on a CPU
+    batch_size: int = 0  # 0 = the preset's on CUDA; 16 for images on a CPU
     steps: int = 10  # timed training steps per library
     warmup: int = 3  # untimed training steps per library first
     samplers: tuple[str, ...] = ("ddim", "dpmpp_2m", "heun")
@@ -140,7 +141,8 @@ def resolve(o: BenchOptions) -> Setup:
     notes: list[str] = []
     dtype = _dtype(notes, o.precision, device)
     image = len(shape) == 3
-    channels_last = image if o.channels_last is None else o.channels_last  # the trainer's auto
+    unet = image and cfg.model.name == "unet"  # a DiT's patches gain nothing from it
+    channels_last = unet if o.channels_last is None else o.channels_last  # the trainer's auto
     if channels_last and not image:
         notes.append("--channels-last applies to images only; the toy2d MLP ignores it")
         channels_last = False

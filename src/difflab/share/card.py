@@ -33,15 +33,25 @@ def model_card(run: LoadedRun, weights: str, conditional: bool) -> str:
     data = cfg.data.name + (f" ({cfg.data.root})" if cfg.data.name == "imagefolder" else "")
     names = f"; classes: {', '.join(run.class_names)}" if conditional else ""
     size, t = "x".join(map(str, run.shape)), cfg.train
+    dit = cfg.model.name == "dit"
+    net, sub, what = (
+        ("DiTTransformer2DModel", "transformer", "DiT (a transformer on patches)")
+        if dit
+        else ("UNet2DModel", "unet", "DDPM U-Net")
+    )
     usage = (
         "pipe = DDPMPipeline.from_pretrained(folder)  # or DDIMPipeline\n"
         "images = pipe(batch_size=4).images"
-        if not conditional
-        else "unet = UNet2DModel.from_pretrained(folder, subfolder='unet')\n"
+        if not conditional and not dit
+        else f"{sub} = {net}.from_pretrained(folder, subfolder='{sub}')\n"
         "scheduler = DDIMScheduler.from_pretrained(folder, subfolder='scheduler')\n"
-        f"# class_labels: 0..{run.num_classes - 1} (or {run.num_classes}, the null label); "
-        "DDPMPipeline passes none,\n# so loop over scheduler.timesteps and call "
-        "unet(x, t, class_labels=y)"
+        + (
+            f"# class_labels: 0..{run.num_classes - 1} (or {run.num_classes}, the null label); "
+            if conditional
+            else "# class_labels: always 0 (an unconditional DiT's label row is zero); "
+        )
+        + "loop over\n# scheduler.timesteps and call "
+        + f"{sub}(x, t, class_labels=y)"
     )
     return f"""---
 library_name: diffusers
@@ -49,8 +59,8 @@ tags: [difflab, diffusion, unconditional-image-generation]
 ---
 # {run.run_dir.name} (difflab export)
 
-A {"class-conditional " if conditional else ""}DDPM U-Net trained with difflab and exported
-as a diffusers `UNet2DModel` with a `DDPMScheduler` config ({weights} weights).
+A {"class-conditional " if conditional else ""}{what} trained with difflab and exported
+as a diffusers `{net}` with a `DDPMScheduler` config ({weights} weights).
 
 | | |
 | --- | --- |
@@ -63,11 +73,11 @@ as a diffusers `UNet2DModel` with a `DDPMScheduler` config ({weights} weights).
 | checkpoint | {run.checkpoint} |
 
 difflab embeds step i (1..T) as t = i / T; diffusers calls the same network with timestep
-i - 1; the export folds that one-step shift into `time_embedding.linear_1`, so diffusers'
-schedulers see the network difflab sampled with.
+i - 1; the export folds that one-step shift into the first time-embedding Linear, so
+diffusers' schedulers see the network difflab sampled with.
 
 ```python
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, {net}
 {usage}
 ```
 

@@ -1,9 +1,13 @@
 """`difflab export --format diffusers` and `difflab import`: a run as a diffusers pipeline
-folder, and a diffusers UNet2DModel folder (the same subset) as a difflab run.
+folder, and a diffusers UNet2DModel or DiTTransformer2DModel folder (the same subset) as a
+difflab run.
 
-    DIR/model_index.json                         DDPMPipeline: unet + scheduler
+    DIR/model_index.json                         DDPMPipeline: unet + scheduler (a U-Net run)
     DIR/unet/config.json                         UNet2DModel arguments (mapping.unet2d_config)
     DIR/unet/diffusion_pytorch_model.safetensors weights mapped key by key (keys.py)
+  a DiT run (pixels: DiTPipeline.from_pretrained(DIR, vae=None)) has instead:
+    DIR/transformer/config.json                  DiTTransformer2DModel arguments (dit_keys.py)
+    DIR/transformer/diffusion_pytorch_model.safetensors
     DIR/scheduler/scheduler_config.json          DDPMScheduler: the betas, prediction_type
     DIR/difflab.json                             the run's config and data.json (for import)
     DIR/README.md                                the model card (card.py)
@@ -23,7 +27,7 @@ from difflab import build
 from difflab.config import ConfigError, RunConfig, preset
 from difflab.model import DataKind
 from difflab.runs import load_run
-from difflab.share import mapping
+from difflab.share import dit_keys, mapping
 from difflab.share.card import model_card
 from difflab.share.folders import publish_folder
 from difflab.share.keys import from_diffusers, to_diffusers
@@ -43,8 +47,27 @@ def _plain(config: dict) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
 
 
+# the pipeline, the network's subfolder and class of each exportable difflab network
+PIPELINES = {
+    "unet": ("DDPMPipeline", "unet", "UNet2DModel"),
+    "dit": ("DiTPipeline", "transformer", "DiTTransformer2DModel"),
+}
+
+
+def _network(run) -> tuple[dict, dict]:
+    """(diffusers config, weights) of the run's network; NoEquivalent where it has none."""
+    cfg, state = run.cfg, run.model.net.state_dict()
+    if cfg.model.name == "dit":
+        config = dit_keys.transformer_config(cfg.model, run.shape, run.num_classes)
+        # pipelines call step i with timestep i - 1: fold that shift in, as for the U-Net
+        return config, dit_keys.to_diffusers(state, cfg.model, one_step=True)
+    config = mapping.unet2d_config(cfg.model, run.shape, run.num_classes)
+    return config, to_diffusers(state, cfg.model.unet)
+
+
 def export_diffusers(run_dir, out, *, raw: bool = False, force: bool = False, checkpoint=None):
-    """Write the run's network as a DDPMPipeline folder `out`; returns it.
+    """Write the run's network as a DDPMPipeline (U-Net) or DiTPipeline (DiT) folder `out`;
+    returns it.
 
     Raises ConfigError (NoEquivalent) naming the part with no diffusers equivalent.
     """
@@ -53,10 +76,10 @@ def export_diffusers(run_dir, out, *, raw: bool = False, force: bool = False, ch
     try:
         mapping.check_kind(run.model.kind)
         mapping.check_exportable(cfg.model, cfg.diffusion)
-        unet = mapping.unet2d_config(cfg.model, run.shape, run.num_classes)
-        weights = to_diffusers(run.model.net.state_dict(), cfg.model.unet)
+        net_config, weights = _network(run)
     except mapping.NoEquivalent as e:
         raise ConfigError(f"cannot export {run.run_dir} to diffusers: {e}") from None
+    pipeline, sub, net_class = PIPELINES[cfg.model.name]
     d = cfg.diffusion
     scheduler = {
         "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
@@ -69,14 +92,20 @@ def export_diffusers(run_dir, out, *, raw: bool = False, force: bool = False, ch
     }  # fmt: skip
     card = model_card(run, "raw" if raw else "EMA", run.num_classes > 0)
 
+    index = {
+        "_class_name": pipeline,
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        sub: ["diffusers", net_class],
+    }
+    if cfg.model.name == "dit":
+        index["vae"] = [None, None]  # pixels: DiTPipeline's VAE is absent
+
     def write(tmp: Path) -> None:
-        _json(tmp / "model_index.json", {
-            "_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
-            "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"],
-        })  # fmt: skip
-        unet_config = {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION}
-        _json(tmp / "unet" / "config.json", {**unet_config, **_plain(unet)})
-        save_file(weights, tmp / "unet" / WEIGHTS, metadata={"format": "pt"})
+        _json(tmp / "model_index.json", index)
+        header = {"_class_name": net_class, "_diffusers_version": DIFFUSERS_VERSION}
+        _json(tmp / sub / "config.json", {**header, **_plain(net_config)})
+        save_file(weights, tmp / sub / WEIGHTS, metadata={"format": "pt"})
         _json(tmp / "scheduler" / "scheduler_config.json", scheduler)
         _json(tmp / "difflab.json", {"config": cfg.to_dict(), "data": run.model.kind.info(),
                                      "step": run.step, "ema": not raw})  # fmt: skip
@@ -126,19 +155,49 @@ def _unet_settings(c: dict) -> dict:
                 norm_groups=c.get("norm_num_groups", 32))  # fmt: skip
 
 
-def _import_config(folder: Path, unet: dict, sched: dict) -> tuple[RunConfig, DataKind]:
-    """The difflab config and data kind of a diffusers folder (difflab.json's when present)."""
-    classes = (unet.get("num_class_embeds") or 1) - 1  # the last embedding is the null label
-    shape = (unet.get("in_channels", 3), unet.get("sample_size", 32), unet.get("sample_size", 32))
+def _dit_settings(c: dict) -> dict:
+    """difflab DiTConfig fields for a DiTTransformer2DModel config, or NoEquivalent for the
+    first setting difflab's DiT does not have."""
+    fixed = dict(norm_type="ada_norm_zero", activation_fn="gelu-approximate", attention_bias=True,
+                 norm_elementwise_affine=False, norm_eps=1e-6, upcast_attention=False)  # fmt: skip
+    for key, value in fixed.items():
+        if c.get(key, value) != value:
+            raise mapping.NoEquivalent(f"difflab's DiT has no {key}={c[key]!r}")
+    if c.get("out_channels") not in (None, c.get("in_channels", 4)):
+        raise mapping.NoEquivalent(
+            f"out_channels={c['out_channels']} (a learned variance): difflab's DiT outputs "
+            "in_channels"
+        )
+    heads, head_dim = c.get("num_attention_heads", 16), c.get("attention_head_dim", 72)
+    return dict(width=heads * head_dim, depth=c.get("num_layers", 28), heads=heads,
+                mlp_ratio=4.0, patch_size=c.get("patch_size", 2), dropout=c.get("dropout", 0.0),
+                qk_norm=False, text="")  # fmt: skip
+
+
+def _import_config(folder: Path, sub: str, net: dict, sched: dict) -> tuple[RunConfig, DataKind]:
+    """The difflab config and data kind of a diffusers folder (difflab.json's when present);
+    `net` is the config of its network in subfolder `sub` (unet or transformer)."""
+    if sub == "transformer":  # num_embeds_ada_norm rows + the null label; 0 = unconditional
+        classes, size, default = net.get("num_embeds_ada_norm") or 0, 32, 4
+    else:  # the last embedding is the null label
+        classes, size, default = (net.get("num_class_embeds") or 1) - 1, 32, 3
+    shape = (net.get("in_channels", default), net.get("sample_size", size),
+             net.get("sample_size", size))  # fmt: skip
     if (folder / "difflab.json").is_file():
         saved = _read(folder / "difflab.json", "difflab export record")
         cfg, kind = RunConfig.from_dict(saved["config"]), DataKind.from_info(saved["data"])
     else:
-        cfg = preset("mnist" if shape[0] == 1 else "cifar10")
-        cfg.data.image_size, cfg.data.class_conditional = shape[1], classes > 0
+        pixels = "mnist" if shape[0] == 1 else "cifar10"
+        cfg = preset("mnist-dit" if sub == "transformer" else pixels)
+        cfg.data.channels, cfg.data.image_size = shape[0], shape[1]
+        cfg.data.class_conditional = classes > 0
         kind = DataKind(shape, classes, tuple(str(k) for k in range(classes)))
-    cfg.model.name = "unet"
-    cfg.model.unet = dataclasses.replace(cfg.model.unet, **_unet_settings(unet))
+    if sub == "transformer":
+        cfg.model.name = "dit"
+        cfg.model.dit = dataclasses.replace(cfg.model.dit, **_dit_settings(net))
+    else:
+        cfg.model.name = "unet"
+        cfg.model.unet = dataclasses.replace(cfg.model.unet, **_unet_settings(net))
     if sched.get("prediction_type", "epsilon") not in IMPORT_PREDICTIONS:
         raise mapping.NoEquivalent(f"prediction_type={sched.get('prediction_type')!r}")
     cfg.diffusion.prediction = IMPORT_PREDICTIONS[sched.get("prediction_type", "epsilon")]
@@ -166,27 +225,41 @@ def _match_betas(cfg: RunConfig, sched: dict) -> None:
     raise mapping.NoEquivalent("betas that are neither a linear nor a cosine table")
 
 
-def import_diffusers(folder, name: str, runs="runs") -> Path:
-    """Make RUNS/NAME a difflab run holding the folder's UNet2DModel as checkpoint step-0."""
-    folder = Path(folder)
-    unet_dir = folder / "unet"
-    if not (unet_dir / "config.json").is_file() or not (unet_dir / WEIGHTS).is_file():
+def _network_folder(folder: Path) -> tuple[str, dict]:
+    """The network subfolder of a diffusers folder (unet or transformer) and its config."""
+    for sub in ("unet", "transformer"):
+        if (folder / sub / "config.json").is_file() and (folder / sub / WEIGHTS).is_file():
+            break
+    else:
         raise ConfigError(
-            f"{folder} is not a diffusers model folder (no unet/config.json and unet/{WEIGHTS}); "
-            "export one with `difflab export RUN --format diffusers`"
+            f"{folder} is not a diffusers model folder (no unet/ or transformer/ config.json "
+            f"and {WEIGHTS}); export one with `difflab export RUN --format diffusers`"
         )
-    unet = _read(unet_dir / "config.json", "UNet config")
-    if unet.get("_class_name") != "UNet2DModel":
-        raise ConfigError(f"{folder}: unet is a {unet.get('_class_name')}, not a UNet2DModel")
+    net = _read(folder / sub / "config.json", f"{sub} config")
+    expected = PIPELINES["unet" if sub == "unet" else "dit"][2]
+    if net.get("_class_name") != expected:
+        raise ConfigError(f"{folder}: {sub} is a {net.get('_class_name')}, not a {expected}")
+    return sub, net
+
+
+def import_diffusers(folder, name: str, runs="runs") -> Path:
+    """Make RUNS/NAME a difflab run holding the folder's UNet2DModel or DiTTransformer2DModel
+    as checkpoint step-0."""
+    folder = Path(folder)
+    sub, net = _network_folder(folder)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched = _read(sched_path, "scheduler config") if sched_path.is_file() else {}
     try:
-        cfg, kind = _import_config(folder, unet, sched)
-        state = from_diffusers(load_file(unet_dir / WEIGHTS), cfg.model.unet)
+        cfg, kind = _import_config(folder, sub, net, sched)
+        theirs = load_file(folder / sub / WEIGHTS)
+        if sub == "transformer":  # the export's one-step fold, undone (dit_keys.py)
+            state = dit_keys.from_diffusers(theirs, cfg.model, one_step=True)
+        else:
+            state = from_diffusers(theirs, cfg.model.unet)
     except mapping.NoEquivalent as e:
         raise ConfigError(f"cannot import {folder}: {e}") from None
     except SafetensorError as e:
-        raise ConfigError(f"cannot read {unet_dir / WEIGHTS}: {e}") from None
+        raise ConfigError(f"cannot read {folder / sub / WEIGHTS}: {e}") from None
     model = build.build_model(cfg, kind, torch.device("cpu"))
     try:
         model.net.load_state_dict(state)

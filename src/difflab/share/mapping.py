@@ -110,6 +110,11 @@ def check_exportable(model: ModelConfig, d: DiffusionConfig) -> None:
     """NoEquivalent naming the part of a run diffusers' pipelines cannot reproduce exactly."""
     if model.name == "unet":
         head_count(model)
+    if model.codec:
+        raise NoEquivalent(
+            f"latent diffusion (model.codec={model.codec}): the folder would need the "
+            "autoencoder as a diffusers VAE"
+        )
     if d.prediction == "edm":
         raise NoEquivalent("EDM preconditioning (prediction=edm) has no UNet2DModel equivalent")
     if d.num_steps == 0:

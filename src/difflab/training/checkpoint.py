@@ -185,9 +185,36 @@ def latest_good_checkpoint(ckpt_dir: Path) -> Path:
     )
 
 
+# a key only one network family's state dict holds -> (its name, its model.name)
+FAMILY_KEYS = {
+    "patch_embed.weight": ("DiT", "dit"),  # the MMDiT too (model.dit.text=joint)
+    "conv_in.weight": ("U-Net", "unet"),
+    "inp.weight": ("MLP", "mlp"),
+}
+
+
+def _family(keys) -> tuple[str, str] | None:
+    return next((family for key, family in FAMILY_KEYS.items() if key in keys), None)
+
+
+def check_network_family(state: dict, module: nn.Module, where: Path) -> None:
+    """CheckpointError, one line, when the weights at `where` are another network family's
+    than `module` (a DiT's weights under a U-Net config, say), before torch lists every key."""
+    theirs, ours = _family(state), _family(module.state_dict())
+    if theirs and ours and theirs != ours:
+        raise CheckpointError(
+            f"the weights in {where} are a {theirs[0]}'s (model.name={theirs[1]}) but the config "
+            f"builds a {ours[0]} (model.name={ours[1]}); set model.name={theirs[1]} (and its "
+            f"model.{theirs[1]}.* settings) as the run that wrote them had, or use a {ours[0]}'s "
+            "checkpoint"
+        )
+
+
 def load_weights(path: Path, module: nn.Module, which: str = "model") -> None:
+    state = load_file(path / f"{which}.safetensors")
+    check_network_family(state, module, path)
     try:
-        module.load_state_dict(load_file(path / f"{which}.safetensors"))
+        module.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(
             f"the weights in {path} do not fit the model built from the config ({e}); "
