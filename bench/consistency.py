@@ -82,8 +82,12 @@ def toy_part(args, work: Path) -> dict:
     ):
         scfg = dataclasses.replace(base, sampler=sampler, steps=steps, n=n, batch_size=n)
         samples, wall = timed(teacher, scfg)
-        rows[name] = {**evaluate_toy(samples.numpy(), "checkerboard"), "sampler": scfg.sampler,
-                      "nfe": scfg.steps, "ms_per_sample": 1e3 * wall / n}  # fmt: skip
+        rows[name] = {
+            **evaluate_toy(samples.numpy(), "checkerboard"),
+            "sampler": scfg.sampler,
+            "nfe": scfg.steps,
+            "ms_per_sample": 1e3 * wall / n,
+        }
         print(name, json.dumps(rows[name]))
     for loss in args.only:
         cfg = apply_overrides(preset(TOY_RECIPES[loss]), [f"consistency.teacher={teacher_dir}"])
@@ -93,17 +97,18 @@ def toy_part(args, work: Path) -> dict:
         student = load_run(run_dir)
         calls = counted(student)
         for steps in (2, 1):
-            scfg = dataclasses.replace(student.cfg.sample, steps=steps, n=args.n,
-                                       batch_size=args.n)  # fmt: skip
+            scfg = dataclasses.replace(student.cfg.sample, steps=steps, n=args.n, batch_size=args.n)
             calls.clear()
             samples, wall = timed(student, scfg)
             info[f"{steps}step"] = {
                 **evaluate_toy(samples.numpy(), "checkerboard"),
-                "forwards_per_batch": len(calls), "ms_per_sample": 1e3 * wall / args.n,
-            }  # fmt: skip
+                "forwards_per_batch": len(calls),
+                "ms_per_sample": 1e3 * wall / args.n,
+            }
         for level in args.two_step_sigmas:  # the second step from other noise levels
-            scfg = dataclasses.replace(student.cfg.sample, steps=2, n=args.n, batch_size=args.n,
-                                       cm_sigmas=str(level))  # fmt: skip
+            scfg = dataclasses.replace(
+                student.cfg.sample, steps=2, n=args.n, batch_size=args.n, cm_sigmas=str(level)
+            )
             samples, _ = timed(student, scfg)
             info[f"2step_sigma{level:g}"] = evaluate_toy(samples.numpy(), "checkerboard")
         two = info["2step"]
@@ -184,8 +189,10 @@ def main() -> None:
     args.only = [s for s in args.only.split(",") if s]
     args.two_step_sigmas = [float(s) for s in args.two_step_sigmas.split(",") if s]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp())
-    result = {"machine": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads()}  # fmt: skip
+    result = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     if not args.skip_toy:
         result["checkerboard"] = toy_part(args, work)
     if args.mnist_teacher:

@@ -58,9 +58,13 @@ def best_at(run_dir: Path, grids: list[str], nfe: int, n: int) -> tuple[dict, li
 def at_nfe(run, sampler: str, spacing: str, nfe: int, n: int) -> dict:
     steps = steps_for_nfe(sampler, nfe, run.cfg.sample)
     scfg = dataclasses.replace(
-        run.cfg.sample, sampler=sampler, spacing=spacing, steps=steps,
-        n=n, batch_size=n,
-    )  # fmt: skip
+        run.cfg.sample,
+        sampler=sampler,
+        spacing=spacing,
+        steps=steps,
+        n=n,
+        batch_size=n,
+    )
     return evaluate_toy(draw_samples(run, scfg, progress=False).numpy(), run.cfg.data.name)
 
 
@@ -76,8 +80,10 @@ def checkerboard(args) -> dict:
         at50 = at_nfe(run, top["sampler"], top["spacing"], 50, args.n)
         best[name] = top
         out[name] = {"train_s": train_s, "best10": top, "rows10": rows, "best_at50": at50}
-        print(f"{name}: best at 10 NFE {top['sampler']} {top['spacing']} sliced-W2 "
-              f"{top['sliced_w2']:.4f}; at 50 NFE in-square {at50['in_square']:.4f}")  # fmt: skip
+        print(
+            f"{name}: best at 10 NFE {top['sampler']} {top['spacing']} sliced-W2 "
+            f"{top['sliced_w2']:.4f}; at 50 NFE in-square {at50['in_square']:.4f}"
+        )
     out["ratio_flow_over_diffusion_sw2_at10"] = (
         best["toy2d-flow"]["sliced_w2"] / best["toy2d"]["sliced_w2"]
     )
@@ -88,9 +94,12 @@ def checkerboard(args) -> dict:
 def reflow_part(args, flow_dir: Path, flow_best: dict) -> dict:
     flow = load_run(flow_dir)
     scfg = dataclasses.replace(
-        flow.cfg.sample, sampler=flow_best["sampler"], spacing=flow_best["spacing"],
-        steps=steps_for_nfe(flow_best["sampler"], 50, flow.cfg.sample), batch_size=10000,
-    )  # fmt: skip
+        flow.cfg.sample,
+        sampler=flow_best["sampler"],
+        spacing=flow_best["spacing"],
+        steps=steps_for_nfe(flow_best["sampler"], 50, flow.cfg.sample),
+        batch_size=10000,
+    )
     t0 = time.perf_counter()
     folder = draw_pairs(flow, scfg, args.pairs, chunk=10000)
     pairs_s = time.perf_counter() - t0
@@ -98,16 +107,25 @@ def reflow_part(args, flow_dir: Path, flow_best: dict) -> dict:
     cfg = reflow_config(flow.cfg, folder, flow.checkpoint, overrides)
     reflow_dir, train_s = trained("toy2d-flow-reflow", cfg, Path(args.work))
     reflow = load_run(reflow_dir)
-    out = {"pairs": args.pairs, "pairs_s": pairs_s, "pair_sampler": scfg.sampler,
-           "pair_steps": scfg.steps, "train_steps": args.reflow_steps,
-           "train_s": train_s}  # fmt: skip
+    out = {
+        "pairs": args.pairs,
+        "pairs_s": pairs_s,
+        "pair_sampler": scfg.sampler,
+        "pair_steps": scfg.steps,
+        "train_steps": args.reflow_steps,
+        "train_s": train_s,
+    }
     for label, run in (("1-rectified", flow), ("2-rectified", reflow)):
         s = straightness(run.model, run.cfg.sample, n=2000)[0]
         rows = {nfe: at_nfe(run, "euler", "uniform", nfe, args.n) for nfe in (1, 2, 4)}
-        out[label] = {"straightness": s, **{f"sliced_w2_{k}": r["sliced_w2"] for k, r in
-                                            rows.items()}}  # fmt: skip
-        print(f"{label}: S(Z) {s:.4f}; sliced-W2 at 1/2/4 NFE "
-              + " / ".join(f"{r['sliced_w2']:.4f}" for r in rows.values()))  # fmt: skip
+        out[label] = {
+            "straightness": s,
+            **{f"sliced_w2_{k}": r["sliced_w2"] for k, r in rows.items()},
+        }
+        print(
+            f"{label}: S(Z) {s:.4f}; sliced-W2 at 1/2/4 NFE "
+            + " / ".join(f"{r['sliced_w2']:.4f}" for r in rows.values())
+        )
     out["ratio_sw2_at1"] = out["2-rectified"]["sliced_w2_1"] / out["1-rectified"]["sliced_w2_1"]
     return out
 
@@ -122,8 +140,11 @@ def mnist_part(args) -> dict:
     judge = judge_for(args.root, Path(args.judge))
     test_stats = feature_statistics(judge_features(judge, images_of(args.root, "test")))
     real = balanced_images_of(args.root, "train", 100)
-    out = {"fd_train_vs_test": frechet_distance(
-        *feature_statistics(judge_features(judge, real)), *test_stats)}  # fmt: skip
+    out = {
+        "fd_train_vs_test": frechet_distance(
+            *feature_statistics(judge_features(judge, real)), *test_stats
+        )
+    }
     for run_dir in args.mnist:
         run = load_run(run_dir)
         labels = sample_labels(run, 1000, per_class=True)
@@ -134,10 +155,16 @@ def mnist_part(args) -> dict:
         acc = float((judge_predict(judge, x) == labels).float().mean())
         fd = frechet_distance(*feature_statistics(judge_features(judge, x)), *test_stats)
         out[run.cfg.preset] = {
-            "run": str(run_dir), "step": run.step, "sampler": scfg.sampler, "steps": scfg.steps,
-            "spacing": scfg.spacing, "guidance": scfg.guidance, "accuracy": acc, "fd": fd,
+            "run": str(run_dir),
+            "step": run.step,
+            "sampler": scfg.sampler,
+            "steps": scfg.steps,
+            "spacing": scfg.spacing,
+            "guidance": scfg.guidance,
+            "accuracy": acc,
+            "fd": fd,
             "sample_s": time.perf_counter() - t0,
-        }  # fmt: skip
+        }
         print(f"{run.cfg.preset}: {scfg.sampler}-{scfg.steps}: accuracy {acc:.4f}, FD {fd:.2f}")
     return out
 
@@ -160,8 +187,11 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = {"benchmark": "flow", "mnist": mnist_part(args)} if args.mnist else {
-        "benchmark": "flow", "checkerboard": checkerboard(args)}  # fmt: skip
+    result = (
+        {"benchmark": "flow", "mnist": mnist_part(args)}
+        if args.mnist
+        else {"benchmark": "flow", "checkerboard": checkerboard(args)}
+    )
     result["wall_s"] = time.perf_counter() - t0
     write_text_atomically(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out} ({result['wall_s']:.0f} s)")

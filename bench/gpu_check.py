@@ -97,8 +97,16 @@ def install_plan(missing: list[str], wheels: Path) -> list[str]:
         )
     if not missing:
         return []
-    return [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels),
-            *missing]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--find-links",
+        str(wheels),
+        *missing,
+    ]
 
 
 def stages(args: argparse.Namespace, out: Path) -> list[Stage]:
@@ -106,52 +114,197 @@ def stages(args: argparse.Namespace, out: Path) -> list[Stage]:
     py, dry = sys.executable, args.dry_run
     device = "cpu" if dry else "cuda"
     bench_size = (
-        ["--batch-size", "2", "--steps", "1", "--warmup", "1", "--nfe", "2", "--samplers",
-         "ddim", "--sample-batch", "2", "--matmul-size", "256"]
-        if dry else ["--batch-size", "128", "--steps", "20", "--warmup", "5", "--nfe", "10,50",
-                     "--sample-batch", "256"]
-    )  # fmt: skip
+        [
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--nfe",
+            "2",
+            "--samplers",
+            "ddim",
+            "--sample-batch",
+            "2",
+            "--matmul-size",
+            "256",
+        ]
+        if dry
+        else [
+            "--batch-size",
+            "128",
+            "--steps",
+            "20",
+            "--warmup",
+            "5",
+            "--nfe",
+            "10,50",
+            "--sample-batch",
+            "256",
+        ]
+    )
     bench_name = "mnist" if dry else "cifar10-ddpm"  # the dry run: the same code, a small net
     run_dir = out / "runs" / "gpu-mnist"
     train_size = (
-        ["--set", "train.steps=4", "--set", "train.batch_size=8", "--set", "train.log_every=2",
-         "--set", "train.checkpoint_every=4", "--set", "train.warmup_steps=1"]
-        if dry else ["--set", "train.steps=2600", "--set", "train.time_limit_minutes=2.5"]
-    )  # fmt: skip
+        [
+            "--set",
+            "train.steps=4",
+            "--set",
+            "train.batch_size=8",
+            "--set",
+            "train.log_every=2",
+            "--set",
+            "train.checkpoint_every=4",
+            "--set",
+            "train.warmup_steps=1",
+        ]
+        if dry
+        else ["--set", "train.steps=2600", "--set", "train.time_limit_minutes=2.5"]
+    )
     judge = Path(args.judge) if args.judge else out / "judge-mnist.safetensors"
     result = []
     if not args.judge:
-        result.append(Stage("judge", [py, "-m", "difflab", "eval", "train-classifier",
-                                      "--dataset", "mnist", "--root", args.root, "--epochs",
-                                      "1", "--out", str(judge),
-                                      "--quiet"], 240))  # fmt: skip
-    result.append(Stage("cuda-tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-p",
-                                       "no:cacheprovider", "tests/test_cuda.py"], 120))  # fmt: skip
+        result.append(
+            Stage(
+                "judge",
+                [
+                    py,
+                    "-m",
+                    "difflab",
+                    "eval",
+                    "train-classifier",
+                    "--dataset",
+                    "mnist",
+                    "--root",
+                    args.root,
+                    "--epochs",
+                    "1",
+                    "--out",
+                    str(judge),
+                    "--quiet",
+                ],
+                240,
+            )
+        )
+    result.append(
+        Stage(
+            "cuda-tests",
+            [
+                py,
+                "-m",
+                "pytest",
+                "-q",
+                "-m",
+                "cuda",
+                "-p",
+                "no:cacheprovider",
+                "tests/test_cuda.py",
+            ],
+            120,
+        )
+    )
     for label, extra in (("fp32", ["--precision", "fp32"]), ("bf16", ["--precision", "bf16"])):
-        result.append(Stage(f"bench-{label}", [py, "-m", "difflab", "bench", bench_name,
-                                               "--device", device, *bench_size, *extra,
-                                               "--out", str(out / f"bench-{label}")],
-                            150))  # fmt: skip
-    result.append(Stage("train-mnist", [py, "-m", "difflab", "train", "--preset", "mnist",
-                                        "--runs", str(run_dir.parent), "--name", run_dir.name,
-                                        "--quiet", "--no-finish", "--set", f"data.root={args.root}",
-                                        "--set", f"train.device={device}", *train_size],
-                        200))  # fmt: skip
+        result.append(
+            Stage(
+                f"bench-{label}",
+                [
+                    py,
+                    "-m",
+                    "difflab",
+                    "bench",
+                    bench_name,
+                    "--device",
+                    device,
+                    *bench_size,
+                    *extra,
+                    "--out",
+                    str(out / f"bench-{label}"),
+                ],
+                150,
+            )
+        )
+    result.append(
+        Stage(
+            "train-mnist",
+            [
+                py,
+                "-m",
+                "difflab",
+                "train",
+                "--preset",
+                "mnist",
+                "--runs",
+                str(run_dir.parent),
+                "--name",
+                run_dir.name,
+                "--quiet",
+                "--no-finish",
+                "--set",
+                f"data.root={args.root}",
+                "--set",
+                f"train.device={device}",
+                *train_size,
+            ],
+            200,
+        )
+    )
     n = "200" if dry else "1000"  # fd_judge needs n > 128
-    result.append(Stage("eval-mnist", [py, "-m", "difflab", "eval", str(run_dir), "--n", n,
-                                       "--per-class", "--device", device, "--judge", str(judge),
-                                       "--reference", "mnist:test", "--root", args.root,
-                                       *(["--steps", "4", "--n-reference", "300"] if dry else
-                                         ["--sampler", "ddpm", "--steps", "50"]),
-                                       "--json", "--out", str(out / "eval-mnist.json")],
-                        120))  # fmt: skip
+    result.append(
+        Stage(
+            "eval-mnist",
+            [
+                py,
+                "-m",
+                "difflab",
+                "eval",
+                str(run_dir),
+                "--n",
+                n,
+                "--per-class",
+                "--device",
+                device,
+                "--judge",
+                str(judge),
+                "--reference",
+                "mnist:test",
+                "--root",
+                args.root,
+                *(
+                    ["--steps", "4", "--n-reference", "300"]
+                    if dry
+                    else ["--sampler", "ddpm", "--steps", "50"]
+                ),
+                "--json",
+                "--out",
+                str(out / "eval-mnist.json"),
+            ],
+            120,
+        )
+    )
     result += dit_stages(args, out, device, judge, dry)
     # last: compiling takes the longest and matters least (the dry run compiles the small MLP)
-    result.append(Stage("bench-bf16-compiled", [py, "-m", "difflab", "bench",
-                                                "toy2d" if dry else bench_name, "--device", device,
-                                                *bench_size, "--precision", "bf16", "--compile",
-                                                "--out", str(out / "bench-bf16-compiled")],
-                        200))  # fmt: skip
+    result.append(
+        Stage(
+            "bench-bf16-compiled",
+            [
+                py,
+                "-m",
+                "difflab",
+                "bench",
+                "toy2d" if dry else bench_name,
+                "--device",
+                device,
+                *bench_size,
+                "--precision",
+                "bf16",
+                "--compile",
+                "--out",
+                str(out / "bench-bf16-compiled"),
+            ],
+            200,
+        )
+    )
     if dry:  # a CPU is slower than the GPU the limits are sized for; --budget still caps
         for stage in result:
             stage.limit_s *= 4
@@ -209,8 +362,9 @@ def run_stage(stage: Stage, left_s: float, out: Path, env: dict) -> None:
         return
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(stage.argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=limit)  # fmt: skip
+        p = subprocess.run(
+            stage.argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit
+        )
         stage.rc, text = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         stage.rc = 124
@@ -222,10 +376,15 @@ def run_stage(stage: Stage, left_s: float, out: Path, env: dict) -> None:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# difflab GPU check — {report['date']}", "",
-             f"Device: {report['device']}; torch {report['torch']}; dry run: {report['dry_run']}; "
-             f"{report['seconds']:.0f} s of a {report['budget_s']} s budget.", "",
-             "| stage | status | seconds | figures |", "| --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        f"# difflab GPU check — {report['date']}",
+        "",
+        f"Device: {report['device']}; torch {report['torch']}; dry run: {report['dry_run']}; "
+        f"{report['seconds']:.0f} s of a {report['budget_s']} s budget.",
+        "",
+        "| stage | status | seconds | figures |",
+        "| --- | --- | --- | --- |",
+    ]
     for s in report["stages"]:
         status = s["skipped"] or ("ok" if s["rc"] == 0 else f"exit {s['rc']}")
         figures = ", ".join(

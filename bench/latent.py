@@ -61,8 +61,11 @@ def stage_ae(args, report: dict) -> None:
     values = {f"{r['metric']}_{r['of']}": r["value"] for r in rows}  # psnr_reconstructions, ...
     codec = read_meta(run_dir / "codec.safetensors")
     report["ae"] = {
-        "run_dir": str(run_dir), "train_s": train_s, "train_steps": load_run(run_dir).step,
-        "finish_s": time.perf_counter() - t1, **values,
+        "run_dir": str(run_dir),
+        "train_s": train_s,
+        "train_steps": load_run(run_dir).step,
+        "finish_s": time.perf_counter() - t1,
+        **values,
         "accuracy_gap_points": 100
         * (values["accuracy_originals"] - values["accuracy_reconstructions"]),
         "fd_ratio": values["fd_judge_reconstructions"] / values["fd_judge_originals"],
@@ -70,7 +73,7 @@ def stage_ae(args, report: dict) -> None:
             r["s_per_step"] for r in read_metrics(run_dir / "metrics.jsonl") if "s_per_step" in r
         ],
         "codec": codec,
-    }  # fmt: skip
+    }
     print(json.dumps({k: v for k, v in report["ae"].items() if k != "s_per_step"}, indent=2))
 
 
@@ -81,8 +84,15 @@ def judged(run, judge, test_stats, labels) -> dict:
     seconds = time.perf_counter() - t0
     acc = float((judge_predict(judge, samples) == labels).float().mean())
     fd = frechet_distance(*feature_statistics(judge_features(judge, samples)), *test_stats)
-    return {"accuracy": acc, "fd_to_test": fd, "sample_s": seconds, "sampler": scfg.sampler,
-            "steps": scfg.steps, "guidance": scfg.guidance, "n": len(labels)}  # fmt: skip
+    return {
+        "accuracy": acc,
+        "fd_to_test": fd,
+        "sample_s": seconds,
+        "sampler": scfg.sampler,
+        "steps": scfg.steps,
+        "guidance": scfg.guidance,
+        "n": len(labels),
+    }
 
 
 def recorded_train_s(report: dict) -> float:
@@ -118,10 +128,14 @@ def stage_latent(args, report: dict) -> None:
         pixel_train_s = recorded_train_s(json.loads(Path(args.pixel_json).read_text()))
     ae_s = report.get("ae", {}).get("train_s")
     report["latent"] = {
-        "run_dir": str(run_dir), "train_s": train_s, "train_steps": run.step,
+        "run_dir": str(run_dir),
+        "train_s": train_s,
+        "train_steps": run.step,
         "pipeline_s": None if ae_s is None else ae_s + train_s,
-        "pixel_train_s": pixel_train_s, "latent_samples": latent, "pixel_samples": pixel,
-    }  # fmt: skip
+        "pixel_train_s": pixel_train_s,
+        "latent_samples": latent,
+        "pixel_samples": pixel,
+    }
     print(json.dumps(report["latent"], indent=2))
 
 
@@ -157,10 +171,15 @@ def stage_speed(args, report: dict) -> None:
     p = sorted(rows["pixel_examples_per_s"])[len(rows["pixel_examples_per_s"]) // 2]
     lat = sorted(rows["latent_examples_per_s"])[len(rows["latent_examples_per_s"]) // 2]
     report["speed"] = {
-        **rows, "steps_each": args.steps, "throughput_ratio_median": lat / p, **ms,
-        "sampler": pixel.cfg.sample.sampler, "sample_steps": pixel.cfg.sample.steps,
-        "sample_n": args.sample_n, "threads": torch.get_num_threads(),
-    }  # fmt: skip
+        **rows,
+        "steps_each": args.steps,
+        "throughput_ratio_median": lat / p,
+        **ms,
+        "sampler": pixel.cfg.sample.sampler,
+        "sample_steps": pixel.cfg.sample.steps,
+        "sample_n": args.sample_n,
+        "threads": torch.get_num_threads(),
+    }
     print(json.dumps(report["speed"], indent=2))
 
 

@@ -81,18 +81,23 @@ def judged(run_dir: Path, judge, test_stats, own_sampler: bool = False) -> dict:
     if not own_sampler:
         scfg = dataclasses.replace(
             scfg, sampler="ddpm", steps=50, spacing="quadratic", guidance=1.25
-        )  # fmt: skip
+        )
     t0 = time.perf_counter()
     x = to_judge_size(draw_samples(run, scfg, labels=labels, progress=True))
     acc = float((judge_predict(judge, x) == labels).float().mean())
     fd = frechet_distance(*feature_statistics(judge_features(judge, x)), *test_stats)
     return {
-        "preset": run.cfg.preset, "sampler": f"{scfg.sampler}-{scfg.steps}",
-        "guidance": scfg.guidance, "step": run.step, "precision": run.cfg.train.precision,
-        "steps": run.cfg.train.steps, "lr_schedule": run.cfg.train.lr_schedule,
-        "accuracy": acc, "fd": fd,
+        "preset": run.cfg.preset,
+        "sampler": f"{scfg.sampler}-{scfg.steps}",
+        "guidance": scfg.guidance,
+        "step": run.step,
+        "precision": run.cfg.train.precision,
+        "steps": run.cfg.train.steps,
+        "lr_schedule": run.cfg.train.lr_schedule,
+        "accuracy": acc,
+        "fd": fd,
         "sample_s": time.perf_counter() - t0,
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -110,11 +115,14 @@ def main() -> None:
     test_stats = feature_statistics(judge_features(judge, images_of(args.root, "test")))
     real = balanced_images_of(args.root, "train", 100)
     result = {
-        "benchmark": "mnist_time", "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "benchmark": "mnist_time",
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "fd_train_vs_test": frechet_distance(
-            *feature_statistics(judge_features(judge, real)), *test_stats),
-    }  # fmt: skip
+            *feature_statistics(judge_features(judge, real)), *test_stats
+        ),
+    }
     names = (
         [args.only]
         if args.only
@@ -130,9 +138,11 @@ def main() -> None:
             write_text_atomically(judged_file, json.dumps(row) + "\n")
         row = {"run": str(run_dir), "train_wall_s": wall, **row}
         result[name] = row
-        print(f"{name}: {row['steps']} steps, {row['precision']}, trained in {wall:.0f} s; "
-              f"{row['sampler']} g{row['guidance']}: accuracy {row['accuracy']:.4f}, "
-              f"FD {row['fd']:.2f}")  # fmt: skip
+        print(
+            f"{name}: {row['steps']} steps, {row['precision']}, trained in {wall:.0f} s; "
+            f"{row['sampler']} g{row['guidance']}: accuracy {row['accuracy']:.4f}, "
+            f"FD {row['fd']:.2f}"
+        )
     if "old" in result and "old-bf16" in result:
         result["same_run_bf16_minus_fp32"] = {
             k: result["old-bf16"][k] - result["old"][k] for k in ("accuracy", "fd")

@@ -82,8 +82,10 @@ def main() -> None:
                 nfe[name] = counted.calls
     fwd = statistics.median(per_round["forward"])
     rows = []
-    print(f"network forward, batch {args.batch}: {fwd * 1e3:.1f} ms ({fwd / args.batch * 1e3:.2f} "
-          f"ms/sample); {args.steps} steps, logsnr grid")  # fmt: skip
+    print(
+        f"network forward, batch {args.batch}: {fwd * 1e3:.1f} ms ({fwd / args.batch * 1e3:.2f} "
+        f"ms/sample); {args.steps} steps, logsnr grid"
+    )
     print("| sampler | NFE | ms per sample | forward x NFE | overhead |")
     print("|---|---|---|---|---|")
     for name in SAMPLERS:
@@ -96,8 +98,10 @@ def main() -> None:
             "overhead": per_eval / fwd - 1,
         }
         rows.append(row)
-        print(f"| {name} | {row['nfe']} | {row['ms_per_sample']:.2f} | "
-              f"{row['forward_ms_per_sample_x_nfe']:.2f} | {row['overhead']:+.1%} |")  # fmt: skip
+        print(
+            f"| {name} | {row['nfe']} | {row['ms_per_sample']:.2f} | "
+            f"{row['forward_ms_per_sample_x_nfe']:.2f} | {row['overhead']:+.1%} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {

@@ -218,11 +218,15 @@ def main() -> None:
         x_T,
     )
     ref_gap = float((ref - ref_diffusers).norm(dim=1).mean())
-    print(f"reference: 1000-step DPM-Solver++(2M); diffusers' own 1000-step solution is "
-          f"{ref_gap:.2e} away ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    print(
+        f"reference: 1000-step DPM-Solver++(2M); diffusers' own 1000-step solution is "
+        f"{ref_gap:.2e} away ({time.perf_counter() - t0:.0f} s)"
+    )
     ref_score = score(ref, ref, true)
-    print(f"the reference itself: sliced W2 {ref_score['sliced_w2']:.4f}, in-square "
-          f"{ref_score['in_square']:.4f}, largest |x| {float(ref.abs().max()):.2f}")  # fmt: skip
+    print(
+        f"the reference itself: sliced W2 {ref_score['sliced_w2']:.4f}, in-square "
+        f"{ref_score['in_square']:.4f}, largest |x| {float(ref.abs().max()):.2f}"
+    )
     rows = []
 
     def record(library, label, spacing, nfe_budget, x, calls):
@@ -278,11 +282,15 @@ def main() -> None:
     sw = summary["sw2_difflab_10_vs_diffusers_20"]
     ok_sw = sw["difflab@10"]["sliced_w2"] <= sw["diffusers@20"]["sliced_w2"]
     for name, row in [*summary["l2_at_10"].items(), *sw.items()]:
-        print(f"best {name}: {row['sampler']} {row['spacing']} NFE {row['nfe']}: "
-              f"L2 {row['l2_to_reference']:.4f} SW2 {row['sliced_w2']:.4f}")  # fmt: skip
-    print(f"target L2@10 (difflab <= diffusers): {'met' if ok_l2 else 'NOT met'}; "
-          f"target SW2 (difflab@10 <= diffusers@20): {'met' if ok_sw else 'NOT met'}; "
-          f"SW2 floor {floor:.4f}")  # fmt: skip
+        print(
+            f"best {name}: {row['sampler']} {row['spacing']} NFE {row['nfe']}: "
+            f"L2 {row['l2_to_reference']:.4f} SW2 {row['sliced_w2']:.4f}"
+        )
+    print(
+        f"target L2@10 (difflab <= diffusers): {'met' if ok_l2 else 'NOT met'}; "
+        f"target SW2 (difflab@10 <= diffusers@20): {'met' if ok_sw else 'NOT met'}; "
+        f"SW2 floor {floor:.4f}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {

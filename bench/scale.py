@@ -101,14 +101,26 @@ def main() -> None:
         root = Path(tmp)
         _stripes(root / "data")
         sets = [f"data.root={root / 'data'}", *TINY]
-        _difflab("train", "--preset", "imagefolder", "--runs", str(root), "--name", "run",
-                 "--no-finish", "--quiet", "--set", *sets)  # fmt: skip
+        _difflab(
+            "train",
+            "--preset",
+            "imagefolder",
+            "--runs",
+            str(root),
+            "--name",
+            "run",
+            "--no-finish",
+            "--quiet",
+            "--set",
+            *sets,
+        )
         flags = ["--n", str(args.n), "--steps", str(args.steps), "--guidance", "2.0", "--quiet"]
         figures = {}
         for nproc in (1, args.nproc):
             out = root / f"s{nproc}.npz"
-            wall, said = _difflab("sample", str(root / "run"), "--out", str(out),
-                                  "--nproc", str(nproc), *flags)  # fmt: skip
+            wall, said = _difflab(
+                "sample", str(root / "run"), "--out", str(out), "--nproc", str(nproc), *flags
+            )
             sampling = float(re.search(r" in ([0-9.]+) s ->", said).group(1))
             figures[nproc] = {"wall_s": round(wall, 2), "sampling_s": sampling}
         with np.load(root / "s1.npz") as a, np.load(root / f"s{args.nproc}.npz") as b:

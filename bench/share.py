@@ -43,8 +43,16 @@ def untrained_run(root: Path, name: str = "cifar10") -> Path:
     run_dir = root / name
     run_dir.mkdir(parents=True)
     cfg.save(run_dir / "config.json")
-    ckpt = save_checkpoint(run_dir / "checkpoints", 0, model.net, model.net,
-                           fresh_state(cfg, model), cfg.to_dict(), kind.info(), keep=1)  # fmt: skip
+    ckpt = save_checkpoint(
+        run_dir / "checkpoints",
+        0,
+        model.net,
+        model.net,
+        fresh_state(cfg, model),
+        cfg.to_dict(),
+        kind.info(),
+        keep=1,
+    )
     params = sum(p.numel() for p in model.net.parameters())
     return run_dir, ckpt, params
 
@@ -57,11 +65,14 @@ def speed(root: Path) -> dict:
     start = time.perf_counter()
     import_diffusers(out, "imported", root / "runs")
     import_s = time.perf_counter() - start
-    sizes = {"ema_fp32_bytes": (ckpt / "ema.safetensors").stat().st_size,
-             "checkpoint_bytes": sum(p.stat().st_size for p in ckpt.iterdir())}  # fmt: skip
+    sizes = {
+        "ema_fp32_bytes": (ckpt / "ema.safetensors").stat().st_size,
+        "checkpoint_bytes": sum(p.stat().st_size for p in ckpt.iterdir()),
+    }
     for dtype in ("fp16", "bf16"):
-        sizes[f"ema_{dtype}_bytes"] = export_ema(run_dir, root / f"{dtype}.safetensors", dtype)\
-            .stat().st_size  # fmt: skip
+        sizes[f"ema_{dtype}_bytes"] = (
+            export_ema(run_dir, root / f"{dtype}.safetensors", dtype).stat().st_size
+        )
         sizes[f"{dtype}_over_fp32_ema"] = sizes[f"ema_{dtype}_bytes"] / sizes["ema_fp32_bytes"]
         sizes[f"{dtype}_over_checkpoint"] = sizes[f"ema_{dtype}_bytes"] / sizes["checkpoint_bytes"]
     return {"params": params, "export_s": export_s, "import_s": import_s, **sizes}
@@ -75,8 +86,12 @@ def difflab_samples(source, x_T, labels, batch: int = 250) -> torch.Tensor:
     run = load_run(source, device="cpu")
     den = guided(run.model.denoiser, 1.0, run.model.conditioner)
     ts = timesteps(run.model.schedule, STEPS, SPACING)
-    return torch.cat([sample_ddim(den, x_T[i : i + batch], ts, y=labels[i : i + batch])
-                      for i in range(0, len(x_T), batch)])  # fmt: skip
+    return torch.cat(
+        [
+            sample_ddim(den, x_T[i : i + batch], ts, y=labels[i : i + batch])
+            for i in range(0, len(x_T), batch)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -106,8 +121,15 @@ def quality(run_dir: Path, root: Path, n: int) -> dict:
     labels = run.model.conditioner.balanced(n)
     x_T = torch.randn(n, *run.shape, generator=torch.Generator().manual_seed(0))
     judge = extractors_for(["accuracy"], dataset="mnist")["judge"]
-    result = {"run": str(run_dir), "step": run.step, "n": n, "sampler": "ddim", "steps": STEPS,
-              "spacing": SPACING, "guidance": 1.0}  # fmt: skip
+    result = {
+        "run": str(run_dir),
+        "step": run.step,
+        "n": n,
+        "sampler": "ddim",
+        "steps": STEPS,
+        "spacing": SPACING,
+        "guidance": 1.0,
+    }
     samples = {}
     draws = {
         "difflab": lambda: difflab_samples(run_dir, x_T, labels),
@@ -135,8 +157,10 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/share.json")
     ap.add_argument("--skip-speed", action="store_true")
     args = ap.parse_args()
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "torch_threads": torch.get_num_threads()}  # fmt: skip
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch_threads": torch.get_num_threads(),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_speed:
             result["speed"] = speed(Path(tmp))

@@ -68,9 +68,13 @@ def reference_row(run_dir: Path, scfg, per_class: int, judge, stats) -> dict:
     """The class-label run at scfg's sampler and steps (its own guidance), per_class each."""
     run = load_run(run_dir)
     ref = dataclasses.replace(
-        run.cfg.sample, sampler=scfg.sampler, steps=scfg.steps, spacing=scfg.spacing,
-        n=10 * per_class, batch_size=scfg.batch_size,
-    )  # fmt: skip
+        run.cfg.sample,
+        sampler=scfg.sampler,
+        steps=scfg.steps,
+        spacing=scfg.spacing,
+        n=10 * per_class,
+        batch_size=scfg.batch_size,
+    )
     labels = sample_labels(run, ref.n, per_class=True)
     t0 = time.perf_counter()
     images = draw_samples(run, ref, labels=labels, progress=True)

@@ -13,8 +13,24 @@ from difflab.benchmark import BenchOptions, NoEquivalent, count_flops, resolve, 
 from difflab.cli import main
 from difflab.config import ConfigError, preset
 
-TINY = ["--batch-size", "4", "--steps", "2", "--warmup", "1", "--samplers", "ddim", "--nfe", "2",
-        "--matmul-size", "64", "--threads", "1", "--precision", "fp32"]  # fmt: skip
+TINY = [
+    "--batch-size",
+    "4",
+    "--steps",
+    "2",
+    "--warmup",
+    "1",
+    "--samplers",
+    "ddim",
+    "--nfe",
+    "2",
+    "--matmul-size",
+    "64",
+    "--threads",
+    "1",
+    "--precision",
+    "fp32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -155,15 +171,22 @@ def test_fp32_and_bf16_side_by_side_in_one_run(tmp_path, monkeypatch):
     assert r["precisions"] == ["fp32", "bf16"] and set(r["runs"]) == {"fp32", "bf16"}
     runs, c = r["runs"], r["comparison"]
     assert [runs[p]["peak"]["measured"]["dtype"] for p in ("fp32", "bf16")] == [
-        "float32", "bfloat16"]  # fmt: skip
+        "float32",
+        "bfloat16",
+    ]
     assert runs["bf16"]["settings"]["precision"]["used"] == "bf16"
-    speed = {(lib, p): runs[p]["training"][lib]["images_per_s"]
-             for lib in ("difflab", "diffusers") for p in ("fp32", "bf16")}  # fmt: skip
+    speed = {
+        (lib, p): runs[p]["training"][lib]["images_per_s"]
+        for lib in ("difflab", "diffusers")
+        for p in ("fp32", "bf16")
+    }
     assert c["images_per_s"]["difflab bf16"] == speed["difflab", "bf16"]
     assert c["ratios"]["difflab bf16 / difflab fp32"] == pytest.approx(
-        speed["difflab", "bf16"] / speed["difflab", "fp32"])  # fmt: skip
+        speed["difflab", "bf16"] / speed["difflab", "fp32"]
+    )
     assert c["ratios"]["difflab bf16 / diffusers fp32"] == pytest.approx(
-        speed["difflab", "bf16"] / speed["diffusers", "fp32"])  # fmt: skip
+        speed["difflab", "bf16"] / speed["diffusers", "fp32"]
+    )
     assert c["peak_flop_per_s"]["bf16"] == runs["bf16"]["peak"]["measured"]["flop_per_s"]
     (row,) = c["sampling_ms_per_image"]
     assert row["difflab bf16"] == runs["bf16"]["sampling"][0]["difflab"]["ms_per_image"]
@@ -210,9 +233,19 @@ def test_fallbacks_warn_and_are_recorded(monkeypatch):
 
     monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
     monkeypatch.setattr(torch, "compile", broken_compile)
-    opts = BenchOptions("toy2d", device="cpu", precision="bf16", compile=True, batch_size=4,
-                        steps=2, warmup=1, samplers=("ddim",), nfe=(2,), matmul_size=64,
-                        threads=1)  # fmt: skip
+    opts = BenchOptions(
+        "toy2d",
+        device="cpu",
+        precision="bf16",
+        compile=True,
+        batch_size=4,
+        steps=2,
+        warmup=1,
+        samplers=("ddim",),
+        nfe=(2,),
+        matmul_size=64,
+        threads=1,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = benchmark.run_benchmark(opts)

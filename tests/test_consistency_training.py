@@ -332,9 +332,17 @@ def _gaussian_fit(loss_name, steps, *extra):
     small = ["model.mlp.width=64", "model.mlp.depth=2", "model.mlp.fourier_frequencies=0"]
     cfg = apply_overrides(
         preset("toy2d-ct"),
-        [f"train.loss={loss_name}", *small, "diffusion.sigma_data=0.5", f"train.steps={steps}",
-         "consistency.s0=10", "consistency.s1=160", "diffusion.sigma_max=10", *extra],
-    )  # fmt: skip
+        [
+            f"train.loss={loss_name}",
+            *small,
+            "diffusion.sigma_data=0.5",
+            f"train.steps={steps}",
+            "consistency.s0=10",
+            "consistency.s1=160",
+            "diffusion.sigma_max=10",
+            *extra,
+        ],
+    )
     torch.manual_seed(0)
     model = build.build_model(cfg, DataKind((1,)))
     loss = build.build_loss(cfg, model.schedule)
@@ -414,15 +422,17 @@ def test_two_gloo_processes_resume_bitwise(tmp_path, teacher):
 
     def run(name, *more, extra_env=None):
         argv = [*base, "--runs", str(tmp_path), "--name", name, *FLAGS, *sets, *more]
-        return subprocess.run(argv, env={**env, **(extra_env or {})}, capture_output=True,
-                              text=True, timeout=300)  # fmt: skip
+        return subprocess.run(
+            argv, env={**env, **(extra_env or {})}, capture_output=True, text=True, timeout=300
+        )
 
     assert run("straight").returncode == 0
     fault = {"DIFFLAB_FAULT_RANK": "1", "DIFFLAB_FAULT_STEP": "3"}
     assert run("killed", extra_env=fault).returncode == 1
     resume = [sys.executable, "-m", "difflab", "train", "--resume", str(tmp_path / "killed")]
-    result = subprocess.run([*resume, "--nproc", "2", *FLAGS], env=env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [*resume, "--nproc", "2", *FLAGS], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     _same(tmp_path / "straight/checkpoints/step-4", tmp_path / "killed/checkpoints/step-4")
     assert noise_range(build.build_schedule(preset("toy2d-ct").diffusion))[1] == pytest.approx(80)

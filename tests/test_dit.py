@@ -276,9 +276,18 @@ def test_dit_weights_under_a_unet_config_are_one_clear_line(folder, tmp_path, ca
     needle = "are a DiT's (model.name=dit) but the config builds a U-Net (model.name=unet)"
     for argv in (
         ["sample", str(runs / "d"), "--n", "2", "--steps", "2", "--out", str(out), "--quiet"],
-        ["train", "--preset", "mnist", "--runs", str(runs), "--name", "u", "--quiet",
-         *_sets(folder, f"train.init_from={ckpt}")],
-    ):  # fmt: skip
+        [
+            "train",
+            "--preset",
+            "mnist",
+            "--runs",
+            str(runs),
+            "--name",
+            "u",
+            "--quiet",
+            *_sets(folder, f"train.init_from={ckpt}"),
+        ],
+    ):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, err

@@ -18,13 +18,28 @@ diffusers = pytest.importorskip(
 )
 
 TINY = [
-    "data.name=imagefolder", "data.image_size=16", "data.channels=1",
-    "model.dit.width=32", "model.dit.depth=2", "model.dit.heads=2", "model.dit.patch_size=4",
-    "diffusion.schedule=linear", "diffusion.num_steps=1000", "train.precision=fp32",
-    "train.batch_size=8", "train.steps=4", "train.warmup_steps=2", "train.log_every=2",
-    "train.checkpoint_every=4", "train.lr=3e-3", "train.ema_decay=0.5",
-    "train.time_limit_minutes=0", "sample.steps=4", "sample.n=4", "sample.batch_size=4",
-]  # fmt: skip
+    "data.name=imagefolder",
+    "data.image_size=16",
+    "data.channels=1",
+    "model.dit.width=32",
+    "model.dit.depth=2",
+    "model.dit.heads=2",
+    "model.dit.patch_size=4",
+    "diffusion.schedule=linear",
+    "diffusion.num_steps=1000",
+    "train.precision=fp32",
+    "train.batch_size=8",
+    "train.steps=4",
+    "train.warmup_steps=2",
+    "train.log_every=2",
+    "train.checkpoint_every=4",
+    "train.lr=3e-3",
+    "train.ema_decay=0.5",
+    "train.time_limit_minutes=0",
+    "sample.steps=4",
+    "sample.n=4",
+    "sample.batch_size=4",
+]
 STEPS, SPACING = 4, "trailing"
 
 
@@ -53,10 +68,16 @@ def runs(folder, tmp_path_factory):
     """A tiny unconditional (eps) and class-conditional (v, clipped) DiT, trained 4 steps."""
     root = tmp_path_factory.mktemp("runs")
     return {
-        "uncond": _train(folder, root, "u", "diffusion.prediction=eps",
-                         "data.class_conditional=false", "sample.guidance=1"),
+        "uncond": _train(
+            folder,
+            root,
+            "u",
+            "diffusion.prediction=eps",
+            "data.class_conditional=false",
+            "sample.guidance=1",
+        ),
         "cond": _train(folder, root, "c", "data.class_conditional=true", "diffusion.prediction=v"),
-    }  # fmt: skip
+    }
 
 
 def _difflab_ddim(run_dir, x_T, labels):
@@ -142,8 +163,14 @@ def test_what_diffusers_cannot_hold_names_the_part(override, needle):
 
 
 def test_export_of_a_qk_norm_dit_is_one_line_and_writes_nothing(folder, tmp_path, capsys):
-    run_dir = _train(folder, tmp_path, "qk", "model.dit.qk_norm=true", "train.steps=2",
-                     "train.checkpoint_every=2")  # fmt: skip
+    run_dir = _train(
+        folder,
+        tmp_path,
+        "qk",
+        "model.dit.qk_norm=true",
+        "train.steps=2",
+        "train.checkpoint_every=2",
+    )
     out = tmp_path / "out"
     argv = ["export", str(run_dir), "--format", "diffusers", "--out", str(out)]
     _one_error(capsys, argv, "q/k normalisation (model.dit.qk_norm)")

@@ -167,9 +167,15 @@ def test_ddim_eta_one_reproduces_the_distribution_on_the_flow_path():
     den = GaussianDenoiser(schedule, MU, S)
     n = 20000
     out = generate(
-        sample_ddim, den, n, (2,), timesteps(schedule, 200, "uniform"), seed=2, batch_size=n,
+        sample_ddim,
+        den,
+        n,
+        (2,),
+        timesteps(schedule, 200, "uniform"),
+        seed=2,
+        batch_size=n,
         eta=1.0,
-    )  # fmt: skip
+    )
     assert ((out.mean(0) - MU).abs() < 4 * S / math.sqrt(n)).all()
     assert ((out.std(0) - S).abs() < 0.02).all()
 

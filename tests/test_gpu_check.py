@@ -19,8 +19,11 @@ spec.loader.exec_module(gpu_check)
 def test_a_missing_package_without_a_wheel_is_named_with_the_fix(tmp_path):
     missing = gpu_check.missing_packages({"json": "json", "no_such_module_xyz": "no-such-pkg"})
     assert missing == ["no-such-pkg"]
-    with pytest.raises(gpu_check.CheckError, match=r"no wheel in .* for: no-such-pkg.*pip "
-                       r"download no-such-pkg -d"):  # fmt: skip
+    with pytest.raises(
+        gpu_check.CheckError,
+        match=r"no wheel in .* for: no-such-pkg.*pip "
+        r"download no-such-pkg -d",
+    ):
         gpu_check.install_plan(missing, tmp_path)
     (tmp_path / "no_such_pkg-1.0-py3-none-any.whl").write_bytes(b"")
     plan = gpu_check.install_plan(missing, tmp_path)
@@ -77,10 +80,22 @@ def gpu_check_has_cuda() -> bool:
 @pytest.mark.slow
 def test_the_dry_run_goes_end_to_end_on_the_cpu(tmp_path, shared_data):
     out = tmp_path / "out"
-    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out",
-                        str(out), "--root", str(shared_data), "--budget", "1800"],
-                       capture_output=True, text=True, env={"PYTHON": sys.executable,
-                                                            "PATH": "/usr/bin:/bin"})  # fmt: skip
+    p = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "bench" / "gpu_check.sh"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--root",
+            str(shared_data),
+            "--budget",
+            "1800",
+        ],
+        capture_output=True,
+        text=True,
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+    )
     report = json.loads((out / "results.json").read_text())
     failed = [(s["name"], s["tail"][-400:]) for s in report["stages"] if s["rc"] != 0]
     assert p.returncode == 0 and not failed, failed

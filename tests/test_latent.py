@@ -82,8 +82,12 @@ def test_the_scale_gives_unit_variance_latents_on_the_data_it_was_measured_on(tm
     images = torch.rand(64, 1, 32, 32) * 2 - 1
     codec = _codec_for(_tiny_ae(), images, tmp_path)
     generator = torch.Generator().manual_seed(3)  # the draws of measure_scale, in its order
-    z = torch.cat([codec.encode(x, torch.randn((16, *codec.shape), generator=generator))
-                   for x in images.split(16)])  # fmt: skip
+    z = torch.cat(
+        [
+            codec.encode(x, torch.randn((16, *codec.shape), generator=generator))
+            for x in images.split(16)
+        ]
+    )
     assert abs(float(z.mean())) < 1e-5 and abs(float(z.std(unbiased=False)) - 1) < 1e-5
     assert codec.scale != pytest.approx(1.0, abs=1e-3)  # the untrained encoder is not unit
     x_hat = codec.decode(codec.encode(images[:4]))  # decode undoes the shift and scale
@@ -113,14 +117,23 @@ def _ae_config(shared_data, *extra):
     return apply_overrides(
         preset("mnist-ae"),
         [
-            f"data.root={shared_data}", "model.autoencoder.base_channels=8",
-            "model.autoencoder.channel_mults=1,2", "model.autoencoder.norm_groups=4",
-            "model.autoencoder.mid_attention=false", "train.batch_size=4", "train.steps=6",
-            "train.log_every=1", "train.checkpoint_every=3", "train.autoencoder.discriminator=true",
-            "train.autoencoder.disc_start=3", "train.autoencoder.disc_width=8",
-            "train.autoencoder.disc_layers=1", "train.time_limit_minutes=0", *extra,
+            f"data.root={shared_data}",
+            "model.autoencoder.base_channels=8",
+            "model.autoencoder.channel_mults=1,2",
+            "model.autoencoder.norm_groups=4",
+            "model.autoencoder.mid_attention=false",
+            "train.batch_size=4",
+            "train.steps=6",
+            "train.log_every=1",
+            "train.checkpoint_every=3",
+            "train.autoencoder.discriminator=true",
+            "train.autoencoder.disc_start=3",
+            "train.autoencoder.disc_width=8",
+            "train.autoencoder.disc_layers=1",
+            "train.time_limit_minutes=0",
+            *extra,
         ],
-    )  # fmt: skip
+    )
 
 
 def test_the_discriminator_starts_where_configured_and_resumes_exactly(tmp_path, shared_data):
@@ -197,8 +210,20 @@ def test_a_latent_run_refuses_bad_codecs(tmp_path):
 
 
 def test_cli_refuses_a_missing_codec_with_exit_2_and_writes_nothing(tmp_path, capsys):
-    code = main(["train", "--preset", "mnist-latent", "--runs", str(tmp_path), "--name", "x",
-                 "--set", f"model.codec={tmp_path / 'nope'}", "--quiet"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--preset",
+            "mnist-latent",
+            "--runs",
+            str(tmp_path),
+            "--name",
+            "x",
+            "--set",
+            f"model.codec={tmp_path / 'nope'}",
+            "--quiet",
+        ]
+    )
     assert code == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x" / "config.json").exists()
 
@@ -208,10 +233,17 @@ def test_a_latent_run_trains_samples_and_refuses_a_changed_autoencoder(tmp_path,
     ae_run.mkdir()
     _codec_for(_tiny_ae(), torch.rand(16, 1, 32, 32) * 2 - 1, ae_run)
     cfg = _latent_cfg(
-        ae_run, f"data.root={shared_data}", "model.codec_cache=false", "model.codec_encode=sample",
-        "model.unet.base_channels=8", "model.unet.num_res_blocks=1", "train.batch_size=4",
-        "train.steps=2", "train.checkpoint_every=2", "train.time_limit_minutes=0",
-    )  # fmt: skip
+        ae_run,
+        f"data.root={shared_data}",
+        "model.codec_cache=false",
+        "model.codec_encode=sample",
+        "model.unet.base_channels=8",
+        "model.unet.num_res_blocks=1",
+        "train.batch_size=4",
+        "train.steps=2",
+        "train.checkpoint_every=2",
+        "train.time_limit_minutes=0",
+    )
     train(cfg, tmp_path / "latent", progress=False)
     saved = json.loads((tmp_path / "latent" / "config.json").read_text())
     assert saved["model"]["codec_sha256"] == sha256_file(ae_run / "codec.safetensors")

@@ -75,9 +75,13 @@ def test_a_sequence_condition_goes_through_the_one_sampling_path():
     schedule = CosineSchedule()
     conditioner = SequenceConditioner(torch.zeros(4, 8))
     model = Model(
-        _sequence_net, schedule, Denoiser(_sequence_net, schedule, "eps"), conditioner,
-        Identity(), RunKind("diffusion", DataKind((2,)), "text"),
-    )  # fmt: skip
+        _sequence_net,
+        schedule,
+        Denoiser(_sequence_net, schedule, "eps"),
+        conditioner,
+        Identity(),
+        RunKind("diffusion", DataKind((2,)), "text"),
+    )
     scfg = SampleConfig(sampler="ddim", steps=5, n=6, batch_size=4, seed=2, guidance=1.0)
     cond = conditioner.request(6, seed=5)
     conditional = model.sample(scfg, cond=cond)

@@ -28,10 +28,16 @@ from difflab.training.hooks import Hooks
 from difflab.training.loop import train
 
 TINY = [
-    "model.mlp.width=16", "model.mlp.depth=1", "train.batch_size=64", "train.steps=12",
-    "train.log_every=4", "train.checkpoint_every=12", "train.warmup_steps=0",
-    "train.ema_decay=0.9", "train.time_limit_minutes=0",
-]  # fmt: skip
+    "model.mlp.width=16",
+    "model.mlp.depth=1",
+    "train.batch_size=64",
+    "train.steps=12",
+    "train.log_every=4",
+    "train.checkpoint_every=12",
+    "train.warmup_steps=0",
+    "train.ema_decay=0.9",
+    "train.time_limit_minutes=0",
+]
 # the run's own sampler: pc with 3 corrector calls and one predictor call a step
 RAW_PC = ["sample.use_ema=false", "sample.sampler=pc", "sample.n_corrector=3", "sample.steps=4"]
 RAW_PC += ["sample.n=64", "sample.batch_size=64", "sample.spacing=uniform"]
@@ -52,8 +58,12 @@ def raw_run(tmp_path_factory):
     """A 2-D run whose config says sample.use_ema=false, trained with its evaluator on."""
     run_dir = tmp_path_factory.mktemp("runs") / "raw"
     extra = ["train.eval_every=12", "train.eval_n=64"]
-    train(apply_overrides(preset("toy2d"), [*TINY, *RAW_PC, *extra]), run_dir, progress=False,
-          hooks=training_hooks())  # fmt: skip
+    train(
+        apply_overrides(preset("toy2d"), [*TINY, *RAW_PC, *extra]),
+        run_dir,
+        progress=False,
+        hooks=training_hooks(),
+    )
     return run_dir
 
 
@@ -131,13 +141,23 @@ def test_the_final_evaluation_of_a_2d_run_carries_its_provenance(raw_run):
 
 
 def test_an_autoencoder_evaluated_raw_says_raw(tmp_path, shared_data):
-    cfg = apply_overrides(preset("mnist-ae"), [
-        f"data.root={shared_data}", "model.autoencoder.base_channels=8",
-        "model.autoencoder.channel_mults=1,2", "model.autoencoder.norm_groups=4",
-        "model.autoencoder.mid_attention=false", "train.batch_size=4", "train.steps=3",
-        "train.checkpoint_every=3", "train.autoencoder.discriminator=false",
-        "train.autoencoder.feature_weight=0", "train.ema_decay=0.5", "train.time_limit_minutes=0",
-    ])  # fmt: skip
+    cfg = apply_overrides(
+        preset("mnist-ae"),
+        [
+            f"data.root={shared_data}",
+            "model.autoencoder.base_channels=8",
+            "model.autoencoder.channel_mults=1,2",
+            "model.autoencoder.norm_groups=4",
+            "model.autoencoder.mid_attention=false",
+            "train.batch_size=4",
+            "train.steps=3",
+            "train.checkpoint_every=3",
+            "train.autoencoder.discriminator=false",
+            "train.autoencoder.feature_weight=0",
+            "train.ema_decay=0.5",
+            "train.time_limit_minutes=0",
+        ],
+    )
     train(cfg, tmp_path / "ae", progress=False)
     images = torch.rand(6, 1, 32, 32) * 2 - 1
     for use_ema, which in ((False, "model"), (True, "ema")):

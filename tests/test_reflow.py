@@ -18,10 +18,16 @@ from difflab.training.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = [
-    "model.mlp.width=32", "model.mlp.depth=1", "train.steps=30", "train.batch_size=128",
-    "train.log_every=10", "train.checkpoint_every=30", "sample.steps=4", "sample.n=300",
+    "model.mlp.width=32",
+    "model.mlp.depth=1",
+    "train.steps=30",
+    "train.batch_size=128",
+    "train.log_every=10",
+    "train.checkpoint_every=30",
+    "sample.steps=4",
+    "sample.n=300",
     "train.threads=1",
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +67,19 @@ def test_pairs_are_reproducible_and_resume_after_a_kill(runs):
 
 
 def test_reflow_trains_on_the_pairs_and_reports_straightness(runs):
-    argv = ["reflow", str(runs / "flow"), "--pairs", "200", "--chunk", "100", "--quiet",
-            "--no-finish", "--set", "train.steps=20", "train.checkpoint_every=20"]  # fmt: skip
+    argv = [
+        "reflow",
+        str(runs / "flow"),
+        "--pairs",
+        "200",
+        "--chunk",
+        "100",
+        "--quiet",
+        "--no-finish",
+        "--set",
+        "train.steps=20",
+        "train.checkpoint_every=20",
+    ]
     assert main(argv) == 0
     out = runs / "flow-reflow"
     summary = json.loads((out / "reflow.json").read_text())
@@ -127,10 +144,16 @@ def test_ot_coupling_makes_a_trained_flow_straighter(tmp_path):
     for coupling in ("independent", "ot"):
         cfg = apply_overrides(
             preset("toy2d-flow"),
-            [*TINY, "train.steps=150", "train.batch_size=256", "model.mlp.width=64",
-             "train.checkpoint_every=150", f"diffusion.coupling={coupling}",
-             "data.name=gaussians8"],
-        )  # fmt: skip
+            [
+                *TINY,
+                "train.steps=150",
+                "train.batch_size=256",
+                "model.mlp.width=64",
+                "train.checkpoint_every=150",
+                f"diffusion.coupling={coupling}",
+                "data.name=gaussians8",
+            ],
+        )
         train(cfg, tmp_path / coupling, progress=False)
         run = load_run(tmp_path / coupling)
         values[coupling] = straightness(run.model, run.cfg.sample, n=500, steps=50)[0]
@@ -154,11 +177,20 @@ def test_every_2d_figure_and_eval_compare_work_for_a_flow_run(runs, tmp_path):
 @pytest.mark.slow
 def test_a_class_conditional_flow_run_draws_its_class_grid_and_guides(shared_data, tmp_path):
     sets = [
-        f"data.root={shared_data}", "model.unet.base_channels=8", "model.unet.channel_mults=1,2",
-        "model.unet.attention_levels=1", "model.unet.norm_groups=4", "train.steps=3",
-        "train.batch_size=8", "train.checkpoint_every=3", "train.log_every=1", "sample.n=20",
-        "sample.steps=2", "train.threads=1", "sample.batch_size=20",
-    ]  # fmt: skip
+        f"data.root={shared_data}",
+        "model.unet.base_channels=8",
+        "model.unet.channel_mults=1,2",
+        "model.unet.attention_levels=1",
+        "model.unet.norm_groups=4",
+        "train.steps=3",
+        "train.batch_size=8",
+        "train.checkpoint_every=3",
+        "train.log_every=1",
+        "sample.n=20",
+        "sample.steps=2",
+        "train.threads=1",
+        "sample.batch_size=20",
+    ]
     argv = ["train", "--preset", "mnist-flow", "--runs", str(tmp_path), "--name", "m", "--quiet"]
     assert main([*argv, "--set", *sets]) == 0
     plots = tmp_path / "m" / "plots"

@@ -75,8 +75,14 @@ def test_an_option_dependent_cost_needs_the_options():
 
 def test_compare_sweeps_the_deterministic_solvers():
     assert set(deterministic_samplers()) == {
-        "ddim", "euler", "heun", "dpm_2s", "dpmpp_2m", "dpmpp_3m", "unipc"
-    }  # fmt: skip
+        "ddim",
+        "euler",
+        "heun",
+        "dpm_2s",
+        "dpmpp_2m",
+        "dpmpp_3m",
+        "unipc",
+    }
 
 
 def test_flags_come_from_the_registry():

@@ -23,14 +23,29 @@ diffusers = pytest.importorskip(
 )
 
 TINY = [
-    "data.name=imagefolder", "data.image_size=16", "data.channels=1",
-    "model.unet.base_channels=16", "model.unet.channel_mults=1,2", "model.unet.num_res_blocks=1",
-    "model.unet.attention_levels=1", "model.unet.norm_groups=8", "model.unet.dropout=0.0",
-    "model.unet.num_heads=2", "diffusion.schedule=linear", "diffusion.num_steps=1000",
-    "train.batch_size=8", "train.steps=4", "train.warmup_steps=2", "train.log_every=2",
-    "train.checkpoint_every=4", "train.lr=3e-3", "train.ema_decay=0.5", "sample.steps=4",
-    "sample.n=4", "sample.batch_size=4",
-]  # fmt: skip
+    "data.name=imagefolder",
+    "data.image_size=16",
+    "data.channels=1",
+    "model.unet.base_channels=16",
+    "model.unet.channel_mults=1,2",
+    "model.unet.num_res_blocks=1",
+    "model.unet.attention_levels=1",
+    "model.unet.norm_groups=8",
+    "model.unet.dropout=0.0",
+    "model.unet.num_heads=2",
+    "diffusion.schedule=linear",
+    "diffusion.num_steps=1000",
+    "train.batch_size=8",
+    "train.steps=4",
+    "train.warmup_steps=2",
+    "train.log_every=2",
+    "train.checkpoint_every=4",
+    "train.lr=3e-3",
+    "train.ema_decay=0.5",
+    "sample.steps=4",
+    "sample.n=4",
+    "sample.batch_size=4",
+]
 STEPS, SPACING = 8, "trailing"
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -222,8 +237,16 @@ def test_mapped_weights_give_diffusers_the_same_network(classes):
     cfg = apply_overrides(preset("imagefolder"), TINY)
     u = cfg.model.unet
     torch.manual_seed(0)
-    net = UNet(in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-               attention_levels=(1,), num_heads=2, norm_groups=8, num_classes=classes)  # fmt: skip
+    net = UNet(
+        in_channels=1,
+        base_channels=16,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        num_heads=2,
+        norm_groups=8,
+        num_classes=classes,
+    )
     for p in net.parameters():
         p.data.normal_(0, 0.05)  # zero-initialised layers would hide a mapping error
     unet = diffusers.UNet2DModel(**unet2d_config(cfg.model, (1, 16, 16), classes))
@@ -247,8 +270,14 @@ def test_import_refuses_a_folder_that_is_not_diffusers(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_export_of_an_edm_run_is_refused_and_writes_nothing(folder, tmp_path, capsys):
-    edm = _train(folder, tmp_path, "edm", "diffusion.prediction=edm", "diffusion.schedule=edm",
-                 "diffusion.num_steps=0")  # fmt: skip
+    edm = _train(
+        folder,
+        tmp_path,
+        "edm",
+        "diffusion.prediction=edm",
+        "diffusion.schedule=edm",
+        "diffusion.num_steps=0",
+    )
     out = tmp_path / "out"
     _one_error(capsys, ["export", str(edm), "--format", "diffusers", "--out", str(out)], "EDM")
     assert not out.exists()
@@ -264,8 +293,16 @@ def test_report_page_holds_every_figure(report_run, tmp_path):
     files = referenced_files(page)
     assert sorted(files) == sorted(str(p.relative_to(run_dir)) for p in every)
     assert all((run_dir / f).is_file() for f in files)
-    for needle in ("learning rate", "gradient norm", "parameter norm", "throughput", "config",
-                   'name="viewport"', "grid-step-4.png", "denoising.gif"):  # fmt: skip
+    for needle in (
+        "learning rate",
+        "gradient norm",
+        "parameter norm",
+        "throughput",
+        "config",
+        'name="viewport"',
+        "grid-step-4.png",
+        "denoising.gif",
+    ):
         assert needle in page, needle
     assert "http://" not in page and "https://" not in page  # no network
     assert main(["report", str(run_dir)]) == 0
@@ -275,8 +312,15 @@ def test_report_page_holds_every_figure(report_run, tmp_path):
 def test_report_renders_in_headless_chromium(report_run):
     assert BROWSER is not None, "DIFFLAB_TESTS_REQUIRE names chromium, but it is not on PATH"
     page = report_run / "report.html"
-    argv = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
-            "--dump-dom", page.resolve().as_uri()]  # fmt: skip
+    argv = [
+        BROWSER,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        page.resolve().as_uri(),
+    ]
     dom = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
     body = dom[dom.index("<body") : dom.index(">", dom.index("<body"))]  # the attributes set
     assert 'data-images-ok="1"' in body and "data-script-error" not in body, body

@@ -19,9 +19,15 @@ from difflab.training.parts import build_parts
 from difflab.training.step import IntervalStats, train_step
 
 SMALL_UNET = dict(
-    in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,),
-    num_heads=2, norm_groups=8, num_classes=3,
-)  # fmt: skip
+    in_channels=1,
+    base_channels=16,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_levels=(1,),
+    num_heads=2,
+    norm_groups=8,
+    num_classes=3,
+)
 
 
 def _saved_bytes(fn) -> int:
@@ -64,12 +70,20 @@ def _image_cfg(tmp_path, *extra):
     for k in range(12):
         Image.fromarray(g.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / f"{k}.png")
     sets = [
-        "data.name=imagefolder", f"data.root={folder}", "data.image_size=16", "data.channels=1",
-        "model.unet.base_channels=16", "model.unet.channel_mults=1,2",
-        "model.unet.num_res_blocks=1", "model.unet.attention_levels=1",
-        "model.unet.norm_groups=8", "model.unet.dropout=0.0",
-        "train.batch_size=4", "train.threads=1", *extra,
-    ]  # fmt: skip
+        "data.name=imagefolder",
+        f"data.root={folder}",
+        "data.image_size=16",
+        "data.channels=1",
+        "model.unet.base_channels=16",
+        "model.unet.channel_mults=1,2",
+        "model.unet.num_res_blocks=1",
+        "model.unet.attention_levels=1",
+        "model.unet.norm_groups=8",
+        "model.unet.dropout=0.0",
+        "train.batch_size=4",
+        "train.threads=1",
+        *extra,
+    ]
     return apply_overrides(preset("imagefolder"), sets)
 
 
@@ -208,8 +222,9 @@ def test_keeping_freed_memory_stops_the_per_step_page_faults():
     env.pop("DIFFLAB_KEEP_FREED_MEMORY", None)
 
     def faults(mode: str) -> int:
-        run = subprocess.run([sys.executable, "-c", CHURN, mode], capture_output=True, text=True,
-                             env=env, check=True)  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-c", CHURN, mode], capture_output=True, text=True, env=env, check=True
+        )
         return int(run.stdout.split()[-1])
 
     pages = 5 * 48 * 4 * 2**20 // 4096  # what five steps touch

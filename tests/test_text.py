@@ -158,10 +158,17 @@ def test_the_cache_key_follows_weights_and_captions(tmp_path):
 def _text_net(encoder, seed=0, levels=(1,)):
     torch.manual_seed(seed)
     net = UNet(
-        in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-        attention_levels=(1,), num_heads=2, norm_groups=8, dropout=0.0,
-        cross_attention_levels=levels, text_encoder=encoder,
-    )  # fmt: skip
+        in_channels=1,
+        base_channels=16,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        num_heads=2,
+        norm_groups=8,
+        dropout=0.0,
+        cross_attention_levels=levels,
+        text_encoder=encoder,
+    )
     with torch.no_grad():  # wake the zero-initialised layers, so every path matters
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -171,9 +178,15 @@ def _text_net(encoder, seed=0, levels=(1,)):
 def test_a_zero_context_equals_the_net_without_cross_attention():
     torch.manual_seed(0)
     plain = UNet(
-        in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-        attention_levels=(1,), num_heads=2, norm_groups=8, dropout=0.0,
-    ).eval()  # fmt: skip
+        in_channels=1,
+        base_channels=16,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_levels=(1,),
+        num_heads=2,
+        norm_groups=8,
+        dropout=0.0,
+    ).eval()
     text = _text_net(FrozenContext(12))
     # the plain net gets every weight of the text net but its cross-attention and pooling
     stages = zip([*plain.down, plain.mid, *plain.up], [*text.down, text.mid, *text.up], strict=True)

@@ -251,9 +251,16 @@ def test_meaningless_combinations_are_refused(tmp_path):
     for extra, message in (
         (["diffusion.schedule=ve", "diffusion.num_steps=0"], "variance-preserving"),  # v on VE
         (["diffusion.schedule=edm"], "num_steps=0"),  # EDM has no table
-        (["diffusion.schedule=edm", "diffusion.num_steps=0", "diffusion.prediction=eps",
-          "diffusion.target=v"], "v-space loss"),
-    ):  # fmt: skip
+        (
+            [
+                "diffusion.schedule=edm",
+                "diffusion.num_steps=0",
+                "diffusion.prediction=eps",
+                "diffusion.target=v",
+            ],
+            "v-space loss",
+        ),
+    ):
         with pytest.raises(ConfigError, match=message):
             train(_cfg("train.steps=5", *extra), tmp_path / "run", progress=False)
         assert not (tmp_path / "run").exists()

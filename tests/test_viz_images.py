@@ -109,9 +109,15 @@ def test_every_function_writes_a_png(tmp_path, channels):
 def test_denoising_gif_frames(tmp_path, steps, max_frames, expected):
     ts, xs, x0_hats = trajectory(steps, k=3, channels=3)
     path = denoising_gif(
-        ts, xs, x0_hats, tmp_path / "gif" / "denoise.gif", labels=[0, 1, 2],
-        class_names=["zero", "one", "two"], max_frames=max_frames, scale=2,
-    )  # fmt: skip
+        ts,
+        xs,
+        x0_hats,
+        tmp_path / "gif" / "denoise.gif",
+        labels=[0, 1, 2],
+        class_names=["zero", "one", "two"],
+        max_frames=max_frames,
+        scale=2,
+    )
     with Image.open(path) as gif:
         frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(gif)]
         assert gif.info["duration"] == 1000  # the last frame read is the one held

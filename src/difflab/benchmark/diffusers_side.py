@@ -118,8 +118,9 @@ def diffusers_side(setup: Setup, diffusers) -> Side:
         return counted.calls
 
     names = {s: f"diffusers {name}" for s, (name, _) in SCHEDULERS.items()}
-    side = Side("diffusers", f"diffusers {diffusers.__version__}", unet, loss, optimizer, sample,
-                names)  # fmt: skip
+    side = Side(
+        "diffusers", f"diffusers {diffusers.__version__}", unet, loss, optimizer, sample, names
+    )
     side.info["objective"] = f"DDPMScheduler.add_noise, {sched_config['prediction_type']} MSE"
     side.info["dit_config" if dit else "unet2d_config"] = {
         k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if v is not None

@@ -84,8 +84,15 @@ class Setup:
 
 
 def _check_numbers(o: BenchOptions) -> None:
-    for key, low in (("batch_size", 0), ("steps", 1), ("warmup", 0), ("sample_batch", 0),
-                     ("sample_rounds", 1), ("matmul_size", 0), ("threads", 0)):  # fmt: skip
+    for key, low in (
+        ("batch_size", 0),
+        ("steps", 1),
+        ("warmup", 0),
+        ("sample_batch", 0),
+        ("sample_rounds", 1),
+        ("matmul_size", 0),
+        ("threads", 0),
+    ):
         value = getattr(o, key)
         if not isinstance(value, int) or value < low:
             flag = "--" + key.replace("_", "-")
@@ -150,9 +157,17 @@ def resolve(o: BenchOptions) -> Setup:
         CPU_IMAGE_BATCH if image and device.type == "cpu" else cfg.train.batch_size
     )
     setup = Setup(
-        o, cfg, shape, classes, device, dtype, channels_last, batch, o.sample_batch or batch,
+        o,
+        cfg,
+        shape,
+        classes,
+        device,
+        dtype,
+        channels_last,
+        batch,
+        o.sample_batch or batch,
         o.matmul_size or (8192 if device.type == "cuda" else 2048),
-    )  # fmt: skip
+    )
     for message in notes:
         setup.warn(message)
     if device.type == "cuda" and dtype is None and torch.backends.cudnn.allow_tf32:

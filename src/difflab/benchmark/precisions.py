@@ -70,8 +70,12 @@ def compare(runs: dict[str, dict]) -> dict:
                 cell = other.get(library)
                 entry[f"{library} {asked}"] = cell["ms_per_image"] if cell else None
         sampling.append(entry)
-    return {"images_per_s": training, "peak_flop_per_s": peaks, "ratios": ratios,
-            "sampling_ms_per_image": sampling}  # fmt: skip
+    return {
+        "images_per_s": training,
+        "peak_flop_per_s": peaks,
+        "ratios": ratios,
+        "sampling_ms_per_image": sampling,
+    }
 
 
 def comparison_markdown(result: dict) -> list[str]:
@@ -95,8 +99,11 @@ def comparison_markdown(result: dict) -> list[str]:
     lines += [f"| {k} | {v / 1e9:,.1f} |" for k, v in c["peak_flop_per_s"].items()]
     if c["sampling_ms_per_image"]:
         keys = [k for k in c["sampling_ms_per_image"][0] if k not in ("sampler", "nfe_budget")]
-        lines += ["", "| sampler | NFE | " + " | ".join(f"{k} ms/image" for k in keys) + " |",
-                  "|---|---|" + "---|" * len(keys)]  # fmt: skip
+        lines += [
+            "",
+            "| sampler | NFE | " + " | ".join(f"{k} ms/image" for k in keys) + " |",
+            "|---|---|" + "---|" * len(keys),
+        ]
         for row in c["sampling_ms_per_image"]:
             cells = ["n/a" if row[k] is None else f"{row[k]:.3g}" for k in keys]
             lines.append(f"| {row['sampler']} | {row['nfe_budget']} | " + " | ".join(cells) + " |")

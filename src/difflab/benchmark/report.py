@@ -20,12 +20,15 @@ def _ratio(value: float | None, digits: int = 2) -> str:
 def _train_row(r: dict, spec: bool) -> str:
     s = r["step"]
     cells = [
-        r["library"], f"{r['params']:,}", f"{r['images_per_s']:.2f}",
+        r["library"],
+        f"{r['params']:,}",
+        f"{r['images_per_s']:.2f}",
         f"{1e3 * s['mean_s']:.1f} ± {1e3 * s['std_s']:.1f} "
         f"({1e3 * s['min_s']:.1f}–{1e3 * s['max_s']:.1f})",
-        f"{r['flops_per_step'] / 1e9:.2f}", f"{r['flop_per_s'] / 1e9:.1f}",
+        f"{r['flops_per_step'] / 1e9:.2f}",
+        f"{r['flop_per_s'] / 1e9:.1f}",
         f"{r['fraction_of_measured_peak']:.1%}",
-    ]  # fmt: skip
+    ]
     if spec:
         cells.append(f"{r['fraction_of_spec_sheet']:.1%}")
     cells += [f"{r['peak_memory_mb']:.0f}", "yes" if r["compiled"] else "no"]
@@ -34,9 +37,19 @@ def _train_row(r: dict, spec: bool) -> str:
 
 def _training(result: dict) -> list[str]:
     t, spec = result["training"], result["peak"]["spec_sheet"]
-    head = ["library", "parameters", "images/s", "step ms: mean ± sd (min–max)", "GFLOP/step",
-            "GFLOP/s", "of measured matmul peak"] + (["of spec sheet"] if spec else []) + [
-            "peak memory MB", "compiled"]  # fmt: skip
+    head = (
+        [
+            "library",
+            "parameters",
+            "images/s",
+            "step ms: mean ± sd (min–max)",
+            "GFLOP/step",
+            "GFLOP/s",
+            "of measured matmul peak",
+        ]
+        + (["of spec sheet"] if spec else [])
+        + ["peak memory MB", "compiled"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append(_train_row(t["difflab"], bool(spec)))
     d = t["diffusers"]

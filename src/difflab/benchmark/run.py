@@ -139,11 +139,14 @@ def _training(sides: list[Side], setup: Setup, peak: MatmulPeak) -> dict:
     for side in sides:
         stats = spread(seconds[side.name])
         out[side.name] = {
-            "library": side.label, "params": side.params,
-            "images_per_s": setup.batch_size / stats["mean_s"], "step": stats,
-            "flops_per_step": flops[side.name], "flop_per_s": flops[side.name] / stats["mean_s"],
+            "library": side.label,
+            "params": side.params,
+            "images_per_s": setup.batch_size / stats["mean_s"],
+            "step": stats,
+            "flops_per_step": flops[side.name],
+            "flop_per_s": flops[side.name] / stats["mean_s"],
             **side.info,
-        }  # fmt: skip
+        }
     if len(sides) == 2:
         a, b = (seconds[s.name] for s in sides)
         ours, theirs = out["difflab"]["images_per_s"], out["diffusers"]["images_per_s"]
@@ -169,8 +172,9 @@ def _fractions(training: dict, peaks: dict, setup: Setup) -> None:
             )
 
 
-def _sampling_row(name: str, nfe: int, sides: list[Side], seconds: dict, calls: dict,
-                  setup: Setup) -> dict:  # fmt: skip
+def _sampling_row(
+    name: str, nfe: int, sides: list[Side], seconds: dict, calls: dict, setup: Setup
+) -> dict:
     row = {"sampler": name, "nfe_budget": nfe, "steps": steps_for_nfe(name, nfe, setup.cfg.sample)}
     for side in sides:
         if side.name not in seconds:  # diffusers has no scheduler for this sampler
@@ -179,9 +183,11 @@ def _sampling_row(name: str, nfe: int, sides: list[Side], seconds: dict, calls: 
         stats = spread(seconds[side.name])
         row[side.name] = {
             "ms_per_image": 1e3 * stats["mean_s"] / setup.sample_batch,
-            "nfe": calls[side.name], "runs": side.samplers[name], "call": stats,
+            "nfe": calls[side.name],
+            "runs": side.samplers[name],
+            "call": stats,
             "compiled": side.info["compiled"],
-        }  # fmt: skip
+        }
     row.setdefault("diffusers", None)  # no diffusers side at all
     a, b = row["difflab"], row["diffusers"]
     row["ratio_ms_per_image"] = a["ms_per_image"] / b["ms_per_image"] if b else None
@@ -219,15 +225,24 @@ def _sampling(sides: list[Side], setup: Setup) -> list[dict]:
 def _settings(setup: Setup, sides: list[Side]) -> dict:
     o = setup.opts
     return {
-        "batch_size": setup.batch_size, "steps": o.steps, "warmup": o.warmup,
+        "batch_size": setup.batch_size,
+        "steps": o.steps,
+        "warmup": o.warmup,
         "precision": {"requested": o.precision, "used": setup.precision},
-        "compile": {"requested": o.compile,
-                    "used": {side.name: side.info["compiled"] for side in sides}},
-        "channels_last": setup.channels_last, "samplers": list(o.samplers), "nfe": list(o.nfe),
-        "sample_batch": setup.sample_batch, "sample_rounds": o.sample_rounds,
-        "sampling_spacing": setup.cfg.sample.spacing, "seed": o.seed,
-        "shape": list(setup.shape), "classes": setup.classes,
-    }  # fmt: skip
+        "compile": {
+            "requested": o.compile,
+            "used": {side.name: side.info["compiled"] for side in sides},
+        },
+        "channels_last": setup.channels_last,
+        "samplers": list(o.samplers),
+        "nfe": list(o.nfe),
+        "sample_batch": setup.sample_batch,
+        "sample_rounds": o.sample_rounds,
+        "sampling_spacing": setup.cfg.sample.spacing,
+        "seed": o.seed,
+        "shape": list(setup.shape),
+        "classes": setup.classes,
+    }
 
 
 def run_benchmark(opts: BenchOptions) -> dict:

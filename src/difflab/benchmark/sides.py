@@ -115,9 +115,16 @@ def difflab_side(setup: Setup) -> Side:
         steps, n = steps_for_nfe(sampler, nfe, cfg.sample), setup.sample_batch
         # guidance 1 on class-balanced labels: one network evaluation per step, as diffusers'
         scfg = dataclasses.replace(
-            cfg.sample, sampler=sampler, steps=steps, n=n, batch_size=n, seed=setup.opts.seed,
-            guidance=1.0, compile=False, precision=setup.precision,
-        )  # fmt: skip
+            cfg.sample,
+            sampler=sampler,
+            steps=steps,
+            n=n,
+            batch_size=n,
+            seed=setup.opts.seed,
+            guidance=1.0,
+            compile=False,
+            precision=setup.precision,
+        )
         runner = model.with_net(counted)
         runner.sample(scfg, cond=runner.conditioner.balanced(n))
         return counted.calls

@@ -16,9 +16,17 @@ from difflab.samplers import SAMPLERS
 
 # Options every sampler shares; each sampler's own (--eta, --churn, ...) come from the registry.
 SAMPLE_FLAGS = (
-    "sampler", "steps", "spacing", "t_end", "n", "seed", "guidance", "guidance_tmin",
-    "guidance_tmax", "shift",
-)  # fmt: skip
+    "sampler",
+    "steps",
+    "spacing",
+    "t_end",
+    "n",
+    "seed",
+    "guidance",
+    "guidance_tmin",
+    "guidance_tmax",
+    "shift",
+)
 
 # The guidance method and its knobs (diffusion/guidance.py), on every command that samples.
 GUIDANCE_FLAGS = ("guidance_method", "apg_eta", "apg_momentum", "apg_threshold", "guide_with")
@@ -81,13 +89,17 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
         "--guidance", type=float, help="classifier-free guidance scale (conditional runs)"
     )
     p.add_argument(
-        "--guidance-tmin", dest="guidance_tmin", type=float,
+        "--guidance-tmin",
+        dest="guidance_tmin",
+        type=float,
         help="guide only above this noise level sigma / alpha (conditional below it)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--guidance-tmax", dest="guidance_tmax", type=float,
+        "--guidance-tmax",
+        dest="guidance_tmax",
+        type=float,
         help="guide only up to this noise level (conditional above it; 0 = no limit)",
-    )  # fmt: skip
+    )
     _add_guidance_flags(p)
     p.add_argument("--class", dest="class_label", type=int, help="sample this class only")
     p.add_argument("--per-class", action="store_true", help="n / num_classes samples of each class")
@@ -304,9 +316,13 @@ def _add_reflow_parser(sub) -> None:
     p.add_argument("--no-init", action="store_true", help="train from scratch, not from RUN")
     p.add_argument("--pairs-only", action="store_true", help="draw the pairs, train nothing")
     p.add_argument(
-        "--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
         help="override the reflow run's config, e.g. train.steps=4000",
-    )  # fmt: skip
+    )
     p.add_argument("--no-finish", action="store_true", help="skip the final figures")
     p.add_argument("--quiet", action="store_true")
     _add_sampler_flags(p)

@@ -50,11 +50,16 @@ def cmd_reflow(args: argparse.Namespace) -> int:
     after_run = load_run(out_dir, device=args.device)
     after = straightness(after_run.model, dataclasses.replace(scfg))[0]
     summary = {
-        "source": str(run.checkpoint), "pairs": str(folder), "n_pairs": args.pairs,
-        "pairs_seconds": pair_s, "train_seconds": train_s, "checkpoint": str(ckpt),
+        "source": str(run.checkpoint),
+        "pairs": str(folder),
+        "n_pairs": args.pairs,
+        "pairs_seconds": pair_s,
+        "train_seconds": train_s,
+        "checkpoint": str(ckpt),
         "straightness": {"source": before, "reflow": after},
-        "sampler": scfg.sampler, "steps": scfg.steps,
-    }  # fmt: skip
+        "sampler": scfg.sampler,
+        "steps": scfg.steps,
+    }
     write_text_atomically(out_dir / "reflow.json", json.dumps(summary, indent=2) + "\n")
     print(f"difflab: straightness S(Z): {run.run_dir.name} {before:.4g}, {name} {after:.4g}")
     if not args.no_finish:

@@ -25,8 +25,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             args.run, args.out, args.dtype, force=args.force, checkpoint=args.checkpoint
         )
     size = sum(p.stat().st_size for p in ([out] if out.is_file() else out.rglob("*")))
-    print(f"difflab: exported {args.run} ({args.format}) in {time.perf_counter() - start:.1f} s "
-          f"-> {out} ({size / 1e6:.2f} MB)")  # fmt: skip
+    print(
+        f"difflab: exported {args.run} ({args.format}) in {time.perf_counter() - start:.1f} s "
+        f"-> {out} ({size / 1e6:.2f} MB)"
+    )
     return 0
 
 

@@ -48,9 +48,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         with lock, faults.StopSignals() as stop, oom:  # SIGINT / SIGTERM: checkpoint, then stop
             ckpt = train(
-                cfg, run_dir, resume=bool(args.resume), progress=not args.quiet,
+                cfg,
+                run_dir,
+                resume=bool(args.resume),
+                progress=not args.quiet,
                 hooks=training_hooks(),
-            )  # fmt: skip
+            )
     except KeyboardInterrupt:
         if world.is_main:
             print(

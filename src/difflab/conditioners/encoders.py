@@ -82,9 +82,12 @@ class MiniLMEncoder:
         out = []
         for first in range(0, len(prompts), batch_size):
             batch = self.tokenizer(
-                prompts[first : first + batch_size], padding="max_length", truncation=True,
-                max_length=self.max_tokens, return_tensors="pt",
-            ).to(self.device)  # fmt: skip
+                prompts[first : first + batch_size],
+                padding="max_length",
+                truncation=True,
+                max_length=self.max_tokens,
+                return_tensors="pt",
+            ).to(self.device)
             states = self.model(**batch).last_hidden_state  # (b, L, 384)
             out.append((states * batch["attention_mask"][..., None]).float().cpu())
         return torch.cat(out), truncated

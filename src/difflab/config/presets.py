@@ -35,9 +35,14 @@ from difflab.config.recipes import (
 def _consistency_sampling(n: int, batch_size: int, t_end: float, guidance: float = 1.0):
     # Two steps, the second from the noise level at t_end (karras: steps > 2 spread between).
     return SampleConfig(
-        sampler="consistency", steps=2, spacing="karras", t_end=t_end, n=n,
-        batch_size=batch_size, guidance=guidance,
-    )  # fmt: skip
+        sampler="consistency",
+        steps=2,
+        spacing="karras",
+        t_end=t_end,
+        n=n,
+        batch_size=batch_size,
+        guidance=guidance,
+    )
 
 
 def toy2d_ct() -> RunConfig:
@@ -47,12 +52,17 @@ def toy2d_ct() -> RunConfig:
         preset="toy2d-ct",
         diffusion=DiffusionConfig(schedule="edm", num_steps=0, prediction="edm", sigma_data=1.0),
         train=TrainConfig(
-            loss="ict", steps=5000, lr=1e-3, lr_schedule="constant", warmup_steps=100,
-            log_every=50, checkpoint_every=1000,
+            loss="ict",
+            steps=5000,
+            lr=1e-3,
+            lr_schedule="constant",
+            warmup_steps=100,
+            log_every=50,
+            checkpoint_every=1000,
         ),
         sample=_consistency_sampling(20000, 20000, t_end=0.8),
         consistency=ConsistencyConfig(s0=10, s1=1280),
-    )  # fmt: skip
+    )
 
 
 def _tuned(base: RunConfig, name: str, loss: str, teacher: str, train: dict, **consistency):
@@ -74,11 +84,22 @@ def _toy2d_student(name: str, loss: str, steps: int, **consistency) -> RunConfig
     ECT (bench/RESULTS.md). Precision auto: bf16 where the CPU has it, the same samples in
     fewer seconds (bench/RESULTS.md)."""
     cfg = _tuned(
-        toy2d(), name, loss, "runs/toy2d",
-        dict(steps=steps, lr=1e-3, lr_schedule="cosine", warmup_steps=0, ema_decay=0.99,
-             log_every=50, checkpoint_every=1000, precision="auto"),
+        toy2d(),
+        name,
+        loss,
+        "runs/toy2d",
+        dict(
+            steps=steps,
+            lr=1e-3,
+            lr_schedule="cosine",
+            warmup_steps=0,
+            ema_decay=0.99,
+            log_every=50,
+            checkpoint_every=1000,
+            precision="auto",
+        ),
         **consistency,
-    )  # fmt: skip
+    )
     return dataclasses.replace(cfg, sample=_consistency_sampling(20000, 20000, t_end=0.0886))
 
 
@@ -94,9 +115,14 @@ def toy2d_cd() -> RunConfig:
     everywhere beat 18 grid levels of one Heun step each, and the weighting lifts one-step samples
     from 0.79 to 0.89 in-square (bench/RESULTS.md)."""
     return _toy2d_student(
-        "toy2d-cd", "cd", 1800, num_levels=10, solver_substeps=3, levels="jitter",
+        "toy2d-cd",
+        "cd",
+        1800,
+        num_levels=10,
+        solver_substeps=3,
+        levels="jitter",
         weighting="inverse_gap",
-    )  # fmt: skip
+    )
 
 
 # The mnist preset's precision is auto (bf16 on bf16 hardware). mnist-cd keeps fp32: a consistency
@@ -113,10 +139,21 @@ def mnist_ect() -> RunConfig:
     samples in the same time), the second step from noise level 1.4 (t_end 0.325 on the linear
     table; 1.0, 1.4, 2.0 and the old 0.72 compared on the training split, bench/RESULTS.md)."""
     cfg = _tuned(
-        mnist(), "mnist-ect", "ect", "runs/mnist",
-        dict(steps=780, lr=5e-5, lr_schedule="constant", warmup_steps=0, log_every=25,
-             checkpoint_every=200, time_limit_minutes=10.0, precision="auto"),
-    )  # fmt: skip
+        mnist(),
+        "mnist-ect",
+        "ect",
+        "runs/mnist",
+        dict(
+            steps=780,
+            lr=5e-5,
+            lr_schedule="constant",
+            warmup_steps=0,
+            log_every=25,
+            checkpoint_every=200,
+            time_limit_minutes=10.0,
+            precision="auto",
+        ),
+    )
     return dataclasses.replace(cfg, sample=_consistency_sampling(100, 100, t_end=0.3252))
 
 
@@ -124,11 +161,22 @@ def mnist_cd() -> RunConfig:
     """CD of a trained mnist run, its guided teacher (scale 1.25, the mnist preset's) distilled
     so the student samples with one undoubled batch (guidance 1), in fp32 (as mnist-ect)."""
     cfg = _tuned(
-        mnist(), "mnist-cd", "cd", "runs/mnist",
-        dict(steps=400, lr=1e-4, lr_schedule="constant", warmup_steps=0, log_every=25,
-             checkpoint_every=200, time_limit_minutes=10.0, precision=_CONSISTENCY_PRECISION),
+        mnist(),
+        "mnist-cd",
+        "cd",
+        "runs/mnist",
+        dict(
+            steps=400,
+            lr=1e-4,
+            lr_schedule="constant",
+            warmup_steps=0,
+            log_every=25,
+            checkpoint_every=200,
+            time_limit_minutes=10.0,
+            precision=_CONSISTENCY_PRECISION,
+        ),
         teacher_guidance=1.25,
-    )  # fmt: skip
+    )
     return dataclasses.replace(cfg, sample=_consistency_sampling(100, 100, t_end=0.2))
 
 
@@ -169,10 +217,17 @@ def _autoencoder(name: str, data: str, ae: AutoencoderConfig) -> RunConfig:
         data=DataConfig(name=data),
         model=ModelConfig(name="autoencoder", autoencoder=ae),
         train=TrainConfig(
-            loss="autoencoder", steps=1200, batch_size=64, lr=1e-3, warmup_steps=100,
-            ema_decay=0.999, log_every=50, checkpoint_every=400, time_limit_minutes=10.0,
+            loss="autoencoder",
+            steps=1200,
+            batch_size=64,
+            lr=1e-3,
+            warmup_steps=100,
+            ema_decay=0.999,
+            log_every=50,
+            checkpoint_every=400,
+            time_limit_minutes=10.0,
         ),
-    )  # fmt: skip
+    )
 
 
 def mnist_latent() -> RunConfig:
@@ -180,9 +235,14 @@ def mnist_latent() -> RunConfig:
     autoencoder run): a U-Net 8 -> 4 pixels, 16x fewer pixels per convolution than mnist's."""
     cfg = mnist()
     unet = UNetConfig(
-        base_channels=64, channel_mults=(1, 2), num_res_blocks=2, attention_levels=(1,),
-        num_heads=4, dropout=0.0, norm_groups=8,
-    )  # fmt: skip
+        base_channels=64,
+        channel_mults=(1, 2),
+        num_res_blocks=2,
+        attention_levels=(1,),
+        num_heads=4,
+        dropout=0.0,
+        norm_groups=8,
+    )
     return dataclasses.replace(
         cfg,
         preset="mnist-latent",

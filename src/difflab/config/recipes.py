@@ -148,9 +148,12 @@ def mnist_flow() -> RunConfig:
         cfg,
         preset="mnist-flow",
         diffusion=DiffusionConfig(
-            schedule="rectified", num_steps=0, prediction="velocity", t_sampling="logit_normal",
+            schedule="rectified",
+            num_steps=0,
+            prediction="velocity",
+            t_sampling="logit_normal",
             clip_x0=1.0,
         ),
         # the checkerboard flow's best at 10 evaluations; not yet measured on MNIST
         sample=dataclasses.replace(cfg.sample, sampler="dpmpp_2m", steps=10, spacing="uniform"),
-    )  # fmt: skip
+    )

@@ -26,35 +26,56 @@ from difflab.errors import ConfigError
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Fashion-MNIST's ten classes, each with a paraphrase: "a photo of a sneaker", "an ankle boot"
 FASHION_WORDS = (
-    ("t-shirt", "top"), ("pair of trousers", "pair of pants"), ("pullover", "sweater"),
-    ("dress", "frock"), ("coat", "jacket"), ("sandal", "summer shoe"), ("shirt", "blouse"),
-    ("sneaker", "trainer"), ("bag", "handbag"), ("ankle boot", "boot"),
-)  # fmt: skip
+    ("t-shirt", "top"),
+    ("pair of trousers", "pair of pants"),
+    ("pullover", "sweater"),
+    ("dress", "frock"),
+    ("coat", "jacket"),
+    ("sandal", "summer shoe"),
+    ("shirt", "blouse"),
+    ("sneaker", "trainer"),
+    ("bag", "handbag"),
+    ("ankle boot", "boot"),
+)
 
 # {word}: the class word ("seven"), {digit}: its numeral (MNIST only), {alt}: a paraphrase
 # (Fashion), {a}: "a" or "an" before the word that follows it ("an eight", "an 8").
 MNIST_TEMPLATES = {
     "seen": (
-        "a handwritten {word}", "the digit {digit}, written by hand", "{word}",
-        "the number {word}", "{a} {digit}", "a picture of the digit {word}",
-        "handwritten digit {digit}", "an image of a handwritten {digit}",
+        "a handwritten {word}",
+        "the digit {digit}, written by hand",
+        "{word}",
+        "the number {word}",
+        "{a} {digit}",
+        "a picture of the digit {word}",
+        "handwritten digit {digit}",
+        "an image of a handwritten {digit}",
     ),
     "held_out": (
-        "a scan of the number {digit}", "someone wrote the digit {word}",
-        "a drawing of {a} {word}", "the handwritten numeral {digit}",
+        "a scan of the number {digit}",
+        "someone wrote the digit {word}",
+        "a drawing of {a} {word}",
+        "the handwritten numeral {digit}",
     ),
-}  # fmt: skip
+}
 FASHION_TEMPLATES = {
     "seen": (
-        "{a} {word}", "a photo of {a} {word}", "{a} {alt}", "a picture of {a} {alt}",
-        "a grey image of {a} {word}", "{word}", "a product photo of {a} {word}",
+        "{a} {word}",
+        "a photo of {a} {word}",
+        "{a} {alt}",
+        "a picture of {a} {alt}",
+        "a grey image of {a} {word}",
+        "{word}",
+        "a product photo of {a} {word}",
         "a small photo of {a} {alt}",
     ),
     "held_out": (
-        "a black and white photo of {a} {word}", "an image showing {a} {alt}",
-        "a low resolution picture of {a} {word}", "a catalogue photo of {a} {alt}",
+        "a black and white photo of {a} {word}",
+        "an image showing {a} {alt}",
+        "a low resolution picture of {a} {word}",
+        "a catalogue photo of {a} {alt}",
     ),
-}  # fmt: skip
+}
 
 
 class CaptionError(ConfigError):

@@ -54,8 +54,9 @@ WEIGHTINGS = ("one", "inverse_gap")
 
 def _choose(c, key: str, allowed: tuple[str, ...]) -> None:
     if getattr(c, key) not in allowed:
-        raise ConfigError(f"unknown consistency.{key} {getattr(c, key)!r}; choose one of "
-                         f"{', '.join(allowed)}")  # fmt: skip
+        raise ConfigError(
+            f"unknown consistency.{key} {getattr(c, key)!r}; choose one of {', '.join(allowed)}"
+        )
 
 
 class _ConsistencyLoss(Loss):

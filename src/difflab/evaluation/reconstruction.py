@@ -85,27 +85,42 @@ def held_out_images(run, n: int, root: str | None = None) -> tuple[Tensor, Tenso
 
 
 def evaluate_reconstructions(
-    run, images: Tensor, labels: Tensor | None, metrics: list[str], reference, extractors: dict,
+    run,
+    images: Tensor,
+    labels: Tensor | None,
+    metrics: list[str],
+    reference,
+    extractors: dict,
     cache: bool = True,
-) -> list[dict]:  # fmt: skip
+) -> list[dict]:
     """Rows for psnr, ssim and `metrics` of the reconstructions of `images`, and `metrics` of
     the images themselves ("of": "reconstructions" | "originals")."""
     start = time.perf_counter()
     x_hat = reconstruct(run.model.net, images)
     seconds = time.perf_counter() - start
     provenance = {
-        "source": str(run.run_dir), "checkpoint": str(run.checkpoint), "step": run.step,
-        "ema": run.ema, "images": "test split (first n)",
+        "source": str(run.run_dir),
+        "checkpoint": str(run.checkpoint),
+        "step": run.step,
+        "ema": run.ema,
+        "images": "test split (first n)",
         "ms_per_image": 1000 * seconds / len(images),
-    }  # fmt: skip
+    }
     rows = []
     for name, values in (("psnr", psnr(images, x_hat)), ("ssim", ssim(images, x_hat))):
-        rows.append({
-            "metric": name, "label": protocol.label(name, len(images)),
-            "value": float(values.mean()), "std": float(values.std()),
-            "n_generated": len(images), "extractor": "pixels", "reference": None,
-            "of": "reconstructions", **provenance,
-        })  # fmt: skip
+        rows.append(
+            {
+                "metric": name,
+                "label": protocol.label(name, len(images)),
+                "value": float(values.mean()),
+                "std": float(values.std()),
+                "n_generated": len(images),
+                "extractor": "pixels",
+                "reference": None,
+                "of": "reconstructions",
+                **provenance,
+            }
+        )
     for of, x in (("reconstructions", x_hat), ("originals", images)):
         rows += protocol.evaluate_images(
             x, labels, metrics, reference, extractors, {**provenance, "of": of}, cache=cache
@@ -141,14 +156,19 @@ def evaluate_autoencoder_run(args, source: Path, use_ema: bool | None = None) ->
     metrics = (args.metric or "fd_judge,accuracy").split(",")
     metrics = [m.strip() for m in metrics if m.strip() and (labels is not None or m != "accuracy")]
     reference = open_reference(
-        args.reference or f"{run.cfg.data.name}:train", tuple(run.shape),
-        root=args.root or run.cfg.data.root, n=args.n_reference,
-    )  # fmt: skip
+        args.reference or f"{run.cfg.data.name}:train",
+        tuple(run.shape),
+        root=args.root or run.cfg.data.root,
+        n=args.n_reference,
+    )
     extractors = extractors_for(
-        metrics, dataset=run.cfg.data.name, judge=args.judge,
-        inception_weights=args.inception_weights, inception_sha256=args.inception_sha256,
+        metrics,
+        dataset=run.cfg.data.name,
+        judge=args.judge,
+        inception_weights=args.inception_weights,
+        inception_sha256=args.inception_sha256,
         device=run.device,
-    )  # fmt: skip
+    )
     return evaluate_reconstructions(
         run, images, labels, metrics, reference, extractors, cache=not args.no_cache
     )

@@ -74,10 +74,13 @@ def draw_pairs(run, scfg: SampleConfig, n: int, chunk: int = 5000, progress: boo
     key = pairs_key(scfg, n, chunk, run.ema)
     folder = pairs_folder(run.run_dir, key)
     meta = {
-        **key, "chunks": -(-n // chunk), "source": str(run.checkpoint),
-        "shape": list(model.kind.shape), "num_classes": model.kind.num_classes,
+        **key,
+        "chunks": -(-n // chunk),
+        "source": str(run.checkpoint),
+        "shape": list(model.kind.shape),
+        "num_classes": model.kind.num_classes,
         "class_names": list(model.kind.class_names),
-    }  # fmt: skip
+    }
     meta_path = folder / "pairs.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())

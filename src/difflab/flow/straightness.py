@@ -41,9 +41,16 @@ def straightness(model, scfg: SampleConfig, n: int = 2000, steps: int = STRAIGHT
     Returns (S, ts (steps + 1,), xs (steps + 1, n, ...)).
     """
     cfg = dataclasses.replace(
-        scfg, sampler="ddim", eta=0.0, steps=steps, spacing="uniform", shift=1.0, n=n,
-        batch_size=n, t_end=0.0,
-    )  # fmt: skip
+        scfg,
+        sampler="ddim",
+        eta=0.0,
+        steps=steps,
+        spacing="uniform",
+        shift=1.0,
+        n=n,
+        batch_size=n,
+        t_end=0.0,
+    )
     recorder = Recorder()
     cond = model.conditioner.balanced(n)
     final = model.sample(cfg, cond=cond, recorder=recorder)

@@ -25,8 +25,9 @@ class _NCHWGroupNorm(torch.autograd.Function):
     def forward(ctx, x, weight, bias, groups: int, eps: float):
         n, c = x.shape[:2]
         nchw = x.contiguous()
-        y, mean, rstd = ATEN.native_group_norm(nchw, weight, bias, n, c, nchw[0, 0].numel(),
-                                               groups, eps)  # fmt: skip
+        y, mean, rstd = ATEN.native_group_norm(
+            nchw, weight, bias, n, c, nchw[0, 0].numel(), groups, eps
+        )
         ctx.save_for_backward(nchw, weight, mean, rstd)
         ctx.groups = groups
         return y.contiguous(memory_format=torch.channels_last)
@@ -37,9 +38,17 @@ class _NCHWGroupNorm(torch.autograd.Function):
         n, c = nchw.shape[:2]
         wanted = list(ctx.needs_input_grad[:3])  # x, weight, bias
         gx, gw, gb = ATEN.native_group_norm_backward(
-            grad.contiguous(), nchw, mean, rstd, weight, n, c, nchw[0, 0].numel(), ctx.groups,
+            grad.contiguous(),
+            nchw,
+            mean,
+            rstd,
+            weight,
+            n,
+            c,
+            nchw[0, 0].numel(),
+            ctx.groups,
             wanted,
-        )  # fmt: skip
+        )
         if gx is not None:
             gx = gx.contiguous(memory_format=torch.channels_last)
         return gx, gw, gb, None, None
@@ -55,9 +64,13 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if (
-            x.device.type == "cpu" and x.dtype in REDUCED and x.dim() == 4 and self.affine
-            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        ):  # fmt: skip
+            x.device.type == "cpu"
+            and x.dtype in REDUCED
+            and x.dim() == 4
+            and self.affine
+            and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
             return _NCHWGroupNorm.apply(x, self.weight, self.bias, self.num_groups, self.eps)
         return super().forward(x)
 

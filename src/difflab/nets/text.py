@@ -35,9 +35,14 @@ class CharEncoder(nn.Module):
         self.tokens = nn.Embedding(vocab_size, width, padding_idx=0)
         self.positions = nn.Parameter(torch.randn(max_tokens, width) * 0.02)
         layer = nn.TransformerEncoderLayer(
-            width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
+            width,
+            heads,
+            4 * width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
             norm_first=True,
-        )  # fmt: skip
+        )
         self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
 

@@ -165,10 +165,16 @@ class UNet(nn.Module):
         super().__init__()
         base, mults, attn = base_channels, tuple(channel_mults), tuple(attention_levels)
         _validate(
-            base, mults, attn, num_heads=num_heads, bottleneck_blocks=bottleneck_blocks,
-            mid_attention=mid_attention, downsample=downsample, upsample=upsample,
+            base,
+            mults,
+            attn,
+            num_heads=num_heads,
+            bottleneck_blocks=bottleneck_blocks,
+            mid_attention=mid_attention,
+            downsample=downsample,
+            upsample=upsample,
             norm_groups=norm_groups,
-        )  # fmt: skip
+        )
         self.num_levels, self.num_classes, emb_dim = len(mults), num_classes, 4 * base
         self.time_emb = TimeEmbedding(emb_dim, sinusoid_dim=base)
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
@@ -177,16 +183,22 @@ class UNet(nn.Module):
             if ch % num_heads:
                 raise ConfigError(f"num_heads={num_heads} must divide the channels {ch}")
         make = {
-            "res": partial(ResBlock, emb_dim=emb_dim, dropout=dropout, groups=norm_groups,
-                           ws=weight_standardization),
+            "res": partial(
+                ResBlock,
+                emb_dim=emb_dim,
+                dropout=dropout,
+                groups=norm_groups,
+                ws=weight_standardization,
+            ),
             "attn": partial(AttentionBlock, num_heads=num_heads, groups=norm_groups),
             "down": partial(downsample_layer, kind=downsample),
             "up": partial(upsample_layer, mode=upsample),
             "cross": lambda ch, level: (
-                [CrossAttentionBlock(ch, cross, num_heads, norm_groups)] if level in self.cross
+                [CrossAttentionBlock(ch, cross, num_heads, norm_groups)]
+                if level in self.cross
                 else []
             ),
-        }  # fmt: skip
+        }
         self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
         self.down, skip_chs = _down_path(base, mults, num_res_blocks, attn, make)
         ch = skip_chs[-1]
@@ -268,7 +280,14 @@ def ddpm_cifar10(**overrides) -> UNet:
     any UNet argument (e.g. num_classes=10).
     """
     config = dict(
-        in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
-        attention_levels=(1,), num_heads=1, bottleneck_blocks=2, mid_attention=True, dropout=0.1,
-    )  # fmt: skip
+        in_channels=3,
+        base_channels=128,
+        channel_mults=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_levels=(1,),
+        num_heads=1,
+        bottleneck_blocks=2,
+        mid_attention=True,
+        dropout=0.1,
+    )
     return UNet(**{**config, **overrides})

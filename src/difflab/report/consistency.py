@@ -76,10 +76,12 @@ def teacher_figure(npz: Path, path: Path, kind: RunKind) -> Path:
         panels = {
             f"{title} ({name})": f[key]
             for key, title, name in zip(
-                ("one_step", "two_step", "teacher"), ("1 step", "2 steps", "teacher"), names,
+                ("one_step", "two_step", "teacher"),
+                ("1 step", "2 steps", "teacher"),
+                names,
                 strict=True,
             )
-        }  # fmt: skip
+        }
     if kind.is_image:
         return grids.comparison_figure(panels, path)
     fig, axes = subplots(1, len(panels), figsize=(4 * len(panels), 4))

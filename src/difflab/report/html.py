@@ -18,11 +18,27 @@ from difflab.files import write_text_atomically
 from difflab.training.logging import read_metrics
 
 MIME = {".png": "image/png", ".gif": "image/gif"}
-CURVES = (("lr", "learning rate"), ("grad_norm", "gradient norm"),
-          ("param_norm", "parameter norm"), ("examples_per_s", "throughput (examples/s)"),
-          ("peak_memory_mb", "peak memory (MB)"))  # fmt: skip
-COLUMNS = ("label", "value", "n_generated", "reference", "extractor", "sampler", "steps", "nfe",
-           "guidance", "ema", "step", "file")  # fmt: skip
+CURVES = (
+    ("lr", "learning rate"),
+    ("grad_norm", "gradient norm"),
+    ("param_norm", "parameter norm"),
+    ("examples_per_s", "throughput (examples/s)"),
+    ("peak_memory_mb", "peak memory (MB)"),
+)
+COLUMNS = (
+    "label",
+    "value",
+    "n_generated",
+    "reference",
+    "extractor",
+    "sampler",
+    "steps",
+    "nfe",
+    "guidance",
+    "ema",
+    "step",
+    "file",
+)
 STYLE = """body{font-family:system-ui,sans-serif;margin:0 auto;max-width:1100px;padding:12px;
 color:#222}h1{font-size:1.4em;word-break:break-all}h2{font-size:1.15em;margin-top:1.6em}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:12px}
@@ -46,8 +62,10 @@ def _data_uri(path: Path) -> str:
 
 def _figure(path: Path, run_dir: Path) -> str:
     rel = html.escape(str(path.relative_to(run_dir)))
-    return (f'<figure><img src="{_data_uri(path)}" alt="{rel}" data-file="{rel}">'
-            f"<figcaption>{rel}</figcaption></figure>")  # fmt: skip
+    return (
+        f'<figure><img src="{_data_uri(path)}" alt="{rel}" data-file="{rel}">'
+        f"<figcaption>{rel}</figcaption></figure>"
+    )
 
 
 def _step_of(path: Path) -> int:
@@ -78,12 +96,14 @@ def svg_curve(steps: list[float], values: list[float], title: str) -> str:
     ys = [h - pad - (v - lo) / span * (h - 2 * pad) for v in values]
     pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True))
     t = html.escape(title)
-    return (f'<figure><svg viewBox="0 0 {w} {h}" role="img" aria-label="{t}">'
-            f'<rect width="{w}" height="{h}" fill="white"/>'
-            f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{pts}"/>'
-            f'<text x="{pad}" y="14" font-size="11">{t}: {values[-1]:.4g} at step {steps[-1]:g}'
-            f'</text><text x="{pad}" y="{h - 8}" font-size="9">step {s0:g}..{s1:g}; range '
-            f"{lo:.3g}..{hi:.3g}</text></svg><figcaption>{t}</figcaption></figure>")  # fmt: skip
+    return (
+        f'<figure><svg viewBox="0 0 {w} {h}" role="img" aria-label="{t}">'
+        f'<rect width="{w}" height="{h}" fill="white"/>'
+        f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{pts}"/>'
+        f'<text x="{pad}" y="14" font-size="11">{t}: {values[-1]:.4g} at step {steps[-1]:g}'
+        f'</text><text x="{pad}" y="{h - 8}" font-size="9">step {s0:g}..{s1:g}; range '
+        f"{lo:.3g}..{hi:.3g}</text></svg><figcaption>{t}</figcaption></figure>"
+    )
 
 
 def _table(rows: list[dict], columns) -> str:
@@ -92,8 +112,9 @@ def _table(rows: list[dict], columns) -> str:
     def cell(v) -> str:
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
-    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>"
-                   for r in rows)  # fmt: skip
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows
+    )
     return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
 
 
@@ -112,9 +133,11 @@ def report_html(run_dir: Path) -> str:
     metrics = run_dir / "metrics.jsonl"
     logged = [r for r in read_metrics(metrics) if "loss" in r] if metrics.is_file() else []
     config = (run_dir / "config.json").read_text() if (run_dir / "config.json").exists() else ""
-    sections = [f"<h1>{html.escape(run_dir.name)}</h1>",
-                f"<p>{len(logged)} logged training rows; last step "
-                f"{logged[-1]['step'] if logged else '-'}.</p>"]  # fmt: skip
+    sections = [
+        f"<h1>{html.escape(run_dir.name)}</h1>",
+        f"<p>{len(logged)} logged training rows; last step "
+        f"{logged[-1]['step'] if logged else '-'}.</p>",
+    ]
     for title, paths in figures(run_dir).items():
         if paths:
             body = "".join(_figure(p, run_dir) for p in paths)
@@ -133,10 +156,12 @@ def report_html(run_dir: Path) -> str:
     if rows:
         sections.append("<h2>evaluations (with provenance)</h2>" + _table(rows, COLUMNS))
     sections.append(f"<h2>config</h2><pre>{html.escape(config)}</pre>")
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width,initial-scale=1"><title>{html.escape(run_dir.name)}'
-            f"</title><style>{STYLE}</style></head><body>{''.join(sections)}{SCRIPT}"
-            "</body></html>\n")  # fmt: skip
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+        f'content="width=device-width,initial-scale=1"><title>{html.escape(run_dir.name)}'
+        f"</title><style>{STYLE}</style></head><body>{''.join(sections)}{SCRIPT}"
+        "</body></html>\n"
+    )
 
 
 def write_report(run_dir: Path) -> Path:

@@ -64,9 +64,12 @@ def make_autoencoder_artefacts(
     mean, _ = run.model.net.moments(few.to(run.device))
     savez_atomically(
         run_dir / "samples" / "reconstructions.npz",
-        originals=few.numpy(), reconstructions=reconstruct(run.model.net, few).numpy(),
-        latents=mean.cpu().numpy(), shift=info["shift"], scale=info["scale"],
-    )  # fmt: skip
+        originals=few.numpy(),
+        reconstructions=reconstruct(run.model.net, few).numpy(),
+        latents=mean.cpu().numpy(),
+        shift=info["shift"],
+        scale=info["scale"],
+    )
     metrics = ["fd_judge", "accuracy"] if labels is not None else ["fd_judge"]
     judge_path = Path(judge) if judge else default_judge_path(run.cfg.data.name)
     extractors = {}
@@ -121,9 +124,12 @@ def decoded_states(codec, states: dict) -> dict:
         return codec.decode(flat).numpy().reshape(*a.shape[:2], *codec.image_shape)
 
     return {
-        **states, "xs": decode(states["xs"]), "x0_hats": decode(states["x0_hats"]),
-        "latent_xs": latent_tiles(states["xs"]), "latent_x0_hats": latent_tiles(states["x0_hats"]),
-    }  # fmt: skip
+        **states,
+        "xs": decode(states["xs"]),
+        "x0_hats": decode(states["x0_hats"]),
+        "latent_xs": latent_tiles(states["xs"]),
+        "latent_x0_hats": latent_tiles(states["x0_hats"]),
+    }
 
 
 def latent_gif(traj: dict, plots: Path, names, lams) -> list[Path]:
@@ -136,7 +142,13 @@ def latent_gif(traj: dict, plots: Path, names, lams) -> list[Path]:
     labels = traj["labels"] if len(traj["labels"]) else None
     return [
         gifs.denoising_gif(
-            traj["ts"], traj["latent_xs"], traj["latent_x0_hats"], plots / "latent_denoising.gif",
-            labels, names, lams=lams, steps=traj.get("steps"),
+            traj["ts"],
+            traj["latent_xs"],
+            traj["latent_x0_hats"],
+            plots / "latent_denoising.gif",
+            labels,
+            names,
+            lams=lams,
+            steps=traj.get("steps"),
         )
-    ]  # fmt: skip
+    ]

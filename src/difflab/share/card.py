@@ -6,8 +6,19 @@ from __future__ import annotations
 from difflab.evaluation.history import metric_rows
 from difflab.runs import LoadedRun
 
-COLUMNS = ("label", "value", "n_generated", "reference", "sampler", "steps", "nfe", "guidance",
-           "ema", "step", "file")  # fmt: skip
+COLUMNS = (
+    "label",
+    "value",
+    "n_generated",
+    "reference",
+    "sampler",
+    "steps",
+    "nfe",
+    "guidance",
+    "ema",
+    "step",
+    "file",
+)
 
 
 def _cell(v) -> str:

@@ -82,14 +82,19 @@ def export_diffusers(run_dir, out, *, raw: bool = False, force: bool = False, ch
     pipeline, sub, net_class = PIPELINES[cfg.model.name]
     d = cfg.diffusion
     scheduler = {
-        "_class_name": "DDPMScheduler", "_diffusers_version": DIFFUSERS_VERSION,
+        "_class_name": "DDPMScheduler",
+        "_diffusers_version": DIFFUSERS_VERSION,
         **mapping.scheduler_config(d),
         "trained_betas": run.model.schedule.betas.tolist(),  # exactly difflab's table
-        "variance_type": "fixed_small", "clip_sample": d.clip_x0 > 0,
-        "clip_sample_range": d.clip_x0 or 1.0, "timestep_spacing": cfg.sample.spacing
-        if cfg.sample.spacing in ("leading", "trailing", "linspace") else "trailing",
-        "set_alpha_to_one": True, "steps_offset": 0,
-    }  # fmt: skip
+        "variance_type": "fixed_small",
+        "clip_sample": d.clip_x0 > 0,
+        "clip_sample_range": d.clip_x0 or 1.0,
+        "timestep_spacing": cfg.sample.spacing
+        if cfg.sample.spacing in ("leading", "trailing", "linspace")
+        else "trailing",
+        "set_alpha_to_one": True,
+        "steps_offset": 0,
+    }
     card = model_card(run, "raw" if raw else "EMA", run.num_classes > 0)
 
     index = {
@@ -107,8 +112,15 @@ def export_diffusers(run_dir, out, *, raw: bool = False, force: bool = False, ch
         _json(tmp / sub / "config.json", {**header, **_plain(net_config)})
         save_file(weights, tmp / sub / WEIGHTS, metadata={"format": "pt"})
         _json(tmp / "scheduler" / "scheduler_config.json", scheduler)
-        _json(tmp / "difflab.json", {"config": cfg.to_dict(), "data": run.model.kind.info(),
-                                     "step": run.step, "ema": not raw})  # fmt: skip
+        _json(
+            tmp / "difflab.json",
+            {
+                "config": cfg.to_dict(),
+                "data": run.model.kind.info(),
+                "step": run.step,
+                "ema": not raw,
+            },
+        )
         (tmp / "README.md").write_text(card)
 
     return publish_folder(Path(out), force, write)
@@ -127,17 +139,31 @@ def _unet_settings(c: dict) -> dict:
     channels = list(c.get("block_out_channels", (224, 448, 672, 896)))
     base, n = channels[0], len(channels)
     down = c.get("down_block_types", ())
-    fixed = dict(time_embedding_type="positional", flip_sin_to_cos=True, freq_shift=0,
-                 act_fn="silu", class_embed_type=None, norm_eps=1e-5, center_input_sample=False,
-                 resnet_time_scale_shift="default", downsample_type="conv", upsample_type="conv",
-                 downsample_padding=1, mid_block_scale_factor=1, attn_norm_num_groups=None,
-                 time_embedding_dim=None, num_train_timesteps=None)  # fmt: skip
+    fixed = dict(
+        time_embedding_type="positional",
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        act_fn="silu",
+        class_embed_type=None,
+        norm_eps=1e-5,
+        center_input_sample=False,
+        resnet_time_scale_shift="default",
+        downsample_type="conv",
+        upsample_type="conv",
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+        attn_norm_num_groups=None,
+        time_embedding_dim=None,
+        num_train_timesteps=None,
+    )
     for key, value in fixed.items():
         if key in c and c[key] != value:
             raise mapping.NoEquivalent(f"difflab's U-Net has no {key}={c[key]!r}")
     if c.get("in_channels", 3) != c.get("out_channels", 3) or any(ch % base for ch in channels):
-        raise mapping.NoEquivalent("channels: out_channels must equal in_channels and every "
-                                   "block_out_channels a multiple of the first")  # fmt: skip
+        raise mapping.NoEquivalent(
+            "channels: out_channels must equal in_channels and every "
+            "block_out_channels a multiple of the first"
+        )
     attn = tuple(i for i, t in enumerate(down) if t == "AttnDownBlock2D")
     ups = [f"Attn{t[4:]}" if t.startswith("Attn") else t for t in c.get("up_block_types", ())]
     expected = ["AttnUpBlock2D" if i in attn else "UpBlock2D" for i in reversed(range(n))]
@@ -148,18 +174,29 @@ def _unet_settings(c: dict) -> dict:
     heads = {ch // (head_dim or ch) for ch in attended} or {1}
     if len(heads) > 1 or any(ch % (head_dim or ch) for ch in attended):
         raise mapping.NoEquivalent(f"attention_head_dim={head_dim} gives blocks unequal heads")
-    return dict(base_channels=base, channel_mults=tuple(ch // base for ch in channels),
-                num_res_blocks=c.get("layers_per_block", 2), attention_levels=attn,
-                num_heads=heads.pop(), mid_attention=c.get("add_attention", True),
-                dropout=c.get("dropout", 0.0),
-                norm_groups=c.get("norm_num_groups", 32))  # fmt: skip
+    return dict(
+        base_channels=base,
+        channel_mults=tuple(ch // base for ch in channels),
+        num_res_blocks=c.get("layers_per_block", 2),
+        attention_levels=attn,
+        num_heads=heads.pop(),
+        mid_attention=c.get("add_attention", True),
+        dropout=c.get("dropout", 0.0),
+        norm_groups=c.get("norm_num_groups", 32),
+    )
 
 
 def _dit_settings(c: dict) -> dict:
     """difflab DiTConfig fields for a DiTTransformer2DModel config, or NoEquivalent for the
     first setting difflab's DiT does not have."""
-    fixed = dict(norm_type="ada_norm_zero", activation_fn="gelu-approximate", attention_bias=True,
-                 norm_elementwise_affine=False, norm_eps=1e-6, upcast_attention=False)  # fmt: skip
+    fixed = dict(
+        norm_type="ada_norm_zero",
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        upcast_attention=False,
+    )
     for key, value in fixed.items():
         if c.get(key, value) != value:
             raise mapping.NoEquivalent(f"difflab's DiT has no {key}={c[key]!r}")
@@ -169,9 +206,16 @@ def _dit_settings(c: dict) -> dict:
             "in_channels"
         )
     heads, head_dim = c.get("num_attention_heads", 16), c.get("attention_head_dim", 72)
-    return dict(width=heads * head_dim, depth=c.get("num_layers", 28), heads=heads,
-                mlp_ratio=4.0, patch_size=c.get("patch_size", 2), dropout=c.get("dropout", 0.0),
-                qk_norm=False, text="")  # fmt: skip
+    return dict(
+        width=heads * head_dim,
+        depth=c.get("num_layers", 28),
+        heads=heads,
+        mlp_ratio=4.0,
+        patch_size=c.get("patch_size", 2),
+        dropout=c.get("dropout", 0.0),
+        qk_norm=False,
+        text="",
+    )
 
 
 def _import_config(folder: Path, sub: str, net: dict, sched: dict) -> tuple[RunConfig, DataKind]:
@@ -181,8 +225,11 @@ def _import_config(folder: Path, sub: str, net: dict, sched: dict) -> tuple[RunC
         classes, size, default = net.get("num_embeds_ada_norm") or 0, 32, 4
     else:  # the last embedding is the null label
         classes, size, default = (net.get("num_class_embeds") or 1) - 1, 32, 3
-    shape = (net.get("in_channels", default), net.get("sample_size", size),
-             net.get("sample_size", size))  # fmt: skip
+    shape = (
+        net.get("in_channels", default),
+        net.get("sample_size", size),
+        net.get("sample_size", size),
+    )
     if (folder / "difflab.json").is_file():
         saved = _read(folder / "difflab.json", "difflab export record")
         cfg, kind = RunConfig.from_dict(saved["config"]), DataKind.from_info(saved["data"])
@@ -201,8 +248,9 @@ def _import_config(folder: Path, sub: str, net: dict, sched: dict) -> tuple[RunC
     if sched.get("prediction_type", "epsilon") not in IMPORT_PREDICTIONS:
         raise mapping.NoEquivalent(f"prediction_type={sched.get('prediction_type')!r}")
     cfg.diffusion.prediction = IMPORT_PREDICTIONS[sched.get("prediction_type", "epsilon")]
-    cfg.diffusion.clip_x0 = float(sched.get("clip_sample_range", 1.0)) if sched.get(
-        "clip_sample", True) else 0.0  # fmt: skip
+    cfg.diffusion.clip_x0 = (
+        float(sched.get("clip_sample_range", 1.0)) if sched.get("clip_sample", True) else 0.0
+    )
     _match_betas(cfg, sched)
     return cfg, kind
 
@@ -271,8 +319,16 @@ def import_diffusers(folder, name: str, runs="runs") -> Path:
         for sub in ("samples", "plots"):
             (tmp / sub).mkdir()
         cfg.save(tmp / "config.json")
-        save_checkpoint(tmp / "checkpoints", 0, model.net, model.net, fresh_state(cfg, model),
-                        cfg.to_dict(), kind.info(), keep=1)  # fmt: skip
+        save_checkpoint(
+            tmp / "checkpoints",
+            0,
+            model.net,
+            model.net,
+            fresh_state(cfg, model),
+            cfg.to_dict(),
+            kind.info(),
+            keep=1,
+        )
 
     return publish_folder(run_dir, False, write)
 
@@ -286,8 +342,14 @@ def fresh_state(cfg: RunConfig, model) -> dict:
     optimizer = devices.adamw(model.net, t.lr, t.betas, t.weight_decay)
     ema = {"decay": t.ema_decay, "warmup": t.ema_warmup, "num_updates": 0}  # EMA.state_dict()
     return {
-        "step": 0, "optimizer": optimizer.state_dict(), "ema": ema, "data": None,
+        "step": 0,
+        "optimizer": optimizer.state_dict(),
+        "ema": ema,
+        "data": None,
         "loss_generator": torch.Generator().manual_seed(t.seed + 1).get_state(),
-        "torch_rng": torch.get_rng_state(), "cuda_rng": [], "scaler": {},
-        "smoothed_loss": None, "best": {},
-    }  # fmt: skip
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": [],
+        "scaler": {},
+        "smoothed_loss": None,
+        "best": {},
+    }

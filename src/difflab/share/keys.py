@@ -16,10 +16,21 @@ from torch import Tensor
 from difflab.config import UNetConfig
 from difflab.share.mapping import NoEquivalent
 
-RES = {"norm1": "norm1", "conv1": "conv1", "emb_proj": "time_emb_proj", "norm2": "norm2",
-       "conv2": "conv2", "skip": "conv_shortcut"}  # fmt: skip
-PLAIN = {"conv_in": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
-         "time_emb.mlp.2": "time_embedding.linear_2", "label_emb": "class_embedding"}  # fmt: skip
+RES = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "emb_proj": "time_emb_proj",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "skip": "conv_shortcut",
+}
+PLAIN = {
+    "conv_in": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+    "time_emb.mlp.2": "time_embedding.linear_2",
+    "label_emb": "class_embedding",
+}
 
 
 def layout(u: UNetConfig) -> list[tuple[str, str, str]]:

@@ -68,19 +68,25 @@ def unet2d_config(model: ModelConfig, shape: tuple[int, ...], classes: int) -> d
     # diffusers takes one head width for every block; None = one head per block, any width
     head_dim = None if u.num_heads == 1 else min(attended) // u.num_heads
     return dict(
-        sample_size=shape[1], in_channels=shape[0], out_channels=shape[0],
-        block_out_channels=channels, layers_per_block=u.num_res_blocks,
+        sample_size=shape[1],
+        in_channels=shape[0],
+        out_channels=shape[0],
+        block_out_channels=channels,
+        layers_per_block=u.num_res_blocks,
         down_block_types=tuple(
             "AttnDownBlock2D" if i in u.attention_levels else "DownBlock2D" for i in levels
         ),
         up_block_types=tuple(
             "AttnUpBlock2D" if i in u.attention_levels else "UpBlock2D" for i in reversed(levels)
         ),
-        dropout=u.dropout, norm_num_groups=u.norm_groups, attention_head_dim=head_dim,
+        dropout=u.dropout,
+        norm_num_groups=u.norm_groups,
+        attention_head_dim=head_dim,
         add_attention=u.mid_attention,
-        flip_sin_to_cos=True, freq_shift=0,  # [cos, sin] of t * 1000 * 10000^(-i / half), as ours
+        flip_sin_to_cos=True,
+        freq_shift=0,  # [cos, sin] of t * 1000 * 10000^(-i / half), as ours
         num_class_embeds=classes + 1 if classes else None,  # with our null label
-    )  # fmt: skip
+    )
 
 
 def scheduler_config(d: DiffusionConfig) -> dict:
@@ -90,9 +96,12 @@ def scheduler_config(d: DiffusionConfig) -> dict:
     if d.prediction not in PREDICTIONS:
         raise NoEquivalent(f"no diffusers prediction type for {d.prediction!r}")
     return dict(
-        num_train_timesteps=d.num_steps, beta_schedule=BETA_SCHEDULES[d.schedule],
-        beta_start=d.beta_start, beta_end=d.beta_end, prediction_type=PREDICTIONS[d.prediction],
-    )  # fmt: skip
+        num_train_timesteps=d.num_steps,
+        beta_schedule=BETA_SCHEDULES[d.schedule],
+        beta_start=d.beta_start,
+        beta_end=d.beta_end,
+        prediction_type=PREDICTIONS[d.prediction],
+    )
 
 
 def check_kind(kind) -> None:

@@ -174,13 +174,24 @@ def build_parts(
     if cfg.train.eval_every and world.is_main:  # now: a missing judge fails before step 1
         evaluator = hooks.evaluator(cfg, model)
     return Parts(
-        model, loss, ema, optimizer, data, loss_generator, device, scaler, dtype, forward,
-        target, evaluator=evaluator, world=world,
+        model,
+        loss,
+        ema,
+        optimizer,
+        data,
+        loss_generator,
+        device,
+        scaler,
+        dtype,
+        forward,
+        target,
+        evaluator=evaluator,
+        world=world,
         monitor=NonFiniteMonitor(
             cfg, device, lambda s: lr_at(cfg, s), dtype is torch.float16, world.rank
         ),
         power_ema=power_ema,
-    )  # fmt: skip
+    )
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
