@@ -12,9 +12,10 @@ import warnings
 
 from difflab.cli.ema import cmd_ema
 from difflab.cli.evaluate import cmd_eval, cmd_train_classifier
-from difflab.cli.parsers import classifier_parser, parser, sample_changes, sample_config
+from difflab.cli.parsers import classifier_parser, parser
 from difflab.cli.reflow import cmd_reflow
 from difflab.cli.sample import cmd_bench, cmd_plot, cmd_sample
+from difflab.cli.sample_flags import sample_changes, sample_config
 from difflab.cli.share import cmd_export, cmd_import, cmd_report
 from difflab.cli.train import cmd_train
 from difflab.config import ConfigError

@@ -120,7 +120,7 @@ def _measure(args: argparse.Namespace, weights: Path) -> tuple[float, dict]:
     """(args.metric of the weights file's samples, the row it came from), as `difflab eval`
     measures a run: image metrics against the reference, 2-D metrics against the data set."""
     from difflab.cli.evaluate import _image_eval_setup
-    from difflab.cli.parsers import sample_config
+    from difflab.cli.sample_flags import sample_config
     from difflab.evaluation.sampled import evaluate_images_of
     from difflab.evaluation.sharded import sampling_world
     from difflab.evaluation.toy2d import evaluate_toy

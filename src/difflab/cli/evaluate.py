@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from difflab.cli.parsers import ema_choice, sample_changes, sample_config
 from difflab.cli.processes import everywhere, peers, relaunch
+from difflab.cli.sample_flags import ema_choice, sample_changes, sample_config
 from difflab.config import (
     ConfigError,
 )

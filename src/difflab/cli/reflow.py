@@ -15,7 +15,7 @@ from difflab.config import ConfigError
 
 
 def cmd_reflow(args: argparse.Namespace) -> int:
-    from difflab.cli.parsers import ema_choice, sample_config
+    from difflab.cli.sample_flags import ema_choice, sample_config
     from difflab.files import write_text_atomically
     from difflab.flow.pairs import check_flow_run, draw_pairs
     from difflab.flow.reflow import reflow_config

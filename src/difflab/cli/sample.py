@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from difflab.cli.edit import read_edit
-from difflab.cli.parsers import ema_choice, sample_config
 from difflab.cli.processes import peers, relaunch
+from difflab.cli.sample_flags import ema_choice, sample_config
 from difflab.cli.text import default_prompts_of, prompt_conditions, read_prompts
 from difflab.config import ConfigError, guidance_record
 from difflab.files import check_writable
