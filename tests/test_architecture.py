@@ -72,8 +72,10 @@ ALLOWED = {
         "samplers", "share", "training",
     },
     "flow": {"config", "data.pairs", "files", "samplers"},
+    "api": {"cli", "config", "files", "report", "runs", "samplers", "training.distributed"},
     "__init__": {
-        "diffusion.objectives", "diffusion.prediction", "diffusion.schedules", "training.ema"
+        "api", "diffusion.objectives", "diffusion.prediction", "diffusion.schedules",
+        "training.ema",
     },
     "__main__": {"cli"},
 }  # fmt: skip
