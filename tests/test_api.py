@@ -10,8 +10,12 @@ import pytest
 import torch
 
 import difflab
+from difflab import build
+from difflab.api import Run
 from difflab.cli import main
-from difflab.config import ConfigError
+from difflab.config import ConfigError, apply_overrides, preset
+from difflab.model import DataKind
+from difflab.runs import LoadedRun
 
 FAST = dict(
     train__steps=40,
@@ -128,3 +132,27 @@ def test_bad_input_is_one_config_error(run, call, message):
     with pytest.raises(ConfigError, match=message) as caught:
         call(run)
     assert "\n" not in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory):
+    """An untrained 2-D model of 3 classes (no data set has 2-D classes): requests only."""
+    sets = ["data.class_conditional=true", "sample.sampler=ddim", "sample.steps=3"]
+    cfg = apply_overrides(preset("toy2d"), sets)
+    model = build.build_model(cfg, DataKind((2,), 3, ("a", "b", "c")))
+    model.net.eval().requires_grad_(False)
+    path = tmp_path_factory.mktemp("class") / "c"
+    return Run(LoadedRun(path, path, cfg, model, step=0))
+
+
+def test_class_requests_are_the_cli_requests(class_run):
+    assert "3 classes" in repr(class_run)
+    assert class_run.sample(4, label=2, progress=False).labels.tolist() == [2] * 4
+    per_class = class_run.sample(6, per_class=True, progress=False)
+    assert per_class.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(ConfigError, match=r"out of range; this model has classes 0\.\.2"):
+        class_run.sample(4, label=3)
+    with pytest.raises(ConfigError, match="not trained on text"):
+        class_run.sample(4, prompt="a seven")
+    with pytest.raises(ConfigError, match="multiple of the 3 classes"):
+        class_run.sample(4, per_class=True)

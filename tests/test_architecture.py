@@ -72,7 +72,9 @@ ALLOWED = {
         "samplers", "share", "training",
     },
     "flow": {"config", "data.pairs", "files", "samplers"},
-    "api": {"cli", "config", "files", "report", "runs", "samplers", "training.distributed"},
+    "api": {
+        "cli", "config", "files", "model", "report", "runs", "samplers", "training.distributed",
+    },
     "__init__": {
         "api", "diffusion.objectives", "diffusion.prediction", "diffusion.schedules",
         "training.ema",

@@ -12,6 +12,7 @@ from difflab.api.samples import Samples, Trajectory
 from difflab.cli.sample import samples_meta
 from difflab.cli.text import sample_conditions
 from difflab.config import ConfigError, RunConfig, SampleConfig
+from difflab.model import Model
 from difflab.report.images import state_lams
 from difflab.report.latent import decoded_states
 from difflab.runs import LoadedRun, attach_guide, draw_samples, load_run
@@ -39,12 +40,29 @@ class Run:
     def __init__(self, loaded: LoadedRun):
         self.loaded = loaded
 
-    path = property(lambda self: self.loaded.run_dir)
-    cfg: RunConfig = property(lambda self: self.loaded.cfg)
-    model = property(lambda self: self.loaded.model)
-    step: int = property(lambda self: self.loaded.step)
-    shape: tuple[int, ...] = property(lambda self: self.loaded.shape)
-    class_names: tuple[str, ...] = property(lambda self: self.loaded.class_names)
+    @property
+    def path(self) -> Path:  # the run directory or weights file
+        return self.loaded.run_dir
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.loaded.cfg
+
+    @property
+    def model(self) -> Model:
+        return self.loaded.model
+
+    @property
+    def step(self) -> int:  # the training step of the weights
+        return self.loaded.step
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # one example: (2,) or (C, H, W)
+        return self.loaded.shape
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.loaded.class_names
 
     @property
     def name(self) -> str:
