@@ -138,7 +138,18 @@ ALLOWED = {
         "training",
     },
     "flow": {"config", "data.pairs", "files", "samplers"},
+    "api": {
+        "cli",
+        "config",
+        "files",
+        "model",
+        "report",
+        "runs",
+        "samplers",
+        "training.distributed",
+    },
     "__init__": {
+        "api",
         "diffusion.objectives",
         "diffusion.prediction",
         "diffusion.schedules",

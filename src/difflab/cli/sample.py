@@ -9,7 +9,7 @@ from pathlib import Path
 from difflab.cli.edit import read_edit
 from difflab.cli.processes import peers, relaunch
 from difflab.cli.sample_flags import ema_choice, sample_config
-from difflab.cli.text import default_prompts_of, prompt_conditions, read_prompts
+from difflab.cli.text import read_prompts, sample_conditions
 from difflab.config import ConfigError, guidance_record
 from difflab.files import check_writable
 
@@ -30,8 +30,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace, world) -> None:
     from difflab.evaluation.sharded import agree, blocks, check_visible, rank_device, sample_shared
-    from difflab.runs import attach_guide, load_run, sample_labels, save_samples
-    from difflab.samplers import nfe_of
+    from difflab.runs import attach_guide, load_run, save_samples
     from difflab.samplers.editing import check_edit
     from difflab.training.faults import out_of_memory
 
@@ -47,12 +46,8 @@ def _sample(args: argparse.Namespace, world) -> None:
         edit = read_edit(args, run.model.kind.shape)
         if edit is not None and args.n is None:  # one sample per init image
             args.n = len(edit.init)
-        scfg, prompts = sample_config(run.cfg.sample, args), read_prompts(args)
-        if prompts is not None:  # a text model: --n samples of each prompt
-            scfg, labels, prompts = prompt_conditions(run, prompts, scfg, *classes)
-        else:
-            prompts = default_prompts_of(run, scfg.n, args.per_class)
-            labels = sample_labels(run, scfg.n, *classes, scfg.seed)
+        scfg = sample_config(run.cfg.sample, args)
+        scfg, labels, prompts = sample_conditions(run, scfg, read_prompts(args), *classes)
         if args.gif and prompts is None:
             raise ConfigError(
                 "--gif draws a denoising GIF per prompt of a text model; this run takes no "
@@ -72,25 +67,13 @@ def _sample(args: argparse.Namespace, world) -> None:
         samples = sample_shared(run, scfg, world, labels, progress=not args.quiet, edit=edit)
     if not world.is_main:  # rank 0 alone writes
         return
-    meta = dict(
-        sampler=scfg.sampler,
-        steps=scfg.steps,
-        nfe=nfe_of(scfg.sampler, scfg.steps, scfg),
-        seed=scfg.seed,
-        ema=run.ema,
-        checkpoint=str(run.checkpoint),
-    )
-    if run.model.conditioner.conditional or scfg.guidance_method == "auto":
-        meta["guidance"] = scfg.guidance
-        if scfg.guidance_tmin > 0 or scfg.guidance_tmax > 0:
-            meta["guidance_interval"] = [scfg.guidance_tmin, scfg.guidance_tmax]
-        meta.update(guidance_record(scfg))
+    if prompts is not None:  # the prompts, not their token conditions, go into the file
+        labels = None
+    meta = samples_meta(run, scfg, prompts)
     if edit is not None:
         meta.update(init=args.init, strength=edit.strength)
         if edit.mask is not None:
             meta.update(mask=args.mask, resample=edit.resample, jump=edit.jump)
-    if prompts is not None:  # the prompts, not their token conditions, go into the file
-        labels, meta["prompts"] = None, prompts
     path = save_samples(args.out, samples, labels, **meta)
     many = f" by {world.size} processes" if world.size > 1 else ""
     print(
@@ -113,6 +96,30 @@ def _sample(args: argparse.Namespace, world) -> None:
         else:
             save_grid(samples[:100].numpy(), png)
         print(f"difflab: grid -> {png}")
+
+
+def samples_meta(run, scfg, prompts: list[str] | None = None) -> dict:
+    """What a samples .npz records beside the samples: how they were drawn (sampler, steps,
+    NFE, seed, weights, checkpoint, guidance) and each sample's prompt for a text model.
+    Shared by `difflab sample` and `Samples.save` of the Python API."""
+    from difflab.samplers import nfe_of
+
+    meta = dict(
+        sampler=scfg.sampler,
+        steps=scfg.steps,
+        nfe=nfe_of(scfg.sampler, scfg.steps, scfg),
+        seed=scfg.seed,
+        ema=run.ema,
+        checkpoint=str(run.checkpoint),
+    )
+    if run.model.kind.conditional or scfg.guidance_method == "auto":
+        meta["guidance"] = scfg.guidance
+        if scfg.guidance_tmin > 0 or scfg.guidance_tmax > 0:
+            meta["guidance_interval"] = [scfg.guidance_tmin, scfg.guidance_tmax]
+        meta.update(guidance_record(scfg))
+    if prompts is not None:
+        meta["prompts"] = prompts
+    return meta
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -37,6 +37,19 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
     return prompts
 
 
+def sample_conditions(run, scfg, prompts: list[str] | None, class_label=None, per_class=False):
+    """(scfg, conditions or None, each sample's prompt or None) of a sampling request, shared
+    by `difflab sample` and `Run.sample`: a text model samples scfg.n of each prompt, or its
+    default prompts; a class model one class, n / classes of each (per_class) or drawn labels
+    (seeded by scfg.seed); an unconditional model refuses classes and prompts."""
+    from difflab.runs import sample_labels
+
+    if prompts is not None:  # a text model: scfg.n samples of each prompt
+        return prompt_conditions(run, prompts, scfg, class_label, per_class)
+    default_prompts = default_prompts_of(run, scfg.n, per_class)
+    return scfg, sample_labels(run, scfg.n, class_label, per_class, scfg.seed), default_prompts
+
+
 def prompt_conditions(run, prompts: list[str], scfg, class_label, per_class):
     """(scfg with n = --n per prompt, conditions, each sample's prompt) for a text model; a
     clear refusal for a model that reads no text, or for class flags beside prompts."""

@@ -17,9 +17,7 @@ from difflab.files import check_writable
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from difflab.report.run import finish_run, training_hooks
-    from difflab.training import distributed, faults
-    from difflab.training.loop import train
+    from difflab.training import distributed
 
     world = distributed.env_world()  # this process's rank when torchrun started it
     if args.resume:
@@ -32,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = apply_overrides(cfg, args.set)
         if world.size > 1 and not args.name:  # a default name has the time in it
             raise ConfigError("under torchrun every process must open the same run: pass --name")
-        run_dir = Path(args.runs) / (args.name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir = default_run_dir(cfg, args.runs, args.name)
     check_writable(run_dir, f"--resume {run_dir}" if args.resume else f"--runs {args.runs}")
     if args.nproc is not None:
         if world.size > 1:
@@ -40,6 +38,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.check_world(cfg, args.nproc)
         if args.nproc > 1:
             return _launch_train(args, cfg, run_dir)
+    return run_training(
+        cfg,
+        run_dir,
+        world,
+        resume=bool(args.resume),
+        progress=not args.quiet,
+        finish=not args.no_finish,
+    )
+
+
+def default_run_dir(cfg: RunConfig, runs: str | Path, name: str | None) -> Path:
+    """RUNS/NAME, or RUNS/<preset>-<time> without a name."""
+    return Path(runs) / (name or f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run_training(
+    cfg: RunConfig, run_dir: Path, world, *, resume: bool, progress: bool, finish: bool
+) -> int:
+    """Train `cfg` into `run_dir` as `difflab train` does, in this process (one rank of a
+    world): the run lock, checkpoint-then-stop on SIGINT / SIGTERM, out-of-memory advice, and
+    on rank 0 the figures and report (`finish`). Shared by `difflab train` and
+    `difflab.train`; returns the command's exit code (0, 130 interrupted, 128 + signal)."""
+    from difflab.report.run import finish_run, training_hooks
+    from difflab.training import distributed, faults
+    from difflab.training.loop import train
+
     if world.is_main:
         print(f"difflab: run directory {run_dir}")
     start = time.perf_counter()
@@ -47,13 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     lock = faults.RunLock(run_dir, enabled=world.is_main)  # one trainer per run directory
     try:
         with lock, faults.StopSignals() as stop, oom:  # SIGINT / SIGTERM: checkpoint, then stop
-            ckpt = train(
-                cfg,
-                run_dir,
-                resume=bool(args.resume),
-                progress=not args.quiet,
-                hooks=training_hooks(),
-            )
+            ckpt = train(cfg, run_dir, resume=resume, progress=progress, hooks=training_hooks())
     except KeyboardInterrupt:
         if world.is_main:
             print(
@@ -75,8 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not world.is_main:  # rank 0 alone samples, evaluates and draws
         return 0
     print(f"difflab: trained in {time.perf_counter() - start:.0f} s; checkpoint {ckpt}")
-    if not args.no_finish:
-        finish_run(run_dir, progress=not args.quiet)
+    if finish:
+        finish_run(run_dir, progress=progress)
     return 0
 
 

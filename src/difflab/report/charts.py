@@ -59,10 +59,15 @@ def real_vs_generated(
 
 def scatter(points: np.ndarray, path: Path, title: str) -> Path:
     """One scatter panel of 2-D points (N, 2)."""
+    return _save(scatter_figure(points, title), path)
+
+
+def scatter_figure(points: np.ndarray, title: str | None = None, size: float = 0.5):
+    """The Figure of `scatter`: one square panel of 2-D points (N, 2)."""
     fig, ax = subplots(figsize=(4, 4))
-    _scatter(ax, points, "C0")
+    _scatter(ax, points, "C0", size)
     _square_axes(ax, title)
-    return _save(fig, path)
+    return fig
 
 
 def forward_process(real: np.ndarray, noisy: list[tuple[float, np.ndarray]], path: Path) -> Path:

@@ -4,6 +4,7 @@ that imports difflab keeps its inline backend, and a figure is freed with its la
 
 from __future__ import annotations
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -14,3 +15,11 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, dpi=None, **kwargs
     fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)  # attaches itself: savefig and buffer_rgba draw through it
     return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def figure_image(fig: Figure):
+    """The figure drawn into an RGB PIL image (for GIF frames and notebook display)."""
+    from PIL import Image
+
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from difflab.files import replace_atomically
-from difflab.report.figure import subplots
+from difflab.report.figure import figure_image, subplots
 from difflab.report.grids import PAD, check_images, image_grid
 
 FRAME_MS = 80  # per sampler step shown
@@ -207,9 +207,7 @@ def _cloud_frame(points: np.ndarray, title: str, centre: np.ndarray, half: float
     ax.grid(alpha=0.25)
     ax.set_title(title, fontsize=9, family="monospace")
     fig.tight_layout()
-    fig.canvas.draw()
-    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
-    return image
+    return figure_image(fig)
 
 
 def reverse_gif(
