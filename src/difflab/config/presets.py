@@ -307,6 +307,60 @@ def mnist_dit() -> RunConfig:
     )
 
 
+def mnist_latent_dit() -> RunConfig:
+    """mnist-latent with a DiT for the U-Net: class-conditional on mnist-ae's 8x8x4 latents (set
+    model.codec to the autoencoder run; cached codes), 2x2 patches (16 tokens) of width 128, 6
+    blocks of 4 heads, 1.9M parameters: about the size diffusers' DiTTransformer2DModel has in issue
+    39's throughput comparison, and each stream of mnist-sd3. mnist-latent's v-prediction,
+    linear table and budget, with a transformer's lr 5e-4 (mnist-dit's); not measured yet."""
+    cfg = mnist_latent()
+    dit = DiTConfig(width=128, depth=6, heads=4, mlp_ratio=4.0, patch_size=2)
+    return dataclasses.replace(
+        cfg,
+        preset="mnist-latent-dit",
+        model=dataclasses.replace(cfg.model, name="dit", dit=dit, unet=UNetConfig()),
+        train=dataclasses.replace(cfg.train, lr=5e-4),
+    )
+
+
+def _dit_s2(base: RunConfig, name: str) -> RunConfig:
+    """`base`'s data, schedule and eps-prediction with DiT-S/2 (Peebles & Xie 2023, Table 1:
+    width 384, depth 12, 6 heads, 2x2 patches) for its U-Net, trained with DiT's recipe (Sec.
+    3.2 / App.): AdamW at a constant lr 1e-4 without weight decay or warm-up, batch 256, EMA
+    0.9999, no dropout; bf16 where the device has it (precision auto). For a GPU: on a CPU it
+    builds and steps, slowly."""
+    dit = DiTConfig(width=384, depth=12, heads=6, mlp_ratio=4.0, patch_size=2)
+    return dataclasses.replace(
+        base,
+        preset=name,
+        model=ModelConfig(name="dit", dit=dit),
+        train=dataclasses.replace(
+            base.train,
+            batch_size=256,
+            lr=1e-4,
+            lr_schedule="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            ema_decay=0.9999,
+            precision="auto",
+        ),
+    )
+
+
+def cifar10_dit() -> RunConfig:
+    """Unconditional CIFAR-10 with DiT-S/2 (`_dit_s2`): 256 tokens of 2x2x3 pixels, the token
+    count of DiT-S/2 at 256x256; 32.4M parameters (DiT-S/2 itself: 33.0M, its 1000-class label
+    table and 4 -> 8 latent channels the difference); cifar10's 800k steps. Unmeasured."""
+    return _dit_s2(cifar10(), "cifar10-dit")
+
+
+def celeba_dit() -> RunConfig:
+    """Unconditional CelebA 64x64 with DiT-S/2 (`_dit_s2`) in pixels: 1024 tokens of 2x2x3, 4x
+    cifar10-dit's tokens (patch_size=4 gives 256 tokens at about a quarter of the cost);
+    celeba64's 500k steps. Unmeasured."""
+    return _dit_s2(celeba64(), "celeba-dit")
+
+
 def mnist_sd3() -> RunConfig:
     """A small Stable Diffusion 3 (Esser et al. 2024) on MNIST: an MMDiT (model.dit.text=joint)
     on mnist-ae's 8x8x4 latents (set model.codec to the autoencoder run; patch 2, 16 image
@@ -354,6 +408,9 @@ PRESETS = {
     "mnist-text": mnist_text,
     "fashion-text": fashion_text,
     "mnist-dit": mnist_dit,
+    "mnist-latent-dit": mnist_latent_dit,
+    "cifar10-dit": cifar10_dit,
+    "celeba-dit": celeba_dit,
     "mnist-sd3": mnist_sd3,
 }
 

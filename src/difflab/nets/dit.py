@@ -90,7 +90,10 @@ class RMSNorm(nn.RMSNorm):
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused QKV projection and torch's SDPA (through
-    layers.attention, which keeps bf16 on a CPU fast); optional RMS q/k norm per head."""
+    layers.attention, which keeps bf16 on a CPU fast); optional RMS q/k norm per head.
+    `recorder`, when set (report/attention.py), is called with (q, k, None) before attention."""
+
+    recorder = None  # unset: nothing is recorded and nothing is computed for it
 
     def __init__(self, width: int, heads: int, dropout: float, qk_norm: bool):
         super().__init__()
@@ -107,6 +110,8 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, T, D / heads)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.recorder is not None:
+            self.recorder(q, k, None)
         out = attention(q, k, v)  # (B, heads, T, D / heads)
         return self.dropout(self.proj(out.transpose(1, 2).reshape(B, T, D)))
 

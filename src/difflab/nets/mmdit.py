@@ -82,7 +82,11 @@ class Stream(nn.Module):
 
 class JointBlock(nn.Module):
     """An MMDiT block: both streams' queries attend to the image tokens and the real text
-    tokens together (one softmax), then each stream finishes with its own weights."""
+    tokens together (one softmax), then each stream finishes with its own weights.
+    `recorder`, when set (report/attention.py), is called with (q, k, key mask) before
+    attention: the image's queries first, then the text's (none in the last block)."""
+
+    recorder = None  # unset: nothing is recorded and nothing is computed for it
 
     def __init__(self, width, heads, mlp_ratio, dropout, qk_norm, last=False):
         super().__init__()
@@ -100,6 +104,8 @@ class JointBlock(nn.Module):
         k, v = torch.cat([k, k_text], dim=2), torch.cat([v, v_text], dim=2)
         image_keys = torch.ones(B, T, dtype=torch.bool, device=mask.device)
         keys = torch.cat([image_keys, mask], dim=1)[:, None, None, :]  # (B, 1, 1, T + L)
+        if self.recorder is not None:
+            self.recorder(q, k, keys)
         out = attention(q, k, v, keys).transpose(1, 2).reshape(B, -1, D)  # (B, T [+ L], D)
         h = self.image.finish(h, out[:, :T], mods)
         s = None if q_text is None else self.text.finish(s, out[:, T:], mods_text)

@@ -19,6 +19,7 @@ from difflab.evaluation.toy2d import evaluate_toy
 from difflab.files import write_text_atomically
 from difflab.model import RunKind
 from difflab.report import charts, grids
+from difflab.report.attention import make_attention_artefacts, plot_attention
 from difflab.report.consistency import consistency_figures
 from difflab.report.html import write_report
 from difflab.report.images import make_image_artefacts, plot_image_run
@@ -72,14 +73,21 @@ class Report:
     files: tuple[str, ...]
 
 
-def report_of(kind: RunKind) -> Report:
-    """The report of a run of `kind`: an autoencoder's reconstructions, or samples of images or
-    of points (the one place that dispatches on the kind of run)."""
+def report_of(kind: RunKind, net: str = "") -> Report:
+    """The report of a run of `kind` with the network `net` (model.name): an autoencoder's
+    reconstructions, or samples of images (with a transformer's attention maps) or of points
+    (the one place that dispatches on the kind of run)."""
     if kind.autoencoder:  # codec, reconstructions
         return Report(
             _logged(make_autoencoder_artefacts),
             lambda run_dir, cfg: plot_autoencoder_run(run_dir),
             ("reconstructions.npz",),
+        )
+    if kind.is_image and net == "dit":  # the image report, plus attention maps
+        return Report(
+            _with_attention(_logged(make_image_artefacts)),
+            lambda run_dir, cfg: [*plot_image_run(run_dir, cfg), *plot_attention(run_dir)],
+            ("samples.npz", "trajectory.npz", "attention.npz"),
         )
     if kind.is_image:
         return Report(
@@ -99,9 +107,21 @@ def _logged(make: Callable[[Path, bool], dict]) -> Callable[[Path, bool], dict]:
     return make_and_log
 
 
+def _with_attention(make: Callable[[Path, bool], dict]) -> Callable[[Path, bool], dict]:
+    """`make`, followed by samples/attention.npz of one sample (report/attention.py)."""
+
+    def make_both(run_dir: Path, progress: bool = True) -> dict:
+        result = make(run_dir, progress)
+        make_attention_artefacts(run_dir)
+        return result
+
+    return make_both
+
+
 def make_artefacts(run_dir: Path, progress: bool = True) -> dict:
     """Draw the run's sample artefacts and log its evaluation row; returns the evaluation."""
-    return report_of(run_kind(run_dir)).make(run_dir, progress)
+    net = RunConfig.load(check_run_dir(run_dir) / "config.json").model.name
+    return report_of(run_kind(run_dir), net).make(run_dir, progress)
 
 
 def make_toy_artefacts(run_dir: Path, progress: bool = True) -> dict:
@@ -131,7 +151,7 @@ def plot_run(
     and with `report` the page RUN/report.html that holds them all."""
     run_dir = check_run_dir(run_dir)
     cfg, kind = RunConfig.load(run_dir / "config.json"), run_kind(run_dir)
-    of_kind = report_of(kind)
+    of_kind = report_of(kind, cfg.model.name)
     if resample or not all((run_dir / "samples" / name).exists() for name in of_kind.files):
         of_kind.make(run_dir, progress)
     paths = of_kind.plot(run_dir, cfg)
