@@ -133,7 +133,8 @@ def build_net(
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.mlp.dropout must be in [0, 1), got {m.dropout}")
         # MLPConfig's fields are MLP's keyword arguments, one to one
-        return MLP(dim=data_shape[0], num_classes=num_classes, **dataclasses.asdict(m))
+        mlp = dataclasses.asdict(m) | {"second_time": cfg.second_time}
+        return MLP(dim=data_shape[0], num_classes=num_classes, **mlp)
     if len(data_shape) != 3:
         raise ConfigError(
             f"model.name={cfg.name} is for images (C, H, W), the data has shape {data_shape}"
@@ -142,12 +143,13 @@ def build_net(
         return AutoencoderKL(in_channels=data_shape[0], **dataclasses.asdict(cfg.autoencoder))
     if cfg.name == "dit":
         try:  # DiTConfig's fields are dit_net's keyword arguments; its messages name the field
-            d = dataclasses.asdict(cfg.dit)
+            d = dataclasses.asdict(cfg.dit) | ({"second_time": True} if cfg.second_time else {})
             return dit_net(data_shape[0], data_shape[1:], num_classes, text, **d)
         except ValueError as e:
             raise ConfigError(f"model.dit.{e}") from None
     # UNetConfig's fields are UNet's keyword arguments, one to one
     kwargs = dataclasses.asdict(cfg.unet) | ({"text_encoder": text} if text is not None else {})
+    kwargs |= {"second_time": cfg.second_time}
     return UNet(in_channels=data_shape[0], num_classes=num_classes, **kwargs)
 
 

@@ -79,6 +79,9 @@ class ModelConfig:
     codec_encode: str = "mean"  # mean | sample: the posterior's mean, or a draw from it
     codec_cache: bool = False  # encode the whole training set once (kept in the codec's run)
     text: TextConfig = field(default_factory=TextConfig)
+    # a second time input t2 beside t (MeanFlow's t - r, a shortcut's step size d): the
+    # meanflow and shortcut losses need it; false builds the nets of before, bit for bit
+    second_time: bool = False
 
 
 @dataclass

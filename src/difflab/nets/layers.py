@@ -124,6 +124,31 @@ class TimeEmbedding(nn.Module):
         return self.mlp(sinusoidal_embedding(t, self.sinusoid_dim, shift=self.shift))
 
 
+class SecondTime(nn.Module):
+    """The optional second time t2 (MeanFlow's interval t - r, a shortcut model's step size d),
+    embedded like t by its own `TimeEmbedding` and added to t's embedding. A net built with
+    second_time=False has no such module and refuses t2; one built with it reads t2 = None as 0
+    (the instantaneous velocity: flow matching)."""
+
+    def __init__(self, dim: int, sinusoid_dim: int | None = None, shift: int = 0):
+        super().__init__()
+        self.emb = TimeEmbedding(dim, sinusoid_dim, shift)
+
+    def forward(self, t2: Tensor | None, like: Tensor) -> Tensor:
+        """The embedding (B, dim) of t2 (B,) or of zeros shaped like t (`like`) when t2 is None."""
+        return self.emb(torch.zeros_like(like) if t2 is None else t2)
+
+
+def add_second_time(emb: Tensor, second: SecondTime | None, t: Tensor, t2: Tensor | None) -> Tensor:
+    """emb (t's embedding) plus t2's when the net has a second time input; t2 given to a net
+    without one is refused (ValueError; losses check first and say which config flag)."""
+    if second is None:
+        if t2 is not None:
+            raise ValueError("t2 given to a net built without a second time input (second_time)")
+        return emb
+    return emb + second(t2, t)
+
+
 class FourierFeatures(nn.Module):
     """Coordinates x (B, D) -> [x, sin(2^k pi x), cos(2^k pi x)] for k = 0..K-1 (B, D (1 + 2K)).
 
