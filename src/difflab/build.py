@@ -25,6 +25,7 @@ from difflab.diffusion.autoencoder_loss import AutoencoderLoss
 from difflab.diffusion.consistency import ConsistencyDenoiser
 from difflab.diffusion.consistency_losses import CONSISTENCY_LOSSES
 from difflab.diffusion.couplings import check_coupling
+from difflab.diffusion.few_step_losses import MeanFlowLoss, ShortcutLoss
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.objectives import LossSpec
 from difflab.diffusion.prediction import Denoiser, v_refusal
@@ -235,6 +236,8 @@ def family(cfg: RunConfig) -> str:
         return "autoencoder"
     if cfg.train.loss in CONSISTENCY_LOSSES:
         return "consistency"
+    if cfg.train.loss in FEW_STEP_LOSSES:
+        return cfg.train.loss  # meanflow, shortcut
     schedule = build_schedule(cfg.diffusion)
     return "diffusion" if schedule.variance_preserving or schedule.variance_exploding else "flow"
 
@@ -277,6 +280,31 @@ def build_model(cfg: RunConfig, data: DataKind, device: torch.device | str = "cp
     return Model(net, schedule, denoiser, conditioner, codec, kind, device, layout)
 
 
+def _few_step(cfg: RunConfig, schedule: schedules.Schedule, make):
+    """A MeanFlow or shortcut loss: the rectified path, a velocity net with a second time."""
+    name = cfg.train.loss
+    if cfg.diffusion.schedule != "rectified" or cfg.diffusion.prediction != "velocity":
+        raise ConfigError(
+            f"train.loss={name} trains on the rectified path: set diffusion.schedule=rectified "
+            "and diffusion.prediction=velocity (the toy2d-meanflow / toy2d-shortcut presets do)"
+        )
+    if not cfg.model.second_time:
+        raise ConfigError(
+            f"train.loss={name} needs a network with a second time input: set "
+            "model.second_time=true (the toy2d-meanflow and toy2d-shortcut presets do)"
+        )
+    return make(cfg)
+
+
+FEW_STEP_LOSSES = {  # the run's family is the loss's name; the net reads t2 beside t
+    "shortcut": lambda cfg, schedule: _few_step(
+        cfg, schedule, lambda c: ShortcutLoss(**dataclasses.asdict(c.shortcut))
+    ),
+    "meanflow": lambda cfg, schedule: _few_step(
+        cfg, schedule, lambda c: MeanFlowLoss(**dataclasses.asdict(c.meanflow))
+    ),
+}
+
 LOSSES = {
     "diffusion": lambda cfg, schedule: DiffusionLoss(
         build_loss_spec(cfg.diffusion, schedule),
@@ -289,6 +317,7 @@ LOSSES = {
         ),
     ),
     **CONSISTENCY_LOSSES,  # ct, ict, ect, cd: the model is then a ConsistencyDenoiser
+    **FEW_STEP_LOSSES,  # shortcut, meanflow: the denoiser passes t2 (the step_grid samplers)
     "autoencoder": lambda cfg, schedule: AutoencoderLoss(
         cfg.train.autoencoder,
         lambda channels: PatchDiscriminator(
@@ -325,7 +354,9 @@ def build_denoiser(
     if cfg.diffusion.clip_x0 < 0:
         raise ConfigError(f"diffusion.clip_x0 must be >= 0 (0 = off), got {cfg.diffusion.clip_x0}")
     d = cfg.diffusion
-    denoiser = Denoiser(net, schedule, d.prediction, d.clip_x0 or None, d.sigma_data)
+    grid = {"shortcut": f"shortcut:{cfg.shortcut.max_steps}", "meanflow": "meanflow"}
+    step_grid = grid.get(kind.family, "")
+    denoiser = Denoiser(net, schedule, d.prediction, d.clip_x0 or None, d.sigma_data, step_grid)
     return ConsistencyDenoiser(denoiser) if kind.consistency else denoiser
 
 

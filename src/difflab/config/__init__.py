@@ -15,6 +15,7 @@ from pathlib import Path
 
 from difflab.config.consistency import ConsistencyConfig
 from difflab.config.dit import DiTConfig
+from difflab.config.few_step import MeanFlowConfig, ShortcutConfig
 from difflab.config.latent import AutoencoderConfig, AutoencoderLossConfig
 from difflab.config.sampling import SampleConfig, guidance_record, use_ema_of
 from difflab.config.text import TextConfig
@@ -164,6 +165,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
