@@ -15,6 +15,7 @@ from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.prediction import Denoiser
 from difflab.errors import ConfigError
 from difflab.model import DataKind
+from difflab.nets.dit import DiT
 from difflab.nets.mlp import MLP
 from difflab.nets.unet import UNet
 from difflab.samplers import sample_meanflow
@@ -102,9 +103,10 @@ def _fd(net, z, r, t, v, h):
     return (u(z + h * v, t + h) - u(z - h * v, t - h)) / (2 * h)
 
 
-@pytest.mark.parametrize("backbone", ["mlp", "unet"])
+@pytest.mark.parametrize("backbone", ["mlp", "unet", "dit"])
 def test_the_jvp_equals_finite_differences(backbone):
-    """The loss's forward-mode JVP along (v, 0, 1) equals a central difference (fp32)."""
+    """The loss's forward-mode JVP along (v, 0, 1) equals a central difference (fp32), for
+    every backbone (the DiT's attention takes its plain path under the JVP)."""
     torch.manual_seed(0)
     if backbone == "mlp":
         net = MLP(dim=2, width=32, depth=2, emb_dim=32, second_time=True)
@@ -117,6 +119,17 @@ def test_the_jvp_equals_finite_differences(backbone):
             num_res_blocks=1,
             attention_levels=(1,),
             norm_groups=4,
+            second_time=True,
+        )
+        z = torch.randn(4, 1, 8, 8)
+    if backbone == "dit":  # attention under the JVP: the plain product (layers.attention)
+        net = DiT(
+            in_channels=1,
+            input_size=(8, 8),
+            width=32,
+            depth=2,
+            heads=2,
+            patch_size=2,
             second_time=True,
         )
         z = torch.randn(4, 1, 8, 8)

@@ -69,9 +69,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     torch's scaled_dot_product_attention everywhere except for bf16/fp16 on a CPU, where its
     flash kernel is slow (its backward 15x the fp32 one at head dim 16) and the plain product
     runs on the matrix units: the scores are multiplied in the input's precision and the softmax
-    taken in fp32.
+    taken in fp32. Under torch.func's transforms (MeanFlow's forward-mode JVP) the plain product
+    too: SDPA's CPU flash kernel (and the fused GPU ones) have no forward-mode rule.
     """
-    if q.device.type != "cpu" or q.dtype not in REDUCED:
+    transformed = torch._C._functorch.is_functorch_wrapped_tensor(q)
+    if not transformed and (q.device.type != "cpu" or q.dtype not in REDUCED):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)
     if mask is not None:
