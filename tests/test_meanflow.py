@@ -8,9 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from difflab import build, cli
+from difflab.conditioners import ClassLabels
 from difflab.config import apply_overrides, preset
 from difflab.diffusion import schedules
 from difflab.diffusion.few_step_losses import MeanFlowLoss, mean_velocity_jvp
+from difflab.diffusion.guidance import GuidedNet
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.prediction import Denoiser
 from difflab.errors import ConfigError
@@ -186,3 +188,20 @@ def test_a_net_without_the_second_time_is_refused(tmp_path, capsys):
     plain = build.build_model(cfg, DataKind((2,)))
     with pytest.raises(ConfigError, match="needs a network with a second time input"):
         MeanFlowLoss().attach(plain, "cpu")
+
+
+def test_classifier_free_guidance_passes_the_second_time_on():
+    """The guided net (one doubled batch) hands t2 to both halves: w = 2 gives
+    u(null) + 2 (u(y) - u(null)), each at the same t2."""
+    torch.manual_seed(0)
+    net = MLP(dim=2, width=16, depth=1, emb_dim=16, num_classes=3, second_time=True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, t, y = torch.randn(4, 2), torch.full((4,), 0.8), torch.tensor([0, 1, 2, 0])
+    t2 = torch.full((4,), 0.3)
+    null = torch.full((4,), 3)
+    want = net(x, t, null, t2=t2) + 2 * (net(x, t, y, t2=t2) - net(x, t, null, t2=t2))
+    got = GuidedNet(net, 2.0, ClassLabels(3))(x, t, y, t2=t2)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, GuidedNet(net, 2.0, ClassLabels(3))(x, t, y))

@@ -26,7 +26,12 @@ from difflab.samplers.registry import register
 
 
 def _needs(denoiser, family: str) -> str:
-    grid = getattr(denoiser, "step_grid", "")
+    grid = getattr(denoiser, "step_grid", None)
+    if grid is None:  # APG, CFG++, autoguidance combine two denoisers' (x0, eps): no t2 there
+        raise ConfigError(
+            f"the {family} sampler takes classifier-free guidance only: use --guidance-method "
+            "cfg (or no guidance)"
+        )
     if not grid.startswith(family):
         raise ConfigError(
             f"the {family} sampler needs a run trained with train.loss={family}; sample this "
