@@ -205,3 +205,37 @@ def test_classifier_free_guidance_passes_the_second_time_on():
     got = GuidedNet(net, 2.0, ClassLabels(3))(x, t, y, t2=t2)
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, GuidedNet(net, 2.0, ClassLabels(3))(x, t, y))
+
+
+class _NoForwardRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 2 * grad
+
+
+class _Part(torch.nn.Module):
+    def forward(self, x):
+        return _NoForwardRule.apply(x)
+
+
+class _NetWithAnOpWithoutJvp(torch.nn.Module):
+    second_time = True
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(2, 2)
+        self.bad = _Part()
+
+    def forward(self, z, t, cond=None, *, t2=None):
+        return self.bad(self.inner(z) * t[:, None])
+
+
+def test_a_jvp_that_fails_on_an_op_names_it_and_the_part():
+    z, r, t = _points(8)
+    with pytest.raises(ConfigError, match=r"_NetWithAnOpWithoutJvp \(module bad\)") as info:
+        mean_velocity_jvp(_NetWithAnOpWithoutJvp(), z, r, t, torch.randn_like(z), None)
+    assert "\n" not in str(info.value) and "train.precision=fp32" in str(info.value)

@@ -166,7 +166,9 @@ class MeanFlowLoss(Loss):
 def mean_velocity_jvp(net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond):
     """(u(z, r, t), its total derivative v d_z u + 0 d_r u + 1 d_t u), by one forward-mode JVP
     (torch.func.jvp) of u = net(z, t, cond, t2=t - r); u keeps its graph for the backward pass.
-    An op without a forward-mode rule is named in one ConfigError line."""
+    An op without a forward-mode rule (or one that fails under it, like a convolution under
+    bf16 autocast) is refused in one ConfigError line naming the op's error and the network part
+    it was in."""
 
     def u_of(z_, r_, t_):
         return net(z_, t_, cond, t2=t_ - r_)
@@ -175,10 +177,28 @@ def mean_velocity_jvp(net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond):
     try:
         return torch.func.jvp(u_of, (z, r, t), tangents)
     except (NotImplementedError, RuntimeError) as e:
-        if "forward" not in str(e).lower() and "jvp" not in str(e).lower():
-            raise
-        first = str(e).strip().splitlines()[0]
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        part = _failing_part(net, u_of, (z, r, t), tangents)
         raise ConfigError(
-            f"MeanFlow's JVP failed in {type(net).__name__}: {first}; train this network in "
-            "fp32 (train.precision=fp32) or use model.name=mlp / unet"
+            f"MeanFlow's JVP failed in {type(net).__name__}{part}: {first}; train in fp32 "
+            "(train.precision=fp32), or use a network whose ops have forward-mode rules"
         ) from None
+
+
+def _failing_part(net, fn, primals, tangents) -> str:
+    """ " (module NAME)": the innermost module entered when the JVP failed, found by running it
+    again with hooks (only after a failure, so training pays nothing)."""
+    names = {module: name for name, module in net.named_modules() if name}
+    entered: list[str] = []
+    hooks = [
+        module.register_forward_pre_hook(lambda m, args: entered.append(names[m]))
+        for module in names
+    ]
+    try:
+        torch.func.jvp(fn, primals, tangents)
+    except (NotImplementedError, RuntimeError):
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return f" (module {entered[-1]})" if entered else ""
