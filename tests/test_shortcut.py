@@ -2,6 +2,8 @@
 path (rectified_gaussian.py: the exact step s(z, t, d) = u(z, t - d, t)): the self-consistency
 target, the loss at d = 0, the sampler's grid, training and exact resume, the refusals."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -99,7 +101,8 @@ def test_the_sampler_with_the_exact_steps_samples_the_data(steps):
 
 def test_training_runs_resumes_bitwise_and_refuses_steps_off_the_grid(tmp_path, capsys):
     """`difflab train --preset toy2d-shortcut` for 4 steps; stopped at 2 and resumed it equals a
-    straight run; sampling takes --steps on the grid and refuses others in one line, exit 2."""
+    straight run; sampling (and `eval --compare`, by default with the run's own sampler) takes
+    --steps on the grid and refuses others in one line, exit 2."""
     argv = ["train", "--preset", "toy2d-shortcut", *FLAGS, "--runs", str(tmp_path)]
     sets = ["--set", *SMALL, "train.steps=4"]
     threads = torch.get_num_threads()
@@ -122,6 +125,10 @@ def test_training_runs_resumes_bitwise_and_refuses_steps_off_the_grid(tmp_path, 
     assert np.load(out)["samples"].shape == (20, 2)
     out.unlink()
     capsys.readouterr()
+    assert cli.main(["eval", run, "--compare", "--nfe", "1,2,4", "--json"]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads(printed[printed.index("{\n") :])["rows"]
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [("shortcut", n) for n in (1, 2, 4)]
     for steps in ("3", "256"):
         code = cli.main(["sample", run, "--steps", steps, "--n", "20", "--out", str(out)])
         err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
