@@ -281,17 +281,13 @@ def build_model(cfg: RunConfig, data: DataKind, device: torch.device | str = "cp
 
 
 def _few_step(cfg: RunConfig, schedule: schedules.Schedule, make):
-    """A MeanFlow or shortcut loss: the rectified path, a velocity net with a second time."""
+    """A MeanFlow or shortcut loss: the rectified path and a velocity net (its second time input
+    is checked by build_loss, as the loss declares it)."""
     name = cfg.train.loss
     if cfg.diffusion.schedule != "rectified" or cfg.diffusion.prediction != "velocity":
         raise ConfigError(
             f"train.loss={name} trains on the rectified path: set diffusion.schedule=rectified "
             "and diffusion.prediction=velocity (the toy2d-meanflow / toy2d-shortcut presets do)"
-        )
-    if not cfg.model.second_time:
-        raise ConfigError(
-            f"train.loss={name} needs a network with a second time input: set "
-            "model.second_time=true (the toy2d-meanflow and toy2d-shortcut presets do)"
         )
     return make(cfg)
 
@@ -344,7 +340,13 @@ def build_loss(cfg: RunConfig, schedule: schedules.Schedule):
             "an autoencoder run draws no samples: set train.sample_every=0 and "
             "train.eval_every=0 (its reconstructions are measured when it ends)"
         )
-    return LOSSES[cfg.train.loss](cfg, schedule)
+    loss = LOSSES[cfg.train.loss](cfg, schedule)
+    if loss.second_time and not cfg.model.second_time:  # declared by the loss (loss_base.py)
+        raise ConfigError(
+            f"train.loss={cfg.train.loss} needs a network with a second time input: set "
+            "model.second_time=true (the toy2d-meanflow and toy2d-shortcut presets do)"
+        )
+    return loss
 
 
 @_checked
