@@ -37,6 +37,7 @@ ALLOWED = {
     "diffusion.loss_base": set(),
     "diffusion.losses": {"diffusion.couplings", "diffusion.loss_base", "diffusion.objectives"},
     "diffusion.autoencoder_loss": {"diffusion.loss_base"},
+    "diffusion.few_step_losses": {"diffusion.loss_base"},
     "diffusion.guidance": {"diffusion.guidance_methods", "diffusion.prediction"},
     "diffusion.guidance_methods": {"diffusion.prediction"},
     "diffusion.consistency": {"diffusion.prediction", "diffusion.schedules"},

@@ -67,24 +67,34 @@ def test_guidance_refuses_unconditional_models_and_missing_labels():
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_every_sampler_runs_guided_with_one_call_per_evaluation(name):
     # Guidance is a denoiser wrapper, so every sampler takes it: each model evaluation is one
-    # doubled batch, and scale 1 reproduces the conditional model exactly.
+    # doubled batch, and scale 1 reproduces the conditional model exactly. A family's own
+    # sampler (meanflow, shortcut) runs on its family's model: rectified, velocity, t2 read.
     calls = []
+    family = SAMPLERS[name].family
 
-    def counting(x, t, y):
+    def net(x, t, y, t2=None):
+        return _net(x, t, y) + (0.0 if t2 is None else t2[:, None])
+
+    def counting(x, t, y, **t2):
         calls.append(len(x))
-        return _net(x, t, y)
+        return net(x, t, y, **t2)
 
-    schedule = schedules.linear()
-    scfg = SampleConfig(sampler=name, steps=4, spacing="logsnr")
+    schedule = schedules.RectifiedFlowSchedule() if family else schedules.linear()
+    kind, grid = (
+        ("velocity", "shortcut:8" if family == "shortcut" else family) if family else ("v", "")
+    )
+    scfg = SampleConfig(sampler=name, steps=4, spacing="uniform" if family else "logsnr")
     fn, options, ts = build.build_sampler(scfg, schedule)
     x_T, y = torch.randn(6, 2), torch.tensor([0, 1, 2, 0, 1, 2])
     # the consistency sampler takes consistency models only: the same net, parameterised so
     wrap = ConsistencyDenoiser if name == "consistency" else (lambda den: den)
-    den = wrap(Denoiser(counting, schedule, "v"))
+    den = wrap(Denoiser(counting, schedule, kind, step_grid=grid))
     out = fn(guided(den, 2.5, LABELS), x_T, ts, y=y, generator=0, **options)
     assert torch.isfinite(out).all() and set(calls) == {12}
-    cond = fn(wrap(Denoiser(_net, schedule, "v")), x_T, ts, y=y, generator=0, **options)
-    plain = guided(wrap(Denoiser(_net, schedule, "v")), 1.0, LABELS)
+    cond = fn(
+        wrap(Denoiser(net, schedule, kind, step_grid=grid)), x_T, ts, y=y, generator=0, **options
+    )
+    plain = guided(wrap(Denoiser(net, schedule, kind, step_grid=grid)), 1.0, LABELS)
     torch.testing.assert_close(fn(plain, x_T, ts, y=y, generator=0, **options), cond)
 
 

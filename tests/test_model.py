@@ -106,12 +106,16 @@ def test_build_model_is_the_one_place_a_model_is_made():
 @pytest.mark.parametrize("schedule", ["linear", "edm"])
 def test_the_dry_run_accepts_every_sampler_a_diffusion_model_can_use(schedule):
     """check_sample's dry run must refuse nothing a real draw accepts: every registered
-    sampler but the consistency one, on a discrete table and in continuous EDM time."""
+    sampler but the consistency one and a family's own (meanflow, shortcut), on a discrete
+    table and in continuous EDM time; those refuse a diffusion model in one line."""
     sets = ["diffusion.schedule=edm", "diffusion.num_steps=0", "diffusion.prediction=edm"]
     cfg = apply_overrides(preset("toy2d"), SMALL + (sets if schedule == "edm" else []))
     model = build.build_model(cfg, DataKind((2,)))
-    for name in SAMPLERS:
-        if name != "consistency":
+    for name, info in SAMPLERS.items():
+        if info.family:
+            with pytest.raises(ConfigError, match=f"train.loss={info.family}"):
+                model.check_sample(SampleConfig(sampler=name, steps=1), dry_run=True)
+        elif name != "consistency":
             spacing = "karras" if schedule == "edm" else "trailing"
             model.check_sample(SampleConfig(sampler=name, steps=8, spacing=spacing), dry_run=True)
     with pytest.raises(ConfigError, match="needs a consistency model"):
@@ -129,6 +133,8 @@ def test_the_dry_run_accepts_every_sampler_a_diffusion_model_can_use(schedule):
         ("mnist-ae", "autoencoder", "none", "identity"),
         ("mnist-latent", "diffusion", "classes", "latent"),
         ("mnist-text", "diffusion", "text", "identity"),
+        ("toy2d-meanflow", "meanflow", "none", "identity"),
+        ("toy2d-shortcut", "shortcut", "none", "identity"),
     ],
 )
 def test_the_run_kind_is_decided_once_from_the_config_and_the_data(name, family, condition, codec):
@@ -143,8 +149,8 @@ def test_the_run_kind_is_decided_once_from_the_config_and_the_data(name, family,
     assert kind.channels == (1 if data is images else None)
     assert kind.conditional == (condition != "none") and kind.text == (condition == "text")
     assert kind.consistency == (family == "consistency") and kind.latent == (codec == "latent")
-    with pytest.raises(ValueError, match="meanflow"):
-        RunKind("meanflow", data)  # a family is added to model.FAMILIES first
+    with pytest.raises(ValueError, match="rectified"):
+        RunKind("rectified", data)  # a family is added to model.FAMILIES first
 
 
 @pytest.mark.parametrize(

@@ -52,9 +52,10 @@ def test_nfe_is_the_number_of_network_calls(name):
     """Count the network's calls while sampling one batch: the NFE the registry reports (and
     every row writes) must be that count, for every sampler, step count and option that
     changes it (pc: n_corrector)."""
-    model = _toy_model("toy2d-ct" if name == "consistency" else "toy2d")
+    own = {"consistency": "toy2d-ct", "meanflow": "toy2d-meanflow", "shortcut": "toy2d-shortcut"}
+    model = _toy_model(own.get(name, "toy2d"))
     options = [{"n_corrector": m} for m in (0, 1, 3)] if name == "pc" else [{}]
-    for steps in (1, 4, 7):
+    for steps in (1, 4, 8) if name == "shortcut" else (1, 4, 7):  # a shortcut: powers of two
         for option in options:
             scfg = SampleConfig(
                 sampler=name, steps=steps, spacing="uniform", n=3, batch_size=3, **option

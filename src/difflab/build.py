@@ -25,6 +25,7 @@ from difflab.diffusion.autoencoder_loss import AutoencoderLoss
 from difflab.diffusion.consistency import ConsistencyDenoiser
 from difflab.diffusion.consistency_losses import CONSISTENCY_LOSSES
 from difflab.diffusion.couplings import check_coupling
+from difflab.diffusion.few_step_losses import MeanFlowLoss, ShortcutLoss
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.objectives import LossSpec
 from difflab.diffusion.prediction import Denoiser, v_refusal
@@ -133,7 +134,8 @@ def build_net(
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.mlp.dropout must be in [0, 1), got {m.dropout}")
         # MLPConfig's fields are MLP's keyword arguments, one to one
-        return MLP(dim=data_shape[0], num_classes=num_classes, **dataclasses.asdict(m))
+        mlp = dataclasses.asdict(m) | {"second_time": cfg.second_time}
+        return MLP(dim=data_shape[0], num_classes=num_classes, **mlp)
     if len(data_shape) != 3:
         raise ConfigError(
             f"model.name={cfg.name} is for images (C, H, W), the data has shape {data_shape}"
@@ -142,12 +144,13 @@ def build_net(
         return AutoencoderKL(in_channels=data_shape[0], **dataclasses.asdict(cfg.autoencoder))
     if cfg.name == "dit":
         try:  # DiTConfig's fields are dit_net's keyword arguments; its messages name the field
-            d = dataclasses.asdict(cfg.dit)
+            d = dataclasses.asdict(cfg.dit) | ({"second_time": True} if cfg.second_time else {})
             return dit_net(data_shape[0], data_shape[1:], num_classes, text, **d)
         except ValueError as e:
             raise ConfigError(f"model.dit.{e}") from None
     # UNetConfig's fields are UNet's keyword arguments, one to one
     kwargs = dataclasses.asdict(cfg.unet) | ({"text_encoder": text} if text is not None else {})
+    kwargs |= {"second_time": cfg.second_time}
     return UNet(in_channels=data_shape[0], num_classes=num_classes, **kwargs)
 
 
@@ -233,6 +236,8 @@ def family(cfg: RunConfig) -> str:
         return "autoencoder"
     if cfg.train.loss in CONSISTENCY_LOSSES:
         return "consistency"
+    if cfg.train.loss in FEW_STEP_LOSSES:
+        return cfg.train.loss  # meanflow, shortcut
     schedule = build_schedule(cfg.diffusion)
     return "diffusion" if schedule.variance_preserving or schedule.variance_exploding else "flow"
 
@@ -275,6 +280,27 @@ def build_model(cfg: RunConfig, data: DataKind, device: torch.device | str = "cp
     return Model(net, schedule, denoiser, conditioner, codec, kind, device, layout)
 
 
+def _few_step(cfg: RunConfig, schedule: schedules.Schedule, make):
+    """A MeanFlow or shortcut loss: the rectified path and a velocity net (its second time input
+    is checked by build_loss, as the loss declares it)."""
+    name = cfg.train.loss
+    if cfg.diffusion.schedule != "rectified" or cfg.diffusion.prediction != "velocity":
+        raise ConfigError(
+            f"train.loss={name} trains on the rectified path: set diffusion.schedule=rectified "
+            "and diffusion.prediction=velocity (the toy2d-meanflow / toy2d-shortcut presets do)"
+        )
+    return make(cfg)
+
+
+FEW_STEP_LOSSES = {  # the run's family is the loss's name; the net reads t2 beside t
+    "shortcut": lambda cfg, schedule: _few_step(
+        cfg, schedule, lambda c: ShortcutLoss(**dataclasses.asdict(c.shortcut))
+    ),
+    "meanflow": lambda cfg, schedule: _few_step(
+        cfg, schedule, lambda c: MeanFlowLoss(**dataclasses.asdict(c.meanflow))
+    ),
+}
+
 LOSSES = {
     "diffusion": lambda cfg, schedule: DiffusionLoss(
         build_loss_spec(cfg.diffusion, schedule),
@@ -287,6 +313,7 @@ LOSSES = {
         ),
     ),
     **CONSISTENCY_LOSSES,  # ct, ict, ect, cd: the model is then a ConsistencyDenoiser
+    **FEW_STEP_LOSSES,  # shortcut, meanflow: the denoiser passes t2 (the step_grid samplers)
     "autoencoder": lambda cfg, schedule: AutoencoderLoss(
         cfg.train.autoencoder,
         lambda channels: PatchDiscriminator(
@@ -313,7 +340,13 @@ def build_loss(cfg: RunConfig, schedule: schedules.Schedule):
             "an autoencoder run draws no samples: set train.sample_every=0 and "
             "train.eval_every=0 (its reconstructions are measured when it ends)"
         )
-    return LOSSES[cfg.train.loss](cfg, schedule)
+    loss = LOSSES[cfg.train.loss](cfg, schedule)
+    if loss.second_time and not cfg.model.second_time:  # declared by the loss (loss_base.py)
+        raise ConfigError(
+            f"train.loss={cfg.train.loss} needs a network with a second time input: set "
+            "model.second_time=true (the toy2d-meanflow and toy2d-shortcut presets do)"
+        )
+    return loss
 
 
 @_checked
@@ -323,7 +356,9 @@ def build_denoiser(
     if cfg.diffusion.clip_x0 < 0:
         raise ConfigError(f"diffusion.clip_x0 must be >= 0 (0 = off), got {cfg.diffusion.clip_x0}")
     d = cfg.diffusion
-    denoiser = Denoiser(net, schedule, d.prediction, d.clip_x0 or None, d.sigma_data)
+    grid = {"shortcut": f"shortcut:{cfg.shortcut.max_steps}", "meanflow": "meanflow"}
+    step_grid = grid.get(kind.family, "")
+    denoiser = Denoiser(net, schedule, d.prediction, d.clip_x0 or None, d.sigma_data, step_grid)
     return ConsistencyDenoiser(denoiser) if kind.consistency else denoiser
 
 

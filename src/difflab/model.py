@@ -53,7 +53,7 @@ class DataKind:
         return cls(tuple(info["shape"]), classes, names)
 
 
-FAMILIES = ("diffusion", "flow", "consistency", "autoencoder")  # meanflow, shortcut: later
+FAMILIES = ("diffusion", "flow", "consistency", "meanflow", "shortcut", "autoencoder")
 CONDITIONS = ("none", "classes", "text")
 CODECS = ("identity", "latent")
 
@@ -65,7 +65,9 @@ class RunKind:
     re-derives it from config strings, tensor shapes or a network's name.
 
     family: diffusion (a noise schedule), flow (a flow path), consistency (a consistency model,
-        train.loss ct / ict / ect / cd) or autoencoder (the first stage of latent diffusion);
+        train.loss ct / ict / ect / cd), meanflow or shortcut (one-step models on the
+        rectified path whose net reads a second time, train.loss meanflow / shortcut) or
+        autoencoder (the first stage of latent diffusion);
     data: the data's shape and classes (points or images);
     condition: none, classes or text;
     codec: identity (diffusion in data space) or latent (through an autoencoder run).
@@ -302,7 +304,7 @@ class Model:
 
     def _dry_run(self, info, ts: Tensor, scfg: SampleConfig) -> None:
         """One example through `info`'s sampler on `ts`, driven by a zero network."""
-        zeros = self.denoiser.with_net(lambda x_t, t, cond=None: torch.zeros_like(x_t))
+        zeros = self.denoiser.with_net(lambda x_t, t, cond=None, **_: torch.zeros_like(x_t))
         shape = self.codec.latent_shape(self.kind.shape)
         # a zero network may leave the data range: that is not a config problem
         with contextlib.suppress(NonFiniteError):

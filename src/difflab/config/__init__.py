@@ -15,6 +15,7 @@ from pathlib import Path
 
 from difflab.config.consistency import ConsistencyConfig
 from difflab.config.dit import DiTConfig
+from difflab.config.few_step import MeanFlowConfig, ShortcutConfig
 from difflab.config.latent import AutoencoderConfig, AutoencoderLossConfig
 from difflab.config.sampling import SampleConfig, guidance_record, use_ema_of
 from difflab.config.text import TextConfig
@@ -79,6 +80,9 @@ class ModelConfig:
     codec_encode: str = "mean"  # mean | sample: the posterior's mean, or a draw from it
     codec_cache: bool = False  # encode the whole training set once (kept in the codec's run)
     text: TextConfig = field(default_factory=TextConfig)
+    # a second time input t2 beside t (MeanFlow's t - r, a shortcut's step size d): the
+    # meanflow and shortcut losses need it; false builds the nets of before, bit for bit
+    second_time: bool = False
 
 
 @dataclass
@@ -161,6 +165,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

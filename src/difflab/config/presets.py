@@ -385,6 +385,30 @@ def mnist_sd3() -> RunConfig:
     )
 
 
+def _toy2d_few_step(name: str, loss: str, sampler: str) -> RunConfig:
+    """The toy2d-flow network, data and budget, trained by a one-step loss (MeanFlow or a
+    shortcut model: the net reads the second time t2) and sampled in one step by its sampler.
+    Not tuned for quality yet."""
+    flow = toy2d_flow()
+    return dataclasses.replace(
+        flow,
+        preset=name,
+        model=dataclasses.replace(flow.model, second_time=True),
+        train=dataclasses.replace(flow.train, loss=loss),
+        sample=SampleConfig(sampler=sampler, steps=1, spacing="uniform"),
+    )
+
+
+def toy2d_shortcut() -> RunConfig:
+    """Shortcut models (Frans et al. 2024) on the checkerboard, from scratch."""
+    return _toy2d_few_step("toy2d-shortcut", "shortcut", "shortcut")
+
+
+def toy2d_meanflow() -> RunConfig:
+    """MeanFlow (Geng et al. 2025) on the checkerboard, from scratch."""
+    return _toy2d_few_step("toy2d-meanflow", "meanflow", "meanflow")
+
+
 PRESETS = {
     "toy2d": toy2d,
     "mnist": mnist,
@@ -412,6 +436,8 @@ PRESETS = {
     "cifar10-dit": cifar10_dit,
     "celeba-dit": celeba_dit,
     "mnist-sd3": mnist_sd3,
+    "toy2d-shortcut": toy2d_shortcut,
+    "toy2d-meanflow": toy2d_meanflow,
 }
 
 

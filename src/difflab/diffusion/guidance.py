@@ -65,7 +65,8 @@ class GuidedNet:
         self.net, self.guidance_scale, self.conditioner = net, guidance_scale, conditioner
         self.interval = interval
 
-    def __call__(self, x_t: Tensor, t: Tensor, y=None) -> Tensor:
+    def __call__(self, x_t: Tensor, t: Tensor, y=None, **t2) -> Tensor:
+        # t2: a few-step model's second time (MeanFlow, shortcut), passed on beside t
         if y is None:
             raise ConfigError(
                 "classifier-free guidance needs class labels y; pass --class or --per-class"
@@ -77,15 +78,16 @@ class GuidedNet:
             s = noise_level(t)
             inside = (s > s_lo) & (s <= s_hi)
             if not bool(inside.any()):  # the whole batch outside: conditional, one call
-                return self.net(x_t, t, y)
+                return self.net(x_t, t, y, **t2)
             if bool(inside.all()):
                 inside = None
         null = c.null_like(y)
         if w == 0 and inside is None:
-            return self.net(x_t, t, null)
+            return self.net(x_t, t, null, **t2)
         if w == 1:
-            return self.net(x_t, t, y)
-        raw = self.net(twice(x_t), twice(t), c.cat(y, null))
+            return self.net(x_t, t, y, **t2)
+        doubled = {key: twice(value) for key, value in t2.items()}
+        raw = self.net(twice(x_t), twice(t), c.cat(y, null), **doubled)
         raw_cond, raw_uncond = raw.chunk(2)
         guided = raw_uncond + w * (raw_cond - raw_uncond)
         if inside is None:

@@ -35,7 +35,10 @@ class _Combined:
     (strong) one and another (unconditional, or the weak model's); `clip_x0` then acts on the
     result. Outside the guidance interval it is the conditional denoiser itself. Everything
     else a sampler asks of a denoiser (schedule, kind, a consistency model's noise range) is
-    the wrapped one's."""
+    the wrapped one's, but for a few-step model's step grid: no second time t2 (MeanFlow, shortcut)
+    passes through a combination, so their samplers refuse it."""
+
+    step_grid = None
 
     def __init__(self, base, guidance_scale: float, interval):
         self.base, self.guidance_scale, self.interval = base, guidance_scale, interval

@@ -11,6 +11,8 @@ never probes:
     wants_judge     the judge network (training.hooks.Hooks.judge), given to `attach`
     couple          the noise of the global batch paired with it (OT, reflow); as drawn here
     log_row         values merged into each metrics row (a curriculum's N(k))
+    second_time     a net that reads a second time t2 (model.second_time; MeanFlow, shortcut):
+                    build refuses the config without it, and `attach` the net without it
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Loss:
     distils = False
     has_state = False
     wants_judge = False
+    second_time = False
 
     def draw(self, shape: tuple[int, ...], generator) -> tuple[Tensor, ...]:
         """The noise tensors of a global batch of `shape` (B, ...), from `generator`."""

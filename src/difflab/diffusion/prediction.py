@@ -171,6 +171,8 @@ class Denoiser:
         clip_x0: clamp x0_hat to [-clip_x0, clip_x0] (and recompute eps_hat) when set; images in
             [-1, 1] use 1.0. None leaves x0_hat alone.
         sigma_data: the data's standard deviation, for "edm" (0.5 in EDM).
+        step_grid: a few-step model whose net reads a second time t2 (MeanFlow's t - r, a
+            shortcut's d): "meanflow", or the shortcut's finest grid as "shortcut:N"; "" = none.
     """
 
     def __init__(
@@ -180,8 +182,10 @@ class Denoiser:
         kind: str = "eps",
         clip_x0: float | None = None,
         sigma_data: float = 0.5,
+        step_grid: str = "",
     ):
         self.net = net
+        self.step_grid = step_grid
         self.schedule = schedule
         self.kind = check_kind(kind)
         if kind == "v" and not schedule.variance_preserving:
@@ -193,7 +197,9 @@ class Denoiser:
 
     def with_net(self, net: Callable) -> Denoiser:
         """The same denoiser around another network (EMA weights, a guided wrapper)."""
-        return Denoiser(net, self.schedule, self.kind, self.clip_x0, self.sigma_data)
+        return Denoiser(
+            net, self.schedule, self.kind, self.clip_x0, self.sigma_data, self.step_grid
+        )
 
     def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         return _broadcast(self.schedule.alpha(t), like), _broadcast(self.schedule.sigma(t), like)
@@ -205,8 +211,19 @@ class Denoiser:
         s = self.schedule
         return _broadcast(s.d_alpha(t), like), _broadcast(s.d_sigma(t), like)
 
-    def raw(self, x_t: Tensor, t: Tensor, y: Tensor | None, alpha: Tensor, sigma: Tensor) -> Tensor:
-        """The network's raw output at (x_t, t): what it sees is set by the kind (module note)."""
+    def raw(
+        self,
+        x_t: Tensor,
+        t: Tensor,
+        y: Tensor | None,
+        alpha: Tensor,
+        sigma: Tensor,
+        t2: Tensor | None = None,
+    ) -> Tensor:
+        """The network's raw output at (x_t, t): what it sees is set by the kind (module note);
+        t2, the second time, goes to the net beside t when given (few-step models)."""
+        if t2 is not None:
+            return self.net(x_t, t, y, t2=t2)
         if self.kind == "edm":
             _, _, c_in, c_noise = edm_coefficients(alpha, sigma, self.sigma_data)
             return self.net(c_in * x_t / alpha, c_noise.reshape(-1).to(t.dtype), y)
@@ -232,8 +249,12 @@ class Denoiser:
         """What a `kind` output should be for this (x0, eps), with this denoiser's sigma_data."""
         return target_of(kind, x0, eps, alpha, sigma, self.sigma_data, rates)
 
-    def __call__(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self, x_t: Tensor, t: Tensor, y: Tensor | None = None, *, t2: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
         alpha, sigma = self.alpha_sigma(t.detach(), x_t)
-        raw = self.raw(x_t, t, y, alpha, sigma)
+        if t2 is not None:
+            t2 = torch.as_tensor(t2, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
+        raw = self.raw(x_t, t, y, alpha, sigma, t2)
         return self.split(raw, x_t, alpha, sigma, self.rates(t.detach(), x_t))

@@ -51,8 +51,11 @@ def compare_samplers(
     if not toy and image_eval is None:
         raise ConfigError("--compare on an image run needs image metrics (image_eval)")
     base = dataclasses.replace(run.cfg.sample, **changes, use_ema=run.ema)
-    # a consistency model's own sampler: 1 and 2 steps suffice
-    names = list(samplers or (["consistency"] if kind.consistency else deterministic_samplers()))
+    # a consistency model's own sampler: 1 and 2 steps suffice; so for a family's own (meanflow,
+    # shortcut: registered with their family)
+    own = [name for name, info in SAMPLERS.items() if info.family and info.family == kind.family]
+    default = ["consistency"] if kind.consistency else own or deterministic_samplers()
+    names = list(samplers or default)
     unknown = [name for name in names if name not in SAMPLERS]
     if unknown:
         raise ConfigError(

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from difflab.errors import ConfigError
-from difflab.nets.layers import TimeEmbedding, attention, check_labels
+from difflab.nets.layers import SecondTime, TimeEmbedding, add_second_time, attention, check_labels
 
 TIME_FREQUENCIES = 256  # sinusoid channels of t before the time MLP (DiT's and diffusers')
 NORM_EPS = 1e-6  # every LayerNorm of DiT
@@ -210,6 +210,7 @@ class DiT(nn.Module):
         num_classes: int = 0,
         checkpointing: bool = False,
         out_channels: int | None = None,
+        second_time: bool = False,
     ):
         super().__init__()
         _validate(input_size, width, depth, heads, mlp_ratio, patch_size, dropout)
@@ -224,7 +225,15 @@ class DiT(nn.Module):
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=NORM_EPS)
         self.out_modulation = nn.Linear(width, 2 * width)  # shift, scale of the final layer
         self.out = nn.Linear(width, p * p * out_channels)
+        # t2 (MeanFlow's t - r, a shortcut's d) beside t; made last, so nets without it are the same
+        self.second_time = second_time
+        self.time2_emb = None
         self._initialise()
+        if second_time:  # after the rest is drawn: the other weights are those of a plain DiT
+            self.time2_emb = SecondTime(width, TIME_FREQUENCIES, shift=1)
+            for layer in (self.time2_emb.emb.mlp[0], self.time2_emb.emb.mlp[2]):
+                nn.init.normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
 
     def _initialise(self) -> None:
         """DiT's initialisation: Xavier-uniform Linears with zero biases (the patch embedding
@@ -248,9 +257,11 @@ class DiT(nn.Module):
             DiTBlock(width, heads, mlp_ratio, dropout, qk_norm) for _ in range(depth)
         )
 
-    def _condition(self, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
-        """c = time embedding + label embedding (B, D); y None means the null label."""
-        emb = self.time_emb(t)
+    def _condition(
+        self, t: Tensor, y: Tensor | None, batch: int, t2: Tensor | None = None
+    ) -> Tensor:
+        """c = time embedding (t and t2) + label embedding (B, D); y None: the null label."""
+        emb = add_second_time(self.time_emb(t), self.time2_emb, t, t2)
         if self.label_emb is None:
             if y is not None:
                 raise ValueError("y given to an unconditional net (num_classes=0); pass y=None")
@@ -261,11 +272,13 @@ class DiT(nn.Module):
             check_labels(y, self.num_classes)
         return emb + self.label_emb(y)
 
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """x_t (B, C, H, W), t (B,) in [0, 1], y (B,) int labels (num_classes = null) or None
-        -> (B, C_out, H, W)."""
+    def forward(
+        self, x_t: Tensor, t: Tensor, y: Tensor | None = None, *, t2: Tensor | None = None
+    ) -> Tensor:
+        """x_t (B, C, H, W), t (B,) in [0, 1], y (B,) int labels (num_classes = null) or None,
+        t2 (B,) the second time (nets built with second_time) -> (B, C_out, H, W)."""
         h = self._patch_tokens(x_t)  # (B, T, D)
-        c = F.silu(self._condition(t, y, x_t.shape[0]))  # (B, D), SiLU once for every block
+        c = F.silu(self._condition(t, y, x_t.shape[0], t2))  # (B, D), SiLU once for every block
         for block in self.blocks:
             h = self._run(block, h, c)
         return self._unpatch_tokens(h, c)

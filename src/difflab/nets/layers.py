@@ -82,9 +82,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     torch's scaled_dot_product_attention everywhere except for bf16/fp16 on a CPU, where its
     flash kernel is slow (its backward 15x the fp32 one at head dim 16) and the plain product
     runs on the matrix units: the scores are multiplied in the input's precision and the softmax
-    taken in fp32.
+    taken in fp32. Under torch.func's transforms (MeanFlow's forward-mode JVP) the plain product
+    too: SDPA's CPU flash kernel (and the fused GPU ones) have no forward-mode rule.
     """
-    if q.device.type != "cpu" or q.dtype not in REDUCED:
+    transformed = torch._C._functorch.is_functorch_wrapped_tensor(q)
+    if not transformed and (q.device.type != "cpu" or q.dtype not in REDUCED):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)
     if mask is not None:
@@ -135,6 +137,31 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         return self.mlp(sinusoidal_embedding(t, self.sinusoid_dim, shift=self.shift))
+
+
+class SecondTime(nn.Module):
+    """The optional second time t2 (MeanFlow's interval t - r, a shortcut model's step size d),
+    embedded like t by its own `TimeEmbedding` and added to t's embedding. A net built with
+    second_time=False has no such module and refuses t2; one built with it reads t2 = None as 0
+    (the instantaneous velocity: flow matching)."""
+
+    def __init__(self, dim: int, sinusoid_dim: int | None = None, shift: int = 0):
+        super().__init__()
+        self.emb = TimeEmbedding(dim, sinusoid_dim, shift)
+
+    def forward(self, t2: Tensor | None, like: Tensor) -> Tensor:
+        """The embedding (B, dim) of t2 (B,) or of zeros shaped like t (`like`) when t2 is None."""
+        return self.emb(torch.zeros_like(like) if t2 is None else t2)
+
+
+def add_second_time(emb: Tensor, second: SecondTime | None, t: Tensor, t2: Tensor | None) -> Tensor:
+    """emb (t's embedding) plus t2's when the net has a second time input; t2 given to a net
+    without one is refused (ValueError; losses check first and say which config flag)."""
+    if second is None:
+        if t2 is not None:
+            raise ValueError("t2 given to a net built without a second time input (second_time)")
+        return emb
+    return emb + second(t2, t)
 
 
 class FourierFeatures(nn.Module):

@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from difflab.nets.layers import FourierFeatures, TimeEmbedding
+from difflab.nets.layers import FourierFeatures, SecondTime, TimeEmbedding, add_second_time
+
+
+def _shared(t: Tensor) -> bool:
+    """One time for the whole batch (B > 1)."""
+    return t.dim() == 1 and t.shape[0] > 1 and bool((t == t[0]).all())
 
 
 class ResidualMLPBlock(nn.Module):
@@ -43,6 +48,8 @@ class MLP(nn.Module):
             that stands for "no label", so one network also learns the unconditional model.
         expansion: hidden expansion inside each block.
         dropout: dropout inside each block.
+        second_time: a second time input t2 beside t (MeanFlow, shortcut models), embedded the
+            same way and added to t's embedding; False builds exactly the net of before.
     """
 
     def __init__(
@@ -55,9 +62,10 @@ class MLP(nn.Module):
         num_classes: int = 0,
         expansion: int = 2,
         dropout: float = 0.0,
+        second_time: bool = False,
     ):
         super().__init__()
-        self.dim, self.num_classes = dim, num_classes
+        self.dim, self.num_classes, self.second_time = dim, num_classes, second_time
         self.features = FourierFeatures(fourier_frequencies) if fourier_frequencies > 0 else None
         in_dim = self.features.out_dim(dim) if self.features is not None else dim
         self.time_emb = TimeEmbedding(emb_dim)
@@ -68,12 +76,17 @@ class MLP(nn.Module):
         )
         self.out_norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
+        self.time2_emb = SecondTime(emb_dim) if second_time else None  # last: same init before
 
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x_t: Tensor, t: Tensor, y: Tensor | None = None, *, t2: Tensor | None = None
+    ) -> Tensor:
         # Samplers call with one t for the whole batch: embed it once and broadcast (the embedding
         # MLP and the FiLM layers are about a third of the work per sample).
-        shared_t = t.dim() == 1 and t.shape[0] > 1 and bool((t == t[0]).all())
-        emb = self.time_emb(t[:1] if shared_t else t)  # (B or 1, emb_dim)
+        shared_t = _shared(t) and (t2 is None or _shared(t2))
+        one = slice(None, 1) if shared_t else slice(None)
+        emb = self.time_emb(t[one])  # (B or 1, emb_dim)
+        emb = add_second_time(emb, self.time2_emb, t[one], None if t2 is None else t2[one])
         if self.label_emb is not None:
             if y is None:  # unconditional: the null label
                 y = torch.full(

@@ -170,6 +170,11 @@ def dit_net(
             "text=joint reads prompts, but this run has no text: set data.text_conditional=true "
             "(captioned data) or leave model.dit.text out"
         )
+    if text == "joint" and dit.get("second_time"):
+        raise ConfigError(
+            "text=joint (an MMDiT) has no second time input yet (model.second_time): use "
+            "model.name=unet for a MeanFlow or shortcut run on text"
+        )
     if text == "joint":
         return MMDiT(in_channels, input_size, text_encoder=text_encoder, **dit)
     if text_encoder is not None:

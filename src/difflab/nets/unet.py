@@ -28,7 +28,7 @@ from difflab.nets.blocks import (
     downsample_layer,
     upsample_layer,
 )
-from difflab.nets.layers import GroupNorm, TimeEmbedding, check_labels
+from difflab.nets.layers import GroupNorm, SecondTime, TimeEmbedding, add_second_time, check_labels
 from difflab.nets.text import CrossAttentionBlock, pooled
 
 
@@ -161,6 +161,7 @@ class UNet(nn.Module):
         checkpointing: bool = False,
         cross_attention_levels: tuple[int, ...] = (),
         text_encoder: nn.Module | None = None,
+        second_time: bool = False,
     ):
         super().__init__()
         base, mults, attn = base_channels, tuple(channel_mults), tuple(attention_levels)
@@ -210,13 +211,16 @@ class UNet(nn.Module):
         self.up = _up_path(base, mults, num_res_blocks, attn, make, skip_chs)
         out_conv = _zero_(nn.Conv2d(base, out_channels or in_channels, 3, padding=1))
         self.out = nn.Sequential(GroupNorm(norm_groups, base), nn.SiLU(), out_conv)
+        # t2 (MeanFlow's t - r, a shortcut's d) beside t; made last, so nets without it are the same
+        self.second_time = second_time
+        self.time2_emb = SecondTime(emb_dim, sinusoid_dim=base) if second_time else None
         for stage in self.modules():
             if isinstance(stage, _Stage):
                 stage.checkpointing = checkpointing
 
-    def _embed(self, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
-        """Time embedding plus label embedding: (B,), (B,) | None -> (B, emb_dim)."""
-        emb = self.time_emb(t)
+    def _embed(self, t: Tensor, y: Tensor | None, batch: int, t2: Tensor | None = None) -> Tensor:
+        """Time embedding (t and t2) plus label embedding: (B,), (B,) | None -> (B, emb_dim)."""
+        emb = add_second_time(self.time_emb(t), self.time2_emb, t, t2)
         if self.label_emb is None:
             if y is not None:
                 raise ValueError("y given to an unconditional net (num_classes=0); pass y=None")
@@ -227,8 +231,11 @@ class UNet(nn.Module):
             check_labels(y, self.num_classes)
         return emb + self.label_emb(y)
 
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """x_t (B, C, H, W), t (B,) in [0, 1], y (B,) int labels or None -> (B, C_out, H, W).
+    def forward(
+        self, x_t: Tensor, t: Tensor, y: Tensor | None = None, *, t2: Tensor | None = None
+    ) -> Tensor:
+        """x_t (B, C, H, W), t (B,) in [0, 1], y (B,) int labels or None, t2 (B,) the second time
+        (nets built with second_time) -> (B, C_out, H, W).
 
         y may hold the null label num_classes on some rows, so one batch can mix conditional and
         unconditional examples (label dropout, classifier-free guidance).
@@ -242,12 +249,13 @@ class UNet(nn.Module):
             )
         text = None
         if self.text_encoder is None:
-            emb = self._embed(t, y, x_t.shape[0])  # (B, emb_dim)
+            emb = self._embed(t, y, x_t.shape[0], t2)  # (B, emb_dim)
         else:
             if y is None:
                 raise ValueError("a text net needs its condition (token ids or token states)")
             text = self.text_encoder(y)  # context (B, L, D), mask (B, L)
-            emb = self.time_emb(t) + self.text_pool(pooled(*text))
+            emb = add_second_time(self.time_emb(t), self.time2_emb, t, t2)
+            emb = emb + self.text_pool(pooled(*text))
         h = self.conv_in(x_t)  # (B, base, H, W)
         skips = [h]
         for stage in self.down:

@@ -30,6 +30,7 @@ from difflab.samplers.dpm_solver import (  # isort: skip
 from difflab.samplers.unipc import sample_unipc  # isort: skip
 from difflab.samplers.pc import sample_pc  # isort: skip
 from difflab.samplers.consistency import sample_consistency  # isort: skip
+from difflab.samplers.few_step import sample_meanflow, sample_shortcut  # isort: skip
 from difflab.errors import ConfigError
 from difflab.samplers.editing import Edit
 from difflab.samplers.grids import discrete_timesteps, timesteps
@@ -69,7 +70,9 @@ __all__ = [
     "sample_dpmpp_3m",
     "sample_euler",
     "sample_heun",
+    "sample_meanflow",
     "sample_pc",
+    "sample_shortcut",
     "sample_unipc",
     "sampler_info",
     "steps_for_nfe",

@@ -48,6 +48,7 @@ class SamplerInfo:
     cost: Cost
     deterministic: bool
     partial_grids: bool = True
+    family: str = ""  # a sampler for one run family only (meanflow, shortcut); "" = any
 
     def cost_of(self, sample_cfg=None) -> tuple[int, int]:
         """(a, b) with the options of `sample_cfg` (a SampleConfig); a cost that depends on
@@ -91,13 +92,16 @@ def register(
     cost: Cost = (1, 0),
     deterministic: bool = True,
     partial_grids: bool = True,
+    family: str = "",
 ) -> Callable[[Callable], Callable]:
     """Decorator: list `fn` under `name` (see SamplerInfo)."""
 
     def add(fn: Callable) -> Callable:
         if name in SAMPLERS:
             raise ValueError(f"sampler {name!r} is registered twice")
-        SAMPLERS[name] = SamplerInfo(name, fn, tuple(options), cost, deterministic, partial_grids)
+        SAMPLERS[name] = SamplerInfo(
+            name, fn, tuple(options), cost, deterministic, partial_grids, family
+        )
         return fn
 
     return add
@@ -128,5 +132,6 @@ def cost_is_fixed(sampler: str) -> bool:
 
 
 def deterministic_samplers() -> tuple[str, ...]:
-    """The ODE solvers: what `eval --compare` sweeps by default (SDEs need many more steps)."""
-    return tuple(name for name, info in SAMPLERS.items() if info.deterministic)
+    """The ODE solvers: what `eval --compare` sweeps by default (SDEs need many more steps; a
+    family's own sampler, MeanFlow's or a shortcut model's, fits its family only)."""
+    return tuple(name for name, info in SAMPLERS.items() if info.deterministic and not info.family)

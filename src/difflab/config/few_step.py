@@ -1,0 +1,25 @@
+"""The few-step sections of a run's config: shortcut models and MeanFlow
+(`--set train.loss=shortcut`, `--set shortcut.bootstrap_fraction=0.25`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ShortcutConfig:
+    """Shortcut models (Frans et al. 2024; diffusion/few_step_losses.py)."""
+
+    max_steps: int = 128  # the finest step 1 / max_steps (a power of two): the grid of d
+    bootstrap_fraction: float = 0.25  # k: the share of the batch on the self-consistency target
+
+
+@dataclass
+class MeanFlowConfig:
+    """MeanFlow (Geng et al. 2025; diffusion/few_step_losses.py)."""
+
+    fraction: float = 0.25  # the share of (t, r) pairs with r != t (the rest: flow matching)
+    loc: float = -0.4  # (t, r): two draws of sigmoid(N(loc, scale^2)), sorted
+    scale: float = 1.0
+    power: float = 1.0  # adaptive weight 1 / (||err||^2 + constant)^power (0 = plain MSE)
+    constant: float = 1e-3
