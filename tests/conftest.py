@@ -99,3 +99,18 @@ def assert_same_weights(a: Path, b: Path, atol: float = 0.0):
                 assert torch.equal(wa[k], wb[k]), f"{which} {k}"
             else:
                 torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=atol, msg=f"{which} {k}")
+
+
+def stripes_folder(root: Path) -> Path:
+    """An image folder of two classes: 'h' horizontal stripes, 'v' vertical stripes; 6 grey
+    images each, 20x20, of stripe widths 2, 3 and 4."""
+    import numpy as np
+    from PIL import Image
+
+    for name, axis in (("h", 0), ("v", 1)):
+        (root / name).mkdir()
+        for k in range(6):
+            stripes = ((np.arange(20) // (2 + k % 3)) % 2 * 255).astype(np.uint8)
+            img = np.repeat(stripes[:, None] if axis == 0 else stripes[None, :], 20, axis=1 - axis)
+            Image.fromarray(img).save(root / name / f"{k}.png")
+    return root

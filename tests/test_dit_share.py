@@ -4,11 +4,10 @@ DiTTransformer2DModel, looped over diffusers' own DDIMScheduler, lands where dif
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import stripes_folder
 from difflab.cli import main
 from difflab.config import SampleConfig, apply_overrides, preset
 from difflab.runs import load_run
@@ -45,15 +44,7 @@ STEPS, SPACING = 4, "trailing"
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """Class 'h': horizontal stripes; class 'v': vertical stripes; 6 images each, 20x20."""
-    root = tmp_path_factory.mktemp("images")
-    for name, axis in (("h", 0), ("v", 1)):
-        (root / name).mkdir()
-        for k in range(6):
-            stripes = ((np.arange(20) // (2 + k % 3)) % 2 * 255).astype(np.uint8)
-            img = np.repeat(stripes[:, None] if axis == 0 else stripes[None, :], 20, axis=1 - axis)
-            Image.fromarray(img).save(root / name / f"{k}.png")
-    return root
+    return stripes_folder(tmp_path_factory.mktemp("images"))
 
 
 def _train(folder, runs, name, *extra):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import stripes_folder
 from difflab.cli import main
 from difflab.config import apply_overrides, preset
 from difflab.report import images as report_images
@@ -37,15 +38,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """Class 'h': horizontal stripes; class 'v': vertical stripes; 6 images each, 20x20."""
-    root = tmp_path_factory.mktemp("images")
-    for name, axis in (("h", 0), ("v", 1)):
-        (root / name).mkdir()
-        for k in range(6):
-            stripes = ((np.arange(20) // (2 + k % 3)) % 2 * 255).astype(np.uint8)
-            img = np.repeat(stripes[:, None] if axis == 0 else stripes[None, :], 20, axis=1 - axis)
-            Image.fromarray(img).save(root / name / f"{k}.png")
-    return root
+    return stripes_folder(tmp_path_factory.mktemp("images"))
 
 
 def _args(folder, *extra):

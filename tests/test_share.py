@@ -11,9 +11,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from conftest import needs
+from conftest import needs, stripes_folder
 from difflab.cli import main
 from difflab.config import SampleConfig
 from difflab.runs import load_run
@@ -52,15 +51,7 @@ BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """Class 'h': horizontal stripes; class 'v': vertical stripes; 6 images each, 20x20."""
-    root = tmp_path_factory.mktemp("images")
-    for name, axis in (("h", 0), ("v", 1)):
-        (root / name).mkdir()
-        for k in range(6):
-            stripes = ((np.arange(20) // (2 + k % 3)) % 2 * 255).astype(np.uint8)
-            img = np.repeat(stripes[:, None] if axis == 0 else stripes[None, :], 20, axis=1 - axis)
-            Image.fromarray(img).save(root / name / f"{k}.png")
-    return root
+    return stripes_folder(tmp_path_factory.mktemp("images"))
 
 
 def _train(folder, runs, name, *extra, finish=False):
