@@ -270,3 +270,26 @@ def test_grids_and_training_time_metrics_need_the_reports_hooks(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.sample_every=5 needs the report's hooks"):
         train(_cfg("train.steps=10", "train.sample_every=5"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_the_judge_is_asked_of_the_losss_declaration_not_its_name():
+    from difflab import build
+    from difflab.diffusion.loss_base import Loss
+    from difflab.training.hooks import NO_HOOKS, Hooks, judge_for
+
+    class Wants(Loss):
+        wants_judge = True
+
+    cfg = preset("toy2d")  # a diffusion loss by name: only the declaration counts
+    assert judge_for(Loss(), cfg, NO_HOOKS) is None
+    with pytest.raises(ConfigError, match=r"^[^\n]*needs the report's hooks[^\n]*$"):
+        judge_for(Wants(), cfg, NO_HOOKS)
+    assert judge_for(Wants(), cfg, Hooks(judge=lambda c: ("judge", c.preset))) == (
+        "judge",
+        "toy2d",
+    )
+    # the autoencoder's loss declares it exactly when its feature term is on
+    for weight in (0.0, 0.5):
+        ae = apply_overrides(preset("mnist-ae"), [f"train.autoencoder.feature_weight={weight}"])
+        loss = build.build_loss(ae, build.build_schedule(ae.diffusion))
+        assert loss.wants_judge == (weight > 0)

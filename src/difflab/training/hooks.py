@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from difflab.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Hooks:
@@ -41,10 +43,18 @@ def check_hooks(cfg, hooks: Hooks) -> list[str]:
                 "train(..., hooks=difflab.report.run.training_hooks()) as `difflab train` does, "
                 f"or set train.{key}=0"
             )
-    feature_loss = cfg.train.loss == "autoencoder" and cfg.train.autoencoder.feature_weight > 0
-    if feature_loss and hooks.judge is None:
-        problems.append(
-            "train.autoencoder.feature_weight > 0 needs the report's hooks (the judge): "
-            "train(..., hooks=difflab.report.run.training_hooks()), or set it to 0"
-        )
     return problems
+
+
+def judge_for(loss, cfg, hooks: Hooks):
+    """The judge network a loss asks for (its `wants_judge` declaration, loss_base.py), or None;
+    a ConfigError where it asks and the hooks have none (a bare train())."""
+    if not loss.wants_judge:
+        return None
+    if hooks.judge is None:
+        raise ConfigError(
+            f"train.loss={cfg.train.loss} with these settings compares judge features (e.g. "
+            "train.autoencoder.feature_weight > 0) and needs the report's hooks: "
+            "train(..., hooks=difflab.report.run.training_hooks()), or turn the features off"
+        )
+    return hooks.judge(cfg)

@@ -25,7 +25,7 @@ from difflab.training.checkpoint import (
     remove_leftovers,
 )
 from difflab.training.ema import EMA
-from difflab.training.hooks import NO_HOOKS, Hooks, check_hooks
+from difflab.training.hooks import NO_HOOKS, Hooks, check_hooks, judge_for
 from difflab.training.nonfinite import NonFiniteMonitor, check_config
 
 # What a best checkpoint can be chosen by: scalar metrics.jsonl keys (lower is better), or
@@ -156,7 +156,7 @@ def build_parts(
     loss = build.build_loss(cfg, model.schedule)
     if loss.needs_teacher:  # ECT / CD: start from (and distil) a trained run
         teacher.attach(loss, cfg, model)
-    loss.attach(model, device, hooks.judge(cfg) if loss.wants_judge else None)
+    loss.attach(model, device, judge_for(loss, cfg, hooks))
     ema = EMA(model.net, cfg.train.ema_decay, cfg.train.ema_warmup)
     optimizer = devices.adamw(model.net, cfg.train.lr, cfg.train.betas, cfg.train.weight_decay)
     loss_generator = torch.Generator().manual_seed(cfg.train.seed + 1)  # t, eps, label dropout
