@@ -212,11 +212,13 @@ def test_image_metric_flags_on_2d_points_are_refused(tmp_path, extra, capsys):
     assert "in_square" in json.loads(out.read_text())  # checkerboard's own metric
 
 
-@pytest.mark.parametrize(("name", "channels"), [("checkerboard", 1), ("mnist", 2)])
+@pytest.mark.parametrize(
+    ("name", "channels"), [("checkerboard", 1), ("checkerboard", 3), ("mnist", 2), ("mnist", 3)]
+)
 def test_data_channels_outside_imagefolder_is_refused(tmp_path, name, channels, request, capsys):
     argv = ["train", "--preset", "toy2d", "--runs", str(tmp_path / "runs"), "--name", "r"]
     sets = ["--set", f"data.name={name}", "--set", f"data.channels={channels}"]
-    if name == "mnist":  # MNIST is grey: 2 channels would be silently ignored
+    if name == "mnist":  # MNIST is grey: 2 or 3 channels would be silently ignored
         sets += ["--set", f"data.root={request.getfixturevalue('shared_data')}"]
     code = main([*argv, *FAST, *sets])
     err = capsys.readouterr().err

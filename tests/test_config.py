@@ -58,3 +58,19 @@ def test_unknown_keys_in_files(tmp_path):
         RunConfig.load(tmp_path / "c.json")
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("imagenet")
+
+
+def test_data_channels_is_the_data_sets_own_unless_an_image_folder():
+    # Fixed data sets leave data.channels at 0 (their own); an image folder converts to 3.
+    assert {preset(n).data.channels for n in PRESETS if preset(n).data.name != "imagefolder"} == {0}
+    assert preset("imagefolder").data.channels == 3
+    # A config saved when the field defaulted to 3 everywhere reads as "the data set's own",
+    # while the same 3 asked for by --set stays (build refuses it for mnist).
+    saved = preset("mnist").to_dict()
+    saved["data"]["channels"] = 3
+    assert RunConfig.from_dict(saved).data.channels == 0
+    assert apply_overrides(preset("mnist"), ["data.channels=3"]).data.channels == 3
+    folder = apply_overrides(preset("imagefolder"), ["data.channels=1"]).to_dict()
+    assert RunConfig.from_dict(folder).data.channels == 1
+    folder["data"]["channels"] = 3
+    assert RunConfig.from_dict(folder).data.channels == 3

@@ -175,13 +175,15 @@ def _flip(cfg: config.DataConfig, default: bool) -> bool:
     return default if cfg.flip == "auto" else cfg.flip == "on"
 
 
-def _check_channels(d: config.DataConfig, own: int) -> None:
+def _check_channels(d: config.DataConfig, own: int | None) -> None:
     """Refuse a data.channels the data set would ignore: only an image folder converts its
-    images to 1 or 3 channels. 3 (the default) passes everywhere, as configs always held it."""
-    if d.name != "imagefolder" and d.channels not in (3, own):
+    images to 1 or 3 channels; elsewhere it is 0 (the data set's own, the default) or the data
+    set's own count (`own`; None for points, which have no channels)."""
+    if d.name != "imagefolder" and d.channels not in (0, own):
+        has = "points, no channels" if own is None else f"{own} channel(s) of its own"
         raise ConfigError(
             f"data.channels={d.channels} applies to data.name=imagefolder only; {d.name} has "
-            f"{own} channel(s) of its own: leave data.channels out"
+            f"{has}: leave data.channels out"
         )
 
 
@@ -192,7 +194,7 @@ def build_data(cfg: RunConfig, seed: int, split: str = "train") -> ToyStream | I
     if d.pairs:  # reflow: the named data set's (noise, endpoint) pairs from a trained flow
         stream = PairStream(d.pairs, seed)
     elif d.name in TOY2D:
-        _check_channels(d, 3)  # 3 is the field's default: points have no channels to choose
+        _check_channels(d, None)
         stream = ToyStream(d.name, seed)
     elif d.name in IMAGE_DATASETS:
         try:

@@ -32,7 +32,7 @@ class DataConfig:
     download: bool = False  # fetch a missing standard dataset (needs a network)
     image_size: int = 0  # 0 = the dataset's standard size (32; 64 for celeba64 and folders)
     flip: str = "auto"  # random horizontal flips: auto (the dataset's default) | on | off
-    channels: int = 3  # imagefolder only: 1 or 3
+    channels: int = 0  # imagefolder only: 1 or 3 (0 = 3); other data sets have their own
     class_conditional: bool = False  # feed labels to the network (with train.label_dropout)
     workers: int = 0  # threads decoding image files per batch (folders, CelebA); 0 = up to 8
     pairs: str = ""  # reflow: train on this folder of (noise, endpoint) pairs (difflab reflow)
@@ -173,7 +173,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        return _from_dict(cls, d, "")
+        """A saved config (config.json, a checkpoint's, an export record's), read as the
+        current version reads it (`_upgrade`)."""
+        return _from_dict(cls, _upgrade(d), "")
 
     def save(self, path: str | Path) -> None:
         """Write the config as JSON, atomically: resume reads it, so a crash must leave it whole
@@ -198,6 +200,16 @@ class RunConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
         return cls.from_dict(d)
+
+
+def _upgrade(d: dict) -> dict:
+    """A saved config in the current layout. Until 2026-12 data.channels defaulted to 3 on
+    every data set and was ignored outside an image folder: a saved 3 there means "the data
+    set's own", now written 0 (the refusal of any other value is build._check_channels')."""
+    data = d.get("data") if isinstance(d, dict) else None
+    if isinstance(data, dict) and data.get("name") != "imagefolder" and data.get("channels") == 3:
+        d = {**d, "data": {**data, "channels": 0}}
+    return d
 
 
 def _from_dict(cls, d: dict, prefix: str):
@@ -286,7 +298,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             )
             raise ConfigError(f"--set {path}: no such config key; known keys here: {known}")
         node[keys[-1]] = value
-    return RunConfig.from_dict(d)
+    return _from_dict(RunConfig, d, "")  # what was set stays set (no _upgrade of a saved 3)
 
 
 # The presets live in config/presets.py; imported last, as they build on the classes above.

@@ -121,9 +121,8 @@ def imagefolder() -> RunConfig:
     """Any folder of images (sub-folders = classes): the celeba64 recipe at 64x64 from
     data.root; set data.class_conditional=true to use the sub-folder classes."""
     cfg = celeba64()
-    return dataclasses.replace(
-        cfg, preset="imagefolder", data=DataConfig(name="imagefolder", root="images", image_size=64)
-    )
+    data = DataConfig(name="imagefolder", root="images", image_size=64, channels=3)
+    return dataclasses.replace(cfg, preset="imagefolder", data=data)
 
 
 def toy2d_flow() -> RunConfig:

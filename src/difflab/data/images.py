@@ -70,7 +70,7 @@ def load_image_dataset(
     image_size: int | None = None,
     flip: bool | None = None,
     *,
-    channels: int = 3,
+    channels: int = 0,
     resize: bool = False,
 ) -> tuple[Dataset, ImageInfo]:
     """A named image data set and its description.
@@ -82,7 +82,7 @@ def load_image_dataset(
         download: fetch missing files with torchvision (needs internet); never otherwise.
         image_size: output size S; default 32 (mnist, fashion, cifar10) or 64 (others).
         flip: whether ImageStream should flip; default per data set (`DEFAULT_FLIP`).
-        channels: imagefolder only, 1 or 3.
+        channels: imagefolder only, 1 or 3 (0 = 3).
         resize: mnist and fashion only: resize 28 -> S instead of zero-padding.
     Returns:
         (dataset, info): item i of dataset is (x float32 (C, S, S) in [-1, 1], int label).
@@ -107,7 +107,7 @@ def load_image_dataset(
     elif name == "celeba64":
         dataset = load_celeba64(root, split, download=download, image_size=image_size or 64)
     else:
-        dataset = image_folder(root, image_size or 64, channels)
+        dataset = image_folder(root, image_size or 64, channels or 3)
     info = ImageInfo(
         name=name,
         split=split,
