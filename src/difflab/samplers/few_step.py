@@ -40,24 +40,38 @@ def _needs(denoiser, family: str) -> str:
     return grid
 
 
-def _shortcut_times(grid: str, ts: Tensor) -> Tensor:
-    """The times 1, 1 - d, ..., 0 with d = 1 / steps: --steps on the shortcut's power-of-two
-    grid, --spacing uniform (the grid's first time, the path's t_max < 1, moves to 1: on the
-    rectified path x_T is the noise at t = 1)."""
+def _shortcut_times(grid: str, ts: Tensor, t_max: float) -> Tensor:
+    """The times of ts on the shortcut's lattice: t / t_max (the path's t_max < 1 moves to 1: on
+    the rectified path x_T is the noise at t = 1), each step d = 1 / 2^k with 2^k up to
+    max_steps. A whole grid (t_max down to 0) is --steps uniform steps of d = 1 / steps; an
+    edit's grid (samplers/editing.py: SDEdit's start level, RePaint's stretches) may start or
+    stop anywhere on the lattice of its steps."""
     max_steps = int(grid.split(":")[1])
     steps = len(ts) - 1
-    if steps > max_steps or steps & (steps - 1):
+    if abs(float(ts[0]) - t_max) < 1e-9 and float(ts[-1]) == 0:  # the sampler's whole grid
+        if steps > max_steps or steps & (steps - 1):
+            raise ConfigError(
+                f"--steps {steps} is not on this shortcut model's step grid: use a power of two "
+                f"up to {max_steps} (shortcut.max_steps; 1, 2, 4, ...)"
+            )
+        uniform = torch.linspace(float(ts[0]), 0.0, steps + 1, dtype=ts.dtype)
+        if not torch.allclose(ts.cpu(), uniform, atol=1e-6):
+            raise ConfigError(
+                "the shortcut sampler takes uniform steps of d = 1 / steps: use --spacing "
+                "uniform and --shift 1"
+            )
+    scaled = ts.cpu().double() / t_max
+    times = torch.round(scaled * max_steps) / max_steps
+    inverse = 1 / (times[:-1] - times[1:]).clamp_min(1 / (2 * max_steps))  # 1 / d per step
+    powers = 2.0 ** torch.round(torch.log2(inverse))
+    on_lattice = torch.allclose(scaled, times, atol=1e-6) and torch.equal(inverse, powers)
+    if not (on_lattice and bool((inverse <= max_steps).all())):
         raise ConfigError(
-            f"--steps {steps} is not on this shortcut model's step grid: use a power of two up "
-            f"to {max_steps} (shortcut.max_steps; 1, 2, 4, ...)"
+            f"an edit's grid from t = {float(scaled[0]):.4g} takes steps off this shortcut "
+            f"model's lattice (steps d = 1 / 2^k down to 1 / {max_steps}): use --steps a "
+            "power of two and a --strength that is a multiple of 1 / steps (0.5, 0.75, ...)"
         )
-    uniform = torch.linspace(float(ts[0]), 0.0, steps + 1, dtype=ts.dtype)
-    if not torch.allclose(ts.cpu(), uniform, atol=1e-6):
-        raise ConfigError(
-            "the shortcut sampler takes uniform steps of d = 1 / steps: use --spacing uniform "
-            "and --shift 1"
-        )
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return times
 
 
 def _jumps(denoiser, x_T, ts, y, callback) -> Tensor:
@@ -107,5 +121,5 @@ def sample_shortcut(
     callback: Callback | None = None,
 ) -> Tensor:
     """A shortcut model from x_T (B, ...): n uniform steps of d = 1 / n, n a power of two."""
-    times = _shortcut_times(_needs(denoiser, "shortcut"), ts)
+    times = _shortcut_times(_needs(denoiser, "shortcut"), ts, denoiser.schedule.t_max)
     return _jumps(denoiser, x_T, times, y, callback)
