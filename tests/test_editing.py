@@ -211,11 +211,99 @@ def test_repaint_approaches_the_exact_conditional_where_replacement_is_biased():
     assert min(replacement) > 10 * max(repaint), (replacement, repaint)
 
 
+def test_repaint_approaches_the_conditional_mean_and_covariance_of_two_unknowns():
+    # x0 ~ N(0, cov) in 3-D with x0[0] = k0 known: the unknown pair is exactly
+    # N(cov_u0 k0 / cov_00, cov_uu - cov_u0 cov_0u / cov_00) (the Gaussian conditional), here
+    # mean (0.9, -0.6) k0 and covariance [[0.19, 0.04], [0.04, 0.64]]. RePaint's sample mean and
+    # covariance lie within 4 standard errors of them; replacement's mean does not.
+    n, k0 = 1000, 1.5
+    cov = torch.tensor([[1.0, 0.9, -0.6], [0.9, 1.0, -0.5], [-0.6, -0.5, 1.0]])
+    mean_u = cov[1:, 0] * k0
+    cov_u = cov[1:, 1:] - torch.outer(cov[1:, 0], cov[0, 1:])
+    schedule = schedules.linear()
+    denoiser = CorrelatedGaussianDenoiser(schedule, torch.zeros(3), cov)
+    noise = SampleNoise(0)
+    draw = functools.partial(
+        sample_edited,
+        sample_ddpm,
+        denoiser,
+        noise.randn((n, 3), 0),
+        timesteps(schedule, 80, "logsnr"),
+        generator=noise,
+        init=torch.tensor([[k0, 0.0, 0.0]]).expand(n, 3),
+        mask=torch.tensor([[True, False, False]]),
+    )
+    u = draw(resample=10, jump=1)[:, 1:].double()
+    var = cov_u.diagonal().double()
+    mean_se = (var / n).sqrt()
+    # the standard error of a sample covariance entry: sqrt((s_ii s_jj + s_ij^2) / n)
+    cov_se = ((torch.outer(var, var) + cov_u.double() ** 2) / n).sqrt()
+    assert ((u.mean(0) - mean_u) / mean_se).abs().max() < 4, u.mean(0)
+    assert ((torch.cov(u.T) - cov_u) / cov_se).abs().max() < 4, torch.cov(u.T)
+    replaced = draw()[:, 1:].double()
+    assert ((replaced.mean(0) - mean_u) / mean_se).abs().max() > 10
+
+
 def test_latent_masks_keep_a_cell_only_where_every_pixel_is_known():
     mask = torch.ones(1, 1, 8, 8, dtype=torch.bool)
     mask[0, 0, 5, 2] = False  # one unknown pixel: its 2x2 latent cell is unknown
     cells = latent_mask(mask, (4, 4, 4))
     assert cells.shape == (1, 1, 4, 4) and cells.sum() == 15 and not cells[0, 0, 2, 1]
+
+
+# ---- few-step and consistency families ------------------------------------------------------
+
+
+def _few_step(family):
+    from rectified_gaussian import ExactMeanFlowNet  # MeanFlow's exact u; a shortcut's exact s
+
+    schedule = schedules.RectifiedFlowSchedule()
+    grid = "shortcut:8" if family == "shortcut" else "meanflow"
+    return schedule, Denoiser(ExactMeanFlowNet(), schedule, "velocity", step_grid=grid)
+
+
+@pytest.mark.parametrize(
+    ("family", "steps", "strength"),
+    [("meanflow", 1, 0.6), ("meanflow", 2, 0.3), ("shortcut", 4, 0.5), ("shortcut", 8, 0.375)],
+)
+def test_few_step_models_edit_from_the_level_exactly(family, steps, strength):
+    # With the exact average velocity every jump lands on the probability-flow trajectory
+    # through the start x_{t_s} = (1 - t_s) x + t_s eps: its endpoint is in closed form.
+    # A shortcut model's lattice reads the path's t_max as 1, so its level is the strength.
+    from rectified_gaussian import endpoint
+
+    schedule, denoiser = _few_step(family)
+    init = _init()
+    out = _draw(family, schedule, denoiser, Edit(init, strength=strength), steps=steps)
+    eps = SampleNoise(3).randn((N, 2), 0)
+    t_s = strength * schedule.t_max
+    start = (1 - t_s) * init + t_s * eps
+    level = torch.full((N,), t_s if family == "meanflow" else strength)
+    torch.testing.assert_close(out, endpoint(start, torch.zeros(N), level), atol=1e-5, rtol=1e-5)
+
+
+def test_a_shortcut_edit_off_its_lattice_is_refused_in_one_line():
+    schedule, denoiser = _few_step("shortcut")
+    with pytest.raises(ConfigError, match=r"^[^\n]*multiple of 1 / steps[^\n]*$"):
+        _draw("shortcut", schedule, denoiser, Edit(_init(8), strength=0.6), steps=4)
+
+
+def _consistency():
+    torch.manual_seed(0)
+    schedule = schedules.EDMSchedule()
+    return schedule, ConsistencyDenoiser(Denoiser(MLP(dim=2, width=32, depth=1), schedule, "edm"))
+
+
+@pytest.mark.parametrize(
+    ("family", "resample"), [("meanflow", 3), ("shortcut", 2), ("consistency", 1)]
+)
+def test_few_step_and_consistency_runs_keep_known_values_bit_for_bit(family, resample):
+    schedule, denoiser = _consistency() if family == "consistency" else _few_step(family)
+    init = _init()
+    edit = Edit(init, mask=MASK[None], resample=resample, jump=1)
+    out = _draw(family, schedule, denoiser, edit, steps=4, spacing="uniform")
+    assert torch.equal(out[:, 0], init[:, 0])
+    assert not torch.equal(out[:, 1], init[:, 1])
 
 
 # ---- bad input ------------------------------------------------------------------------------

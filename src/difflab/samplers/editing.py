@@ -39,11 +39,14 @@ process, x_u = (alpha_u / alpha_t) x_t + sqrt(sigma_u^2 - (alpha_u / alpha_t)^2 
 and the sampler runs the segment again, with replacement. U = 1 is replacement alone. Each pass
 draws from its own noise (`SampleNoise.fork`), so a sample still depends only on (seed, index).
 A sampler whose call always ends at clean data (the consistency sampler) cannot sample a grid in
-pieces and is refused; it renoises by itself (use more --steps).
+pieces and is refused; it renoises by itself (use more --steps). MeanFlow jumps between any two
+times; a shortcut model steps on its lattice of d = 1 / 2^k (few_step.py), so its edits need a
+strength that is a multiple of 1 / steps.
 
 Latent runs edit in the codec's latent space: the init is encoded (the posterior mean) and a
 latent cell is known only where every pixel above it is. The decoder then redraws the known
-pixels, which come back close to the init but not exactly.
+pixels, which come back close to the init but not exactly (`difflab sample` says so and
+records mask_space = latent).
 """
 
 from __future__ import annotations
