@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -228,7 +229,9 @@ def test_cli_refuses_a_missing_codec_with_exit_2_and_writes_nothing(tmp_path, ca
     assert not (tmp_path / "x" / "config.json").exists()
 
 
-def test_a_latent_run_trains_samples_and_refuses_a_changed_autoencoder(tmp_path, shared_data):
+def test_a_latent_run_trains_samples_and_refuses_a_changed_autoencoder(
+    tmp_path, shared_data, capsys
+):
     ae_run = tmp_path / "ae"
     ae_run.mkdir()
     _codec_for(_tiny_ae(), torch.rand(16, 1, 32, 32) * 2 - 1, ae_run)
@@ -251,6 +254,18 @@ def test_a_latent_run_trains_samples_and_refuses_a_changed_autoencoder(tmp_path,
     scfg = dataclasses.replace(run.cfg.sample, n=3, steps=3, batch_size=3)
     images = run.model.sample(scfg, cond=torch.tensor([0, 1, 2]))
     assert images.shape == (3, 1, 32, 32) and images.abs().max() <= 1.0
+    # inpainting masks in latent space, and says so (in the output and the file)
+    keep = torch.zeros(1, 1, 32, 32)
+    keep[..., :16, :] = 1
+    np.savez(tmp_path / "init.npz", samples=images.numpy())
+    np.savez(tmp_path / "keep.npz", samples=keep.numpy())
+    out = tmp_path / "inpainted.npz"
+    argv = ["sample", str(tmp_path / "latent"), "--init", str(tmp_path / "init.npz"), "--quiet"]
+    argv += ["--mask", str(tmp_path / "keep.npz"), "--steps", "3", "--out", str(out)]
+    assert main(argv) == 0
+    assert "keeps the mask in latent space" in capsys.readouterr().out
+    with np.load(out) as f:
+        assert str(f["mask_space"]) == "latent" and f["samples"].shape == (3, 1, 32, 32)
     shutil.copy(ae_run / "codec.safetensors", tmp_path / "kept.safetensors")
     save_codec(
         ae_run / "codec.safetensors", _tiny_ae(seed=5), read_meta(tmp_path / "kept.safetensors")

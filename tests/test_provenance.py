@@ -140,7 +140,7 @@ def test_the_final_evaluation_of_a_2d_run_carries_its_provenance(raw_run):
     assert all(r["nfe"] == 16 and r["ema"] is False for r in rows)
 
 
-def test_an_autoencoder_evaluated_raw_says_raw(tmp_path, shared_data):
+def test_an_autoencoder_evaluated_raw_says_raw(tmp_path, shared_data, capsys):
     cfg = apply_overrides(
         preset("mnist-ae"),
         [
@@ -167,6 +167,15 @@ def test_an_autoencoder_evaluated_raw_says_raw(tmp_path, shared_data):
         expected = float(psnr(images, reconstruct(model.net, images)).mean())
         (psnr_row,) = [r for r in rows if r["metric"] == "psnr"]
         assert psnr_row["ema"] is use_ema and psnr_row["value"] == expected
+    # it samples and inpaints nothing: one line, exit 2, nothing written
+    np.savez(tmp_path / "init.npz", samples=images.numpy())
+    out = tmp_path / "out" / "s.npz"
+    argv = ["sample", str(tmp_path / "ae"), "--out", str(out), "--quiet"]
+    for extra in ([], ["--init", str(tmp_path / "init.npz"), "--mask", str(tmp_path / "init.npz")]):
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is an autoencoder run" in err[0], err
+        assert not out.exists()
 
 
 class AutocastSpy(torch.nn.Module):

@@ -43,6 +43,12 @@ def _sample(args: argparse.Namespace, world) -> None:
         run = load_run(
             args.run, checkpoint=args.checkpoint, use_ema=ema_choice(args), device=device
         )
+        if run.model.kind.autoencoder:  # no sampler, no editing: a codec of latent runs
+            raise ConfigError(
+                f"{args.run} is an autoencoder run (the first stage of latent diffusion): it "
+                "draws no samples and inpaints nothing; sample a latent run trained on it "
+                f"(--set model.codec={args.run})"
+            )
         edit = read_edit(args, run.model.kind.shape)
         if edit is not None and args.n is None:  # one sample per init image
             args.n = len(edit.init)
@@ -73,7 +79,14 @@ def _sample(args: argparse.Namespace, world) -> None:
     if edit is not None:
         meta.update(init=args.init, strength=edit.strength)
         if edit.mask is not None:
+            latent = run.model.kind.codec == "latent"
             meta.update(mask=args.mask, resample=edit.resample, jump=edit.jump)
+            meta.update(mask_space="latent" if latent else "data")
+            if latent:  # the decoder redraws every pixel, the known ones too
+                print(
+                    "difflab: a latent run keeps the mask in latent space (a cell is known where "
+                    "every pixel above it is): known pixels come back close, not exact"
+                )
     path = save_samples(args.out, samples, labels, **meta)
     many = f" by {world.size} processes" if world.size > 1 else ""
     print(
