@@ -31,8 +31,8 @@ def fresh_choice():
     bar_class.cache_clear()
 
 
-@pytest.fixture
-def in_kernel(monkeypatch, fresh_choice):
+def _in_kernel(monkeypatch):
+    """get_ipython() as inside a Jupyter kernel."""
     ipython = types.ModuleType("IPython")
     ipython.get_ipython = ZMQInteractiveShell
     monkeypatch.setitem(sys.modules, "IPython", ipython)
@@ -52,7 +52,10 @@ def test_outside_jupyter_the_bars_are_text(fresh_choice, capsys):
     assert "sampling: 100%" in capsys.readouterr().err  # tqdm's line on stderr, as before
 
 
-def test_a_kernel_without_ipywidgets_gets_text_bars_and_no_warning(in_kernel, monkeypatch, capsys):
+def test_a_kernel_without_ipywidgets_gets_text_bars_and_no_warning(
+    fresh_choice, monkeypatch, capsys
+):
+    _in_kernel(monkeypatch)
     monkeypatch.setitem(sys.modules, "ipywidgets", None)  # `import ipywidgets` fails
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # tqdm.auto would warn "IProgress not found" here
@@ -61,8 +64,9 @@ def test_a_kernel_without_ipywidgets_gets_text_bars_and_no_warning(in_kernel, mo
     assert samples.shape == (5, 2) and "sampling: 100%" in capsys.readouterr().err
 
 
-def test_a_kernel_with_ipywidgets_gets_widgets(in_kernel):
+def test_a_kernel_with_ipywidgets_gets_widgets(fresh_choice, monkeypatch):
     pytest.importorskip("ipywidgets", reason="pip install difflab[notebook] for widget bars")
     from tqdm.notebook import tqdm as widget_bar
 
+    _in_kernel(monkeypatch)  # after the imports: ipywidgets reads the real IPython
     assert bar_class() is widget_bar
