@@ -37,8 +37,9 @@ SCHEDULES = {
     "ve": lambda: schedules.VESchedule(0.01, 20.0),
     "linear": lambda: schedules.linear(1000),
     "cosine": lambda: schedules.CosineSchedule(),
+    "rectified": lambda: schedules.RectifiedFlowSchedule(),  # a flow teacher's velocity F
 }
-KINDS = {"edm": "edm", "ve": "eps", "linear": "v", "cosine": "eps"}
+KINDS = {"edm": "edm", "ve": "eps", "linear": "v", "cosine": "eps", "rectified": "velocity"}
 
 
 def _cm(name, seed=0):

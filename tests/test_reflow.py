@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import difflab
 from difflab.cli import main
 from difflab.config import apply_overrides, preset
 from difflab.data.pairs import PairStream, read_pairs
@@ -216,3 +217,26 @@ def test_a_class_conditional_flow_run_draws_its_class_grid_and_guides(shared_dat
     assert torch.equal(noise2, noise) and torch.equal(labels2, labels)
     assert (meta1["guidance"], meta2["guidance"]) == (1.0, 2.0)
     assert not torch.equal(x2, x1)
+
+
+def test_the_api_reflow_is_the_cli_reflow(runs):
+    """difflab.reflow draws the pairs and trains the weights `difflab reflow` does"""
+    argv = ["reflow", str(runs / "flow"), "--pairs", "120", "--chunk", "60", "--name", "cli"]
+    argv += ["--quiet", "--no-finish", "--set", "train.steps=10", "train.checkpoint_every=10"]
+    assert main(argv) == 0
+    run = difflab.reflow(
+        runs / "flow",
+        pairs=120,
+        chunk=60,
+        name="api",
+        finish=False,
+        progress=False,
+        train__steps=10,
+        train__checkpoint_every=10,
+    )
+    cli = load_run(runs / "cli")
+    assert run.step == cli.step == 10 and run.cfg.data.pairs == cli.cfg.data.pairs
+    mine, theirs = run.model.net.state_dict(), cli.model.net.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    summaries = [json.loads((runs / n / "reflow.json").read_text()) for n in ("api", "cli")]
+    assert summaries[0]["straightness"] == summaries[1]["straightness"]

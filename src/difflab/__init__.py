@@ -20,7 +20,7 @@ from difflab.diffusion.prediction import Denoiser
 from difflab.training.ema import EMA
 
 __version__ = "0.1.0"
-API = ("Run", "Samples", "Trajectory", "load", "train")
+API = ("Run", "Samples", "Trajectory", "load", "reflow", "train")
 __all__ = ["EMA", "Denoiser", "LossSpec", "diffusion_loss", "schedules", *API]
 
 

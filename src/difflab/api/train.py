@@ -35,7 +35,7 @@ def train(
         resume: continue this run directory instead (overrides apply on top, as --set does).
         config: a config.json to start from instead of the preset, as --config.
         finish: sample, evaluate and draw the report afterwards (as without --no-finish).
-        progress: progress bars (tqdm.auto: notebook widgets where ipywidgets is installed).
+        progress: progress bars (notebook widgets in Jupyter with difflab[notebook]).
     Returns:
         the run, loaded from its newest checkpoint.
     Raises:

@@ -11,48 +11,105 @@ import json
 import time
 from pathlib import Path
 
-from difflab.config import ConfigError
+from difflab.config import ConfigError, SampleConfig
 
 
 def cmd_reflow(args: argparse.Namespace) -> int:
     from difflab.cli.sample_flags import ema_choice, sample_config
-    from difflab.files import write_text_atomically
-    from difflab.flow.pairs import check_flow_run, draw_pairs
-    from difflab.flow.reflow import reflow_config
-    from difflab.flow.straightness import straightness
     from difflab.runs import load_run
 
     run = load_run(
         args.run, checkpoint=args.checkpoint, use_ema=ema_choice(args), device=args.device
     )
-    scfg = sample_config(run.cfg.sample, args)
+    run_reflow(
+        run,
+        sample_config(run.cfg.sample, args),
+        reflow_dir(run.run_dir, args.name, args.runs),
+        n_pairs=args.pairs,
+        chunk=args.chunk,
+        init=not args.no_init,
+        overrides=args.set,
+        pairs_only=args.pairs_only,
+        progress=not args.quiet,
+        finish=not args.no_finish,
+    )
+    return 0
+
+
+def reflow_dir(source: Path, name: str | None, runs: str | Path | None) -> Path:
+    """The reflow run's directory: RUNS/NAME, where both default to beside the source run and
+    its name + '-reflow'."""
+    name = name or f"{source.name}-reflow"
+    return Path(runs) / name if runs else source.parent / name
+
+
+def run_reflow(
+    run,
+    scfg: SampleConfig,
+    out_dir: Path,
+    *,
+    n_pairs: int,
+    chunk: int,
+    init: bool,
+    overrides: list[str],
+    pairs_only: bool,
+    progress: bool,
+    finish: bool,
+) -> dict | None:
+    """One round of reflow from a loaded flow run (`runs.LoadedRun`), as `difflab reflow` runs
+    it: the pairs with `scfg`'s deterministic sampler, the next run trained on them in
+    `out_dir` (from the run's weights when `init`), both straightnesses in out_dir/reflow.json,
+    then the figures (`finish`). Shared by `difflab reflow` and `difflab.reflow`; returns the
+    summary written to reflow.json (None with `pairs_only`)."""
+    from difflab.files import write_text_atomically
+    from difflab.flow.pairs import check_flow_run, draw_pairs
+    from difflab.flow.reflow import reflow_config
+
     check_flow_run(run.model, scfg)  # before anything is written
-    name = args.name or f"{run.run_dir.name}-reflow"
-    out_dir = Path(args.runs) / name if args.runs else run.run_dir.parent / name
-    if not args.pairs_only:
-        cfg = reflow_config(run.cfg, out_dir, None if args.no_init else run.checkpoint, args.set)
+    init_from = run.checkpoint if init else None
+    if not pairs_only:
+        reflow_config(run.cfg, out_dir, init_from, overrides)  # bad --set refused here
         if (out_dir / "checkpoints").is_dir():
             raise ConfigError(
                 f"{out_dir} is already a run; pass --name for a new one, or continue it with "
                 f"`difflab train --resume {out_dir}`"
             )
     start = time.perf_counter()
-    folder = draw_pairs(run, scfg, args.pairs, args.chunk, progress=not args.quiet)
+    folder = draw_pairs(run, scfg, n_pairs, chunk, progress=progress)
     pair_s = time.perf_counter() - start
-    print(f"difflab: {args.pairs} pairs in {folder} ({pair_s:.0f} s)")
-    if args.pairs_only:
-        return 0
-    cfg = reflow_config(run.cfg, folder, None if args.no_init else run.checkpoint, args.set)
+    print(f"difflab: {n_pairs} pairs in {folder} ({pair_s:.0f} s)")
+    if pairs_only:
+        return None
+    cfg = reflow_config(run.cfg, folder, init_from, overrides)
     start = time.perf_counter()
-    ckpt = _train(cfg, out_dir, quiet=args.quiet)
+    ckpt = _train(cfg, out_dir, progress)
     train_s = time.perf_counter() - start
+    summary = _summary(run, scfg, out_dir, folder, ckpt, (n_pairs, pair_s, train_s))
+    write_text_atomically(out_dir / "reflow.json", json.dumps(summary, indent=2) + "\n")
+    before, after = summary["straightness"].values()
+    print(
+        f"difflab: straightness S(Z): {run.run_dir.name} {before:.4g}, {out_dir.name} {after:.4g}"
+    )
+    if finish:
+        from difflab.report.run import finish_run
+
+        finish_run(out_dir, progress=progress)
+    return summary
+
+
+def _summary(run, scfg, out_dir: Path, folder: Path, ckpt: Path, counts: tuple) -> dict:
+    """reflow.json: where the pairs came from, the times, and the straightness of both flows."""
+    from difflab.flow.straightness import straightness
+    from difflab.runs import load_run
+
+    n_pairs, pair_s, train_s = counts
     before = straightness(run.model, scfg)[0]
-    after_run = load_run(out_dir, device=args.device)
+    after_run = load_run(out_dir, device=str(run.device))
     after = straightness(after_run.model, dataclasses.replace(scfg))[0]
-    summary = {
+    return {
         "source": str(run.checkpoint),
         "pairs": str(folder),
-        "n_pairs": args.pairs,
+        "n_pairs": n_pairs,
         "pairs_seconds": pair_s,
         "train_seconds": train_s,
         "checkpoint": str(ckpt),
@@ -60,16 +117,9 @@ def cmd_reflow(args: argparse.Namespace) -> int:
         "sampler": scfg.sampler,
         "steps": scfg.steps,
     }
-    write_text_atomically(out_dir / "reflow.json", json.dumps(summary, indent=2) + "\n")
-    print(f"difflab: straightness S(Z): {run.run_dir.name} {before:.4g}, {name} {after:.4g}")
-    if not args.no_finish:
-        from difflab.report.run import finish_run
-
-        finish_run(out_dir, progress=not args.quiet)
-    return 0
 
 
-def _train(cfg, out_dir: Path, quiet: bool) -> Path:
+def _train(cfg, out_dir: Path, progress: bool) -> Path:
     """Train the reflow run under the run lock and signal guard, as `difflab train` does."""
     from difflab.report.run import training_hooks
     from difflab.training import faults
@@ -77,4 +127,4 @@ def _train(cfg, out_dir: Path, quiet: bool) -> Path:
 
     print(f"difflab: run directory {out_dir}")
     with faults.RunLock(out_dir, enabled=True), faults.StopSignals():
-        return train(cfg, out_dir, resume=False, progress=not quiet, hooks=training_hooks())
+        return train(cfg, out_dir, resume=False, progress=progress, hooks=training_hooks())

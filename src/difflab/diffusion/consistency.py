@@ -106,7 +106,8 @@ class ConsistencyDenoiser:
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
         alpha, sigma = self.inner.alpha_sigma(t.detach(), x_t)
         raw = self.inner.raw(x_t, t, y, alpha, sigma).to(x_t.dtype)
-        x0_inner, _ = split_raw(raw, x_t, alpha, sigma, self.kind, self.sigma_data)
+        rates = self.inner.rates(t.detach(), x_t)  # a velocity F (a flow teacher) needs them
+        x0_inner, _ = split_raw(raw, x_t, alpha, sigma, self.kind, self.sigma_data, rates)
         s = sigma_of(self.schedule, t.detach().double().cpu())
         c_skip, ratio, c_skip_edm = (
             _broadcast(c.to(x_t.device), x_t)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from difflab.config import ConfigError, SampleConfig
 from difflab.data.pairs import chunk_paths
 from difflab.files import savez_atomically, write_text_atomically
 from difflab.samplers import SampleNoise, sampler_info, timesteps
+from difflab.samplers.progress import progress_bar
 
 
 def check_flow_run(model, scfg: SampleConfig) -> None:
@@ -96,7 +96,9 @@ def draw_pairs(run, scfg: SampleConfig, n: int, chunk: int = 5000, progress: boo
     shape = model.codec.latent_shape(model.kind.shape)
     labels = model.conditioner.balanced(n)
     done = {p.name for p in chunk_paths(folder)}
-    bar = tqdm(total=meta["chunks"], desc="reflow pairs", unit="chunk", disable=not progress)
+    bar = progress_bar(
+        total=meta["chunks"], desc="reflow pairs", unit="chunk", disable=not progress
+    )
     for k in range(meta["chunks"]):
         path = folder / f"chunk-{k:05d}.npz"
         if path.name not in done:

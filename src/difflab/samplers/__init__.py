@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from difflab.samplers.common import Callback, NonFiniteError, Recorder, StepState
 
@@ -35,6 +34,7 @@ from difflab.errors import ConfigError
 from difflab.samplers.editing import Edit
 from difflab.samplers.grids import discrete_timesteps, timesteps
 from difflab.samplers.noise import SampleNoise
+from difflab.samplers.progress import progress_bar
 from difflab.samplers.registry import (
     SAMPLERS,
     Option,
@@ -125,7 +125,7 @@ def generate(
     out = []
     prior_std = denoiser.schedule.prior_std(float(ts[0]))
     starts = range(0, n, batch_size)
-    bar = tqdm(
+    bar = progress_bar(
         total=len(starts) * (len(ts) - 1), desc="sampling", unit="step", disable=not progress
     )
     for first in starts:

@@ -18,11 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from difflab import build, devices
 from difflab.config import ConfigError, RunConfig, use_ema_of
 from difflab.model import Model
+from difflab.samplers.progress import progress_bar
 from difflab.training import distributed, faults
 from difflab.training.checkpoint import (
     latest_good_checkpoint,
@@ -114,7 +114,7 @@ def train(
     stats = IntervalStats(parts.device)
     parts.monitor.ckpt_dir = run_dir / "checkpoints"  # named if it stops on a non-finite loss
     end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
-    bar = tqdm(
+    bar = progress_bar(
         total=cfg.train.steps,
         initial=start,
         desc="training",
