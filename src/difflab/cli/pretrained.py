@@ -18,6 +18,7 @@ from difflab.files import check_writable
 # the test split (1,000 as in bench/RESULTS.md, where 1,000 real training digits score FD ~4)
 JUDGED_N = {"points": 20_000, "images": 1000}
 SAMPLING_FLAGS = ("sampler", "steps", "spacing", "guidance")
+LOCAL = ("source", "checkpoint")  # paths of the machine that built it: left out of the record
 
 
 def cmd_pretrained(args: argparse.Namespace) -> int:
@@ -130,7 +131,7 @@ def judge(run, scfg, n: int | None, root: str | None, judge_file, progress: bool
     """The metrics of n samples drawn at scfg, with the settings they were measured at: 2-D
     runs their 2-D metrics (in-square on the checkerboard, sliced W2); image runs the judge's
     class accuracy (class-balanced) and Frechet distance to the test split."""
-    from difflab.evaluation.sampled import evaluate_images_of, sampling_provenance
+    from difflab.evaluation.sampled import evaluate_images_of
 
     kind = run.model.kind
     scfg = dataclasses.replace(scfg, n=n or JUDGED_N["images" if kind.is_image else "points"])
@@ -144,8 +145,7 @@ def judge(run, scfg, n: int | None, root: str | None, judge_file, progress: bool
     extractors = extractors_for(metrics, dataset=dataset, judge=judge_file, device=run.device)
     reference = open_reference(f"{dataset}:test", run.shape, root=root or run.cfg.data.root)
     rows = evaluate_images_of(run, scfg, metrics, reference, extractors, progress)
-    local = set(sampling_provenance(run, scfg, True)) & {"source", "checkpoint"}
-    return [{k: v for k, v in row.items() if k not in local} for row in rows]
+    return [{k: v for k, v in row.items() if k not in LOCAL} for row in rows]
 
 
 def _judge_points(run, scfg, progress: bool) -> list[dict]:
@@ -156,7 +156,7 @@ def _judge_points(run, scfg, progress: bool) -> list[dict]:
     samples = draw_samples(run, scfg, progress=progress).numpy()
     result = evaluate_toy(samples, run.cfg.data.name)
     how = sampling_provenance(run, scfg, run.model.kind.conditional)
-    how = {k: v for k, v in how.items() if k not in ("source", "checkpoint")}
+    how = {k: v for k, v in how.items() if k not in LOCAL}
     reference = f"{result['dataset']} ({result['n']:,} fresh draws)"
     return [
         {"metric": m, "value": result[m], "n_generated": result["n"], "reference": reference, **how}
