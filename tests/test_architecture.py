@@ -77,6 +77,7 @@ ALLOWED = {
         "diffusion.prediction",
         "files",
         "model",
+        "pretrained",
         "samplers",
         "training.checkpoint",
     },
@@ -132,6 +133,7 @@ ALLOWED = {
         "evaluation",
         "files",
         "flow",
+        "pretrained",
         "report",
         "runs",
         "samplers",
@@ -139,6 +141,7 @@ ALLOWED = {
         "training",
     },
     "flow": {"config", "data.pairs", "files", "samplers"},
+    "pretrained": set(),  # the shipped files and their names; runs resolves pretrained:NAME
     "api": {
         "cli",
         "config",

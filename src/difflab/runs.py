@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from difflab import build, devices
+from difflab import build, devices, pretrained
 from difflab.config import ConfigError, RunConfig, SampleConfig, use_ema_of
 from difflab.diffusion.prediction import Denoiser
 from difflab.files import savez_atomically
@@ -68,12 +68,20 @@ class LoadedRun:
 WEIGHTS_META = ("difflab_config", "difflab_data", "difflab_step")
 
 
+def resolve_source(source: str | Path) -> Path:
+    """Where a run is read from: a run directory or weights file as given, or the file shipped
+    in the package that `pretrained:NAME` names (one line listing those shipped otherwise).
+    Every command and the Python API read runs through here."""
+    return pretrained.resolve(source) if pretrained.is_pretrained(source) else Path(source)
+
+
 def is_weights_file(path: str | Path) -> bool:
-    return Path(path).suffix == ".safetensors" and Path(path).is_file()
+    path = resolve_source(path)
+    return path.suffix == ".safetensors" and path.is_file()
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
+    run_dir = resolve_source(run_dir)
     if is_weights_file(run_dir):
         raise ConfigError(
             f"{run_dir} is an EMA weights file (half precision, no optimizer state): it samples "
@@ -98,9 +106,9 @@ def load_run(
     """Load a run's network from its newest good checkpoint, or from `checkpoint`: a step
     number or "best". `use_ema`: the EMA (True) or raw (False) weights; None = what the run's
     sample.use_ema says (`config.use_ema_of`); the LoadedRun's `ema` says which were loaded.
-    A weights file (.safetensors) loads its EMA weights upcast to float32."""
+    A weights file (.safetensors, or pretrained:NAME) loads its EMA weights upcast to float32."""
     if is_weights_file(run_dir):
-        return load_weights_file(Path(run_dir), use_ema, device)
+        return load_weights_file(resolve_source(run_dir), use_ema, device)
     run_dir = check_run_dir(run_dir)
     if checkpoint is None:
         ckpt = latest_good_checkpoint(run_dir / "checkpoints")
@@ -172,7 +180,7 @@ def run_kind(run_dir: str | Path) -> RunKind:
     checkpoint's config and data.json (or a weights file's metadata), read by build.run_kind
     as when the run is loaded."""
     if is_weights_file(run_dir):
-        cfg, data, _ = weights_file_meta(Path(run_dir))
+        cfg, data, _ = weights_file_meta(resolve_source(run_dir))
         return build.run_kind(cfg, data)
     ckpt = latest_good_checkpoint(check_run_dir(run_dir) / "checkpoints")
     return build.run_kind(

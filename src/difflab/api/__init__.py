@@ -2,7 +2,8 @@
 
     import difflab
     run = difflab.train("toy2d", name="cb", train__steps=2000)   # as `difflab train`
-    run = difflab.load("runs/cb")             # a run directory or an fp16 EMA .safetensors
+    run = difflab.load("runs/cb")             # a run directory, an fp16 .safetensors file
+    run = difflab.load("pretrained:mnist")    # or a run shipped in the package
     samples = run.sample(16, steps=20)        # the run's own sample.* settings, overridden
     samples.grid(); samples.save("s.png")     # Jupyter shows `samples` as its grid
     run.gif("reverse.gif")                    # the sampler's states as an animation

@@ -1,5 +1,5 @@
-"""`difflab.load` and `Run`: a trained run (a run directory or an fp16 EMA weights file) that
-samples from its own `sample.*` settings, as `difflab sample RUN` does."""
+"""`difflab.load` and `Run`: a trained run (a run directory, an fp16 EMA weights file or
+pretrained:NAME) that samples from its own `sample.*` settings, as `difflab sample RUN` does."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def load(
     path: str | Path, *, checkpoint: int | str | None = None, raw: bool = False, device="auto"
 ) -> Run:
     """A trained run, as `difflab sample` opens it: a run directory (its newest good
-    checkpoint, or `checkpoint`: a step or "best"), or an fp16 EMA weights file
-    (`difflab export RUN --format ema`). raw: the raw weights instead of the EMA copy."""
+    checkpoint, or `checkpoint`: a step or "best"), an fp16 EMA weights file
+    (`difflab export RUN --format ema`), or a run shipped in the package, "pretrained:NAME"
+    (`difflab pretrained list`). raw: the raw weights instead of the EMA copy."""
     return Run(load_run(path, checkpoint=checkpoint, use_ema=False if raw else None, device=device))
 
 

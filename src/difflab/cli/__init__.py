@@ -1,4 +1,5 @@
-"""difflab train | sample | eval | plot | report | export | import | bench | reflow | ema.
+"""difflab train | sample | eval | plot | report | export | import | bench | reflow | ema |
+pretrained.
 
 Every user error (a ConfigError) ends in one line `difflab: error: <problem and fix>` and exit
 code 2; any other exception is a bug in difflab and keeps its traceback.
@@ -13,6 +14,7 @@ import warnings
 from difflab.cli.ema import cmd_ema
 from difflab.cli.evaluate import cmd_eval, cmd_train_classifier
 from difflab.cli.parsers import classifier_parser, parser
+from difflab.cli.pretrained import cmd_pretrained
 from difflab.cli.reflow import cmd_reflow
 from difflab.cli.sample import cmd_bench, cmd_plot, cmd_sample
 from difflab.cli.sample_flags import sample_changes, sample_config
@@ -45,6 +47,7 @@ COMMANDS = {
     "import": cmd_import,
     "reflow": cmd_reflow,
     "ema": cmd_ema,
+    "pretrained": cmd_pretrained,
 }
 
 

@@ -230,7 +230,8 @@ def _default_eval_path(source: Path, is_run: bool) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if is_run and source.is_dir():
         return source / "evals" / f"eval-{stamp}.json"
-    return source.parent / f"{source.stem}-eval-{stamp}.json"
+    stem = source.stem.replace(":", "-")  # pretrained:NAME -> pretrained-NAME-eval-...
+    return source.parent / f"{stem}-eval-{stamp}.json"
 
 
 def _metric_list(text: str | None, conditional: bool) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from difflab.cli.edit import add_edit_flags
+from difflab.cli.pretrained import add_pretrained_parser
 from difflab.cli.sample_flags import (
     add_sampler_flags,
     checkpoint_arg,
@@ -103,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("sample", help="draw samples from a trained run into an .npz file")
-    p.add_argument("run", help="run directory")
+    p.add_argument("run", help="run directory, weights file or pretrained:NAME")
     p.add_argument("--out", required=True, help="output .npz (holds 'samples')")
     add_sampler_flags(p)
     add_text_flags(p)
@@ -114,7 +115,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval", help="measure samples (a run or a samples .npz) against the true distribution"
     )
-    p.add_argument("source", help="run directory or samples .npz")
+    p.add_argument("source", help="run directory, weights file, pretrained:NAME or samples .npz")
     p.add_argument(
         "--dataset", help="the true distribution, for an .npz source (default: the run's)"
     )
@@ -165,6 +166,7 @@ def parser() -> argparse.ArgumentParser:
     add_bench_arguments(p)
     _add_reflow_parser(sub)
     _add_ema_parser(sub)
+    add_pretrained_parser(sub)
     return ap
 
 

@@ -26,15 +26,23 @@ def export_ema(run_dir, out, dtype: str = "fp16", *, force: bool = False, checkp
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must end in .safetensors, got {out}")
     run = load_run(run_dir, checkpoint=checkpoint, use_ema=True, device="cpu")
+    check_target(out, force)
+    return write_weights_file(run, out, dtype)
+
+
+def write_weights_file(run, out: Path, dtype: str = "fp16", cfg=None, extra=None) -> Path:
+    """Write a loaded run's weights as `dtype` to `out` atomically, with its config (`cfg`, by
+    default the run's), data.json and step in the metadata, plus the `extra` string keys."""
     weights = {}
     for k, v in run.model.net.state_dict().items():
         weights[k] = v.to(DTYPES[dtype]).contiguous() if v.is_floating_point() else v
         finite = torch.isfinite(weights[k]).all() if v.is_floating_point() else True
         if not finite:
             raise ConfigError(f"{k} overflows {dtype} (|w| up to {v.abs().max():.3g}); use bf16")
-    values = (json.dumps(run.cfg.to_dict()), json.dumps(run.model.kind.info()), str(run.step))
+    config = (cfg or run.cfg).to_dict()
+    values = (json.dumps(config), json.dumps(run.model.kind.info()), str(run.step))
     meta = {**dict(zip(WEIGHTS_META, values, strict=True)), "format": "pt", "dtype": dtype}
-    check_target(out, force)
+    meta.update(extra or {})
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_atomically(out, lambda tmp: save_file(weights, tmp, metadata=meta))
     return out
