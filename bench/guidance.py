@@ -16,6 +16,8 @@ Rows (stages):
          default RUN:step-500) at --auto scales;
 - ema:   post-hoc EMA (EDM2): `difflab ema RUN --sigma-rel S` for each --sigma-rels, sampled at
          CFG 1.25, against the classic EMA (the cfg 1.25 row);
+- combo: the cfg 1.5, apg and auto rows again with the best sigma_rel's weights (the issue
+         allows a post-hoc EMA length where it helps); planned once ema's rows are written;
 - summary: a Markdown table, and summary.json with the issue's two targets: some row reaches
          accuracy >= 0.99 with FD <= CFG 1.25's; the best sigma_rel's FD <= the classic EMA's.
 
@@ -23,7 +25,7 @@ Each row is written to OUT/rows/<row>.json when done and skipped when present, s
 resumes where it stopped and runs in pieces (--only STAGE or ROW).
 
     python bench/guidance.py --run RUN --root ../shared/data [--out DIR] [--n 1000]
-        [--only cfg|apg|cfgpp|auto|ema|summary|ROW] [--sampler S --steps K]
+        [--only cfg|apg|cfgpp|auto|ema|combo|summary|ROW] [--sampler S --steps K]
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from difflab.runs import load_run, sample_labels
 sys.path.insert(0, str(Path(__file__).parent))
 from mnist import images_of, judge_for, to_judge_size
 
-STAGES = ("cfg", "apg", "cfgpp", "auto", "ema", "summary")
+STAGES = ("cfg", "apg", "cfgpp", "auto", "ema", "combo", "summary")
 REFERENCE = "cfg-1.25"  # plain CFG at 1.25 with the run's sampler: the classic EMA's row too
 
 
@@ -75,8 +77,28 @@ def plan(args) -> dict[str, dict]:
     for w in floats(args.auto):
         add("auto", f"auto-{w:g}", guidance=w, guidance_method="auto", guide_with=guide)
     for s in floats(args.sigma_rels):
-        add("ema", f"ema-{s:g}", weights=Path(args.out) / "ema" / f"sigma-{s:g}.safetensors")
+        add("ema", f"ema-{s:g}", weights=posthoc_path(args, s))
+    best = best_sigma_rel(args)
+    if best is not None:  # the guidance rows again with the best post-hoc EMA, once it is known
+        combo = {"stage": "combo", "weights": posthoc_path(args, best)}
+        for name in [n for n, r in rows.items() if r["stage"] in ("cfg", "apg", "auto")]:
+            if name != REFERENCE:
+                rows[f"{name}@ema-{best:g}"] = {**combo, "changes": rows[name]["changes"]}
     return rows
+
+
+def posthoc_path(args, sigma_rel: float) -> Path:
+    return Path(args.out) / "ema" / f"sigma-{sigma_rel:g}.safetensors"
+
+
+def best_sigma_rel(args) -> float | None:
+    """The sigma_rel of the lowest FD among the finished ema rows (None before any)."""
+    done = []
+    for s in floats(args.sigma_rels):
+        path = Path(args.out) / "rows" / f"ema-{s:g}.json"
+        if path.exists():
+            done.append((json.loads(path.read_text())["fd_judge"], s))
+    return min(done)[1] if done else None
 
 
 def posthoc_weights(run: str, path: Path) -> Path:
@@ -197,29 +219,31 @@ def main() -> None:
     ap.add_argument("--sigma-rels", default="0.03,0.05,0.08,0.10,0.15")
     ap.add_argument("--only", default="", help=f"one stage ({', '.join(STAGES)}) or row")
     args = ap.parse_args()
-    rows = plan(args)
-    if args.only and args.only not in STAGES and args.only not in rows:
+    if args.only and args.only not in STAGES and args.only not in plan(args):
         raise SystemExit(f"--only {args.only}: choose a stage ({', '.join(STAGES)}) or a row")
     out = Path(args.out)
     (out / "rows").mkdir(parents=True, exist_ok=True)
-    todo = [
-        name
-        for name, row in rows.items()
-        if args.only in ("", name, row["stage"]) and not (out / "rows" / f"{name}.json").exists()
-    ]
-    if todo:
-        judge = judge_for(args.root, Path(args.judge))
-        test_stats = reference_stats(args, judge)
-    for name in todo:
-        torch.manual_seed(0)
-        result = measure(args, name, rows[name], judge, test_stats)
-        write_text_atomically(out / "rows" / f"{name}.json", json.dumps(result, indent=2) + "\n")
-        print(
-            f"{name}: accuracy {result['accuracy']:.4f}, FD {result['fd_judge']:.3f}, "
-            f"{result['net_calls']:g} net calls/sample, {result['seconds']:.0f} s"
-        )
+    judged = None  # (judge, test features' statistics), made on first need
+    for stage in STAGES[:-1]:
+        rows = plan(args)  # again each stage: combo's rows follow from the finished ema rows
+        for name, row in rows.items():
+            if row["stage"] != stage or args.only not in ("", name, stage):
+                continue
+            if (out / "rows" / f"{name}.json").exists():
+                continue
+            if judged is None:
+                judge = judge_for(args.root, Path(args.judge))
+                judged = judge, reference_stats(args, judge)
+            torch.manual_seed(0)
+            result = measure(args, name, row, *judged)
+            text = json.dumps(result, indent=2) + "\n"
+            write_text_atomically(out / "rows" / f"{name}.json", text)
+            print(
+                f"{name}: accuracy {result['accuracy']:.4f}, FD {result['fd_judge']:.3f}, "
+                f"{result['net_calls']:g} net calls/sample, {result['seconds']:.0f} s"
+            )
     if args.only in ("", "summary"):
-        result = summary(args, rows)
+        result = summary(args, plan(args))
         write_text_atomically(out / "summary.json", json.dumps(result, indent=2) + "\n")
         print(f"-> {out / 'summary.json'}")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SMALL_TOY, assert_same_weights, train_here
+from conftest import SMALL_TOY, SUM_ORDER, assert_same_weights, run_difflab, train_here
 from difflab import cli
 from difflab.config import ConfigError, apply_overrides, preset
 from difflab.runs import load_run
@@ -110,3 +110,14 @@ def test_a_run_without_companion_refuses_auto_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.guide_model" in err[0] and "--guide-with" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_companion_as_one(run_dir, tmp_path):
+    # each rank's share of the micro-batch, its gradients averaged over the ranks
+    sets = [*SMALL_TOY, "train.steps=4", *GUIDED, "sample.sampler=ddim", "sample.steps=4"]
+    argv = ["train", "--nproc", "2", "--runs", str(tmp_path), "--name", "two"]
+    two = run_difflab(*argv, "--no-finish", "--quiet", "--set", *sets)
+    assert two.returncode == 0, two.stderr
+    step = "guide/checkpoints/step-3"
+    assert_same_weights(run_dir / step, tmp_path / "two" / step, atol=SUM_ORDER)

@@ -154,17 +154,19 @@ class Companion:
         its EMA; an update with a non-finite gradient is dropped (the companion only guides)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.scaler.unscale_(self.optimizer)
         params = [p for p in self.net.parameters() if p.grad is not None]
         if world.size > 1:  # average over the ranks' shares, as DDP does for the main net
             for p in params:
                 dist.all_reduce(p.grad)
                 p.grad /= world.size
+        self.scaler.unscale_(self.optimizer)  # after the average: every rank sees the same inf
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        if bool(torch.isfinite(grad_norm)):
+        finite = bool(torch.isfinite(grad_norm.detach()))
+        if finite or self.scaler.is_enabled():  # fp16: the scaler skips a non-finite step itself
             self.scaler.step(self.optimizer)
-            self.scaler.update()
+        self.scaler.update()  # fp16: a smaller scale after a non-finite step
+        if finite:
             self.ema.update(self.net)
         self.optimizer.zero_grad(set_to_none=True)
         self.updates = step + 1
