@@ -11,6 +11,7 @@ identity below holds to float precision; then a tiny trained run goes through th
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -350,6 +351,8 @@ def tiny_runs(tmp_path_factory):
             img = np.repeat(stripes[:, None] if axis == 0 else stripes[None, :], 32, 1 - axis)
             Image.fromarray(img).save(root / "data" / name / f"{k}.png")
 
+    shutil.copytree(root / "data", root / "data2")  # the same images, another data set
+
     def train(name, *extra):
         sets = [f"data.root={root / 'data'}", *TINY, *extra]
         argv = ["train", "--preset", "imagefolder", "--runs", str(root), "--name", name]
@@ -360,6 +363,8 @@ def tiny_runs(tmp_path_factory):
         "cond": train("c"),
         "uncond": train("u", "data.class_conditional=false"),
         "other_schedule": train("s", "diffusion.schedule=cosine"),
+        "other_data": train("d", f"data.root={root / 'data2'}"),
+        "other_size": train("z", "data.image_size=16"),
     }
 
 
@@ -448,6 +453,16 @@ BAD = {
         "cond",
         ["--guidance-method", "auto", "--guide-with", "{uncond}"],
         "another conditioning",
+    ),
+    "a guide of another data set": (
+        "cond",
+        ["--guidance-method", "auto", "--guide-with", "{other_data}"],
+        "another data set",
+    ),
+    "a guide of another image size": (
+        "cond",
+        ["--guidance-method", "auto", "--guide-with", "{other_size}"],
+        "another image size",
     ),
     "autoguidance with no weak model": (
         "uncond",
@@ -548,6 +563,11 @@ def test_compare_sweeps_guidance_methods_with_their_own_scales(tiny_runs, tmp_pa
         ("auto", "euler", 2.0),
     ]
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    # network calls per sample, counted as the nets ran: the conditional model alone at cfg 1,
+    # else a doubled batch (cfg, cfg++, apg) or the strong and the weak net (auto) per step
+    for r in rows:
+        neutral = r["guidance_method"] == "cfg" and r["guidance"] == 1.0
+        assert r["net_calls"] == r["nfe"] * (1 if neutral else 2), r
 
 
 def test_tradeoff_plot_draws_one_curve_per_method(tmp_path):

@@ -19,6 +19,7 @@ from difflab.files import savez_atomically
 from difflab.model import DataKind, Model, RunKind
 from difflab.samplers import Recorder, nfe_of
 from difflab.training.checkpoint import (
+    COMPANION_FOLDER,
     CheckpointError,
     check_network_family,
     checkpoint_step,
@@ -224,33 +225,45 @@ def draw_samples(
 
 def attach_guide(run: LoadedRun, sample_cfg: SampleConfig) -> LoadedRun:
     """`run` with autoguidance's weak model (sample_cfg.guide_with: RUN, or RUN:step-N for an
-    earlier checkpoint of a run) in `run.model.guide`, when sample_cfg asks for autoguidance;
-    loaded once. Refused in one line when the weak run diffuses on another schedule, another
-    data set, another conditioning or another image (or latent) size: its predictions would
-    not be of the same x_t (Karras et al. 2024 guide with the same model, only worse)."""
-    if sample_cfg.guidance_method != "auto" or not sample_cfg.guide_with:
+    earlier checkpoint of a run; when empty, the run's own companion RUN/guide if it has one:
+    `companion_of`) in `run.model.guide`, when sample_cfg asks for autoguidance; loaded once;
+    `run.guide_with` names it. Refused in one line when the weak run diffuses on another
+    schedule, another data set, another conditioning or another image (or latent) size: its
+    predictions would not be of the same x_t (Karras et al. 2024 guide with the same model,
+    only worse)."""
+    spec = sample_cfg.guide_with or companion_of(run)
+    if sample_cfg.guidance_method != "auto" or not spec:
         return run
-    if run.model.guide is not None and run.guide_with == sample_cfg.guide_with:
+    if run.model.guide is not None and run.guide_with == spec:
         return run
-    path, checkpoint = parse_guide(sample_cfg.guide_with)
+    path, checkpoint = parse_guide(spec)
     try:
         weak = load_run(path, checkpoint=checkpoint, device=str(run.device))
     except ConfigError as e:
-        raise ConfigError(f"--guide-with {sample_cfg.guide_with}: {e}") from None
+        raise ConfigError(f"--guide-with {spec}: {e}") from None
     problems = [
-        f"{what} ({_text(mine)} here, {_text(theirs)} in {sample_cfg.guide_with})"
+        f"{what} ({_text(mine)} here, {_text(theirs)} in {spec})"
         for what, mine, theirs in _guide_keys(run, weak)
         if mine != theirs
     ]
     if problems:
         raise ConfigError(
-            f"--guide-with {sample_cfg.guide_with} cannot guide {run.run_dir}: another "
+            f"--guide-with {spec} cannot guide {run.run_dir}: another "
             f"{'; another '.join(problems)}; autoguidance needs a weaker model of the same "
             "schedule, data, conditioning and size"
         )
     run.model = dataclasses.replace(run.model, guide=weak.model)
-    run.guide_with = sample_cfg.guide_with
+    run.guide_with = spec
     return run
+
+
+def companion_of(run: LoadedRun) -> str:
+    """The run's own weak model, RUN/guide (trained beside it with train.guide_model), as a
+    --guide-with value; "" when it has none (a weights file, or train.guide_model was 0)."""
+    folder = run.run_dir / COMPANION_FOLDER
+    if run.run_dir.is_dir() and list_checkpoints(folder / "checkpoints"):
+        return str(folder)
+    return ""
 
 
 def parse_guide(spec: str) -> tuple[str, int | str | None]:
@@ -281,12 +294,15 @@ def _guide_keys(run: LoadedRun, weak: LoadedRun) -> list[tuple[str, object, obje
         kind = "text" if text else "classes" if r.num_classes else "none"
         return (kind, r.num_classes, text.encoder if text else "", text.max_tokens if text else 0)
 
+    def data_set(cfg: RunConfig) -> str:  # an image folder is a data set by its folder
+        return cfg.data.name + (f" {cfg.data.root}" if cfg.data.name == "imagefolder" else "")
+
     def size(r: LoadedRun) -> tuple:
         return (tuple(r.shape), r.model.codec.latent_shape(r.shape), r.cfg.model.codec_sha256)
 
     return [
         ("schedule", schedule(run.cfg), schedule(weak.cfg)),
-        ("data set", run.cfg.data.name, weak.cfg.data.name),
+        ("data set", data_set(run.cfg), data_set(weak.cfg)),
         ("conditioning", conditioning(run), conditioning(weak)),
         ("image size", size(run), size(weak)),
     ]

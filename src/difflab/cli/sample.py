@@ -130,6 +130,8 @@ def samples_meta(run, scfg, prompts: list[str] | None = None) -> dict:
         if scfg.guidance_tmin > 0 or scfg.guidance_tmax > 0:
             meta["guidance_interval"] = [scfg.guidance_tmin, scfg.guidance_tmax]
         meta.update(guidance_record(scfg))
+        if scfg.guidance_method == "auto" and run.guide_with:  # the run's own companion
+            meta["guide_with"] = run.guide_with
     if prompts is not None:
         meta["prompts"] = prompts
     return meta

@@ -132,6 +132,10 @@ class TrainConfig:
     # post-hoc EMA (EDM2): power-function EMA profiles of these widths, e.g. 0.05,0.10; () = off
     phema_sigma_rels: tuple[float, ...] = ()
     phema_every: int = 0  # store every profile in RUN/phema/ every N steps (`difflab ema`)
+    # autoguidance's weak model (Karras et al. 2024): a companion net of this width scale in
+    # (0, 1) trained beside the main one on the same batches for guide_steps, kept in RUN/guide
+    guide_model: float = 0.0  # 0 = off
+    guide_steps: int = 0  # the companion's updates (<= steps); it stops learning after them
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default

@@ -219,8 +219,9 @@ def check_method(
         raise ConfigError(f"guidance scale must be >= 0, got {guidance_scale}")
     if method == "auto" and not has_weak:
         raise ConfigError(
-            "guidance_method=auto (autoguidance) needs a weak model to guide with: pass "
-            "--guide-with RUN[:step-N] (an earlier checkpoint or a smaller run on the same data)"
+            "guidance_method=auto (autoguidance) needs a weak model to guide with, and this run "
+            "has no companion (RUN/guide, trained with train.guide_model): pass --guide-with "
+            "RUN[:step-N] (an earlier checkpoint or a smaller run on the same data)"
         )
 
 

@@ -84,7 +84,8 @@ def compare_samplers(
             measured = evaluate_images_of(run, scfg, **image_eval)
             row.update({r["metric"]: r["value"] for r in measured})
             row["labels"] = {r["metric"]: r["label"] for r in measured}
-            row.update({k: measured[0][k] for k in ("ms_per_sample", "peak_memory_mb")})
+            timing = ("ms_per_sample", "net_calls", "peak_memory_mb")
+            row.update({k: measured[0][k] for k in timing})
         rows.append(row)
         if progress:
             print(format_compare({"rows": [row]}, header=False))
@@ -139,7 +140,8 @@ def quality_keys(rows: list[dict]) -> list[str]:
 
 
 def format_compare(result: dict, header: bool = True) -> str:
-    """One line per configuration, best first within each NFE budget."""
+    """One line per configuration, best first within each NFE budget; `calls` is network
+    calls per sample, the guidance method's cost included (rows from before: the NFE)."""
     rows = result["rows"]
     keys = quality_keys(rows)
     sign = -1 if keys[0] in HIGHER_IS_BETTER else 1
@@ -149,13 +151,14 @@ def format_compare(result: dict, header: bool = True) -> str:
         lines.append(
             f"{'sampler':10s} {'grid':10s} {'NFE':>4s} {'guid':>5s} "
             + " ".join(f"{n:>14s}" for n in names)
-            + f" {'ms/sample':>10s} {'peak MB':>8s}"
+            + f" {'calls':>6s} {'ms/sample':>10s} {'peak MB':>8s}"
         )
     for row in sorted(rows, key=lambda r: (r["nfe"], sign * r[keys[0]])):
         guidance = f"{row['guidance']:5.2f}" if "guidance" in row else f"{'-':>5s}"
         lines.append(
             f"{row['sampler']:10s} {row['spacing']:10s} {row['nfe']:4d} {guidance} "
             + " ".join(f"{row[k]:14.4f}" for k in keys)
+            + f" {row.get('net_calls', row['nfe']):6.4g}"
             + f" {row['ms_per_sample']:10.2f} {row['peak_memory_mb']:8.0f}"
         )
     if "plot" in result:

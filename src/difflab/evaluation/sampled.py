@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +23,10 @@ from difflab.evaluation import protocol, references
 from difflab.evaluation.classifier import JudgeExtractor
 from difflab.evaluation.protocol import HIGHER_IS_BETTER, METRICS, label
 from difflab.evaluation.references import EvalError
-from difflab.evaluation.sharded import Sharded, sample_shared
+from difflab.evaluation.sharded import Sharded, blocks, sample_shared
 from difflab.evaluation.toy2d import evaluate_toy
 from difflab.model import Model
-from difflab.runs import LoadedRun
+from difflab.runs import LoadedRun, attach_guide
 from difflab.samplers import SAMPLERS, cost_is_fixed, nfe_of
 from difflab.training.distributed import World
 
@@ -80,6 +82,25 @@ def _peak_memory_start(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+@contextmanager
+def counted_rows(model: Model) -> Iterator[list[int]]:
+    """[rows]: how many inputs the model's networks (the run's, and autoguidance's weak one)
+    evaluated meanwhile, counted at each real call: a doubled guidance batch of B counts 2 B."""
+    rows = [0]
+
+    def count(module, args, kwargs):
+        x_t = args[0] if args else kwargs["x_t"]
+        rows[0] += x_t.shape[0]
+
+    nets = [model.net] + ([model.guide.net] if model.guide is not None else [])
+    handles = [net.register_forward_pre_hook(count, with_kwargs=True) for net in nets]
+    try:
+        yield rows
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def timed_samples(
     run: LoadedRun,
     scfg: SampleConfig,
@@ -87,16 +108,26 @@ def timed_samples(
     progress: bool = False,
     world: World | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Samples of a run and how fast they came: ms per sample and peak memory (CUDA: the most
-    allocated during sampling; CPU: the process's peak resident memory so far); `world`: the
-    processes that share the draw (each its block; every rank gets all samples)."""
+    """Samples of a run and what they cost: ms per sample, network calls per sample (every
+    network input counted as it is evaluated: guidance's doubled batch and autoguidance's weak
+    net included, so it is the sampler's NFE times what the guidance method costs per
+    evaluation) and peak memory (CUDA: the most allocated during sampling; CPU: the process's
+    peak resident memory so far); `world`: the processes that share the draw (each its block;
+    every rank gets all samples)."""
     world = world or World()
+    attach_guide(run, scfg)  # before counting: the weak net is counted too
     _peak_memory_start(run.device)
     start = time.perf_counter()
-    samples = sample_shared(run, scfg, world, labels, progress)
+    with counted_rows(run.model) as rows:
+        samples = sample_shared(run, scfg, world, labels, progress)
     seconds = time.perf_counter() - start
+    drawn_here = len(samples)
+    if world.size > 1:  # the rows were counted on this rank's block alone
+        a, b = blocks(scfg.n, world.size, scfg.batch_size)[world.rank]
+        drawn_here = b - a
     timing = {
         "ms_per_sample": 1000 * seconds / len(samples),
+        "net_calls": rows[0] / max(drawn_here, 1),
         "peak_memory_mb": devices.peak_memory_mb(run.device),
         "memory_kind": "cuda max allocated" if run.device.type == "cuda" else "process peak RSS",
         "device": str(run.device),
@@ -125,6 +156,8 @@ def sampling_provenance(run: LoadedRun, scfg: SampleConfig, conditional: bool) -
         row["guidance_interval"] = [scfg.guidance_tmin, scfg.guidance_tmax]
     if guided:
         row.update(guidance_record(scfg))
+    if scfg.guidance_method == "auto" and run.guide_with:  # the run's companion, when implicit
+        row["guide_with"] = run.guide_with
     return row
 
 

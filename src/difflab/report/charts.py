@@ -263,7 +263,9 @@ def tradeoff_plot(rows: list[dict], path: Path, fd_key: str, accuracy_key: str) 
         pts = sorted(
             (r["guidance"], r[fd_key], r[accuracy_key]) for r in rows if curve_of(r) == curve
         )
-        label = f"{curve[0]} ({curve[1]}, {curve[2]} NFE)"
+        calls = sorted({r["net_calls"] for r in rows if curve_of(r) == curve and "net_calls" in r})
+        label = f"{curve[0]} ({curve[1]}, {curve[2]} NFE"
+        label += f", {'/'.join(f'{c:g}' for c in calls)} net calls)" if calls else ")"
         ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", ms=3, label=label)
         for w, fd, accuracy in pts:
             ax.annotate(

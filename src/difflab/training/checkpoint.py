@@ -30,6 +30,8 @@ from difflab.files import fsync_folder, sha256_file
 from difflab.training.faults import tensor_bytes, write_failure
 
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json", "data.json")
+# RUN/guide: autoguidance's companion net (train.guide_model) as a run directory of its own
+COMPANION_FOLDER = "guide"
 
 
 class CheckpointError(ConfigError):

@@ -155,6 +155,8 @@ def train(
             by_eval = cfg.train.best_metric == "eval"
             improved = note_best(cfg, parts, eval_row if by_eval else row, done)
             parts.monitor.check_weights(world, done, parts.net, parts.ema.model)
+            if world.is_main and parts.companion is not None:  # before the main checkpoint
+                parts.companion.publish(run_dir, parts.data_info())
             if world.is_main:
                 last = save_checkpoint(
                     run_dir / "checkpoints",

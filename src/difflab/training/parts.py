@@ -14,7 +14,7 @@ import torch
 from difflab import build, devices
 from difflab.config import ConfigError, RunConfig
 from difflab.model import Model
-from difflab.training import distributed, phema, teacher
+from difflab.training import companion, distributed, phema, teacher
 from difflab.training.checkpoint import (
     CheckpointError,
     latest_good_checkpoint,
@@ -70,6 +70,7 @@ class Parts:
     world: distributed.World = field(default_factory=distributed.World)  # this process's rank
     monitor: NonFiniteMonitor | None = None  # non-finite losses and gradients (train.nonfinite)
     power_ema: phema.PowerEMA | None = None  # train.phema_sigma_rels' profiles (post-hoc EMA)
+    companion: companion.Companion | None = None  # train.guide_model: autoguidance's weak net
 
     @property
     def net(self) -> torch.nn.Module:
@@ -128,6 +129,7 @@ def check_train_config(cfg: RunConfig, hooks: Hooks | None = None) -> None:
         )
     problems += check_config(t)
     problems += phema.check_config(t)
+    problems += companion.check_config(t)
     if hooks is not None:
         problems += check_hooks(cfg, hooks)
     if problems:
@@ -170,6 +172,9 @@ def build_parts(
     power_ema = None  # post-hoc EMA's profiles, off by default (phema.py)
     if cfg.train.phema_sigma_rels:
         power_ema = phema.PowerEMA(model.net, cfg.train.phema_sigma_rels)
+    weak = None  # autoguidance's companion, off by default (companion.py)
+    if cfg.train.guide_model:
+        weak = companion.Companion(cfg, model, dtype)
     evaluator = None
     if cfg.train.eval_every and world.is_main:  # now: a missing judge fails before step 1
         evaluator = hooks.evaluator(cfg, model)
@@ -191,6 +196,7 @@ def build_parts(
             cfg, device, lambda s: lr_at(cfg, s), dtype is torch.float16, world.rank
         ),
         power_ema=power_ema,
+        companion=weak,
     )
 
 
@@ -218,6 +224,7 @@ def state_of(parts: Parts, step: int, smoothed: float | None) -> dict:
         **({"target": parts.target.state_dict()} if parts.target is not None else {}),
         **({"loss": parts.loss.state_dict()} if parts.loss.has_state else {}),
         **({"phema": parts.power_ema.state_dict()} if parts.power_ema is not None else {}),
+        **({"guide": parts.companion.state_dict()} if parts.companion is not None else {}),
     }
 
 
@@ -286,6 +293,8 @@ def resume_parts(parts: Parts, cfg: RunConfig, run_dir: Path) -> tuple[int, floa
         parts.loss.load_state_dict(state["loss"])
     if parts.power_ema is not None:
         parts.power_ema.load_state_dict(state["phema"])
+    if parts.companion is not None:
+        parts.companion.load_state_dict(state["guide"])
     return int(state["step"]), state["smoothed_loss"]
 
 

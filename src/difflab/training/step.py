@@ -56,6 +56,7 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
         group["lr"] = lr_at(cfg, step)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     model = parts.forward
+    weak = parts.companion if parts.companion and parts.companion.learning(step) else None
     pending = []  # (loss, t) of each micro-batch: counted once the update is taken
     for _ in range(cfg.train.grad_accum):
         x0, y = parts.data.next_batch(micro)
@@ -80,6 +81,10 @@ def train_step(cfg: RunConfig, parts: Parts, stats: IntervalStats, step: int) ->
         loss = parts.monitor.poison(loss, step)  # a test hook, off unless DIFFLAB_FAULT_NAN_STEP
         parts.scaler.scale(loss.mean() / cfg.train.grad_accum).backward()
         pending.append((loss.detach(), t))
+        if weak is not None:  # the companion learns from the same micro-batch (companion.py)
+            weak.accumulate(parts.loss, z, cond, noise, step, cfg.train.grad_accum)
+    if weak is not None:
+        weak.update(step, lr_at(weak.cfg, step), parts.world)
     parts.scaler.unscale_(parts.optimizer)
     clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(parts.net.parameters(), clip)
