@@ -124,7 +124,7 @@ def train_minutes(run_dir: Path) -> float | None:
         if "s_per_step" in row and row["step"] > last:
             seconds += row["s_per_step"] * (row["step"] - last)
             last = row["step"]
-    return round(seconds / 60, 2)
+    return seconds / 60
 
 
 def judge(run, scfg, n: int | None, root: str | None, judge_file, progress: bool) -> list[dict]:
