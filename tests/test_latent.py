@@ -266,6 +266,7 @@ def test_a_latent_run_trains_samples_and_refuses_a_changed_autoencoder(
     assert "keeps the mask in latent space" in capsys.readouterr().out
     with np.load(out) as f:
         assert str(f["mask_space"]) == "latent" and f["samples"].shape == (3, 1, 32, 32)
+    _every_guidance_method_samples_the_latent_run(tmp_path / "latent", tmp_path)
     shutil.copy(ae_run / "codec.safetensors", tmp_path / "kept.safetensors")
     save_codec(
         ae_run / "codec.safetensors", _tiny_ae(seed=5), read_meta(tmp_path / "kept.safetensors")
@@ -303,3 +304,24 @@ def test_the_benchmark_reads_either_pixel_json(monkeypatch):
     assert module.recorded_train_s({"old": {"train_wall_s": 9.0}}) == 9.0
     with pytest.raises(SystemExit, match="train_wall_s"):
         module.recorded_train_s({"new": {}})
+
+
+def _every_guidance_method_samples_the_latent_run(run_dir, tmp_path):
+    """APG, CFG++ and autoguidance wrap the latent denoiser; the codec decodes their result.
+    Autoguidance by the run itself is the conditional model (closed form: D_w + w (D - D_w) = D)."""
+
+    def draw(name, *flags):
+        out = tmp_path / f"{name}.npz"
+        argv = ["sample", str(run_dir), "--n", "3", "--class", "4", "--steps", "3", "--seed", "5"]
+        assert main([*argv, "--sampler", "ddim", "--quiet", "--out", str(out), *flags]) == 0
+        with np.load(out) as f:
+            assert f["samples"].shape == (3, 1, 32, 32) and np.isfinite(f["samples"]).all()
+            return f["samples"]
+
+    conditional = draw("conditional", "--guidance", "1")
+    draw("apg", "--guidance-method", "apg", "--guidance", "2")
+    draw("cfgpp", "--guidance-method", "cfg++", "--guidance", "0.5")
+    itself = draw(
+        "auto", "--guidance-method", "auto", "--guidance", "2", "--guide-with", str(run_dir)
+    )
+    np.testing.assert_allclose(itself, conditional, atol=1e-5)
