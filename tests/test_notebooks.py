@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# 01 checkerboard, 03 samplers, 04 few-step (flow, reflow, ECT); 02 and 05 come with pretrained runs
+# 01 checkerboard, 02 conditional MNIST (pretrained:mnist), 03 samplers, 04 few-step (flow,
+# reflow, ECT), 05 editing (pretrained:mnist)
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from difflab.api.samples import Samples, Trajectory
+from difflab.cli.edit import edit_meta, make_edit
 from difflab.cli.sample import samples_meta
 from difflab.cli.text import sample_conditions
 from difflab.config import ConfigError, RunConfig, SampleConfig
@@ -17,6 +18,7 @@ from difflab.report.images import state_lams
 from difflab.report.latent import decoded_states
 from difflab.runs import LoadedRun, attach_guide, draw_samples, load_run
 from difflab.samplers import Recorder
+from difflab.samplers.editing import check_edit
 
 SAMPLE_FIELDS = {f.name for f in dataclasses.fields(SampleConfig)}
 
@@ -106,7 +108,7 @@ class Run:
 
     def sample(
         self,
-        n: int = 16,
+        n: int | None = None,
         *,
         label: int | None = None,
         prompt: str | list[str] | None = None,
@@ -115,11 +117,17 @@ class Run:
         steps: int | None = None,
         guidance: float | None = None,
         seed: int | None = None,
+        init=None,
+        strength: float | None = None,
+        mask=None,
+        resample: int | None = None,
+        jump: int | None = None,
+        resize: bool = False,
         progress: bool = True,
         **options,
     ) -> Samples:
-        """n samples, as `difflab sample RUN --n n [--class label | --prompt ...]` draws them:
-        the same numbers for the same settings.
+        """n samples, as `difflab sample RUN --n n [--class label | --prompt ...] [--init ...]`
+        draws them: the same numbers for the same settings, edits (SDEdit, inpainting) too.
 
         Args:
             n: samples (per prompt for a text run).
@@ -127,16 +135,29 @@ class Run:
             prompt: a sentence, or a list of them, for a text run (--prompt).
             sampler, steps, guidance, seed: override the run's sample.* settings.
             options: any other SampleConfig field (spacing, eta, batch_size, precision, ...).
+            init: edit these instead (--init): a folder, an image or an .npz, or an array /
+                `Samples` (N, *shape) in [-1, 1]; n defaults to N (16 without init).
+            strength: SDEdit's level in (0, 1] (--strength; 1 = a fresh sample).
+            mask: what to keep (--mask): a file or an array, 1 = keep; inpainting.
+            resample, jump: RePaint's U and J (--resample, --jump); resize: --resize.
         Returns:
             Samples: `.tensor` (n, *shape) in [-1, 1], `.labels`, `.images`, `.grid()`.
         """
+        edit = None
+        if init is not None:  # the CLI's own reading of --init / --mask (samplers/editing.py)
+            edit = make_edit(self.shape, init, strength, mask, resample, jump, resize)
+        elif any(x is not None for x in (strength, mask, resample, jump)) or resize:
+            raise ConfigError("strength, mask, resample, jump and resize edit an init: give init=")
+        n = n if n is not None else len(edit.init) if edit is not None else 16
         changes = dict(sampler=sampler, steps=steps, guidance=guidance, seed=seed, **options)
         scfg, cond, prompts = self._request(n, label, prompt, per_class, changes)
-        samples = draw_samples(self.loaded, scfg, labels=cond, progress=progress)
+        meta = samples_meta(self.loaded, scfg, prompts)
+        if edit is not None:
+            check_edit(edit, scfg.n, self.shape)
+            meta.update(edit_meta(edit, init, mask, self.model.kind.codec == "latent"))
+        samples = draw_samples(self.loaded, scfg, labels=cond, progress=progress, edit=edit)
         labels = cond if cond is not None and cond.dim() == 1 else None
-        return Samples(
-            samples, labels, prompts, samples_meta(self.loaded, scfg, prompts), self.class_names
-        )
+        return Samples(samples, labels, prompts, meta, self.class_names)
 
     def trajectory(
         self,

@@ -52,10 +52,18 @@ def read_edit(args: argparse.Namespace, shape: tuple[int, ...]) -> Edit | None:
             flags = ", ".join(f"--{f}" for f in extra or ["resize"])
             raise ConfigError(f"{flags} edit(s) the --init images: give --init IMAGES")
         return None
-    init = _read(args.init, "--init")
-    mask = _read(args.mask, "--mask") if args.mask is not None else None
+    return make_edit(
+        shape, args.init, args.strength, args.mask, args.resample, args.jump, args.resize
+    )
+
+
+def make_edit(shape, init, strength=None, mask=None, resample=None, jump=None, resize=False):
+    """The `Edit` of `difflab sample --init ...` and of `Run.sample(init=...)`: init and mask
+    are what --init / --mask name (a folder, an image, an .npz) or arrays (N, ...) already in
+    [-1, 1] (images, points) or {0, 1} / bool (masks); None = each option's default."""
+    init = _read(init, "--init") if isinstance(init, (str, Path)) else _tensor(init)
     if mask is not None:
-        mask = _as_mask(mask)
+        mask = _as_mask(_read(mask, "--mask") if isinstance(mask, (str, Path)) else _tensor(mask))
         if mask.shape[2:] != init.shape[2:] or len(mask) not in (1, len(init)):
             raise ConfigError(
                 f"--mask gives {len(mask)} of size {tuple(mask.shape[2:])}, --init "
@@ -63,13 +71,32 @@ def read_edit(args: argparse.Namespace, shape: tuple[int, ...]) -> Edit | None:
                 "(one mask for all, or one per image)"
             )
     if len(shape) == 3:
-        init = _fit(init, shape, args.resize)
-        if mask is not None and args.resize:
+        init = _fit(init, shape, resize)
+        if mask is not None and resize:
             mask = F.interpolate(mask.float(), size=shape[1:], mode="nearest") > 0.5
-    strength = 1.0 if args.strength is None else args.strength
-    resample = 1 if args.resample is None else args.resample
-    jump = 1 if args.jump is None else args.jump
+    strength = 1.0 if strength is None else strength
+    resample = 1 if resample is None else resample
+    jump = 1 if jump is None else jump
     return Edit(init, strength, mask, resample, jump)
+
+
+def edit_meta(edit: Edit, init, mask, latent: bool) -> dict:
+    """What a samples .npz records of an edit (paths only when the edit came from files)."""
+    meta: dict = dict(strength=edit.strength)
+    if isinstance(init, (str, Path)):
+        meta["init"] = str(init)
+    if edit.mask is not None:
+        if isinstance(mask, (str, Path)):
+            meta["mask"] = str(mask)
+        meta.update(resample=edit.resample, jump=edit.jump)
+        meta.update(mask_space="latent" if latent else "data")
+    return meta
+
+
+def _tensor(x) -> Tensor:
+    """An array-like (a tensor, a numpy array, `Samples`) as a float32 CPU tensor."""
+    x = getattr(x, "tensor", x)  # the API's Samples
+    return torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).detach().cpu().float()
 
 
 def _read(spec: str, flag: str) -> Tensor:

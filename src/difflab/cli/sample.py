@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from difflab.cli.edit import read_edit
+from difflab.cli.edit import edit_meta, read_edit
 from difflab.cli.processes import peers, relaunch
 from difflab.cli.sample_flags import ema_choice, sample_config
 from difflab.cli.text import read_prompts, sample_conditions
@@ -77,16 +77,13 @@ def _sample(args: argparse.Namespace, world) -> None:
         labels = None
     meta = samples_meta(run, scfg, prompts)
     if edit is not None:
-        meta.update(init=args.init, strength=edit.strength)
-        if edit.mask is not None:
-            latent = run.model.kind.codec == "latent"
-            meta.update(mask=args.mask, resample=edit.resample, jump=edit.jump)
-            meta.update(mask_space="latent" if latent else "data")
-            if latent:  # the decoder redraws every pixel, the known ones too
-                print(
-                    "difflab: a latent run keeps the mask in latent space (a cell is known where "
-                    "every pixel above it is): known pixels come back close, not exact"
-                )
+        latent = run.model.kind.codec == "latent"
+        meta.update(edit_meta(edit, args.init, args.mask, latent))
+        if edit.mask is not None and latent:  # the decoder redraws every pixel, the known too
+            print(
+                "difflab: a latent run keeps the mask in latent space (a cell is known where "
+                "every pixel above it is): known pixels come back close, not exact"
+            )
     path = save_samples(args.out, samples, labels, **meta)
     many = f" by {world.size} processes" if world.size > 1 else ""
     print(
