@@ -9,7 +9,10 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/gaussian.py helpers
 
-torch.set_num_threads(2)
+# Under pytest-xdist (pyproject's `-n 2`) each of the two workers has one core: two intra-op
+# threads each would oversubscribe the 2-core machine (`one_thread` below says how
+# much that costs); `-p no:xdist` runs one process with both threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # Optional parts whose tests must run, not skip: .ci/run installs them and names them here
