@@ -4,6 +4,7 @@ one line, `difflab pretrained build` round-trips, and the files travel as packag
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from pathlib import Path
@@ -129,3 +130,28 @@ def test_list_shows_names_sizes_and_metrics(capsys):
     assert len(lines) == len(pretrained.PRESETS)
     toy = next(line for line in lines if line.startswith("pretrained:toy2d "))
     assert " MB" in toy and "in_square" in toy
+
+
+@pytest.mark.parametrize("name", ["mnist", "mnist-flow", "mnist-ect"])
+def test_shipped_digits_sample_at_the_recorded_settings_and_cost(name):
+    """Ten digits, one per class, drawn at a shipped file's own defaults: the sampler, steps
+    and guidance its record was judged at, and the network calls per sample it recorded
+    (counted as the nets run), on 1,000 judged samples."""
+    from difflab.evaluation.sampled import timed_samples
+
+    if name not in pretrained.available():
+        pytest.skip(f"pretrained:{name} is not shipped")
+    run = load_run(f"pretrained:{name}", device="cpu")
+    record = pretrained.record(pretrained.file_of(name))
+    row = _recorded(record, "accuracy")
+    scfg = run.cfg.sample
+    assert (row["sampler"], row["steps"], row["guidance"]) == (
+        scfg.sampler,
+        scfg.steps,
+        scfg.guidance,
+    )
+    assert row["n_generated"] == 1000 and record["preset"] == pretrained.PRESETS[name]
+    scfg = dataclasses.replace(scfg, n=10, batch_size=10)
+    samples, timing = timed_samples(run, scfg, torch.arange(10))
+    assert samples.shape == (10, 1, 32, 32) and samples.abs().max() <= 1
+    assert timing["net_calls"] == row["net_calls"]

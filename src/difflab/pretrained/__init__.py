@@ -31,7 +31,7 @@ PRESETS = {"toy2d": "toy2d", "mnist": "mnist", "mnist-flow": "mnist-flow", "mnis
 # sampling halves deterministic DDIM's FD at 50 steps, and at 10 steps it judged 0.992 / FD 11.4
 # against 0.986 / 6.8 at 50 (bench/RESULTS.md); 20 steps of 100 guided digits are 4,000 network
 # rows at 3.6 ms each on 2 cores (RESULTS.md, sampler overhead): about 15 s. mnist-flow keeps its
-# preset's dpmpp_2m-10 (0.986 / FD 6.1) and mnist-ect its two consistency steps.
+# preset's dpmpp_2m-10 (0.983 / FD 5.8 as shipped) and mnist-ect its two consistency steps.
 SAMPLING = {
     "toy2d": dict(sampler="dpmpp_2m", steps=20, spacing="quadratic", n=2000, batch_size=2000),
     "mnist": dict(sampler="ddpm", steps=20, spacing="quadratic", guidance=1.25),
