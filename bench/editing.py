@@ -23,8 +23,9 @@ Every stage writes <stage>.json (and its samples as <stage>.npz) under --out and
 its JSON is there, so an interrupted benchmark resumes; --only STAGE runs that stage alone.
 summary.json (pass/fail per target) and a Markdown table come last, from the stages present.
 
-    python bench/editing.py --run runs/mnist-a --root ../shared/data --out bench/results/editing
-        [--n 1000] [--resample 4 --jump 5] [--strength 0.6] [--guidance G] [--only STAGE]
+    python bench/editing.py --run pretrained:mnist --root ../shared/data --out bench/results/editing
+        [--n 1000] [--resample 4 --jump 5] [--strength 0.6] [--sampler S] [--steps N]
+        [--guidance G] [--only STAGE]
         [--judge FILE]
 """
 
@@ -110,10 +111,11 @@ class Bench:
 
     def scfg(self, n: int):
         """The run's own sampling settings (sampler, steps, guidance, seed) for n samples;
-        --guidance replaces its scale in every stage."""
-        scfg = dataclasses.replace(self.run.cfg.sample, n=n)
-        if self.args.guidance is not None:
-            scfg = dataclasses.replace(scfg, guidance=self.args.guidance)
+        --sampler, --steps and --guidance replace them in every stage."""
+        changes = {k: getattr(self.args, k) for k in ("sampler", "steps", "guidance")}
+        changes = {k: v for k, v in changes.items() if v is not None}
+        scfg = dataclasses.replace(self.run.cfg.sample, n=n, **changes)
+        self.run.model.check_sample(scfg)
         return scfg
 
     def judged(self, samples: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -198,9 +200,9 @@ class Bench:
 
     # ---- what the stages add up to --------------------------------------------------------
 
-    def closer_than_fresh(self) -> float | None:
-        """The fraction of SDEdit outputs closer (L2) to their input than the fresh sample of the
-        same index (target class, seed) is."""
+    def closeness(self) -> dict | None:
+        """How close (L2) the SDEdit outputs stay to their inputs: the fraction closer than the
+        fresh sample of the same index (target class, seed) is, and both mean distances."""
         paths = [self.out / f"{name}.npz" for name in ("sdedit", "fresh")]
         if not all(p.exists() for p in paths):
             return None
@@ -214,7 +216,11 @@ class Bench:
         def dist(x):
             return (x - init).flatten(1).norm(dim=1)
 
-        return float((dist(edited) < dist(fresh)).float().mean())
+        return {
+            "closer_than_fresh": float((dist(edited) < dist(fresh)).float().mean()),
+            "l2_to_input": float(dist(edited).mean()),
+            "fresh_l2_to_input": float(dist(fresh).mean()),
+        }
 
 
 def run_stages(bench: Bench, only: str | None) -> dict:
@@ -225,8 +231,9 @@ def run_stages(bench: Bench, only: str | None) -> dict:
             results[stage] = json.loads(path.read_text())
             asked = {"n": bench.args.n, "resample": bench.args.resample, "jump": bench.args.jump}
             asked["strength"] = bench.args.strength
-            if bench.args.guidance is not None:
-                asked["guidance"] = bench.args.guidance
+            for key in ("sampler", "steps", "guidance"):
+                if getattr(bench.args, key) is not None:
+                    asked[key] = getattr(bench.args, key)
             if stage == "replacement":  # replacement is RePaint's R = J = 1 whatever is asked
                 del asked["resample"], asked["jump"]
             kept = {k: v for k, v in results[stage].items() if k in asked and asked[k] != v}
@@ -239,9 +246,9 @@ def run_stages(bench: Bench, only: str | None) -> dict:
         results[stage] = getattr(bench, f"stage_{stage}")()
         write_text_atomically(path, json.dumps(results[stage], indent=2) + "\n")
     if "sdedit" in results:
-        closer = bench.closer_than_fresh()
-        if closer is not None:
-            results["sdedit"]["closer_than_fresh"] = closer
+        closeness = bench.closeness()
+        if closeness is not None:
+            results["sdedit"].update(closeness)
     return results
 
 
@@ -275,6 +282,10 @@ def table(results: dict, checks: dict) -> str:
             rows.append(f"| {stage} | accuracy | {r['accuracy']:.4g} | (information) | - |")
             fd = "n too small" if r["fd_to_test"] is None else f"{r['fd_to_test']:.4g}"
             rows.append(f"| {stage} | fd_to_test | {fd} | (information) | - |")
+    sdedit = results.get("sdedit", {})
+    for figure in ("l2_to_input", "fresh_l2_to_input"):
+        if figure in sdedit:
+            rows.append(f"| sdedit | {figure} (mean) | {sdedit[figure]:.4g} | (information) | - |")
     secs = ", ".join(
         f"{s} {results[s]['seconds']:.0f} s" for s in STAGES if "seconds" in results.get(s, {})
     )
@@ -290,6 +301,8 @@ def main() -> None:
     ap.add_argument("--resample", type=int, default=4, help="RePaint's R")
     ap.add_argument("--jump", type=int, default=5, help="RePaint's J, in grid steps")
     ap.add_argument("--strength", type=float, default=0.6, help="SDEdit's strength")
+    ap.add_argument("--sampler", help="sampler of every stage (default: the run's own)")
+    ap.add_argument("--steps", type=int, help="sampling steps (default: the run's own)")
     ap.add_argument("--guidance", type=float, help="guidance scale (default: the run's own)")
     ap.add_argument("--only", choices=STAGES, help="run this stage alone (others kept)")
     ap.add_argument("--judge", help="the MNIST judge file (default: trained into --out)")
