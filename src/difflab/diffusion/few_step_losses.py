@@ -46,7 +46,6 @@ import math
 import torch
 from torch import Tensor
 
-from difflab.diffusion.guidance_methods import twice
 from difflab.diffusion.loss_base import Loss
 from difflab.errors import ConfigError
 
@@ -189,12 +188,13 @@ class MeanFlowLoss(Loss):
         if not bool(rows.any()):
             return v
         z_g, t_g, c_g = z[rows], t[rows], cond[rows]
+        t_both = torch.cat([t_g, t_g])
         with torch.no_grad():  # one doubled batch: (c, null) at r = t
             both = net(
-                twice(z_g),
-                twice(t_g),
+                torch.cat([z_g, z_g]),
+                t_both,
                 conditioner.cat(c_g, conditioner.null_like(c_g)),
-                t2=torch.zeros_like(twice(t_g)),
+                t2=torch.zeros_like(t_both),
             )
             u_cond, u_null = both.to(v.dtype).chunk(2)
             mixed = self.omega * v[rows] + self.kappa * u_cond
