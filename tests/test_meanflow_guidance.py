@@ -22,6 +22,7 @@ import torch
 
 from difflab import build, cli
 from difflab.conditioners import ClassLabels
+from difflab.conditioners.text import TextConditioner, make_encoder
 from difflab.config import apply_overrides, preset
 from difflab.diffusion.few_step_losses import MeanFlowLoss, mean_velocity_jvp
 from difflab.errors import ConfigError
@@ -246,3 +247,13 @@ def test_folded_guidance_on_an_unconditional_run_is_refused(tmp_path, capsys):
     model.conditioner.dropout = 0.0
     with pytest.raises(ConfigError, match=re.escape("train.label_dropout > 0")):
         MeanFlowLoss(kappa=0.5).attach(model, "cpu")
+
+
+def test_the_conditioners_say_which_rows_were_dropped():
+    """is_null: the rows guidance leaves at v~ = v, for labels and for text (the empty prompt)."""
+    labels = ClassLabels(CLASSES, dropout=0.5)
+    y = labels.train_condition(torch.arange(8) % CLASSES, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(labels.is_null(y), y == CLASSES) and 0 < int((y == CLASSES).sum()) < 8
+    text = TextConditioner(make_encoder("char", 16))
+    cond = text.prompts(["a handwritten seven", "", "an eight"])
+    assert text.is_null(cond).tolist() == [False, True, False]
