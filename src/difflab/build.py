@@ -29,7 +29,7 @@ from difflab.diffusion.few_step_losses import MeanFlowLoss, ShortcutLoss
 from difflab.diffusion.losses import DiffusionLoss
 from difflab.diffusion.objectives import LossSpec
 from difflab.diffusion.prediction import Denoiser, v_refusal
-from difflab.model import DataKind, Model, RunKind
+from difflab.model import DataKind, FoldedGuidance, Model, RunKind
 from difflab.nets.autoencoder import AutoencoderKL, PatchDiscriminator
 from difflab.nets.dit import DiT
 from difflab.nets.mlp import MLP
@@ -249,12 +249,21 @@ def codec_kind(cfg: RunConfig) -> str:
     return "latent" if cfg.model.codec else "identity"
 
 
+def folded_guidance(cfg: RunConfig) -> FoldedGuidance | None:
+    """The guidance the run's loss folds into its training target: MeanFlow's omega, kappa
+    (config/few_step.py) unless they are 1, 0; None for every other loss."""
+    m = cfg.meanflow
+    if cfg.train.loss != "meanflow" or (m.omega, m.kappa) == (1.0, 0.0):
+        return None
+    return FoldedGuidance(m.omega, m.kappa, m.guidance_t_start, m.guidance_t_end)
+
+
 def run_kind(cfg: RunConfig, data: DataKind) -> RunKind:
     """What the run is (model.RunKind), decided here once from its config and data: a run
     saved by any version is read the same way (data.json holds only the data)."""
     classes = "classes" if data.num_classes else "none"
     condition = "text" if cfg.data.text_conditional else classes
-    return RunKind(family(cfg), data, condition, codec_kind(cfg))
+    return RunKind(family(cfg), data, condition, codec_kind(cfg), folded_guidance(cfg))
 
 
 def build_conditioner(cfg: RunConfig, kind: RunKind):

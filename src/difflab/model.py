@@ -53,6 +53,34 @@ class DataKind:
         return cls(tuple(info["shape"]), classes, names)
 
 
+@dataclass(frozen=True)
+class FoldedGuidance:
+    """Guidance a run's loss folded into its training target (MeanFlow's omega and kappa: Geng
+    et al. 2025, Sec. 4.2 and App. B.1): the net itself samples the field guided at the
+    effective scale omega / (1 - kappa), for t in [t_start, t_end], in one call a step, so a
+    guidance scale at sampling would guide it a second time."""
+
+    omega: float
+    kappa: float = 0.0
+    t_start: float = 0.0
+    t_end: float = 1.0
+
+    @property
+    def scale(self) -> float:  # the CFG scale of the field learnt
+        return self.omega / (1 - self.kappa)
+
+    def describe(self) -> str:
+        """ "meanflow.omega=2, meanflow.kappa=0.5: CFG scale 4" (and the interval, if any)."""
+        text = f"omega={self.omega:g}, kappa={self.kappa:g}: CFG scale {self.scale:g}"
+        if (self.t_start, self.t_end) != (0.0, 1.0):
+            text += f" for t in [{self.t_start:g}, {self.t_end:g}]"
+        return text
+
+    def info(self) -> dict:
+        """For result rows and samples files: what the samples were guided by."""
+        return dataclasses.asdict(self) | {"scale": self.scale}
+
+
 FAMILIES = ("diffusion", "flow", "consistency", "meanflow", "shortcut", "autoencoder")
 CONDITIONS = ("none", "classes", "text")
 CODECS = ("identity", "latent")
@@ -70,13 +98,16 @@ class RunKind:
         autoencoder (the first stage of latent diffusion);
     data: the data's shape and classes (points or images);
     condition: none, classes or text;
-    codec: identity (diffusion in data space) or latent (through an autoencoder run).
+    codec: identity (diffusion in data space) or latent (through an autoencoder run);
+    folded_guidance: the guidance its loss folded into training (a MeanFlow run's omega,
+        kappa), so it samples guided at one call and refuses a guidance scale; None = none.
     """
 
     family: str
     data: DataKind
     condition: str = "none"
     codec: str = "identity"
+    folded_guidance: FoldedGuidance | None = None
 
     def __post_init__(self):
         for value, allowed in (
@@ -272,6 +303,13 @@ class Model:
     def _guidance_problems(self, scfg: SampleConfig) -> list[str]:
         """What is wrong with scfg's guidance method for this model and scfg's sampler."""
         method, problems = scfg.guidance_method, []
+        folded = self.kind.folded_guidance
+        if folded is not None and scfg.guidance != 1:
+            problems.append(
+                f"--guidance {scfg.guidance:g} (sample.guidance) on a run whose guidance is "
+                f"folded into its training ({folded.describe()}): it samples guided in one "
+                "network call a step; leave --guidance out or pass --guidance 1"
+            )
         if scfg.guide_with and method != "auto":
             problems.append(
                 "--guide-with (sample.guide_with) is autoguidance's weak model: add "

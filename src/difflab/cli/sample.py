@@ -129,6 +129,8 @@ def samples_meta(run, scfg, prompts: list[str] | None = None) -> dict:
         meta.update(guidance_record(scfg))
         if scfg.guidance_method == "auto" and run.guide_with:  # the run's own companion
             meta["guide_with"] = run.guide_with
+    if run.model.kind.folded_guidance is not None:  # guided by training, at one call a step
+        meta["folded_guidance"] = run.model.kind.folded_guidance.describe()
     if prompts is not None:
         meta["prompts"] = prompts
     return meta

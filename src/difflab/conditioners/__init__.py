@@ -108,6 +108,10 @@ class ClassLabels:
     def null_like(self, cond: Tensor) -> Tensor:
         return torch.full_like(cond, self.null_label)
 
+    def is_null(self, cond: Tensor) -> Tensor:
+        """(B,) bool: the rows whose label is the null label (dropped at training)."""
+        return cond == self.null_label
+
     def cat(self, a: Tensor, b: Tensor) -> Tensor:
         """One batch of two conditions (guidance's doubled batch)."""
         return torch.cat([a, b])

@@ -128,6 +128,10 @@ class TextConditioner:
     def null_like(self, cond: Tensor) -> Tensor:
         return self.null.to(cond.device).expand_as(cond)
 
+    def is_null(self, cond: Tensor) -> Tensor:
+        """(B,) bool: the rows that are the empty prompt (dropped at training)."""
+        return (cond == self.null_like(cond)).flatten(1).all(dim=1)
+
     def cat(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.cat([a, b])
 

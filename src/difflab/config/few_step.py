@@ -23,3 +23,10 @@ class MeanFlowConfig:
     scale: float = 1.0
     power: float = 1.0  # adaptive weight 1 / (||err||^2 + constant)^power (0 = plain MSE)
     constant: float = 1e-3
+    # guidance folded into the target (Sec. 4.2 and App. B.1): v~ = omega v + kappa u(c)
+    # + (1 - omega - kappa) u(null), an effective CFG scale omega / (1 - kappa) that the net
+    # learns, so a guided sample costs one call; omega 1, kappa 0 = none (class labels needed)
+    omega: float = 1.0
+    kappa: float = 0.0
+    guidance_t_start: float = 0.0  # folded only where t is in [start, end] (t = 1 is noise)
+    guidance_t_end: float = 1.0

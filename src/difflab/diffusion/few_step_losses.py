@@ -18,11 +18,25 @@ one forward-mode Jacobian-vector product along (v, 0, 1) in (z, r, t). A fractio
 has r != t; the rest (r = t) is flow matching. (t, r) are two logit-normal draws, sorted. The
 adaptive weight is w = 1 / (||err||^2 + c)^p (stop-gradient), ||.||^2 the mean over elements.
 
+MeanFlow with guidance (Geng et al. 2025, Sec. 4.2 "Mean Flows with Guidance", and App. B.1's
+improved CFG with the mixing scale kappa): the net learns the average velocity of the guided
+field v_cfg(z, t | c) = omega' v(z, t | c) + (1 - omega') v(z, t | null), omega' = omega /
+(1 - kappa), so one call samples it. In the target, v is replaced by
+
+    v~ = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | null)
+
+(u at r = t is the net's instantaneous velocity; stop-gradient), both as the JVP's tangent and in
+u_tgt = v~ - (t - r)(v~ d_z u + d_t u). Rows whose condition was dropped (the null label) keep
+v~ = v, so the net still learns the unconditional field that v~ reads; as in the authors' code
+(Gsunshine/meanflow, `guidance_fn`), v~ = v also outside t in [t_start, t_end]. omega = 1,
+kappa = 0 is no guidance: v~ = v, and the loss skips the two extra calls.
+
 | code   | paper symbol (MeanFlow)      | code      | paper symbol (shortcut)    |
 |--------|------------------------------|-----------|----------------------------|
 | t, r   | t, r (r <= t; t = 1 noise)   | t, d      | t (1 = noise here), d      |
 | v      | v = eps - x                  | k         | fraction of bootstrap rows |
 | dudt   | d/dt u(z_t, r, t)            | target    | s_target                   |
+| v~     | v-tilde (guided, Sec. 4.2)   |           |                            |
 """
 
 from __future__ import annotations
@@ -114,7 +128,8 @@ class ShortcutLoss(Loss):
 
 
 class MeanFlowLoss(Loss):
-    """MeanFlow's loss: u(z_t, r, t) against v - (t - r)(v d_z u + d_t u), one JVP."""
+    """MeanFlow's loss: u(z_t, r, t) against v - (t - r)(v d_z u + d_t u), one JVP; v is the
+    guided v~ where omega, kappa fold guidance in (module docstring)."""
 
     second_time = True
 
@@ -125,6 +140,10 @@ class MeanFlowLoss(Loss):
         scale: float = 1.0,
         power: float = 1.0,
         constant: float = 1e-3,
+        omega: float = 1.0,
+        kappa: float = 0.0,
+        guidance_t_start: float = 0.0,
+        guidance_t_end: float = 1.0,
     ):
         if not 0.0 <= fraction <= 1.0:
             raise ConfigError(f"meanflow.fraction must be in [0, 1], got {fraction}")
@@ -133,8 +152,12 @@ class MeanFlowLoss(Loss):
                 "meanflow.scale and meanflow.constant must be > 0 and meanflow.power >= 0, "
                 f"got {scale}, {constant}, {power}"
             )
+        check_folded_guidance(omega, kappa, guidance_t_start, guidance_t_end)
         self.fraction, self.loc, self.scale = fraction, loc, scale
         self.power, self.constant = power, constant
+        self.omega, self.kappa = omega, kappa
+        self.t_start, self.t_end = guidance_t_start, guidance_t_end
+        self.folds = (omega, kappa) != (1.0, 0.0)
 
     def draw(self, shape: tuple[int, ...], generator) -> tuple[Tensor, ...]:
         """(t (B,), r (B,) <= t, eps (B, ...)): two logit-normal times, sorted; r = t on a
@@ -148,12 +171,45 @@ class MeanFlowLoss(Loss):
 
     def attach(self, model, device, judge=None) -> None:
         check_second_time(model.net, "meanflow")
+        if self.folds and not getattr(model.conditioner, "dropout", 0) > 0:
+            raise ConfigError(
+                f"meanflow.omega={self.omega:g} / meanflow.kappa={self.kappa:g} fold "
+                "classifier-free guidance into the target, which needs a conditional run that "
+                "also learns the null condition: set data.class_conditional=true and "
+                "train.label_dropout > 0 (the mnist-meanflow preset does), or leave "
+                "meanflow.omega=1 and meanflow.kappa=0"
+            )
+
+    def guided_velocity(self, net, conditioner, z: Tensor, t: Tensor, v: Tensor, cond) -> Tensor:
+        """v~ (B, ...) (no gradient): omega v + kappa u(c) + (1 - omega - kappa) u(null), with
+        u(.) = net(z, t, ., t2=0), on the rows that keep their condition and whose t is in
+        [t_start, t_end]; v on the others."""
+        rows = ~conditioner.is_null(cond) & (t >= self.t_start) & (t <= self.t_end)
+        if not bool(rows.any()):
+            return v
+        z_g, t_g, c_g = z[rows], t[rows], cond[rows]
+        t_both = torch.cat([t_g, t_g])
+        with torch.no_grad():  # one doubled batch: (c, null) at r = t
+            both = net(
+                torch.cat([z_g, z_g]),
+                t_both,
+                conditioner.cat(c_g, conditioner.null_like(c_g)),
+                t2=torch.zeros_like(t_both),
+            )
+            u_cond, u_null = both.to(v.dtype).chunk(2)
+            mixed = self.omega * v[rows] + self.kappa * u_cond
+            mixed = mixed + (1 - self.omega - self.kappa) * u_null
+        guided = v.clone()
+        guided[rows] = mixed
+        return guided
 
     def __call__(self, model, x0: Tensor, cond, *, noise, step: int, target=None):
         t, r, eps = (v.to(x0.device) for v in noise)
         eps = eps.to(x0.dtype)
         z = (1 - _rows(t, x0)) * x0 + _rows(t, x0) * eps
         v = eps - x0
+        if self.folds:
+            v = self.guided_velocity(model.net, model.conditioner, z, t, v, cond)
         u, dudt = mean_velocity_jvp(model.net, z, r, t, v, cond)
         u_tgt = (v - _rows(t - r, x0) * dudt).detach()
         sq = _mean_sq(u - u_tgt)
@@ -161,6 +217,24 @@ class MeanFlowLoss(Loss):
             return sq, t
         weight = (sq.detach() + self.constant) ** -self.power
         return weight * sq, t
+
+
+def check_folded_guidance(omega: float, kappa: float, t_start: float, t_end: float) -> None:
+    """MeanFlow's folded guidance must guide: 0 <= kappa < 1, omega > 0 and an effective scale
+    omega / (1 - kappa) >= 1 (1 = the conditional model), on an interval 0 <= start < end <= 1;
+    one ConfigError line otherwise."""
+    finite = all(math.isfinite(x) for x in (omega, kappa, t_start, t_end))
+    if not (finite and 0 <= kappa < 1 and omega > 0 and omega + kappa >= 1):
+        raise ConfigError(
+            f"meanflow.omega={omega:g}, meanflow.kappa={kappa:g}: need 0 <= kappa < 1, omega > 0 "
+            "and omega + kappa >= 1 (the folded CFG scale omega / (1 - kappa) >= 1; omega=1, "
+            "kappa=0 folds none)"
+        )
+    if not 0 <= t_start < t_end <= 1:
+        raise ConfigError(
+            f"meanflow.guidance_t_start={t_start:g}, guidance_t_end={t_end:g}: need 0 <= start "
+            "< end <= 1 (the folded guidance's interval of t; 0 and 1 = everywhere)"
+        )
 
 
 def mean_velocity_jvp(net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond):

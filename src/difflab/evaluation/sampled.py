@@ -156,6 +156,8 @@ def sampling_provenance(run: LoadedRun, scfg: SampleConfig, conditional: bool) -
         row["guidance_interval"] = [scfg.guidance_tmin, scfg.guidance_tmax]
     if guided:
         row.update(guidance_record(scfg))
+    if run.model.kind.folded_guidance is not None:  # guided by training, at one call a step
+        row["folded_guidance"] = run.model.kind.folded_guidance.info()
     if scfg.guidance_method == "auto" and run.guide_with:  # the run's companion, when implicit
         row["guide_with"] = run.guide_with
     return row
@@ -340,4 +342,5 @@ SAMPLE_META = (
     "apg_momentum",
     "apg_threshold",
     "guide_with",
+    "folded_guidance",
 )
