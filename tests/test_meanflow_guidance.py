@@ -27,6 +27,7 @@ from difflab.config import apply_overrides, preset
 from difflab.diffusion.few_step_losses import MeanFlowLoss, mean_velocity_jvp
 from difflab.errors import ConfigError
 from difflab.model import DataKind
+from test_sampler_registry import CountedNet
 
 CLASSES = 3
 CASES = {  # (class means (3, 2), class spreads, null mean, null spread)
@@ -164,18 +165,10 @@ def test_guidance_is_folded_only_inside_its_interval_of_t():
     torch.testing.assert_close(v_tilde[inside], net.velocity(z, t, y)[inside])
 
 
-class _Counted(torch.nn.Module):
-    """A net that counts its calls."""
+class _Counted(CountedNet):
+    """A net that counts its calls and reads the second time input (the loss checks for it)."""
 
     second_time = True
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, 0
-
-    def forward(self, *args, **kwargs):
-        self.calls += 1
-        return self.net(*args, **kwargs)
 
 
 def _conditional_mlp():
