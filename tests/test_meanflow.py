@@ -2,6 +2,8 @@
 (rectified_gaussian.py derives v and the average velocity u): the MeanFlow identity, one-step
 sampling, its loss at r = t, the JVP against finite differences, training and exact resume."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -239,3 +241,43 @@ def test_a_jvp_that_fails_on_an_op_names_it_and_the_part():
     with pytest.raises(ConfigError, match=r"_NetWithAnOpWithoutJvp \(module bad\)") as info:
         mean_velocity_jvp(_NetWithAnOpWithoutJvp(), z, r, t, torch.randn_like(z), None)
     assert "\n" not in str(info.value) and "train.precision=fp32" in str(info.value)
+
+
+def test_uniform_times_draw_sorted_uniform_pairs():
+    """meanflow.times=uniform: t and r are the max and min of two U(0, 1) draws, so their means
+    are 2/3 and 1/3 (order statistics); r = t on the flow-matching rows; another name is refused."""
+    n = 200_000
+    t, r, _ = MeanFlowLoss(fraction=1.0, times="uniform").draw((n, 2), torch.Generator())
+    assert bool((r <= t).all()) and float(t.max()) <= 1 and float(r.min()) >= 0
+    assert abs(float(t.mean()) - 2 / 3) < 4e-3 and abs(float(r.mean()) - 1 / 3) < 4e-3
+    t, r, _ = MeanFlowLoss(fraction=0.0, times="uniform").draw((1000, 2), torch.Generator())
+    assert torch.equal(t, r)
+    with pytest.raises(ConfigError, match=r"meanflow\.times must be logit_normal or uniform"):
+        MeanFlowLoss(times="beta")
+
+
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_the_time_scale_bounds_the_embeddings_speed_in_t(scale):
+    """model.time_scale multiplies t before the sinusoids: d/dt of sin(scale f t) is
+    scale f cos(scale f t), at most `scale` (the top frequency f is 1); the embedding's JVP along
+    t is exactly that, and a net built with it reads it."""
+    from difflab.nets.layers import sinusoidal_embedding
+
+    t = torch.linspace(0.05, 0.95, 7)
+    _, d = torch.func.jvp(
+        lambda t_: sinusoidal_embedding(t_, 64, scale=scale), (t,), (torch.ones_like(t),)
+    )
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(32) / 32)
+    args = scale * t[:, None] * freqs[None]
+    want = torch.cat([-torch.sin(args), torch.cos(args)], dim=1) * scale * freqs.repeat(2)
+    torch.testing.assert_close(d, want, rtol=1e-4, atol=1e-3 * scale)
+    cfg = apply_overrides(preset("toy2d-meanflow"), [f"model.time_scale={scale}"])
+    net = build.build_model(cfg, DataKind((2,))).net
+    assert net.time_emb.scale == scale and net.time2_emb.emb.scale == scale
+
+
+def test_a_time_scale_that_is_not_positive_is_refused():
+    for bad in ("0", "-1", "nan"):
+        cfg = apply_overrides(preset("toy2d-meanflow"), [f"model.time_scale={bad}"])
+        with pytest.raises(ConfigError, match=r"model\.time_scale must be a number > 0"):
+            build.build_model(cfg, DataKind((2,)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 from torch import nn
@@ -117,6 +118,9 @@ def build_net(
     text encoder module (nets/text.py) adds cross-attention (U-Net) or joint attention (DiT)."""
     if cfg.name not in NETS:
         raise ConfigError(f"unknown model {cfg.name!r}; choose one of {', '.join(NETS)}")
+    scale = cfg.time_scale
+    if not (math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"model.time_scale must be a number > 0, got {scale}")
     if cfg.name == "mlp":
         if len(data_shape) != 1:
             raise ConfigError(
@@ -134,7 +138,7 @@ def build_net(
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.mlp.dropout must be in [0, 1), got {m.dropout}")
         # MLPConfig's fields are MLP's keyword arguments, one to one
-        mlp = dataclasses.asdict(m) | {"second_time": cfg.second_time}
+        mlp = dataclasses.asdict(m) | {"second_time": cfg.second_time, "time_scale": scale}
         return MLP(dim=data_shape[0], num_classes=num_classes, **mlp)
     if len(data_shape) != 3:
         raise ConfigError(
@@ -145,12 +149,13 @@ def build_net(
     if cfg.name == "dit":
         try:  # DiTConfig's fields are dit_net's keyword arguments; its messages name the field
             d = dataclasses.asdict(cfg.dit) | ({"second_time": True} if cfg.second_time else {})
+            d |= {"time_scale": scale}
             return dit_net(data_shape[0], data_shape[1:], num_classes, text, **d)
         except ValueError as e:
             raise ConfigError(f"model.dit.{e}") from None
     # UNetConfig's fields are UNet's keyword arguments, one to one
     kwargs = dataclasses.asdict(cfg.unet) | ({"text_encoder": text} if text is not None else {})
-    kwargs |= {"second_time": cfg.second_time}
+    kwargs |= {"second_time": cfg.second_time, "time_scale": scale}
     return UNet(in_channels=data_shape[0], num_classes=num_classes, **kwargs)
 
 

@@ -83,6 +83,9 @@ class ModelConfig:
     # a second time input t2 beside t (MeanFlow's t - r, a shortcut's step size d): the
     # meanflow and shortcut losses need it; false builds the nets of before, bit for bit
     second_time: bool = False
+    # the sinusoidal time embedding reads t in [0, 1] times this (DDPM's step range: 1000); a
+    # MeanFlow net wants u smooth in t (its target holds (t - r) d_t u), and 1 makes it so
+    time_scale: float = 1000.0
 
 
 @dataclass

@@ -19,7 +19,8 @@ class MeanFlowConfig:
     """MeanFlow (Geng et al. 2025; diffusion/few_step_losses.py)."""
 
     fraction: float = 0.25  # the share of (t, r) pairs with r != t (the rest: flow matching)
-    loc: float = -0.4  # (t, r): two draws of sigmoid(N(loc, scale^2)), sorted
+    times: str = "logit_normal"  # (t, r): two draws, sorted, of logit_normal | uniform
+    loc: float = -0.4  # logit_normal: sigmoid(N(loc, scale^2))
     scale: float = 1.0
     power: float = 1.0  # adaptive weight 1 / (||err||^2 + constant)^power (0 = plain MSE)
     constant: float = 1e-3

@@ -20,7 +20,7 @@ from difflab.config import (
     UNetConfig,
 )
 from difflab.config.consistency import ConsistencyConfig
-from difflab.config.few_step import MeanFlowConfig
+from difflab.config.few_step import MeanFlowConfig, ShortcutConfig
 from difflab.config.recipes import (
     celeba64,
     cifar10,
@@ -386,28 +386,35 @@ def mnist_sd3() -> RunConfig:
     )
 
 
-def _toy2d_few_step(name: str, loss: str, sampler: str) -> RunConfig:
-    """The toy2d-flow network, data and budget, trained by a one-step loss (MeanFlow or a
-    shortcut model: the net reads the second time t2) and sampled in one step by its sampler.
-    Not tuned for quality yet."""
+def _toy2d_few_step(name: str, loss: str, sampler: str, steps: int, **model) -> RunConfig:
+    """The toy2d-flow network and data, trained `steps` steps by a one-step loss (MeanFlow or
+    a shortcut model: the net reads the second time t2) and sampled in one step by its
+    sampler; `model`: ModelConfig changes."""
     flow = toy2d_flow()
     return dataclasses.replace(
         flow,
         preset=name,
-        model=dataclasses.replace(flow.model, second_time=True),
-        train=dataclasses.replace(flow.train, loss=loss),
+        model=dataclasses.replace(flow.model, second_time=True, **model),
+        train=dataclasses.replace(flow.train, loss=loss, steps=steps),
         sample=SampleConfig(sampler=sampler, steps=1, spacing="uniform"),
     )
 
 
 def toy2d_shortcut() -> RunConfig:
-    """Shortcut models (Frans et al. 2024) on the checkerboard, from scratch."""
-    return _toy2d_few_step("toy2d-shortcut", "shortcut", "shortcut")
+    """Shortcut models (Frans et al. 2024) on the checkerboard, from scratch, within 5 CPU
+    minutes (7,000 steps took 288-309 s on 2 cores, 2026-12-07): half the batch on the
+    self-consistency target (bootstrap fraction 0.5: in-square 0.846 / 0.921 / 0.943 at 1 / 2 / 4
+    steps against 0.849 / 0.906 / 0.935 at the paper's 0.25, bench/RESULTS.md)."""
+    cfg = _toy2d_few_step("toy2d-shortcut", "shortcut", "shortcut", steps=6500)
+    return dataclasses.replace(cfg, shortcut=ShortcutConfig(bootstrap_fraction=0.5))
 
 
 def toy2d_meanflow() -> RunConfig:
-    """MeanFlow (Geng et al. 2025) on the checkerboard, from scratch."""
-    return _toy2d_few_step("toy2d-meanflow", "meanflow", "meanflow")
+    """MeanFlow (Geng et al. 2025) on the checkerboard, from scratch, within 5 CPU minutes
+    (4,000 steps in 255 s on 2 cores, 2026-12-07). model.time_scale=1: with the default 1000
+    the net's u spins in t, and the target's (t - r) d_t u term swamped it (in-square 0.55 at
+    one step after 8,000 steps; 0.75 at 4,000 with 1, bench/RESULTS.md)."""
+    return _toy2d_few_step("toy2d-meanflow", "meanflow", "meanflow", steps=4000, time_scale=1.0)
 
 
 def mnist_shortcut() -> RunConfig:
@@ -434,12 +441,14 @@ def mnist_meanflow() -> RunConfig:
     data; fp32, because the JVP of the U-Net fails under bf16 autocast (issue 40). A step
     (forward, JVP, backward and the guidance's doubled batch) cost 2.6x mnist-flow's fp32 step
     in CPU time (batch 64, one thread, 2026-12-07); 2600 of mnist's fp32 steps took 21 minutes
-    on 2 cores, so 1,400 steps fit mnist's 30-minute limit. Its samples are not measured yet."""
+    on 2 cores, so 1,400 steps fit mnist's 30-minute limit. model.time_scale=1, as in
+    toy2d-meanflow: a target that holds (t - r) d_t u wants u smooth in t. Its samples are not
+    measured yet."""
     flow = mnist_flow()
     return dataclasses.replace(
         flow,
         preset="mnist-meanflow",
-        model=dataclasses.replace(flow.model, second_time=True),
+        model=dataclasses.replace(flow.model, second_time=True, time_scale=1.0),
         train=dataclasses.replace(flow.train, loss="meanflow", steps=1400, precision="fp32"),
         sample=dataclasses.replace(
             flow.sample, sampler="meanflow", steps=1, spacing="uniform", guidance=1.0

@@ -15,8 +15,9 @@ average velocity over [r, t], z_r = z_t - (t - r) u; the net reads t2 = t - r. T
 identity u = v - (t - r) du/dt, with du/dt = v d_z u + d_t u the total derivative along the
 path, gives the target u_tgt = v - (t - r) (v d_z u + d_t u) (stop-gradient), the derivative by
 one forward-mode Jacobian-vector product along (v, 0, 1) in (z, r, t). A fraction of the pairs
-has r != t; the rest (r = t) is flow matching. (t, r) are two logit-normal draws, sorted. The
-adaptive weight is w = 1 / (||err||^2 + c)^p (stop-gradient), ||.||^2 the mean over elements.
+has r != t; the rest (r = t) is flow matching. (t, r) are two logit-normal (or uniform) draws,
+sorted. The adaptive weight is w = 1 / (||err||^2 + c)^p (stop-gradient), ||.||^2 the mean over
+elements.
 
 MeanFlow with guidance (Geng et al. 2025, Sec. 4.2 "Mean Flows with Guidance", and App. B.1's
 improved CFG with the mixing scale kappa): the net learns the average velocity of the guided
@@ -136,6 +137,7 @@ class MeanFlowLoss(Loss):
     def __init__(
         self,
         fraction: float = 0.25,
+        times: str = "logit_normal",
         loc: float = -0.4,
         scale: float = 1.0,
         power: float = 1.0,
@@ -152,7 +154,10 @@ class MeanFlowLoss(Loss):
                 "meanflow.scale and meanflow.constant must be > 0 and meanflow.power >= 0, "
                 f"got {scale}, {constant}, {power}"
             )
+        if times not in ("logit_normal", "uniform"):
+            raise ConfigError(f"meanflow.times must be logit_normal or uniform, got {times!r}")
         check_folded_guidance(omega, kappa, guidance_t_start, guidance_t_end)
+        self.times = times
         self.fraction, self.loc, self.scale = fraction, loc, scale
         self.power, self.constant = power, constant
         self.omega, self.kappa = omega, kappa
@@ -160,11 +165,14 @@ class MeanFlowLoss(Loss):
         self.folds = (omega, kappa) != (1.0, 0.0)
 
     def draw(self, shape: tuple[int, ...], generator) -> tuple[Tensor, ...]:
-        """(t (B,), r (B,) <= t, eps (B, ...)): two logit-normal times, sorted; r = t on a
-        fraction 1 - `fraction` of the rows."""
+        """(t (B,), r (B,) <= t, eps (B, ...)): two logit-normal (or uniform) times, sorted;
+        r = t on a fraction 1 - `fraction` of the rows."""
         n = shape[0]
-        a = torch.sigmoid(self.loc + self.scale * torch.randn(n, generator=generator))
-        b = torch.sigmoid(self.loc + self.scale * torch.randn(n, generator=generator))
+        if self.times == "uniform":
+            a, b = torch.rand(n, generator=generator), torch.rand(n, generator=generator)
+        else:
+            a = torch.sigmoid(self.loc + self.scale * torch.randn(n, generator=generator))
+            b = torch.sigmoid(self.loc + self.scale * torch.randn(n, generator=generator))
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         apart = torch.rand(n, generator=generator) < self.fraction
         return t, torch.where(apart, r, t), torch.randn(shape, generator=generator)

@@ -211,6 +211,7 @@ class DiT(nn.Module):
         checkpointing: bool = False,
         out_channels: int | None = None,
         second_time: bool = False,
+        time_scale: float = 1000.0,
     ):
         super().__init__()
         _validate(input_size, width, depth, heads, mlp_ratio, patch_size, dropout)
@@ -219,7 +220,7 @@ class DiT(nn.Module):
         self.grid = (input_size[0] // p, input_size[1] // p)
         self.patch_embed = nn.Linear(p * p * in_channels, width)  # DiT's strided conv, as a Linear
         self.register_buffer("positions", sincos_positions(width, self.grid), persistent=False)
-        self.time_emb = TimeEmbedding(width, sinusoid_dim=TIME_FREQUENCIES, shift=1)
+        self.time_emb = TimeEmbedding(width, TIME_FREQUENCIES, shift=1, scale=time_scale)
         self.label_emb = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
         self.blocks = self._make_blocks(depth, width, heads, mlp_ratio, dropout, qk_norm)
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=NORM_EPS)
@@ -230,7 +231,7 @@ class DiT(nn.Module):
         self.time2_emb = None
         self._initialise()
         if second_time:  # after the rest is drawn: the other weights are those of a plain DiT
-            self.time2_emb = SecondTime(width, TIME_FREQUENCIES, shift=1)
+            self.time2_emb = SecondTime(width, TIME_FREQUENCIES, shift=1, scale=time_scale)
             for layer in (self.time2_emb.emb.mlp[0], self.time2_emb.emb.mlp[2]):
                 nn.init.normal_(layer.weight, std=0.02)
                 nn.init.zeros_(layer.bias)

@@ -130,13 +130,18 @@ def sinusoidal_embedding(
 class TimeEmbedding(nn.Module):
     """Sinusoidal embedding followed by a 2-layer MLP (DDPM's time embedding): (B,) -> (B, dim)."""
 
-    def __init__(self, dim: int, sinusoid_dim: int | None = None, shift: int = 0):
+    def __init__(
+        self, dim: int, sinusoid_dim: int | None = None, shift: int = 0, scale: float = 1000.0
+    ):
         super().__init__()
         self.sinusoid_dim, self.shift = sinusoid_dim or dim, shift  # shift: sinusoidal_embedding's
+        self.scale = scale  # sinusoidal_embedding's: t in [0, 1] times `scale`
         self.mlp = nn.Sequential(nn.Linear(self.sinusoid_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.sinusoid_dim, shift=self.shift))
+        return self.mlp(
+            sinusoidal_embedding(t, self.sinusoid_dim, scale=self.scale, shift=self.shift)
+        )
 
 
 class SecondTime(nn.Module):
@@ -145,9 +150,11 @@ class SecondTime(nn.Module):
     second_time=False has no such module and refuses t2; one built with it reads t2 = None as 0
     (the instantaneous velocity: flow matching)."""
 
-    def __init__(self, dim: int, sinusoid_dim: int | None = None, shift: int = 0):
+    def __init__(
+        self, dim: int, sinusoid_dim: int | None = None, shift: int = 0, scale: float = 1000.0
+    ):
         super().__init__()
-        self.emb = TimeEmbedding(dim, sinusoid_dim, shift)
+        self.emb = TimeEmbedding(dim, sinusoid_dim, shift, scale)
 
     def forward(self, t2: Tensor | None, like: Tensor) -> Tensor:
         """The embedding (B, dim) of t2 (B,) or of zeros shaped like t (`like`) when t2 is None."""

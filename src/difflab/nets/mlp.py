@@ -63,12 +63,13 @@ class MLP(nn.Module):
         expansion: int = 2,
         dropout: float = 0.0,
         second_time: bool = False,
+        time_scale: float = 1000.0,
     ):
         super().__init__()
         self.dim, self.num_classes, self.second_time = dim, num_classes, second_time
         self.features = FourierFeatures(fourier_frequencies) if fourier_frequencies > 0 else None
         in_dim = self.features.out_dim(dim) if self.features is not None else dim
-        self.time_emb = TimeEmbedding(emb_dim)
+        self.time_emb = TimeEmbedding(emb_dim, scale=time_scale)
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
         self.inp = nn.Linear(in_dim, width)
         self.blocks = nn.ModuleList(
@@ -76,7 +77,8 @@ class MLP(nn.Module):
         )
         self.out_norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
-        self.time2_emb = SecondTime(emb_dim) if second_time else None  # last: same init before
+        # last: the other weights draw the same numbers as a net without it
+        self.time2_emb = SecondTime(emb_dim, scale=time_scale) if second_time else None
 
     def forward(
         self, x_t: Tensor, t: Tensor, y: Tensor | None = None, *, t2: Tensor | None = None

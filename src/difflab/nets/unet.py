@@ -162,6 +162,7 @@ class UNet(nn.Module):
         cross_attention_levels: tuple[int, ...] = (),
         text_encoder: nn.Module | None = None,
         second_time: bool = False,
+        time_scale: float = 1000.0,
     ):
         super().__init__()
         base, mults, attn = base_channels, tuple(channel_mults), tuple(attention_levels)
@@ -177,7 +178,7 @@ class UNet(nn.Module):
             norm_groups=norm_groups,
         )
         self.num_levels, self.num_classes, emb_dim = len(mults), num_classes, 4 * base
-        self.time_emb = TimeEmbedding(emb_dim, sinusoid_dim=base)
+        self.time_emb = TimeEmbedding(emb_dim, sinusoid_dim=base, scale=time_scale)
         self.label_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes > 0 else None
         cross = _text_modules(self, text_encoder, tuple(cross_attention_levels), mults, emb_dim)
         for ch in {base * mults[level] for level in self.cross}:
@@ -213,7 +214,9 @@ class UNet(nn.Module):
         self.out = nn.Sequential(GroupNorm(norm_groups, base), nn.SiLU(), out_conv)
         # t2 (MeanFlow's t - r, a shortcut's d) beside t; made last, so nets without it are the same
         self.second_time = second_time
-        self.time2_emb = SecondTime(emb_dim, sinusoid_dim=base) if second_time else None
+        self.time2_emb = (
+            SecondTime(emb_dim, sinusoid_dim=base, scale=time_scale) if second_time else None
+        )
         for stage in self.modules():
             if isinstance(stage, _Stage):
                 stage.checkpointing = checkpointing
