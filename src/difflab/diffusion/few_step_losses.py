@@ -46,6 +46,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from difflab.diffusion.loss_base import Loss
 from difflab.errors import ConfigError
@@ -250,19 +251,29 @@ def mean_velocity_jvp(net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, cond):
     (torch.func.jvp) of u = net(z, t, cond, t2=t - r); u keeps its graph for the backward pass.
     An op without a forward-mode rule (or one that fails under it, like a convolution under
     bf16 autocast) is refused in one ConfigError line naming the op's error and the network part
-    it was in."""
+    it was in.
+
+    Under DistributedDataParallel (2+ processes) the JVP runs through the wrapped module without
+    a graph (DDP's forward syncs buffers in place, which a transform refuses, and the target is
+    detached anyway) and u through DDP, whose gradient hooks average it across processes."""
+    ddp = isinstance(net, DistributedDataParallel)
+    inner = net.module if ddp else net
 
     def u_of(z_, r_, t_):
-        return net(z_, t_, cond, t2=t_ - r_)
+        return inner(z_, t_, cond, t2=t_ - r_)
 
     tangents = (v, torch.zeros_like(r), torch.ones_like(t))
     try:
-        return torch.func.jvp(u_of, (z, r, t), tangents)
+        if not ddp:
+            return torch.func.jvp(u_of, (z, r, t), tangents)
+        with torch.no_grad():
+            _, dudt = torch.func.jvp(u_of, (z, r, t), tangents)
+        return net(z, t, cond, t2=t - r), dudt
     except (NotImplementedError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        part = _failing_part(net, u_of, (z, r, t), tangents)
+        part = _failing_part(inner, u_of, (z, r, t), tangents)
         raise ConfigError(
-            f"MeanFlow's JVP failed in {type(net).__name__}{part}: {first}; train in fp32 "
+            f"MeanFlow's JVP failed in {type(inner).__name__}{part}: {first}; train in fp32 "
             "(train.precision=fp32), or use a network whose ops have forward-mode rules"
         ) from None
 
