@@ -181,6 +181,7 @@ def test_export_refuses_what_diffusers_cannot_represent():
         "diffusion.prediction=edm": "EDM preconditioning",
         "diffusion.num_steps=0": "continuous-time",
         "diffusion.num_steps=500": "1000-step table",
+        "model.time_scale=1": "model.time_scale=1: diffusers embeds the integer timestep",
         "model.unet.downsample=avgpool": "downsample=avgpool",
         "model.unet.attention_levels=0,1": "one attention head width",
     }

@@ -133,6 +133,11 @@ def check_exportable(model: ModelConfig, d: DiffusionConfig) -> None:
         )
     if d.schedule in ("ve", "edm"):
         raise NoEquivalent(f"the variance-exploding {d.schedule} schedule has no DDPM table")
+    if model.time_scale != EMBEDDED_STEPS:
+        raise NoEquivalent(
+            f"model.time_scale={model.time_scale:g}: diffusers embeds the integer timestep, "
+            f"which is difflab's t * {EMBEDDED_STEPS} only at the default time_scale"
+        )
     if d.num_steps != EMBEDDED_STEPS:
         raise NoEquivalent(
             f"diffusion.num_steps={d.num_steps}: difflab embeds t * 1000 and diffusers the "
