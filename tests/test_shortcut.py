@@ -179,3 +179,28 @@ def test_a_tiny_model_approaches_the_closed_form():
         x0 = sample_shortcut(den, x_T, ts)
         assert float((x0 - (MU + S * x_T)).abs().mean()) < 0.1, steps
         torch.testing.assert_close(x0.std(0), S, atol=0.1, rtol=0)  # measured 0.08 off
+
+
+def test_the_finest_steps_are_the_velocitys_euler_steps():
+    """At d = 1 / max_steps the target's two steps ask the net for the velocity (t2 = 0), and so
+    does the sampler at --steps max_steps: two Euler half-steps, and plain Euler along the grid,
+    whatever the net answers for t2 = d."""
+
+    class VelocityOnly(ExactShortcutNet):  # noise unless t2 = 0: only the velocity is right
+        def forward(self, z, t, cond=None, *, t2=None):
+            bad = t2 is not None and bool((t2 != 0).any())
+            return super().forward(z, t) + (7.0 if bad else 0.0)
+
+    net, g = VelocityOnly(), torch.Generator().manual_seed(0)
+    z, t = 2 * torch.randn(64, 2, generator=g), 0.5 + 0.5 * torch.rand(64, generator=g)
+    d = torch.full((64,), 1 / 8)
+    v1 = net(z, t, t2=torch.zeros_like(t))
+    euler = (v1 + net(z - d[:, None] * v1, t - d, t2=torch.zeros_like(t))) / 2
+    torch.testing.assert_close(ShortcutLoss(max_steps=8).target(net, z, t, d, None), euler)
+    denoiser = Denoiser(net, schedules.RectifiedFlowSchedule(), "velocity", step_grid="shortcut:8")
+    x_T = torch.randn(256, 2, generator=g)
+    x = x_T.clone()
+    for k in range(8, 0, -1):  # Euler on the lattice t = k / 8
+        x = x - net(x, torch.full((256,), k / 8), t2=torch.zeros(256)) / 8
+    ts = torch.linspace(0.999, 0.0, 9, dtype=torch.float64)
+    torch.testing.assert_close(sample_shortcut(denoiser, x_T, ts), x, atol=1e-5, rtol=1e-5)

@@ -9,6 +9,10 @@ equals two of size d:
     s(z_t, t, 2d) = (s_1 + s_2) / 2,  s_1 = s(z_t, t, d),  s_2 = s(z_t - d s_1, t - d, d)
 
 (stop-gradient), with d on the power-of-two grid 1/max_steps .. 1/2 and t a multiple of 2d.
+The finest step d_min = 1/max_steps is the velocity's Euler step: its queries read t2 = 0, the
+flow-matching rows' input, so the pyramid of step sizes stands on what flow matching trains
+(the authors' code, kvfrans/shortcut-models, labels both with d_min; s(., d_min) is otherwise
+never a regression target, and a net whose t2 embedding is not smooth near 0 answers noise).
 
 MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"): u(z_t, r, t) is the
 average velocity over [r, t], z_r = z_t - (t - r) u; the net reads t2 = t - r. The MeanFlow
@@ -108,10 +112,12 @@ class ShortcutLoss(Loss):
         check_second_time(model.net, "shortcut")
 
     def target(self, net, z: Tensor, t: Tensor, d: Tensor, cond) -> Tensor:
-        """The step of size 2d from two of size d (no gradient), (B, ...)."""
+        """The step of size 2d from two of size d (no gradient), (B, ...); the finest d's two
+        steps query the velocity (t2 = 0)."""
+        asked = torch.where(d <= 1 / self.max_steps, torch.zeros_like(d), d)
         with torch.no_grad():
-            s1 = net(z, t, cond, t2=d)
-            s2 = net(z - _rows(d, z) * s1, t - d, cond, t2=d)
+            s1 = net(z, t, cond, t2=asked)
+            s2 = net(z - _rows(d, z) * s1, t - d, cond, t2=asked)
         return (s1 + s2) / 2
 
     def __call__(self, model, x0: Tensor, cond, *, noise, step: int, target=None):

@@ -11,7 +11,8 @@ On the rectified path (alpha = 1 - t, sigma = t) the denoiser's (x0_hat, eps_hat
 u are x_t - t u and x_t + (1 - t) u, so the jump is (1 - s) x0_hat + s eps_hat: DDIM's eta = 0
 step (ddim.py), with the net told the step's length. n steps cost n network calls; one step from
 t = 1 maps noise to a sample. The shortcut model was trained on the step sizes 1 / max_steps ..
-1 (powers of two): its sampler takes --steps on that grid only.
+1 (powers of two): its sampler takes --steps on that grid only, and its steps of the finest
+size ask the net for the velocity (t2 = 0), as its training's targets do.
 """
 
 from __future__ import annotations
@@ -74,12 +75,15 @@ def _shortcut_times(grid: str, ts: Tensor, t_max: float) -> Tensor:
     return times
 
 
-def _jumps(denoiser, x_T, ts, y, callback) -> Tensor:
+def _jumps(denoiser, x_T, ts, y, callback, finest: float = 0.0) -> Tensor:
+    """Steps along ts, the net told each step's length t2 = t - s (0 for steps no longer than
+    `finest`: a shortcut model's smallest step is the velocity's, few_step_losses.py)."""
     x = x_T
     for i in range(len(ts) - 1):
         t, s = float(ts[i]), float(ts[i + 1])
+        t2 = 0.0 if t - s <= finest * (1 + 1e-6) else t - s
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-        x0_hat, eps_hat = denoiser(x, t_batch, y, t2=torch.full_like(t_batch, t - s))
+        x0_hat, eps_hat = denoiser(x, t_batch, y, t2=torch.full_like(t_batch, t2))
         if not bool(torch.isfinite(x0_hat).all()):
             raise NonFiniteError(
                 f"the model returned NaN or infinity at sampler step {i} (t = {t:.4f}); "
@@ -121,5 +125,6 @@ def sample_shortcut(
     callback: Callback | None = None,
 ) -> Tensor:
     """A shortcut model from x_T (B, ...): n uniform steps of d = 1 / n, n a power of two."""
-    times = _shortcut_times(_needs(denoiser, "shortcut"), ts, denoiser.schedule.t_max)
-    return _jumps(denoiser, x_T, times, y, callback)
+    grid = _needs(denoiser, "shortcut")
+    times = _shortcut_times(grid, ts, denoiser.schedule.t_max)
+    return _jumps(denoiser, x_T, times, y, callback, finest=1 / int(grid.split(":")[1]))
