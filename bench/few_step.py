@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from difflab.benchmark.measure import environment
 from difflab.files import write_text_atomically
 
 
@@ -208,9 +210,7 @@ def main() -> None:
     chosen = [r for r in rows if r.key in wanted or any(keys[w].teacher == r.key for w in wanted)]
     runs: dict[str, Path] = {}
     trained = {row.key: train_row(row, args, runs) for row in chosen}
-    result = {"data": args.data, "machine": platform.processor() or platform.machine()}
-    result["cpu"] = cpu_name()
-    result["rows"] = []
+    result = {"data": args.data, "environment": environment(torch.device("cpu")), "rows": []}
     for row in chosen:
         info = trained[row.key]
         teacher_min = trained[row.teacher]["train_min"] if row.teacher else 0.0
@@ -226,17 +226,6 @@ def main() -> None:
     write_text_atomically(out.with_suffix(".md"), text + "\n")
     print(text)
     print(f"wrote {out}")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), for the figures' record."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

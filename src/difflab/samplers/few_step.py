@@ -41,13 +41,18 @@ def _needs(denoiser, family: str) -> str:
     return grid
 
 
+def _max_steps(grid: str) -> int:
+    """A shortcut model's finest lattice, from its step grid "shortcut:<max_steps>"."""
+    return int(grid.split(":")[1])
+
+
 def _shortcut_times(grid: str, ts: Tensor, t_max: float) -> Tensor:
     """The times of ts on the shortcut's lattice: t / t_max (the path's t_max < 1 moves to 1: on
     the rectified path x_T is the noise at t = 1), each step d = 1 / 2^k with 2^k up to
     max_steps. A whole grid (t_max down to 0) is --steps uniform steps of d = 1 / steps; an
     edit's grid (samplers/editing.py: SDEdit's start level, RePaint's stretches) may start or
     stop anywhere on the lattice of its steps."""
-    max_steps = int(grid.split(":")[1])
+    max_steps = _max_steps(grid)
     steps = len(ts) - 1
     if abs(float(ts[0]) - t_max) < 1e-9 and float(ts[-1]) == 0:  # the sampler's whole grid
         if steps > max_steps or steps & (steps - 1):
@@ -127,4 +132,4 @@ def sample_shortcut(
     """A shortcut model from x_T (B, ...): n uniform steps of d = 1 / n, n a power of two."""
     grid = _needs(denoiser, "shortcut")
     times = _shortcut_times(grid, ts, denoiser.schedule.t_max)
-    return _jumps(denoiser, x_T, times, y, callback, finest=1 / int(grid.split(":")[1]))
+    return _jumps(denoiser, x_T, times, y, callback, finest=1 / _max_steps(grid))
