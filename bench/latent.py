@@ -5,11 +5,12 @@ Stage "ae": train the `mnist-ae` preset (train.time_limit_minutes = 10 caps it),
 PSNR, SSIM, judge accuracy (target: within 0.5 points of the originals', i.e. of the judge's test
 accuracy) and judge FD to the training split (target: <= 1.5x the originals' own FD to it).
 
-Stage "latent": train `mnist-latent` through that autoencoder; 1,000 class-balanced samples
+Stage "latent": train `mnist-latent` (or --latent-preset, e.g. `mnist-latent-dit`) through that
+autoencoder; 1,000 class-balanced samples
 (100 per digit) with the run's sampler: judge accuracy (target >= 0.98) and judge FD to the test
 split, beside the pixel `mnist` reference run's same figures measured here (--pixel-run).
 Whole-pipeline wall time = AE train_s + latent train_s, against the pixel run's recorded train_s
-(--pixel-json).
+(--pixel-json; without it, the logged step times of --pixel-run).
 
 Stage "speed": training images/s of the pixel and latent presets (a few steps each, same
 process, same load; target: latent >= 4x), and sampling ms per image at the same sampler and
@@ -106,11 +107,22 @@ def recorded_train_s(report: dict) -> float:
     raise SystemExit("--pixel-json holds no train_s (bench/mnist.py) or train_wall_s (mnist_time)")
 
 
+def logged_train_s(run_dir: Path) -> float:
+    """A run's training wall seconds from its metrics.jsonl: each logged interval's s_per_step
+    times its steps (a resumed run counts every session's steps once)."""
+    seconds, last = 0.0, 0
+    for row in read_metrics(run_dir / "metrics.jsonl"):
+        if "s_per_step" in row and row["step"] > last:
+            seconds += row["s_per_step"] * (row["step"] - last)
+            last = row["step"]
+    return seconds
+
+
 def stage_latent(args, report: dict) -> None:
     ae_dir = Path(args.work) / "mnist-ae"
-    run_dir = Path(args.work) / "mnist-latent"
+    run_dir = Path(args.work) / args.latent_preset
     overrides = [f"data.root={args.root}", f"model.codec={ae_dir}", *args.set_latent]
-    cfg = apply_overrides(preset("mnist-latent"), overrides)
+    cfg = apply_overrides(preset(args.latent_preset), overrides)
     t0 = time.perf_counter()
     if not (run_dir / "checkpoints").exists():
         train(cfg, run_dir, progress=True, hooks=training_hooks())
@@ -126,9 +138,12 @@ def stage_latent(args, report: dict) -> None:
     pixel_train_s = None
     if args.pixel_json and Path(args.pixel_json).exists():
         pixel_train_s = recorded_train_s(json.loads(Path(args.pixel_json).read_text()))
+    elif pixel is not None:
+        pixel_train_s = logged_train_s(Path(args.pixel_run))
     ae_s = report.get("ae", {}).get("train_s")
     report["latent"] = {
         "run_dir": str(run_dir),
+        "preset": args.latent_preset,
         "train_s": train_s,
         "train_steps": run.step,
         "pipeline_s": None if ae_s is None else ae_s + train_s,
@@ -152,7 +167,7 @@ def stage_speed(args, report: dict) -> None:
     ae_dir = Path(args.work) / "mnist-ae"
     pixel_cfg = apply_overrides(preset("mnist"), [f"data.root={args.root}"])
     latent_cfg = apply_overrides(
-        preset("mnist-latent"),
+        preset(args.latent_preset),
         [f"data.root={args.root}", f"model.codec={ae_dir}", *args.set_latent],
     )
     rows = {"pixel_examples_per_s": [], "latent_examples_per_s": []}
@@ -193,6 +208,7 @@ def main() -> None:
     ap.add_argument(
         "--pixel-json", default="", help="its bench/mnist.py or bench/mnist_time.py JSON"
     )
+    ap.add_argument("--latent-preset", default="mnist-latent", help="or mnist-latent-dit")
     ap.add_argument("--set-ae", action="append", default=[])
     ap.add_argument("--set-latent", action="append", default=[])
     ap.add_argument("--steps", type=int, default=20, help="speed stage: steps per run")

@@ -14,6 +14,7 @@ exactly as the 32x32 data is.
 Target (issue 3): accuracy >= 0.98 and FD close to the train-vs-test FD.
 
     python bench/mnist.py --root ../shared/data [--guidance 2 3] [--set key=value ...]
+    python bench/mnist.py --preset mnist-dit --run-dir runs/mnist-dit --reference-run runs/mnist
 """
 
 from __future__ import annotations
@@ -71,39 +72,9 @@ def to_judge_size(images: torch.Tensor) -> torch.Tensor:
     return F.pad(images, (pad, pad, pad, pad), value=-1.0) if pad > 0 else images
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", default="../shared/data", help="folder holding MNIST/raw/")
-    ap.add_argument("--guidance", type=float, nargs="+", default=[2.0])
-    ap.add_argument("--set", action="append", default=[], help="training config override")
-    ap.add_argument(
-        "--sample", action="append", default=[], help="sample config override, e.g. sampler=heun"
-    )
-    ap.add_argument("--run-dir", help="reuse or keep the run here (default: a temporary folder)")
-    ap.add_argument("--out", default="bench/results/mnist.json")
-    args = ap.parse_args()
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    judge = judge_for(args.root, out.parent / "judge-mnist.safetensors")
-    test_stats = feature_statistics(judge_features(judge, images_of(args.root, "test")))
-    ref_fd = frechet_distance(
-        *feature_statistics(judge_features(judge, balanced_images_of(args.root, "train", 100))),
-        *test_stats,
-    )
-    ref_fd_10k = frechet_distance(
-        *feature_statistics(judge_features(judge, images_of(args.root, "train", 10000))),
-        *test_stats,
-    )
-
-    cfg = apply_overrides(preset("mnist"), [f"data.root={args.root}", *args.set])
-    run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp()) / "run"
-    t0 = time.perf_counter()
-    if not (run_dir / "checkpoints").exists():
-        train(cfg, run_dir, progress=True)
-    train_s = time.perf_counter() - t0
-    run = load_run(run_dir)
-    labels = sample_labels(run, 1000, per_class=True)
+def judged_rows(run, args, labels, judge, test_stats, ref_fd) -> list[dict]:
+    """1,000 class-balanced samples of `run` at each guidance asked for (its own sampler, with
+    --sample overrides): judge accuracy and FD to the test split."""
     rows = []
     for g in args.guidance:
         scfg = dataclasses.replace(run.cfg.sample, n=1000, batch_size=250, guidance=g)
@@ -131,6 +102,56 @@ def main() -> None:
             f"guidance {g}, {scfg.sampler}-{scfg.steps} {scfg.spacing}: accuracy {acc:.4f}, "
             f"FD to test {fd:.2f} (1,000 real training images: {ref_fd:.2f})"
         )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default="../shared/data", help="folder holding MNIST/raw/")
+    ap.add_argument("--guidance", type=float, nargs="+", default=[2.0])
+    ap.add_argument("--set", action="append", default=[], help="training config override")
+    ap.add_argument(
+        "--sample", action="append", default=[], help="sample config override, e.g. sampler=heun"
+    )
+    ap.add_argument("--preset", default="mnist", help="or mnist-dit (any class-label MNIST preset)")
+    ap.add_argument("--run-dir", help="reuse or keep the run here (default: a temporary folder)")
+    ap.add_argument("--reference-run", help="a trained run judged beside it at the same settings")
+    ap.add_argument("--judge", help="default: judge-mnist.safetensors beside --out")
+    ap.add_argument("--out", default="bench/results/mnist.json")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    judge = judge_for(args.root, Path(args.judge or out.parent / "judge-mnist.safetensors"))
+    test_stats = feature_statistics(judge_features(judge, images_of(args.root, "test")))
+    ref_fd = frechet_distance(
+        *feature_statistics(judge_features(judge, balanced_images_of(args.root, "train", 100))),
+        *test_stats,
+    )
+    ref_fd_10k = frechet_distance(
+        *feature_statistics(judge_features(judge, images_of(args.root, "train", 10000))),
+        *test_stats,
+    )
+
+    cfg = apply_overrides(preset(args.preset), [f"data.root={args.root}", *args.set])
+    run_dir = Path(args.run_dir) if args.run_dir else Path(tempfile.mkdtemp()) / "run"
+    t0 = time.perf_counter()
+    if not (run_dir / "checkpoints").exists():
+        train(cfg, run_dir, progress=True)
+    train_s = time.perf_counter() - t0
+    run = load_run(run_dir)
+    labels = sample_labels(run, 1000, per_class=True)
+    rows = judged_rows(run, args, labels, judge, test_stats, ref_fd)
+    reference = None
+    if args.reference_run:
+        print(f"the reference run {args.reference_run}, at the same sampling settings:")
+        ref_run = load_run(args.reference_run)
+        reference = {
+            "run_dir": args.reference_run,
+            "preset": ref_run.cfg.preset,
+            "train_steps": ref_run.step,
+            "results": judged_rows(ref_run, args, labels, judge, test_stats, ref_fd),
+        }
     step = run.step
     report = {
         "benchmark": "mnist",
@@ -138,9 +159,11 @@ def main() -> None:
         "train_steps": step,
         "fd_train_vs_test": ref_fd,
         "fd_train10k_vs_test": ref_fd_10k,
+        "preset": args.preset,
         "overrides": args.set,
         "results": rows,
         "run_dir": str(run_dir),
+        "reference": reference,
     }
     write_text_atomically(out, json.dumps(report, indent=2) + "\n")
     print(f"trained {step} steps in {train_s:.0f} s; wrote {out}")

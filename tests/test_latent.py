@@ -287,16 +287,22 @@ def test_bad_autoencoder_loss_settings_are_refused_in_one_message():
         build.build_loss(apply_overrides(preset("mnist-ae"), ["train.sample_every=10"]), None)
 
 
-def test_the_benchmark_reads_either_pixel_json(monkeypatch):
-    # bench/latent.py --pixel-json takes bench/mnist.py's JSON or bench/mnist_time.py's
+def _bench_latent(monkeypatch):
+    """bench/latent.py as a module (it imports bench/mnist.py as `mnist`)."""
     bench = Path(__file__).resolve().parents[1] / "bench"
     monkeypatch.syspath_prepend(str(bench))
     spec = importlib.util.spec_from_file_location("bench_latent", bench / "latent.py")
     module = importlib.util.module_from_spec(spec)
     had_mnist = "mnist" in sys.modules
-    spec.loader.exec_module(module)  # imports bench/mnist.py as `mnist`
+    spec.loader.exec_module(module)
     if not had_mnist:
         sys.modules.pop("mnist", None)
+    return module
+
+
+def test_the_benchmark_reads_either_pixel_json(monkeypatch):
+    # bench/latent.py --pixel-json takes bench/mnist.py's JSON or bench/mnist_time.py's
+    module = _bench_latent(monkeypatch)
     assert module.recorded_train_s({"train_s": 12.5}) == 12.5
     assert (
         module.recorded_train_s({"old": {"train_wall_s": 9.0}, "new": {"train_wall_s": 4.0}}) == 4.0
@@ -304,6 +310,21 @@ def test_the_benchmark_reads_either_pixel_json(monkeypatch):
     assert module.recorded_train_s({"old": {"train_wall_s": 9.0}}) == 9.0
     with pytest.raises(SystemExit, match="train_wall_s"):
         module.recorded_train_s({"new": {}})
+
+
+def test_the_benchmark_sums_a_runs_logged_step_times(monkeypatch, tmp_path):
+    # without --pixel-json, the pixel run's wall time is its logged intervals' s_per_step x steps;
+    # rows re-logged after a resume count once, rows without s_per_step (evals) not at all
+    module = _bench_latent(monkeypatch)
+    rows = [
+        {"step": 10, "s_per_step": 0.5},
+        {"eval": {"n": 100}},
+        {"step": 20, "s_per_step": 1.0},
+        {"step": 20, "s_per_step": 7.0},
+        {"step": 25, "s_per_step": 2.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert module.logged_train_s(tmp_path) == 10 * 0.5 + 10 * 1.0 + 5 * 2.0
 
 
 def _every_guidance_method_samples_the_latent_run(run_dir, tmp_path):
