@@ -261,6 +261,8 @@ def test_the_mnist_sd3_preset_builds_an_mmdit_on_the_latent_grid():
     cfg = preset("mnist-sd3")
     assert cfg.diffusion.t_sampling == "logit_normal" and cfg.diffusion.schedule == "rectified"
     assert cfg.model.text.encoder == "minilm" and cfg.data.text_conditional
+    # the measured budget: with mnist-ae's 10-minute cap, the pipeline fits in 30 minutes
+    assert preset("mnist-ae").train.time_limit_minutes + cfg.train.time_limit_minutes <= 30
     net = build.build_net(cfg.model, (4, 8, 8), 0, FrozenContext(384))
     assert isinstance(net, MMDiT) and net.grid == (4, 4) and len(net.blocks) == 6
     states = torch.zeros(2, cfg.model.text.max_tokens, 384)
