@@ -312,19 +312,24 @@ def mnist_latent_dit() -> RunConfig:
     """mnist-latent with a DiT for the U-Net: class-conditional on mnist-ae's 8x8x4 latents (set
     model.codec to the autoencoder run; cached codes), 2x2 patches (16 tokens) of width 128, 6
     blocks of 4 heads, 1.9M parameters: about the size diffusers' DiTTransformer2DModel has in issue
-    39's throughput comparison, and each stream of mnist-sd3. mnist-latent's v-prediction and
-    linear table, with a transformer's lr 5e-4 (mnist-dit's) and 9,000 steps (16-minute cap):
-    a step costs a tenth of a second here, and at mnist-latent's 3,000 the DiT was still
-    learning (judge accuracy 0.861, FD 69.5; at 9,000: 0.978, 12.5), while AE + 9,000 steps
-    (1,512 s on a 2-core AMD EPYC, fp32) stays under the pixel mnist preset's wall time
-    (bench/RESULTS.md, 2026-12-07 fifth session)."""
+    39's throughput comparison, and each stream of mnist-sd3. Trained as mnist-sd3 is, a
+    rectified flow with logit-normal times sampled by mnist-flow's solver at guidance 1.5, with
+    a transformer's lr 5e-4 (mnist-dit's), 9,000 steps under a 16-minute cap (a step costs a
+    tenth of a second here). Measured on a 2-core AMD EPYC in fp32 (bench/RESULTS.md,
+    2026-12-07 fifth session), 9,000 steps each: judge accuracy 0.989 at judge FD 11.2 (0.971
+    at 8.94 with guidance 1.25), where mnist-latent's v-prediction DDPM recipe gave 0.978 at
+    12.5 with 50 steps; at mnist-latent's 3,000 steps that recipe was still learning (0.861,
+    69.5). AE + 9,000 steps (1,474 s) stays under the pixel mnist preset's wall time."""
     cfg = mnist_latent()
+    flow = mnist_flow()
     dit = DiTConfig(width=128, depth=6, heads=4, mlp_ratio=4.0, patch_size=2)
     return dataclasses.replace(
         cfg,
         preset="mnist-latent-dit",
         model=dataclasses.replace(cfg.model, name="dit", dit=dit, unet=UNetConfig()),
+        diffusion=dataclasses.replace(flow.diffusion, clip_x0=0.0),  # latents are not in [-1, 1]
         train=dataclasses.replace(cfg.train, lr=5e-4, steps=9000, time_limit_minutes=16.0),
+        sample=dataclasses.replace(flow.sample, guidance=1.5),
     )
 
 
