@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from difflab.cli.pretrained import train_minutes
 from difflab.codecs.latent import read_meta
 from difflab.config import apply_overrides, preset
 from difflab.evaluation.classifier import judge_features, judge_predict
@@ -107,17 +108,6 @@ def recorded_train_s(report: dict) -> float:
     raise SystemExit("--pixel-json holds no train_s (bench/mnist.py) or train_wall_s (mnist_time)")
 
 
-def logged_train_s(run_dir: Path) -> float:
-    """A run's training wall seconds from its metrics.jsonl: each logged interval's s_per_step
-    times its steps (a resumed run counts every session's steps once)."""
-    seconds, last = 0.0, 0
-    for row in read_metrics(run_dir / "metrics.jsonl"):
-        if "s_per_step" in row and row["step"] > last:
-            seconds += row["s_per_step"] * (row["step"] - last)
-            last = row["step"]
-    return seconds
-
-
 def stage_latent(args, report: dict) -> None:
     ae_dir = Path(args.work) / "mnist-ae"
     run_dir = Path(args.work) / args.latent_preset
@@ -139,7 +129,7 @@ def stage_latent(args, report: dict) -> None:
     if args.pixel_json and Path(args.pixel_json).exists():
         pixel_train_s = recorded_train_s(json.loads(Path(args.pixel_json).read_text()))
     elif pixel is not None:
-        pixel_train_s = logged_train_s(Path(args.pixel_run))
+        pixel_train_s = 60 * train_minutes(Path(args.pixel_run))
     ae_s = report.get("ae", {}).get("train_s")
     report["latent"] = {
         "run_dir": str(run_dir),

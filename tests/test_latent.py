@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from difflab import build
 from difflab.cli import main
+from difflab.cli.pretrained import train_minutes
 from difflab.codecs import Identity
 from difflab.codecs.cache import MomentStream, _encode_all
 from difflab.codecs.latent import CodecError, LatentCodec, measure_scale, read_meta, save_codec
@@ -287,22 +288,16 @@ def test_bad_autoencoder_loss_settings_are_refused_in_one_message():
         build.build_loss(apply_overrides(preset("mnist-ae"), ["train.sample_every=10"]), None)
 
 
-def _bench_latent(monkeypatch):
-    """bench/latent.py as a module (it imports bench/mnist.py as `mnist`)."""
+def test_the_benchmark_reads_either_pixel_json(monkeypatch):
+    # bench/latent.py --pixel-json takes bench/mnist.py's JSON or bench/mnist_time.py's
     bench = Path(__file__).resolve().parents[1] / "bench"
     monkeypatch.syspath_prepend(str(bench))
     spec = importlib.util.spec_from_file_location("bench_latent", bench / "latent.py")
     module = importlib.util.module_from_spec(spec)
     had_mnist = "mnist" in sys.modules
-    spec.loader.exec_module(module)
+    spec.loader.exec_module(module)  # imports bench/mnist.py as `mnist`
     if not had_mnist:
         sys.modules.pop("mnist", None)
-    return module
-
-
-def test_the_benchmark_reads_either_pixel_json(monkeypatch):
-    # bench/latent.py --pixel-json takes bench/mnist.py's JSON or bench/mnist_time.py's
-    module = _bench_latent(monkeypatch)
     assert module.recorded_train_s({"train_s": 12.5}) == 12.5
     assert (
         module.recorded_train_s({"old": {"train_wall_s": 9.0}, "new": {"train_wall_s": 4.0}}) == 4.0
@@ -312,10 +307,10 @@ def test_the_benchmark_reads_either_pixel_json(monkeypatch):
         module.recorded_train_s({"new": {}})
 
 
-def test_the_benchmark_sums_a_runs_logged_step_times(monkeypatch, tmp_path):
-    # without --pixel-json, the pixel run's wall time is its logged intervals' s_per_step x steps;
-    # rows re-logged after a resume count once, rows without s_per_step (evals) not at all
-    module = _bench_latent(monkeypatch)
+def test_a_runs_training_time_sums_its_logged_step_times(tmp_path):
+    # bench/latent.py without --pixel-json takes the pixel run's wall time from here: the logged
+    # intervals' s_per_step x steps; rows re-logged after a resume count once, rows without
+    # s_per_step (evals) not at all
     rows = [
         {"step": 10, "s_per_step": 0.5},
         {"eval": {"n": 100}},
@@ -324,7 +319,7 @@ def test_the_benchmark_sums_a_runs_logged_step_times(monkeypatch, tmp_path):
         {"step": 25, "s_per_step": 2.0},
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert module.logged_train_s(tmp_path) == 10 * 0.5 + 10 * 1.0 + 5 * 2.0
+    assert 60 * train_minutes(tmp_path) == pytest.approx(10 * 0.5 + 10 * 1.0 + 5 * 2.0)
 
 
 def _every_guidance_method_samples_the_latent_run(run_dir, tmp_path):
