@@ -17,12 +17,13 @@ with its own guidance (MeanFlow's is folded into training).
 
 Stages resume: a run whose training finished is kept (DIR/<row>/done.json), a killed one
 continues with `difflab train --resume`; `--reuse ROW=RUN` takes a run trained elsewhere (its
-minutes come from its metrics.jsonl). The measurements of every row are taken again, together,
+minutes come from its metrics.jsonl), or a shipped `pretrained:NAME` (minutes from its record). The measurements of every row are taken again, together,
 by each invocation, so the table compares runs measured on one machine in one run.
 
     python bench/few_step.py --data checkerboard --work DIR [--only meanflow,shortcut]
     python bench/few_step.py --data mnist --root ../shared/data --work DIR [--judge FILE]
-        [--reuse mnist-flow=runs/mnist-flow] [--override meanflow:train.steps=1000]
+        [--reuse mnist-flow=runs/mnist-flow mnist=pretrained:mnist]
+        [--override meanflow:train.steps=1000]
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ from pathlib import Path
 
 import torch
 
+from difflab import pretrained
 from difflab.benchmark.measure import environment
+from difflab.errors import ConfigError
 from difflab.files import write_text_atomically
 
 
@@ -101,14 +104,30 @@ def logged_minutes(run: Path) -> tuple[float, int]:
     return seconds / 60, last
 
 
+def reused_row(key: str, source: str, runs: dict[str, Path]) -> dict:
+    """A run trained elsewhere: a run folder (its minutes from metrics.jsonl) or a shipped
+    `pretrained:NAME` (its fp16 EMA file; minutes and steps from the file's record)."""
+    if source.startswith(pretrained.PREFIX):
+        try:
+            runs[key] = pretrained.resolve(source)
+        except ConfigError as e:
+            sys.exit(f"--reuse {key}={source}: {e}")
+        info = pretrained.record(runs[key])
+        minutes, steps = info.get("train_minutes"), info.get("train_steps", 0)
+        if minutes is None:
+            sys.exit(f"--reuse {key}={source}: its record has no training minutes")
+    else:
+        runs[key] = Path(source).resolve()
+        minutes, steps = logged_minutes(runs[key])
+    return {"run": str(runs[key]), "train_min": minutes, "steps": steps, "reused": True}
+
+
 def train_row(row: Row, args, runs: dict[str, Path]) -> dict:
     """Train (or resume, or reuse) one row's run; {"run", "train_min", "steps", ...}."""
     work = args.work
     done = work / row.key / "done.json"
     if row.key in args.reuse:
-        runs[row.key] = Path(args.reuse[row.key]).resolve()
-        minutes, steps = logged_minutes(runs[row.key])
-        return {"run": str(runs[row.key]), "train_min": minutes, "steps": steps, "reused": True}
+        return reused_row(row.key, args.reuse[row.key], runs)
     runs[row.key] = work / row.key
     if done.is_file():
         return json.loads(done.read_text())

@@ -1,5 +1,6 @@
 """bench/few_step.py's bookkeeping: training minutes from a run's metrics.jsonl (a resumed run
-counts its repeated interval once more, because that time was spent) and the table's cells."""
+counts its repeated interval once more, because that time was spent), a shipped run's from
+its record, and the table's cells."""
 
 import importlib.util
 import json
@@ -55,3 +56,19 @@ def test_the_table_has_a_line_per_row_with_its_figures(few_step):
     assert "| MeanFlow | none | 4.5 | 0.9 / 0.05 | 0.95 / 0.03 | 0.97 / 0.02 | - |" in lines[2]
     assert "| ECT | toy2d (4.0) | 3.0 |" in lines[3] and "| 50: 0.976 / 0.02 |" in lines[3]
     assert lines[3].endswith("| 0.01, 0.02, 0.04 |")
+
+
+def test_a_shipped_run_is_reused_with_its_records_minutes(few_step, tmp_path):
+    from difflab import pretrained
+
+    runs: dict[str, Path] = {}
+    info = few_step.reused_row("mnist-flow", "pretrained:mnist-flow", runs)
+    record = pretrained.record(pretrained.resolve("pretrained:mnist-flow"))
+    assert runs["mnist-flow"] == pretrained.resolve("pretrained:mnist-flow")
+    assert info["train_min"] == record["train_minutes"] > 0
+    assert info["steps"] == record["train_steps"] > 0 and info["reused"]
+    _metrics(tmp_path / "run", [{"step": 100, "s_per_step": 0.6}])  # a run folder: its log
+    info = few_step.reused_row("mnist", str(tmp_path / "run"), runs)
+    assert (info["train_min"], info["steps"]) == (1.0, 100)
+    with pytest.raises(SystemExit, match="unknown pretrained run"):
+        few_step.reused_row("x", "pretrained:nope", runs)
