@@ -62,6 +62,8 @@ def test_the_presets_are_class_conditional_few_step_runs():
     assert (meanflow.meanflow.omega, meanflow.meanflow.kappa) != (1.0, 0.0)
     assert meanflow.sample.guidance == 1.0 and meanflow.train.precision == "fp32"
     assert shortcut.sample.guidance > 1.0
+    # few levels, each seen often: the 128-step lattice on a quarter of batch 64 drew noise
+    assert shortcut.shortcut.max_steps == 16 and shortcut.shortcut.bootstrap_fraction == 0.5
 
 
 def _tiny(name, root="unused"):
