@@ -153,3 +153,18 @@ def test_mnist_shortcut_trains_and_samples_with_cfg(stripes, tmp_path):
         with np.load(out) as f:
             assert f["samples"].shape == (4, 1, 8, 8) and np.isfinite(f["samples"]).all()
             assert float(f["guidance"]) == 2.0
+
+
+@pytest.mark.slow
+def test_a_guided_image_runs_figure_holds_each_step_count(meanflow_run):
+    """plots/steps_compare.png of the folded MeanFlow run: 1, 2, 4 and 8 steps, each 40 images
+    of the two classes in order, from the same noise (1 step differs from 8)."""
+    from difflab.report.few_step import few_step_figures
+
+    run = load_run(meanflow_run)
+    (path,) = few_step_figures(meanflow_run, run.model.kind)
+    assert path == meanflow_run / "plots" / "steps_compare.png" and path.is_file()
+    with np.load(meanflow_run / "samples" / "steps_compare.npz") as f:
+        assert sorted(f.files) == ["steps_1", "steps_2", "steps_4", "steps_8"]
+        assert all(f[key].shape == (40, 1, 8, 8) for key in f.files)
+        assert np.abs(f["steps_1"] - f["steps_8"]).max() > 1e-4

@@ -123,6 +123,10 @@ class RunKind:
         return self.family == "consistency"
 
     @property
+    def second_time(self) -> bool:  # a one-step model whose net reads t2 (MeanFlow, shortcut)
+        return self.family in ("meanflow", "shortcut")
+
+    @property
     def autoencoder(self) -> bool:  # reconstructs its input; draws no samples
         return self.family == "autoencoder"
 

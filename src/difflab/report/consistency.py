@@ -13,7 +13,8 @@ import numpy as np
 from difflab.config import RunConfig
 from difflab.files import savez_atomically
 from difflab.model import RunKind
-from difflab.report import charts, grids
+from difflab.report import charts
+from difflab.report.few_step import panels_figure
 from difflab.report.figure import subplots
 from difflab.runs import draw_samples, load_run, sample_labels
 from difflab.training.logging import read_metrics
@@ -82,13 +83,7 @@ def teacher_figure(npz: Path, path: Path, kind: RunKind) -> Path:
                 strict=True,
             )
         }
-    if kind.is_image:
-        return grids.comparison_figure(panels, path)
-    fig, axes = subplots(1, len(panels), figsize=(4 * len(panels), 4))
-    for ax, (title, points) in zip(axes, panels.items(), strict=True):
-        charts._scatter(ax, points, "C0")
-        charts._square_axes(ax, title)
-    return charts._save(fig, path)
+    return panels_figure(panels, path, kind)
 
 
 def consistency_figures(

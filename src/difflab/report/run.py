@@ -21,6 +21,7 @@ from difflab.model import RunKind
 from difflab.report import charts, grids
 from difflab.report.attention import make_attention_artefacts, plot_attention
 from difflab.report.consistency import consistency_figures
+from difflab.report.few_step import few_step_figures
 from difflab.report.html import write_report
 from difflab.report.images import make_image_artefacts, plot_image_run
 from difflab.report.latent import make_autoencoder_artefacts, plot_autoencoder_run
@@ -167,6 +168,8 @@ def plot_run(
         paths.append(history)
     if kind.consistency:  # curriculum, student beside teacher
         paths += consistency_figures(run_dir, cfg, kind, resample)
+    if kind.second_time:  # MeanFlow, shortcut: 1, 2, 4, 8 steps from the same noise
+        paths += few_step_figures(run_dir, kind, resample)
     if report:
         paths.append(write_report(run_dir))
     return paths

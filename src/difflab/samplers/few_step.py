@@ -46,6 +46,15 @@ def _max_steps(grid: str) -> int:
     return int(grid.split(":")[1])
 
 
+def step_counts(denoiser, wanted: tuple[int, ...]) -> list[int]:
+    """The counts of `wanted` a few-step model samples with: a shortcut model's are powers of
+    two up to its lattice (shortcut.max_steps); MeanFlow takes any."""
+    grid = getattr(denoiser, "step_grid", None) or ""
+    if not grid.startswith("shortcut"):
+        return list(wanted)
+    return [n for n in wanted if n <= _max_steps(grid) and not n & (n - 1)]
+
+
 def _shortcut_times(grid: str, ts: Tensor, t_max: float) -> Tensor:
     """The times of ts on the shortcut's lattice: t / t_max (the path's t_max < 1 moves to 1: on
     the rectified path x_T is the noise at t = 1), each step d = 1 / 2^k with 2^k up to
