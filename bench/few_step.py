@@ -17,8 +17,9 @@ with its own guidance (MeanFlow's is folded into training).
 
 Stages resume: a run whose training finished is kept (DIR/<row>/done.json), a killed one
 continues with `difflab train --resume`; `--reuse ROW=RUN` takes a run trained elsewhere (its
-minutes come from its metrics.jsonl), or a shipped `pretrained:NAME` (minutes from its record). The measurements of every row are taken again, together,
-by each invocation, so the table compares runs measured on one machine in one run.
+minutes come from its metrics.jsonl) or a shipped `pretrained:NAME` (minutes from its record).
+The measurements of every row are taken again, together, by each invocation, so the table
+compares runs measured on one machine in one run.
 
     python bench/few_step.py --data checkerboard --work DIR [--only meanflow,shortcut]
     python bench/few_step.py --data mnist --root ../shared/data --work DIR [--judge FILE]
