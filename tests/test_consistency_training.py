@@ -18,6 +18,7 @@ from difflab.config import apply_overrides, preset
 from difflab.diffusion import schedules
 from difflab.diffusion.consistency import gaussian_consistency, noise_range, sigma_of, t_of_sigma
 from difflab.diffusion.curriculum import karras
+from difflab.errors import ConfigError
 from difflab.model import DataKind
 from difflab.samplers import SampleNoise, sample_heun
 from difflab.training.checkpoint import load_state
@@ -111,6 +112,35 @@ def test_ect_starts_from_the_teacher_and_cd_distils_it(tmp_path, teacher):
         assert torch.equal(v, ema[k]), k
     for k, v in parts.target.state_dict().items():  # the target starts there too
         assert torch.equal(v, ema[k]), k
+
+
+def test_a_weights_file_teaches_as_its_run_does(tmp_path, teacher):
+    """consistency.teacher=FILE (an fp16 EMA export, as pretrained:NAME is): the student starts
+    from its weights upcast to float32, CD distils it, and the report draws the student beside
+    it; a file that is not a difflab weights file is refused in one line."""
+    from difflab.report.consistency import teacher_samples
+    from difflab.runs import run_kind
+    from difflab.training.parts import build_parts
+
+    file = tmp_path / "teacher.safetensors"
+    assert cli.main(["export", str(teacher), "--format", "ema", "--out", str(file)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        parts = build_parts(_cfg("toy2d-ect", "train.steps=1", f"consistency.teacher={file}"))
+        cfg = _cfg("toy2d-cd", "train.steps=2", f"consistency.teacher={file}")
+        train(cfg, tmp_path / "cd", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    ema = load_file(teacher / "checkpoints/step-4/ema.safetensors")
+    for k, v in parts.net.state_dict().items():
+        assert torch.equal(v, ema[k].half().float()), k
+    npz = teacher_samples(tmp_path / "cd", cfg, run_kind(tmp_path / "cd"), 50)
+    with np.load(npz) as f:
+        assert f["teacher"].shape == (50, 2) and np.isfinite(f["teacher"]).all()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="is not a difflab weights file"):
+        build_parts(_cfg("toy2d-ect", f"consistency.teacher={bad}"))
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """The figures of a consistency run (train.loss = ct, ict, ect or cd): the loss and curriculum
 (N(k), the target's EMA rate mu(k), ECT's stage) against step, from metrics.jsonl; and one- and
 two-step samples beside the teacher's many-step samples from the same noise (the teacher named by
-consistency.teacher), drawn once into samples/teacher_compare.npz and plotted from it."""
+consistency.teacher: a run or a weights file), drawn once into samples/teacher_compare.npz and
+plotted from it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from difflab.model import RunKind
 from difflab.report import charts
 from difflab.report.few_step import panels_figure
 from difflab.report.figure import subplots
-from difflab.runs import draw_samples, load_run, sample_labels
+from difflab.runs import draw_samples, is_weights_file, load_run, sample_labels
 from difflab.training.logging import read_metrics
 
 CURRICULUM_KEYS = {
@@ -49,11 +50,11 @@ def curriculum_figure(metrics_path: Path, path: Path) -> Path | None:
 def teacher_samples(run_dir: Path, cfg: RunConfig, kind: RunKind, n: int) -> Path | None:
     """samples/teacher_compare.npz: the student's 1- and 2-step samples and the teacher's with
     its own sampler, all from seed cfg.sample.seed (the same x_T), with the same labels."""
-    teacher_dir = Path(cfg.consistency.teacher)
-    if not cfg.consistency.teacher or not (teacher_dir / "config.json").is_file():
+    source = cfg.consistency.teacher
+    if not source or not (is_weights_file(source) or (Path(source) / "config.json").is_file()):
         return None
     # the teacher's EMA weights: what the student was distilled from (training/teacher.py)
-    student, teacher = load_run(run_dir), load_run(teacher_dir, use_ema=True)
+    student, teacher = load_run(run_dir), load_run(source, use_ema=True)
     labels = sample_labels(student, n, per_class=True) if kind.condition == "classes" else None
     arrays, names = {}, []
     for key, run, scfg in (

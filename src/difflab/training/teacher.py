@@ -1,7 +1,7 @@
-"""A teacher run for consistency tuning and distillation (`--set consistency.teacher=RUN`): its
-EMA weights start the student (ECT, CD) and its solver gives CD's lower point. The teacher must
-be a diffusion run on the student's schedule and data; to start the student from it, also with
-its network and prediction kind."""
+"""A teacher for consistency tuning and distillation (`--set consistency.teacher=RUN`, a run
+or a weights file such as pretrained:mnist): its EMA weights start the student (ECT, CD) and its
+solver gives CD's lower point. The teacher must be a diffusion run on the student's schedule and
+data; to start the student from it, also with its network and prediction kind."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import itertools
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from difflab import build
@@ -47,27 +48,18 @@ def _differences(student: RunConfig, teacher: RunConfig, init: bool) -> list[str
 
 
 def load_teacher(cfg: RunConfig, student: Model) -> Model:
-    """The teacher run's model (EMA weights, eval mode, frozen) on the student's device;
-    ConfigError naming the problem when the run is missing, corrupt or does not match."""
+    """The teacher's model (EMA weights, eval mode, frozen) on the student's device: a run
+    directory's newest good checkpoint, or a weights file (`pretrained:NAME`, an exported fp16
+    EMA file, upcast to float32); ConfigError naming the problem when it is missing, corrupt or
+    does not match."""
     path = cfg.consistency.teacher
     if not path:
         raise ConfigError(
             f"train.loss={cfg.train.loss} starts from a trained diffusion run: "
             "--set consistency.teacher=RUN (e.g. runs/toy2d, trained by `difflab train "
-            "--preset toy2d --name toy2d`)"
+            "--preset toy2d --name toy2d`, or pretrained:mnist)"
         )
-    run_dir = Path(path)
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(
-            f"consistency.teacher={path} is not a difflab run directory (no config.json); "
-            "train the teacher first or fix the path"
-        )
-    try:
-        ckpt = latest_good_checkpoint(run_dir / "checkpoints")
-        tcfg = RunConfig.load(ckpt / "config.json")
-        kind = DataKind.from_info(load_data_info(ckpt))
-    except (CheckpointError, OSError, ValueError, KeyError) as e:
-        raise ConfigError(f"consistency.teacher={path} cannot be read: {e}") from None
+    tcfg, kind, load = _teacher_source(path)
     problems = _differences(cfg, tcfg, cfg.consistency.init_from_teacher)
     if build.run_kind(tcfg, kind).family not in ("diffusion", "flow"):
         problems.append(f"it was trained with train.loss={tcfg.train.loss}, not diffusion")
@@ -77,13 +69,48 @@ def load_teacher(cfg: RunConfig, student: Model) -> Model:
         raise ConfigError(f"consistency.teacher={path} does not match: {'; '.join(problems)}")
     with torch.random.fork_rng(devices=[]):  # the student's RNG stream stays as without one
         teacher = build.build_model(tcfg, kind, student.device)
-    try:
-        load_weights(ckpt, teacher.net, "ema")
-    except CheckpointError as e:
-        raise ConfigError(f"consistency.teacher={path}: {e}") from None
+    load(teacher.net)
     teacher.net.eval().requires_grad_(False)
     teacher.cfg = tcfg
     return teacher
+
+
+def _teacher_source(path: str):
+    """(config, data kind, a loader of the EMA weights into a net) of consistency.teacher."""
+    from difflab.runs import is_weights_file, resolve_source, weights_file_meta
+
+    if is_weights_file(path):
+        file = resolve_source(path)
+        tcfg, kind, _ = weights_file_meta(file)
+
+        def load_file_weights(net) -> None:
+            state = {k: v.float() for k, v in load_file(file).items()}
+            try:
+                net.load_state_dict(state)
+            except RuntimeError as e:
+                raise ConfigError(f"consistency.teacher={path}: {e}"[:300]) from None
+
+        return tcfg, kind, load_file_weights
+    run_dir = Path(path)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(
+            f"consistency.teacher={path} is not a difflab run directory (no config.json) or "
+            "weights file; train the teacher first or fix the path"
+        )
+    try:
+        ckpt = latest_good_checkpoint(run_dir / "checkpoints")
+        tcfg = RunConfig.load(ckpt / "config.json")
+        kind = DataKind.from_info(load_data_info(ckpt))
+    except (CheckpointError, OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"consistency.teacher={path} cannot be read: {e}") from None
+
+    def load_checkpoint(net) -> None:
+        try:
+            load_weights(ckpt, net, "ema")
+        except CheckpointError as e:
+            raise ConfigError(f"consistency.teacher={path}: {e}") from None
+
+    return tcfg, kind, load_checkpoint
 
 
 def solver_step(teacher: Model, solver: str, guidance: float, sample_cfg, substeps: int = 1):
