@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import math
 from pathlib import Path
 
@@ -58,6 +59,24 @@ def test_api_cli_and_eval_read_pretrained_alike(tmp_path, capsys):
         assert np.array_equal(f["samples"], samples.tensor.numpy())
     assert main(["eval", "pretrained:toy2d", "--n", "300", "--quiet", "--json"]) == 0
     assert '"in_square"' in capsys.readouterr().out
+
+
+def test_a_shipped_run_compares_samplers_with_its_plot_beside_the_json(tmp_path, capsys):
+    """`eval pretrained:toy2d --compare`: the rows of its sampler sweep; the plot goes beside
+    --out (OUT.png), never into the package; without --out there is no plot."""
+    out = tmp_path / "c.json"
+    argv = ["eval", "pretrained:toy2d", "--compare", "--samplers", "ddim", "--nfe", "2,8"]
+    package = sorted(pretrained.file_of("toy2d").parent.iterdir())
+    assert main([*argv, "--n", "300", "--quiet", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["sampler"], r["nfe"]) for r in result["rows"]] == [("ddim", 2), ("ddim", 8)]
+    assert result["rows"][1]["in_square"] > result["rows"][0]["in_square"]
+    assert result["plot"] == str(out.with_suffix(".png")) and out.with_suffix(".png").is_file()
+    capsys.readouterr()
+    assert main([*argv, "--n", "300", "--quiet", "--json"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{\n") :])["plot"] is None
+    assert sorted(pretrained.file_of("toy2d").parent.iterdir()) == package
 
 
 def test_unknown_or_missing_names_are_one_line(tmp_path, capsys, monkeypatch):

@@ -294,7 +294,7 @@ def _eval_compare(args: argparse.Namespace, source: Path, image_eval: dict | Non
         device=args.device,
         progress=not args.quiet,
     )
-    result = plot_compare(result, source)
+    result = plot_compare(result, source, Path(args.out) if args.out else None)
     if args.out:
         write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2) if args.json else format_compare(result))

@@ -12,7 +12,7 @@ from difflab.config import ConfigError
 from difflab.evaluation.protocol import HIGHER_IS_BETTER
 from difflab.evaluation.sampled import evaluate_images_of, timed_samples
 from difflab.evaluation.toy2d import evaluate_toy
-from difflab.runs import attach_guide, check_run_dir, load_run
+from difflab.runs import attach_guide, check_run_dir, is_weights_file, load_run, resolve_source
 from difflab.samplers import SAMPLERS, deterministic_samplers, nfe_of, steps_for_nfe
 
 
@@ -38,9 +38,10 @@ def compare_samplers(
     runs are measured by sliced W2 (and in-square); image runs by `image_eval` = {"metrics",
     "reference", "extractors"} (see `evaluation.evaluate_images_of`). Each row also has the
     sampling speed (ms per sample) and peak memory. Returns {"rows": [...], "provenance": ...};
-    `report.run.plot_compare` draws plots/compare.png from them.
+    `report.run.plot_compare` draws plots/compare.png from them. `run_dir` may be a weights
+    file (pretrained:NAME, an `export --format ema` file).
     """
-    run_dir = check_run_dir(run_dir)
+    run_dir = resolve_source(run_dir) if is_weights_file(run_dir) else check_run_dir(run_dir)
     changes = dict(changes or {})
     # --raw (changes["use_ema"] = False), else the run's sample.use_ema (config.use_ema_of)
     run = load_run(
@@ -161,6 +162,6 @@ def format_compare(result: dict, header: bool = True) -> str:
             + f" {row.get('net_calls', row['nfe']):6.4g}"
             + f" {row['ms_per_sample']:10.2f} {row['peak_memory_mb']:8.0f}"
         )
-    if "plot" in result:
+    if result.get("plot"):
         lines.append(f"plot: {result['plot']}")
     return "\n".join(lines)

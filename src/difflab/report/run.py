@@ -26,7 +26,14 @@ from difflab.report.html import write_report
 from difflab.report.images import make_image_artefacts, plot_image_run
 from difflab.report.latent import make_autoencoder_artefacts, plot_autoencoder_run
 from difflab.report.toy import plot_toy_run, record_trajectories
-from difflab.runs import check_run_dir, draw_samples, load_run, run_kind, save_run_samples
+from difflab.runs import (
+    check_run_dir,
+    draw_samples,
+    is_weights_file,
+    load_run,
+    run_kind,
+    save_run_samples,
+)
 from difflab.training.hooks import Hooks
 from difflab.training.logging import MetricsLog, read_metrics
 
@@ -43,13 +50,21 @@ def draw_grid(samples, path: Path, model) -> Path:
     return charts.scatter(samples, path, path.stem.replace("grid-", "").replace("-", " "))
 
 
-def plot_compare(result: dict, run_dir: Path) -> dict:
-    """plots/compare.png of an `eval --compare` result; returns the result with its "plot"."""
+def plot_compare(result: dict, run_dir: Path, out: Path | None = None) -> dict:
+    """RUN/plots/compare.png of an `eval --compare` result, or OUT.png beside the JSON `out`
+    when the run is a weights file (nothing written into the package); returns the result with
+    its "plot" (None when there is nowhere to draw it)."""
     rows = result["rows"]
-    plot = charts.compare_plot(rows, run_dir / "plots" / "compare.png", quality_keys(rows))
+    if is_weights_file(run_dir):
+        if out is None:
+            return {**result, "plot": None}
+        compare, tradeoff = out.with_suffix(".png"), out.with_name(f"{out.stem}_tradeoff.png")
+    else:
+        compare, tradeoff = run_dir / "plots" / "compare.png", None
+    plot = charts.compare_plot(rows, compare, quality_keys(rows))
     fd = next((k for k in ("fd_judge", "fid") if k in rows[0]), None)
     if "guidance_method" in rows[0] and fd and "accuracy" in rows[0]:  # --guidance-methods
-        path = run_dir / "plots" / "guidance_tradeoff.png"
+        path = tradeoff or run_dir / "plots" / "guidance_tradeoff.png"
         tradeoff = charts.tradeoff_plot(rows, path, fd, "accuracy")
         return {**result, "plot": str(plot), "tradeoff_plot": str(tradeoff)}
     return {**result, "plot": str(plot)}
