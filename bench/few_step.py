@@ -13,7 +13,8 @@ reflow pairs' drawing), the teacher and its minutes, quality at 1, 2 and 4 netwo
 the references' own budgets: DDIM-50, DPM-Solver++ 10) and milliseconds per sample at each.
 Checkerboard quality: in-square and sliced W2 of 20,000 samples against the data. MNIST: judge
 accuracy and judge Frechet distance to the test split of 1,000 class-balanced samples, each run
-with its own guidance (MeanFlow's is folded into training).
+with its own guidance (MeanFlow's is folded into training; `--guidance ROW=SCALE` measures a
+run trained before its preset's scale changed at the new one).
 
 Stages resume: a run whose training finished is kept (DIR/<row>/done.json), a killed one
 continues with `difflab train --resume`; `--reuse ROW=RUN` takes a run trained elsewhere (its
@@ -24,7 +25,7 @@ compares runs measured on one machine in one run.
     python bench/few_step.py --data checkerboard --work DIR [--only meanflow,shortcut]
     python bench/few_step.py --data mnist --root ../shared/data --work DIR [--judge FILE]
         [--reuse mnist-flow=runs/mnist-flow mnist=pretrained:mnist]
-        [--override meanflow:train.steps=1000]
+        [--override meanflow:train.steps=1000] [--guidance shortcut=2.5]
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ def measure_row(row: Row, run: Path, args) -> list[dict]:
     out = args.work / f"{row.key}.compare.json"
     cmd = [str(run), "--compare", "--samplers", row.sampler, "--nfe", ",".join(map(str, nfes))]
     cmd += ["--n", str(args.n), "--quiet", "--out", str(out)]
+    cmd += ["--guidances", args.guidance[row.key]] if row.key in args.guidance else []
     if args.data == "mnist":
         cmd += ["--metric", "accuracy,fd_judge", "--reference", "mnist:test", "--root", args.root]
         cmd += ["--judge", args.judge] if args.judge else []
@@ -207,6 +209,9 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated row keys (teachers are trained as needed)")
     ap.add_argument("--reuse", nargs="*", default=[], help="ROW=RUN: a run trained elsewhere")
     ap.add_argument("--override", nargs="*", default=[], help="ROW:KEY=VALUE for that row")
+    ap.add_argument(
+        "--guidance", nargs="*", default=[], help="ROW=SCALE: measure that row at this scale"
+    )
     ap.add_argument("--root", default="../shared/data", help="MNIST's data folder")
     ap.add_argument("--judge", help="the MNIST judge (default: the one eval trains or caches)")
     ap.add_argument("--n", type=int, help="samples per measurement (20,000 / 1,000)")
@@ -220,6 +225,7 @@ def main() -> None:
     args.reflow_pairs = args.reflow_pairs or (10000 if mnist else 50000)
     args.reuse = {k: v[-1] for k, v in parse_pairs(args.reuse, "=", "--reuse").items()}
     args.overrides = parse_pairs(args.override, ":", "--override")
+    args.guidance = {k: v[-1] for k, v in parse_pairs(args.guidance, "=", "--guidance").items()}
     args.common_sets = [f"data.root={Path(args.root).resolve()}"] if mnist else []
     rows = MNIST if mnist else CHECKERBOARD
     keys = {r.key: r for r in rows}
