@@ -68,6 +68,7 @@ ALLOWED = {
         "diffusion.guidance",
         "files",
         "model",
+        "pretrained",  # checkpoint.py reads weights files, a pretrained:NAME among them
         "samplers",
     },
     "runs": {
@@ -77,7 +78,6 @@ ALLOWED = {
         "diffusion.prediction",
         "files",
         "model",
-        "pretrained",
         "samplers",
         "training.checkpoint",
     },

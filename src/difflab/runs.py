@@ -3,31 +3,35 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from difflab import build, devices, pretrained
+from difflab import build, devices
 from difflab.config import ConfigError, RunConfig, SampleConfig, use_ema_of
 from difflab.diffusion.prediction import Denoiser
 from difflab.files import savez_atomically
 from difflab.model import DataKind, Model, RunKind
 from difflab.samplers import Recorder, nfe_of
-from difflab.training.checkpoint import (
+from difflab.training.checkpoint import (  # the weights file's reading, re-exported here
     COMPANION_FOLDER,
     CheckpointError,
     check_network_family,
     checkpoint_step,
+    is_weights_file,
     latest_good_checkpoint,
     list_checkpoints,
     load_data_info,
     load_weights,
+    resolve_source,
     verify_checkpoint,
+    weights_file_meta,
+)
+from difflab.training.checkpoint import (
+    WEIGHTS_META as WEIGHTS_META,
 )
 
 
@@ -62,23 +66,6 @@ class LoadedRun:
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.model.conditioner.class_names
-
-
-# Metadata keys of a weights file (`difflab export --format ema`): the run's config, data.json
-# and step as JSON strings; the tensors are the EMA weights in half precision.
-WEIGHTS_META = ("difflab_config", "difflab_data", "difflab_step")
-
-
-def resolve_source(source: str | Path) -> Path:
-    """Where a run is read from: a run directory or weights file as given, or the file shipped
-    in the package that `pretrained:NAME` names (one line listing those shipped otherwise).
-    Every command and the Python API read runs through here."""
-    return pretrained.resolve(source) if pretrained.is_pretrained(source) else Path(source)
-
-
-def is_weights_file(path: str | Path) -> bool:
-    path = resolve_source(path)
-    return path.suffix == ".safetensors" and path.is_file()
 
 
 def check_run_dir(run_dir: str | Path) -> Path:
@@ -143,20 +130,6 @@ def load_run(
     load_weights(ckpt, model.net, "ema" if ema else "model")
     model.net.eval().requires_grad_(False)
     return LoadedRun(run_dir, ckpt, cfg, model, checkpoint_step(ckpt), ema)
-
-
-def weights_file_meta(path: Path) -> tuple[RunConfig, DataKind, int]:
-    """The config, data kind and step a weights file carries in its metadata."""
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        config, data, step = (json.loads(meta[k]) for k in WEIGHTS_META)
-    except (OSError, ValueError, KeyError, SafetensorError) as e:
-        raise ConfigError(
-            f"{path} is not a difflab weights file ({type(e).__name__}: {e}); make one with "
-            "`difflab export RUN --format ema --dtype fp16 --out FILE.safetensors`"
-        ) from None
-    return RunConfig.from_dict(config), DataKind.from_info(data), int(step)
 
 
 def load_weights_file(path: Path, use_ema: bool | None = None, device: str = "auto") -> LoadedRun:

@@ -22,11 +22,14 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from difflab.config import ConfigError
+from difflab import pretrained
+from difflab.config import ConfigError, RunConfig
 from difflab.files import fsync_folder, sha256_file
+from difflab.model import DataKind
 from difflab.training.faults import tensor_bytes, write_failure
 
 FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json", "data.json")
@@ -235,3 +238,34 @@ def load_config(path: Path) -> dict:
 def load_data_info(path: Path) -> dict:
     """{"shape": [...], "num_classes": n, "class_names": [...]} of a checkpoint."""
     return json.loads((path / "data.json").read_text())
+
+
+# Metadata keys of a weights file (`difflab export --format ema`): the run's config, data.json
+# and step as JSON strings; the tensors are the EMA weights in half precision.
+WEIGHTS_META = ("difflab_config", "difflab_data", "difflab_step")
+
+
+def resolve_source(source: str | Path) -> Path:
+    """Where a run is read from: a run directory or weights file as given, or the file shipped
+    in the package that `pretrained:NAME` names (one line listing those shipped otherwise).
+    Every command and the Python API read runs through here."""
+    return pretrained.resolve(source) if pretrained.is_pretrained(source) else Path(source)
+
+
+def is_weights_file(path: str | Path) -> bool:
+    path = resolve_source(path)
+    return path.suffix == ".safetensors" and path.is_file()
+
+
+def weights_file_meta(path: Path) -> tuple[RunConfig, DataKind, int]:
+    """The config, data kind and step a weights file carries in its metadata."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        config, data, step = (json.loads(meta[k]) for k in WEIGHTS_META)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise ConfigError(
+            f"{path} is not a difflab weights file ({type(e).__name__}: {e}); make one with "
+            "`difflab export RUN --format ema --dtype fp16 --out FILE.safetensors`"
+        ) from None
+    return RunConfig.from_dict(config), DataKind.from_info(data), int(step)

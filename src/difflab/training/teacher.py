@@ -19,9 +19,12 @@ from difflab.model import DataKind, Model
 from difflab.samplers import SampleNoise, sampler_info
 from difflab.training.checkpoint import (
     CheckpointError,
+    is_weights_file,
     latest_good_checkpoint,
     load_data_info,
     load_weights,
+    resolve_source,
+    weights_file_meta,
 )
 
 # What must agree between teacher and student: the path and the data always, the network to
@@ -77,8 +80,6 @@ def load_teacher(cfg: RunConfig, student: Model) -> Model:
 
 def _teacher_source(path: str):
     """(config, data kind, a loader of the EMA weights into a net) of consistency.teacher."""
-    from difflab.runs import is_weights_file, resolve_source, weights_file_meta
-
     if is_weights_file(path):
         file = resolve_source(path)
         tcfg, kind, _ = weights_file_meta(file)
