@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from difflab import build, devices
 from difflab.config import ConfigError, RunConfig, SampleConfig, use_ema_of
@@ -19,19 +18,16 @@ from difflab.samplers import Recorder, nfe_of
 from difflab.training.checkpoint import (  # the weights file's reading, re-exported here
     COMPANION_FOLDER,
     CheckpointError,
-    check_network_family,
     checkpoint_step,
     is_weights_file,
     latest_good_checkpoint,
     list_checkpoints,
     load_data_info,
     load_weights,
+    load_weights_file_into,
     resolve_source,
     verify_checkpoint,
     weights_file_meta,
-)
-from difflab.training.checkpoint import (
-    WEIGHTS_META as WEIGHTS_META,
 )
 
 
@@ -139,12 +135,7 @@ def load_weights_file(path: Path, use_ema: bool | None = None, device: str = "au
         raise ConfigError(f"{path} holds the EMA weights only; leave out --raw")
     cfg, kind, step = weights_file_meta(path)
     model = build.build_model(cfg, kind, devices.resolve_device(device))
-    state = {k: v.float() for k, v in load_file(path).items()}  # safetensors: no code runs
-    check_network_family(state, model.net, path)
-    try:
-        model.net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConfigError(f"the weights in {path} do not fit its config: {e}"[:300]) from None
+    load_weights_file_into(path, model.net)
     model.net.eval().requires_grad_(False)
     return LoadedRun(path, path, cfg, model, step, ema=True)
 

@@ -3,7 +3,7 @@
 The run's power-function EMA snapshots (RUN/phema/, stored when trained with
 train.phema_sigma_rels and train.phema_every; training/phema.py) are combined into the EMA of
 any sigma_rel (training/posthoc.py, EDM2's least-squares reconstruction) and written as a
-weights file (runs.WEIGHTS_META: config, data.json and step in its metadata), which
+weights file (training.checkpoint.WEIGHTS_META: config, data.json and step in its metadata), which
 `difflab sample FILE`, `difflab eval FILE` and `difflab export FILE` read like any EMA file.
 A sweep writes one file per sigma_rel, measures each through the usual evaluation path and
 marks the best, in RUN/posthoc/sweep.json and RUN/plots/posthoc_sweep.png.
@@ -73,8 +73,7 @@ def write_posthoc(run_dir: Path, snapshots: list, sigma_rel: float, out: Path) -
     snapshot's step, atomically to `out`."""
     from safetensors.torch import save_file
 
-    from difflab.runs import WEIGHTS_META
-    from difflab.training.checkpoint import latest_good_checkpoint, load_data_info
+    from difflab.training.checkpoint import WEIGHTS_META, latest_good_checkpoint, load_data_info
     from difflab.training.posthoc import synthesise
 
     ckpt = latest_good_checkpoint(run_dir / "checkpoints")

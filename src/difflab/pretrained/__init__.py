@@ -4,11 +4,11 @@
     run = difflab.load("pretrained:toy2d")
 
 Each is an fp16 EMA weights file, `NAME.safetensors` in this folder, as `difflab export --format
-ema` writes one (`runs.WEIGHTS_META`: the run's config, data.json and step), whose config's
-`sample` section holds fast sampling defaults, and whose `difflab_pretrained` metadata key says
-how it was made and judged (`record`). `difflab pretrained build NAME` makes them from the
-presets (cli/pretrained.py); `runs` resolves the names here, so every command and the Python API
-read them as they read any weights file.
+ema` writes one (`training.checkpoint.WEIGHTS_META`: the run's config, data.json and step),
+whose config's `sample` section holds fast sampling defaults, and whose `difflab_pretrained`
+metadata key says how it was made and judged (`record`). `difflab pretrained build NAME` makes
+them from the presets (cli/pretrained.py); `runs` resolves the names here, so every command and
+the Python API read them as they read any weights file.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`difflab export --format ema`: a run's EMA weights alone in half precision, in one
-safetensors file whose metadata carries the config, data.json and step (runs.WEIGHTS_META), so
-`difflab sample FILE` and `difflab eval FILE` need nothing else. Loading runs no code."""
+safetensors file whose metadata carries the config, data.json and step
+(training.checkpoint.WEIGHTS_META), so `difflab sample FILE` and `difflab eval FILE` need nothing
+else. Loading runs no code."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from safetensors.torch import save_file
 
 from difflab.config import ConfigError
 from difflab.files import replace_atomically
-from difflab.runs import WEIGHTS_META, load_run
+from difflab.runs import load_run
 from difflab.share.folders import check_target
+from difflab.training.checkpoint import WEIGHTS_META
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -269,3 +269,14 @@ def weights_file_meta(path: Path) -> tuple[RunConfig, DataKind, int]:
             "`difflab export RUN --format ema --dtype fp16 --out FILE.safetensors`"
         ) from None
     return RunConfig.from_dict(config), DataKind.from_info(data), int(step)
+
+
+def load_weights_file_into(path: Path, net: nn.Module) -> None:
+    """A weights file's half-precision EMA weights, upcast to float32, into `net`; one line
+    when they are another network's or do not fit its config."""
+    state = {k: v.float() for k, v in load_file(path).items()}  # safetensors: no code runs
+    check_network_family(state, net, path)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"the weights in {path} do not fit its config: {e}"[:300]) from None

@@ -5,11 +5,11 @@ data; to start the student from it, also with its network and prediction kind.""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from difflab import build
@@ -23,6 +23,7 @@ from difflab.training.checkpoint import (
     latest_good_checkpoint,
     load_data_info,
     load_weights,
+    load_weights_file_into,
     resolve_source,
     weights_file_meta,
 )
@@ -83,15 +84,7 @@ def _teacher_source(path: str):
     if is_weights_file(path):
         file = resolve_source(path)
         tcfg, kind, _ = weights_file_meta(file)
-
-        def load_file_weights(net) -> None:
-            state = {k: v.float() for k, v in load_file(file).items()}
-            try:
-                net.load_state_dict(state)
-            except RuntimeError as e:
-                raise ConfigError(f"consistency.teacher={path}: {e}"[:300]) from None
-
-        return tcfg, kind, load_file_weights
+        return tcfg, kind, functools.partial(load_weights_file_into, file)
     run_dir = Path(path)
     if not (run_dir / "config.json").is_file():
         raise ConfigError(
