@@ -240,3 +240,38 @@ def test_the_api_reflow_is_the_cli_reflow(runs):
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
     summaries = [json.loads((runs / n / "reflow.json").read_text()) for n in ("api", "cli")]
     assert summaries[0]["straightness"] == summaries[1]["straightness"]
+
+
+def test_reflow_of_a_weights_file_starts_from_its_weights_and_writes_nothing_beside_it(
+    runs, tmp_path, monkeypatch
+):
+    """`difflab reflow FILE` (an `export --format ema` file, as `pretrained:NAME` is): the pairs
+    and the reflow run go under runs/ (a shipped file lies in the package), the pairs start
+    from the run's noise, and the reflow run starts from the file's upcast EMA weights."""
+    from safetensors.torch import load_file
+
+    from difflab.training.parts import build_parts
+
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    weights = shelf / "flow.safetensors"
+    assert main(["export", str(runs / "flow"), "--format", "ema", "--out", str(weights)]) == 0
+    monkeypatch.chdir(tmp_path)
+    argv = ["reflow", str(weights), "--pairs", "120", "--chunk", "60", "--quiet", "--no-finish"]
+    assert main([*argv, "--set", "train.steps=10", "train.checkpoint_every=10"]) == 0
+    assert sorted(p.name for p in shelf.iterdir()) == ["flow.safetensors"]
+    out = tmp_path / "runs" / "flow-reflow"
+    assert json.loads((out / "reflow.json").read_text())["straightness"]["reflow"] >= 0
+    cfg = load_run(out).cfg
+    assert cfg.train.init_from == str(weights.resolve())
+    assert cfg.data.pairs.startswith(str(tmp_path / "runs" / "flow-pairs" / "reflow"))
+    # the pairs are the run's, drawn with its EMA weights rounded to fp16 as the file holds them
+    upcast = {k: v.float() for k, v in load_file(weights).items()}
+    run = load_run(runs / "flow")
+    run.model.net.load_state_dict(upcast)
+    own = draw_pairs(run, run.cfg.sample, 120, chunk=60, progress=False, home=tmp_path / "own")
+    (noise, x, *_), (own_noise, own_x, *_) = read_pairs(cfg.data.pairs), read_pairs(own)
+    assert torch.equal(noise, own_noise) and torch.equal(x, own_x)
+    # the reflow run's first weights are the file's, upcast
+    parts = build_parts(cfg)
+    assert all(torch.equal(parts.net.state_dict()[k], upcast[k]) for k in upcast)

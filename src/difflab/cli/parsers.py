@@ -197,11 +197,15 @@ def _add_reflow_parser(sub) -> None:
     p = sub.add_parser(
         "reflow", help="draw (noise, ODE endpoint) pairs of a flow run and train its reflow"
     )
-    p.add_argument("run", help="a flow run (diffusion.prediction=velocity)")
+    p.add_argument(
+        "run", help="a flow run (diffusion.prediction=velocity) or weights file (pretrained:NAME)"
+    )
     p.add_argument("--pairs", type=int, default=50_000, help="pairs to draw (default 50,000)")
     p.add_argument("--chunk", type=int, default=5000, help="pairs per resumable file")
     p.add_argument("--name", help="the reflow run's name (default: RUN's name + '-reflow')")
-    p.add_argument("--runs", help="folder for the reflow run (default: beside RUN)")
+    p.add_argument(
+        "--runs", help="folder for the reflow run (default: beside RUN; runs/ for a weights file)"
+    )
     p.add_argument("--no-init", action="store_true", help="train from scratch, not from RUN")
     p.add_argument("--pairs-only", action="store_true", help="draw the pairs, train nothing")
     p.add_argument(

@@ -38,9 +38,13 @@ def cmd_reflow(args: argparse.Namespace) -> int:
 
 def reflow_dir(source: Path, name: str | None, runs: str | Path | None) -> Path:
     """The reflow run's directory: RUNS/NAME, where both default to beside the source run and
-    its name + '-reflow'."""
-    name = name or f"{source.name}-reflow"
-    return Path(runs) / name if runs else source.parent / name
+    its name + '-reflow'. A weights file's default RUNS is runs/, as `difflab train`'s: a
+    shipped one lies in the installed package, where nothing is written."""
+    if source.is_dir():
+        name = name or f"{source.name}-reflow"
+        return Path(runs) / name if runs else source.parent / name
+    name = name or f"{source.name.split('.')[0]}-reflow"
+    return Path(runs or "runs") / name
 
 
 def run_reflow(
@@ -62,7 +66,7 @@ def run_reflow(
     then the figures (`finish`). Shared by `difflab reflow` and `difflab.reflow`; returns the
     summary written to reflow.json (None with `pairs_only`)."""
     from difflab.files import write_text_atomically
-    from difflab.flow.pairs import check_flow_run, draw_pairs
+    from difflab.flow.pairs import check_flow_run, draw_pairs, pairs_home
     from difflab.flow.reflow import reflow_config
 
     check_flow_run(run.model, scfg)  # before anything is written
@@ -75,7 +79,8 @@ def run_reflow(
                 f"`difflab train --resume {out_dir}`"
             )
     start = time.perf_counter()
-    folder = draw_pairs(run, scfg, n_pairs, chunk, progress=progress)
+    home = pairs_home(run.run_dir, out_dir)
+    folder = draw_pairs(run, scfg, n_pairs, chunk, progress=progress, home=home)
     pair_s = time.perf_counter() - start
     print(f"difflab: {n_pairs} pairs in {folder} ({pair_s:.0f} s)")
     if pairs_only:

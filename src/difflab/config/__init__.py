@@ -160,7 +160,7 @@ class TrainConfig:
     eval_reference: str = ""  # images: "" = the data set's test split; a split, folder or .npz
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (with advice) | skip the update
     nonfinite_max_skips: int = 10  # skip: stop after this many skipped updates in a row
-    init_from: str = ""  # a checkpoint folder whose EMA weights start a fresh run (reflow)
+    init_from: str = ""  # a checkpoint or weights file whose EMA weights start a run (reflow)
 
 
 @dataclass

@@ -6,7 +6,9 @@ stream 0 row i scaled by prior_std, exactly what `Model.sample` starts from, so 
 only on (seed, its indices) and the sampler. Chunks of `chunk` pairs are written one by one as
 RUN/reflow/<key>/chunk-NNNNN.npz (atomically), after pairs.json names what draws them; a killed
 drawing is resumed by running the same command, which skips finished chunks and draws the rest,
-giving the same pairs as an uninterrupted one.
+giving the same pairs as an uninterrupted one. A weights file (`pretrained:NAME`, `export --format
+ema`) has no folder of its own, and a shipped one lies in the installed package: its pairs go in
+a folder beside the reflow run that stands in for it (`pairs_home`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ def pairs_key(scfg: SampleConfig, n: int, chunk: int, use_ema: bool) -> dict:
     return key
 
 
+def pairs_home(source: Path, out_dir: Path) -> Path:
+    """The folder whose reflow/ holds a source's pairs: the source run's own folder, or for a
+    weights file RUNS/<its stem>-pairs beside the reflow run RUNS/NAME (`out_dir`)."""
+    if source.is_dir():
+        return source
+    return out_dir.parent / f"{source.name.split('.')[0]}-pairs"
+
+
 def pairs_folder(run_dir: Path, key: dict) -> Path:
     name = f"{key['sampler']}-{key['steps']}-seed{key['seed']}-n{key['n']}"
     if key["guidance"] != 1.0:
@@ -59,20 +69,28 @@ def pairs_folder(run_dir: Path, key: dict) -> Path:
 
 
 @torch.no_grad()
-def draw_pairs(run, scfg: SampleConfig, n: int, chunk: int = 5000, progress: bool = True) -> Path:
+def draw_pairs(
+    run,
+    scfg: SampleConfig,
+    n: int,
+    chunk: int = 5000,
+    progress: bool = True,
+    home: Path | None = None,
+) -> Path:
     """Draw (or finish drawing) n pairs of a loaded flow run; returns their folder.
 
     Args:
         run: a loaded run (runs.load_run) of a flow model.
         scfg: the deterministic sampler, steps, grid, seed and guidance of the pairs.
         n: number of pairs; chunk: pairs per file.
+        home: the folder whose reflow/ holds them (default: the run's folder; `pairs_home`).
     """
     model = run.model
     check_flow_run(model, scfg)
     if n < 1 or chunk < 1:
         raise ConfigError(f"--pairs and --chunk must be >= 1, got {n} and {chunk}")
     key = pairs_key(scfg, n, chunk, run.ema)
-    folder = pairs_folder(run.run_dir, key)
+    folder = pairs_folder(home or run.run_dir, key)
     meta = {
         **key,
         "chunks": -(-n // chunk),

@@ -17,11 +17,13 @@ from difflab.model import Model
 from difflab.training import companion, distributed, phema, teacher
 from difflab.training.checkpoint import (
     CheckpointError,
+    is_weights_file,
     latest_good_checkpoint,
     list_checkpoints,
     load_config,
     load_state,
     load_weights,
+    load_weights_file_into,
     remove_leftovers,
 )
 from difflab.training.ema import EMA
@@ -154,7 +156,7 @@ def build_parts(
         model.conditioner.fit(data.captions)
     data = devices.place_data(model.codec.training_data(data, cfg), device)  # latents, cached
     if cfg.train.init_from:  # reflow: start from a trained model's EMA weights
-        load_weights(Path(cfg.train.init_from), model.net, "ema")
+        _init_weights(Path(cfg.train.init_from), model.net)
     loss = build.build_loss(cfg, model.schedule)
     if loss.needs_teacher:  # ECT / CD: start from (and distil) a trained run
         teacher.attach(loss, cfg, model)
@@ -198,6 +200,15 @@ def build_parts(
         power_ema=power_ema,
         companion=weak,
     )
+
+
+def _init_weights(path: Path, net: torch.nn.Module) -> None:
+    """train.init_from: a checkpoint folder's EMA weights, or a weights file's (its fp16 EMA
+    weights upcast to float32: `difflab reflow pretrained:NAME`)."""
+    if is_weights_file(path):
+        load_weights_file_into(path, net)
+    else:
+        load_weights(path, net, "ema")
 
 
 def lr_at(cfg: RunConfig, step: int) -> float:
