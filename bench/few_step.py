@@ -5,7 +5,7 @@ Rows, each a preset trained by the public commands (`difflab train`, `difflab re
   (rectified flow, DPM-Solver++ (2M)); on MNIST `mnist` and `mnist-flow`;
 - 2-rectified flow (`difflab reflow` of the flow run, sampled by Euler: `ddim`);
 - consistency distillation (CD) and easy consistency tuning (ECT), both of the DDPM teacher;
-- improved consistency training (iCT, `toy2d-ct`: the checkerboard only, MNIST has no preset);
+- improved consistency training (iCT from scratch: `toy2d-ct`, `mnist-ct`);
 - MeanFlow and shortcut models, from scratch.
 
 Columns: training minutes (the sum of the run's logged step times in metrics.jsonl, plus the
@@ -73,6 +73,7 @@ MNIST = (
     Row("reflow", "2-rectified flow", "mnist-flow", "ddim", teacher="mnist-flow", reflow=True),
     Row("cd", "consistency distillation", "mnist-cd", "consistency", teacher="mnist"),
     Row("ect", "easy consistency tuning", "mnist-ect", "consistency", teacher="mnist"),
+    Row("ict", "improved consistency training", "mnist-ct", "consistency"),
     Row("meanflow", "MeanFlow", "mnist-meanflow", "meanflow"),
     Row("shortcut", "shortcut model", "mnist-shortcut", "shortcut"),
 )

@@ -5,6 +5,7 @@ classifier-free guidance. Each trains 3 steps on a tiny U-Net over two classes o
 guidance scale and samples guided at one network call a step."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -153,6 +154,25 @@ def test_mnist_shortcut_trains_and_samples_with_cfg(stripes, tmp_path):
         with np.load(out) as f:
             assert f["samples"].shape == (4, 1, 8, 8) and np.isfinite(f["samples"]).all()
             assert float(f["guidance"]) == 2.0
+
+
+def test_mnist_ct_is_ict_from_scratch_on_the_mnist_unet(stripes, tmp_path):
+    """mnist-ct (the MNIST iCT row of bench/few_step.py): no teacher, the mnist U-Net and labels,
+    iCT's curriculum starting at s0 + 1 levels; it trains and samples in 1 and 2 steps."""
+    cfg, base = preset("mnist-ct"), preset("mnist")
+    assert cfg.train.loss == "ict" and not cfg.consistency.teacher
+    assert cfg.model.unet == base.model.unet and cfg.data.class_conditional
+    assert (cfg.diffusion.schedule, cfg.diffusion.sigma_data) == ("edm", 0.5)
+    run = tmp_path / "ct"
+    train_here(_tiny("mnist-ct", stripes), run)
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["consistency_N"] == cfg.consistency.s0 + 1
+    for steps in ("1", "2"):
+        out = tmp_path / f"s{steps}.npz"
+        argv = ["sample", str(run), "--n", "4", "--per-class", "--quiet", "--steps", steps]
+        assert main([*argv, "--out", str(out)]) == 0
+        with np.load(out) as f:
+            assert f["samples"].shape == (4, 1, 8, 8) and np.isfinite(f["samples"]).all()
 
 
 @pytest.mark.slow
