@@ -12,7 +12,7 @@ from difflab.cli import main
 from difflab.config import apply_overrides, preset
 from difflab.data.pairs import PairStream, read_pairs
 from difflab.flow.pairs import draw_pairs
-from difflab.flow.straightness import straightness
+from difflab.flow.straightness import default_paths, straightness
 from difflab.runs import load_run
 from difflab.samplers import sample_dpmpp_2m, timesteps
 from difflab.training.loop import train
@@ -85,6 +85,7 @@ def test_reflow_trains_on_the_pairs_and_reports_straightness(runs):
     out = runs / "flow-reflow"
     summary = json.loads((out / "reflow.json").read_text())
     assert set(summary["straightness"]) == {"source", "reflow"}
+    assert summary["straightness_paths"] == default_paths((2,)) > default_paths((1, 32, 32))
     assert all(v >= 0 for v in summary["straightness"].values())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["diffusion"]["coupling"] == "reflow" and cfg["data"]["name"] == "checkerboard"

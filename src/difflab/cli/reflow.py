@@ -104,13 +104,14 @@ def run_reflow(
 
 def _summary(run, scfg, out_dir: Path, folder: Path, ckpt: Path, counts: tuple) -> dict:
     """reflow.json: where the pairs came from, the times, and the straightness of both flows."""
-    from difflab.flow.straightness import straightness
+    from difflab.flow.straightness import default_paths, straightness
     from difflab.runs import load_run
 
     n_pairs, pair_s, train_s = counts
-    before = straightness(run.model, scfg)[0]
+    n = default_paths(run.model.kind.shape)
+    before = straightness(run.model, scfg, n=n)[0]
     after_run = load_run(out_dir, device=str(run.device))
-    after = straightness(after_run.model, dataclasses.replace(scfg))[0]
+    after = straightness(after_run.model, dataclasses.replace(scfg), n=n)[0]
     return {
         "source": str(run.checkpoint),
         "pairs": str(folder),
@@ -119,6 +120,7 @@ def _summary(run, scfg, out_dir: Path, folder: Path, ckpt: Path, counts: tuple) 
         "train_seconds": train_s,
         "checkpoint": str(ckpt),
         "straightness": {"source": before, "reflow": after},
+        "straightness_paths": n,
         "sampler": scfg.sampler,
         "steps": scfg.steps,
     }
