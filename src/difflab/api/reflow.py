@@ -28,10 +28,13 @@ def reflow(
     --name NAME --runs RUNS --set ...` does it, returning the new run loaded.
 
     Args:
-        run: a flow run (diffusion.prediction=velocity): a `Run` or its directory.
+        run: a flow run (diffusion.prediction=velocity): a `Run`, its directory or its weights
+            file (`pretrained:NAME`).
         pairs: (noise, ODE endpoint) pairs to draw with the run's deterministic sampler (or
-            `sampler`, `steps`), kept in RUN/reflow/ and reused by a second call.
-        name, runs: the new run's folder, RUNS/NAME (default: beside RUN, its name + '-reflow').
+            `sampler`, `steps`), kept in RUN/reflow/ (a weights file's in RUNS/<name>-pairs/)
+            and reused by a second call.
+        name, runs: the new run's folder, RUNS/NAME (default: beside RUN, its name + '-reflow';
+            runs/ for a weights file).
         chunk: pairs per resumable file. init: start from RUN's weights (False: --no-init).
         finish: draw the new run's figures and report. overrides: `train__steps=2000` for
             --set train.steps=2000, as in `difflab.train`.

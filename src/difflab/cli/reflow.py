@@ -40,11 +40,12 @@ def reflow_dir(source: Path, name: str | None, runs: str | Path | None) -> Path:
     """The reflow run's directory: RUNS/NAME, where both default to beside the source run and
     its name + '-reflow'. A weights file's default RUNS is runs/, as `difflab train`'s: a
     shipped one lies in the installed package, where nothing is written."""
-    if source.is_dir():
-        name = name or f"{source.name}-reflow"
-        return Path(runs) / name if runs else source.parent / name
-    name = name or f"{source.name.split('.')[0]}-reflow"
-    return Path(runs or "runs") / name
+    from difflab.flow.pairs import source_name
+
+    name = name or f"{source_name(source)}-reflow"
+    if runs:
+        return Path(runs) / name
+    return source.parent / name if source.is_dir() else Path("runs") / name
 
 
 def run_reflow(

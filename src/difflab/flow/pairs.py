@@ -53,12 +53,15 @@ def pairs_key(scfg: SampleConfig, n: int, chunk: int, use_ema: bool) -> dict:
     return key
 
 
+def source_name(source: Path) -> str:
+    """A reflow source's name: a run folder's, or a weights file's without its suffixes."""
+    return source.name if source.is_dir() else source.name.split(".")[0]
+
+
 def pairs_home(source: Path, out_dir: Path) -> Path:
     """The folder whose reflow/ holds a source's pairs: the source run's own folder, or for a
-    weights file RUNS/<its stem>-pairs beside the reflow run RUNS/NAME (`out_dir`)."""
-    if source.is_dir():
-        return source
-    return out_dir.parent / f"{source.name.split('.')[0]}-pairs"
+    weights file RUNS/<its name>-pairs beside the reflow run RUNS/NAME (`out_dir`)."""
+    return source if source.is_dir() else out_dir.parent / f"{source_name(source)}-pairs"
 
 
 def pairs_folder(run_dir: Path, key: dict) -> Path:
