@@ -8,9 +8,12 @@ accuracy) and judge FD to the training split (target: <= 1.5x the originals' own
 Stage "latent": train `mnist-latent` (or --latent-preset, e.g. `mnist-latent-dit`) through that
 autoencoder; 1,000 class-balanced samples
 (100 per digit) with the run's sampler: judge accuracy (target >= 0.98) and judge FD to the test
-split, beside the pixel `mnist` reference run's same figures measured here (--pixel-run).
+split, beside the pixel `mnist` reference run's same figures measured here (--pixel-run: a run
+folder, or a weights file such as `pretrained:mnist`, the preset's 2,000 steps).
 Whole-pipeline wall time = AE train_s + latent train_s, against the pixel run's recorded train_s
-(--pixel-json; without it, the logged step times of --pixel-run).
+(--pixel-json; without it, the logged step times of a --pixel-run folder). The speed stage adds
+the pixel preset's steps at the images/s it measures, so the pipeline also has a reference timed
+on the same machine in the same invocation.
 
 Stage "speed": training images/s of the pixel and latent presets (a few steps each, same
 process, same load; target: latent >= 4x), and sampling ms per image at the same sampler and
@@ -41,6 +44,7 @@ from difflab.files import write_text_atomically
 from difflab.report.latent import make_autoencoder_artefacts
 from difflab.report.run import training_hooks
 from difflab.runs import draw_samples, load_run, sample_labels
+from difflab.training.checkpoint import is_weights_file
 from difflab.training.logging import read_metrics
 from difflab.training.loop import train
 from mnist import images_of, judge_for
@@ -79,8 +83,8 @@ def stage_ae(args, report: dict) -> None:
     print(json.dumps({k: v for k, v in report["ae"].items() if k != "s_per_step"}, indent=2))
 
 
-def judged(run, judge, test_stats, labels) -> dict:
-    scfg = dataclasses.replace(run.cfg.sample, n=len(labels), batch_size=250)
+def judged(run, judge, test_stats, labels, sample_cfg=None) -> dict:
+    scfg = dataclasses.replace(sample_cfg or run.cfg.sample, n=len(labels), batch_size=250)
     t0 = time.perf_counter()
     samples = draw_samples(run, scfg, labels=labels, progress=True)
     seconds = time.perf_counter() - t0
@@ -122,13 +126,16 @@ def stage_latent(args, report: dict) -> None:
     run = load_run(run_dir)
     labels = sample_labels(run, 1000, per_class=True)
     latent = judged(run, judge, test_stats, labels)
-    pixel = None
-    if args.pixel_run and (Path(args.pixel_run) / "checkpoints").exists():
-        pixel = judged(load_run(args.pixel_run), judge, test_stats, labels)
+    pixel, pixel_is_file = None, bool(args.pixel_run) and is_weights_file(args.pixel_run)
+    if pixel_is_file or (args.pixel_run and (Path(args.pixel_run) / "checkpoints").exists()):
+        # a shipped file samples fast by default (DDPM-20); the reference is the preset's sampler
+        pixel_run = load_run(args.pixel_run)
+        own = preset(pixel_run.cfg.preset).sample if pixel_is_file else None
+        pixel = judged(pixel_run, judge, test_stats, labels, own)
     pixel_train_s = None
     if args.pixel_json and Path(args.pixel_json).exists():
         pixel_train_s = recorded_train_s(json.loads(Path(args.pixel_json).read_text()))
-    elif pixel is not None:
+    elif pixel is not None and not pixel_is_file:  # a file's minutes were another machine's
         pixel_train_s = 60 * train_minutes(Path(args.pixel_run))
     ae_s = report.get("ae", {}).get("train_s")
     report["latent"] = {
@@ -137,6 +144,7 @@ def stage_latent(args, report: dict) -> None:
         "train_s": train_s,
         "train_steps": run.step,
         "pipeline_s": None if ae_s is None else ae_s + train_s,
+        "pixel_run": args.pixel_run,
         "pixel_train_s": pixel_train_s,
         "latent_samples": latent,
         "pixel_samples": pixel,
@@ -175,10 +183,14 @@ def stage_speed(args, report: dict) -> None:
         ms[f"{name}_ms_per_image"] = 1000 * (time.perf_counter() - t0) / args.sample_n
     p = sorted(rows["pixel_examples_per_s"])[len(rows["pixel_examples_per_s"]) // 2]
     lat = sorted(rows["latent_examples_per_s"])[len(rows["latent_examples_per_s"]) // 2]
+    pixel_preset_s = pixel_cfg.train.steps * pixel_cfg.train.batch_size / p
+    pipeline_s = report.get("latent", {}).get("pipeline_s")
     report["speed"] = {
         **rows,
         "steps_each": args.steps,
         "throughput_ratio_median": lat / p,
+        "pixel_preset_train_s_at_median": pixel_preset_s,
+        "pipeline_over_pixel_preset": None if pipeline_s is None else pipeline_s / pixel_preset_s,
         **ms,
         "sampler": pixel.cfg.sample.sampler,
         "sample_steps": pixel.cfg.sample.steps,
