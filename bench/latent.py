@@ -183,7 +183,11 @@ def stage_speed(args, report: dict) -> None:
         ms[f"{name}_ms_per_image"] = 1000 * (time.perf_counter() - t0) / args.sample_n
     p = sorted(rows["pixel_examples_per_s"])[len(rows["pixel_examples_per_s"]) // 2]
     lat = sorted(rows["latent_examples_per_s"])[len(rows["latent_examples_per_s"]) // 2]
-    pixel_preset_s = pixel_cfg.train.steps * pixel_cfg.train.batch_size / p
+    # the pixel preset's wall time: its steps at the measured images/s, or its cap if sooner
+    pixel_preset_s = min(
+        pixel_cfg.train.steps * pixel_cfg.train.batch_size / p,
+        60 * pixel_cfg.train.time_limit_minutes or float("inf"),
+    )
     pipeline_s = report.get("latent", {}).get("pipeline_s")
     report["speed"] = {
         **rows,
