@@ -114,6 +114,21 @@ def test_load_weights_file_samples_as_the_run(run, tmp_path):
     assert torch.allclose(a.tensor, b.tensor, atol=0.05)  # fp16 weights, upcast
 
 
+def test_the_weights_are_chosen_at_load_and_a_contrary_use_ema_is_refused(run):
+    """A Run holds one set of weights: use_ema naming the other one cannot be honoured by a
+    sample call (it would draw from the loaded weights and say so), so it is refused."""
+    raw = difflab.load(run.path, raw=True)
+    assert (run.loaded.ema, raw.loaded.ema) == (True, False)
+    a, b = run.sample(8, use_ema=True, progress=False), raw.sample(8, use_ema=False, progress=False)
+    assert (a.meta["ema"], b.meta["ema"]) == (True, False)
+    assert not torch.equal(a.tensor, b.tensor)  # 40 steps of EMA lag behind the raw weights
+    with pytest.raises(ConfigError, match=r"holds the EMA weights.*raw=True") as caught:
+        run.sample(8, use_ema=False, progress=False)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"holds the raw weights.*raw=False"):
+        raw.trajectory(4, use_ema=True)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [

@@ -96,6 +96,13 @@ class Run:
             )
         if n < 1:
             raise ConfigError(f"n must be >= 1, got {n}")
+        if changes.get("use_ema", self.loaded.ema) != self.loaded.ema:
+            held, other = ("EMA", "raw") if self.loaded.ema else ("raw", "EMA")
+            raise ConfigError(
+                f"use_ema={changes['use_ema']}: this Run holds the {held} weights, chosen when "
+                f"it was loaded; difflab.load(path, raw={self.loaded.ema}) gives the {other} "
+                "ones"
+            )
         return dataclasses.replace(self.cfg.sample, n=n, **changes)
 
     def _request(self, n, label, prompt, per_class, changes):
