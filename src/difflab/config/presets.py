@@ -352,13 +352,13 @@ def mnist_latent_dit() -> RunConfig:
     Sampling: mnist-flow's solver, guidance 2.0 applied only at noise levels sigma / alpha <= 2
     (t <= 2/3), the guidance interval of Kynkaanniemi et al. 2024 ("Applying Guidance in a
     Limited Interval Improves Sample and Distribution Quality in Diffusion Models"): guidance
-    at the highest noise levels pulls every sample of a class towards one mode (judge FD up)
-    while the class is already fixed by the lower levels. Measured on a 2-core AMD EPYC in fp32
-    (bench/RESULTS.md, 2026-12-07 eighth session): on one 8,000-step run, judge accuracy 0.988
-    at FD 10.6 with guidance 1.5 everywhere (0.971 at 8.0 with 1.25) and 0.981 at 7.8 with this
-    interval; the preset as it is, after mnist-ae's capped 838 steps, 0.980 at FD 8.15 against
-    the pixel mnist preset's 0.985 at 7.09, its pipeline 1,425 s against the pixel preset's
-    1,800."""
+    at the highest noise levels pulls every sample of a class towards one mode (judge FD up),
+    and guidance below them still holds the class (judge accuracy). Measured on a 2-core AMD
+    EPYC in fp32 (bench/RESULTS.md, 2026-12-07 eighth session): on one 8,000-step run, judge
+    accuracy 0.988 at FD 10.6 with guidance 1.5 everywhere (0.971 at 8.0 with 1.25) and 0.981 at
+    7.8 with this interval; the preset as it is, after mnist-ae's capped 838 steps, 0.980 at FD
+    8.15 against the pixel mnist preset's 0.985 at 7.09, its pipeline 1,425 s against the pixel
+    preset's 1,800."""
     cfg = mnist_latent()
     flow = mnist_flow()
     dit = DiTConfig(width=128, depth=6, heads=4, mlp_ratio=4.0, patch_size=2)
